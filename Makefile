@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each uses the active virtualenv, or creates .venv here, installs torch==2.13.0 when torch is absent
+# (the CPU wheel on our machines; set TORCH_SPEC to choose another), then installs ringattn editable.
+
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+ifdef VIRTUAL_ENV
+PYTHON := python
+else
+PYTHON := $(VENV)/bin/python
+endif
+
+.PHONY: setup test lint demo clean
+
+setup:
+	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[test,bench]"
+	@$(PYTHON) -c "import ringattn; print('ringattn extension:', ringattn.extension_status())"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: setup lint
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PYTHON) -m ringattn.demo
+
+clean:
+	rm -rf build dist *.egg-info ringattn/_C*.so ringattn/_C_status.json

@@ -1,0 +1,23 @@
+"""ringattn: ring attention and blockwise flash-attention kernels with exact fused RoPE.
+
+Layout convention: public tensors are (B, S, H, D); lse is fp32/fp64 (B, H, S) in natural log.
+"""
+
+from . import reference, rope
+from ._extension import extension_status
+from .reference import attention_ref, merge_partials, ring_attention_ref
+from .rope import RoPEConfig, apply_rope, cos_sin
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "RoPEConfig",
+    "apply_rope",
+    "attention_ref",
+    "cos_sin",
+    "extension_status",
+    "merge_partials",
+    "reference",
+    "ring_attention_ref",
+    "rope",
+]

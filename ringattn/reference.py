@@ -1,0 +1,217 @@
+"""fp64 references: the definition of "correct" for every kernel, backend and the ring scheduler.
+
+Everything here is plain torch in float64, written for readability; gradients come from autograd.
+
+Masks are functions of *global token indices*: a block's queries and keys carry the global index of
+each token (``q_index``, ``k_index``), so contiguous, zigzag and stripe shards are one code path.
+Causal means ``q_index >= k_index``; documents (``cu_seqlens`` over global indices) mean same document;
+a token at or past ``cu_seqlens[-1]`` belongs to no document and is masked out entirely.
+RoPE uses *positions*, which are not indices: they restart per document in packed batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ring.layouts import shard_indices
+from .rope import RoPEConfig, apply_rope
+
+__all__ = [
+    "attention_ref",
+    "merge_partials",
+    "ring_attention_ref",
+    "document_ids",
+    "positions_from_cu_seqlens",
+    "empty_partials",
+]
+
+
+def document_ids(index: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Document id of each global token index; -1 for tokens outside every document."""
+    if cu_seqlens is None:
+        return torch.zeros_like(index)
+    cu = cu_seqlens.to(device=index.device, dtype=torch.int64)
+    doc = torch.searchsorted(cu, index.to(torch.int64).contiguous(), right=True) - 1
+    outside = (index < cu[0]) | (index >= cu[-1])
+    return torch.where(outside, torch.full_like(doc, -1), doc)
+
+
+def positions_from_cu_seqlens(index: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at 0 in each document (tokens outside documents get 0)."""
+    doc = document_ids(index, cu_seqlens)
+    starts = cu_seqlens.to(device=index.device, dtype=torch.int64)[doc.clamp(min=0)]
+    return torch.where(doc >= 0, index.to(torch.int64) - starts, torch.zeros_like(index, dtype=torch.int64))
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+
+
+def _as_index(index, length: int, name: str, device) -> torch.Tensor:
+    if index is None:
+        return torch.arange(length, device=device)
+    index = torch.as_tensor(index, device=device)
+    if index.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(index.shape)}")
+    return index.to(torch.int64)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    rope: RoPEConfig | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in fp64 with fused-RoPE semantics.
+
+    Args:
+        q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D) with Hq % Hkv == 0 (GQA; K/V are never expanded).
+        causal: mask keys whose global index exceeds the query's.
+        softmax_scale: default 1 / sqrt(D).
+        q_index, k_index: (Sq,), (Sk,) global token indices of the rows (default 0..S-1).
+        cu_seqlens: (n_docs + 1,) document boundaries over global indices.
+        rope: rotate q and k before the dot product (never materialised by real kernels).
+        q_positions, k_positions: (Sq,) / (B, Sq) positions for RoPE; default: index within the
+            document when ``cu_seqlens`` is given, else the global index.
+
+    Returns:
+        out (B, Sq, Hq, D) and lse (B, Hq, Sq), both fp64. Rows with no visible key have
+        lse = -inf and out = 0.
+    """
+    _check_qkv(q, k, v)
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    q_index = _as_index(q_index, Sq, "q_index", q.device)
+    k_index = _as_index(k_index, Sk, "k_index", q.device)
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+
+    q, k, v = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    if rope is not None:
+        if q_positions is None:
+            q_positions = q_index if cu_seqlens is None else positions_from_cu_seqlens(q_index, cu_seqlens)
+        if k_positions is None:
+            k_positions = k_index if cu_seqlens is None else positions_from_cu_seqlens(k_index, cu_seqlens)
+        q, k = apply_rope(q, q_positions, rope), apply_rope(k, k_positions, rope)
+
+    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= q_index[:, None] >= k_index[None, :]
+    if cu_seqlens is not None:
+        q_doc, k_doc = document_ids(q_index, cu_seqlens), document_ids(k_index, cu_seqlens)
+        visible &= (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] >= 0)
+
+    # Group query heads by their KV head: (B, Sq, Hkv, G, D) against (B, Sk, Hkv, D).
+    qg = q.view(B, Sq, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
+    scores = scores.masked_fill(~visible, -math.inf)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    nonempty = denom > 0
+    p = p / torch.where(nonempty, denom, torch.ones_like(denom))
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(B, Sq, Hq, D)
+    lse = torch.where(
+        nonempty, row_max + torch.log(torch.where(nonempty, denom, torch.ones_like(denom))), -math.inf
+    )
+    return out, lse.squeeze(-1).reshape(B, Hq, Sq)
+
+
+def empty_partials(q: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """The merge identity for q's rows: out = 0 (B, S, H, D), lse = -inf (B, H, S)."""
+    B, S, H, D = q.shape
+    out = torch.zeros(B, S, H, D, dtype=dtype, device=q.device)
+    lse = torch.full((B, H, S), -math.inf, dtype=dtype, device=q.device)
+    return out, lse
+
+
+def merge_partials(
+    out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable merge of two partial attentions over disjoint key sets.
+
+    out (B, S, H, D), lse (B, H, S). l = m + log(e^(l1-m) + e^(l2-m)) with m = max(l1, l2), and
+    o = e^(l1-l) o1 + e^(l2-l) o2. Guards: -inf merged with x gives x; -inf with -inf gives
+    (0, -inf), never NaN. Computed in the inputs' dtype (keep partials in fp32 or wider).
+    """
+    m = torch.maximum(lse1, lse2)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1, w2 = torch.exp(lse1 - m_safe), torch.exp(lse2 - m_safe)
+    total = w1 + w2
+    nonempty = total > 0
+    total_safe = torch.where(nonempty, total, torch.ones_like(total))
+    lse = torch.where(nonempty, m_safe + torch.log(total_safe), torch.full_like(m, -math.inf))
+    c1 = (w1 / total_safe).transpose(1, 2).unsqueeze(-1)  # (B, H, S) -> (B, S, H, 1)
+    c2 = (w2 / total_safe).transpose(1, 2).unsqueeze(-1)
+    return c1 * out1 + c2 * out2, lse
+
+
+def ring_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    world_size: int,
+    layout: str = "zigzag",
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    rope: RoPEConfig | None = None,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention as pure math over ``world_size`` virtual ranks: the spec for the scheduler.
+
+    Inputs are the full sequence, (B, S, H, D). Each rank keeps its shard of Q (by ``layout``) and
+    visits every rank's K/V shard in ring order (rank r sees shard (r - step) mod W at ``step``),
+    merging fp64 partials with ``merge_partials``. Returns the full (out, lse) in sequence order,
+    which equals ``attention_ref`` on the whole sequence.
+    """
+    _check_qkv(q, k, v)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"ring attention needs Sq == Sk, got {q.shape[1]} and {k.shape[1]}")
+    B, S, Hq, D = q.shape
+    shards = shard_indices(S, world_size, layout, device=q.device)
+    if positions is None and rope is not None:
+        full_index = torch.arange(S, device=q.device)
+        positions = full_index if cu_seqlens is None else positions_from_cu_seqlens(full_index, cu_seqlens)
+    out = torch.zeros(B, S, Hq, D, dtype=torch.float64, device=q.device)
+    lse = torch.full((B, Hq, S), -math.inf, dtype=torch.float64, device=q.device)
+    for rank in range(world_size):
+        q_idx = shards[rank]
+        o_acc, l_acc = empty_partials(q[:, q_idx], torch.float64)
+        for step in range(world_size):
+            k_idx = shards[(rank - step) % world_size]
+            o_part, l_part = attention_ref(
+                q[:, q_idx],
+                k[:, k_idx],
+                v[:, k_idx],
+                causal=causal,
+                softmax_scale=softmax_scale,
+                q_index=q_idx,
+                k_index=k_idx,
+                cu_seqlens=cu_seqlens,
+                rope=rope,
+                q_positions=None if positions is None else positions[..., q_idx],
+                k_positions=None if positions is None else positions[..., k_idx],
+            )
+            o_acc, l_acc = merge_partials(o_acc, l_acc, o_part, l_part)
+        out[:, q_idx], lse[:, :, q_idx] = o_acc, l_acc
+    return out, lse

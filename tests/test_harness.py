@@ -1,0 +1,59 @@
+"""The harness itself: the interpreter bf16 fix is needed and works; the tolerance rule bites."""
+
+import pytest
+import torch
+from harness import HAS_GPU, assert_within_peer_error, interpreter_without_bf16_fix, nan_filled
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    rows = tl.arange(0, N)[:, None] * N
+    cols = tl.arange(0, N)[None, :]
+    a = tl.load(a_ptr + rows + cols)
+    b = tl.load(b_ptr + rows + cols)
+    tl.store(c_ptr + rows + cols, tl.dot(a, b))
+
+
+def _run_dot(a, b):
+    c = nan_filled(a.shape[0], b.shape[1])
+    _dot_kernel[(1,)](a, b, c, N=a.shape[0])
+    return c
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the interpreter is only used on machines without a GPU")
+def test_bf16_dot_needs_the_fix_and_the_fix_works():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen).to(torch.bfloat16)
+    b = torch.randn(16, 16, generator=gen).to(torch.bfloat16)
+    exact = a.double() @ b.double()  # bf16 products are exact in fp32; only the sum rounds
+    with interpreter_without_bf16_fix():
+        broken = _run_dot(a, b)
+    fixed = _run_dot(a, b)
+    assert not torch.allclose(broken.double(), exact, atol=1e-2), "unpatched bf16 tl.dot was already right"
+    torch.testing.assert_close(fixed.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the interpreter is only used on machines without a GPU")
+def test_fp32_dot_unchanged_by_the_fix():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen)
+    torch.testing.assert_close(_run_dot(a, b).double(), a.double() @ b.double(), atol=1e-4, rtol=1e-5)
+
+
+def test_tolerance_rule_accepts_within_and_rejects_beyond_peer_error():
+    ref = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    peer = ref + 1e-3
+    assert_within_peer_error(ref + 1.9e-3, ref, peer, factor=2.0, eps=0.0)
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_within_peer_error(ref + 2.1e-3, ref, peer, factor=2.0, eps=0.0)
+
+
+def test_tolerance_rule_rejects_unwritten_nan_outputs():
+    ref = torch.zeros(4, dtype=torch.float64)
+    ours = nan_filled(4)
+    ours[:3] = 0.0  # one element never written
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_within_peer_error(ours, ref, ref.float())
