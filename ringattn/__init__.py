@@ -5,15 +5,20 @@ Layout convention: public tensors are (B, S, H, D); lse is fp32/fp64 (B, H, S) i
 
 from . import reference, rope
 from ._extension import extension_status
+from .block import BlockMask, Span, block_backward, block_forward
 from .reference import attention_ref, merge_partials, ring_attention_ref
 from .rope import RoPEConfig, apply_rope, cos_sin
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BlockMask",
     "RoPEConfig",
+    "Span",
     "apply_rope",
     "attention_ref",
+    "block_backward",
+    "block_forward",
     "cos_sin",
     "extension_status",
     "merge_partials",

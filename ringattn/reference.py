@@ -20,6 +20,9 @@ from .rope import RoPEConfig, apply_rope
 
 __all__ = [
     "attention_ref",
+    "attention_backward_ref",
+    "default_positions",
+    "visible_mask",
     "merge_partials",
     "ring_attention_ref",
     "document_ids",
@@ -66,6 +69,44 @@ def _as_index(index, length: int, name: str, device) -> torch.Tensor:
     return index.to(torch.int64)
 
 
+def default_positions(index: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """RoPE positions when none are given: index within the document, or the global index."""
+    return index if cu_seqlens is None else positions_from_cu_seqlens(index, cu_seqlens)
+
+
+def visible_mask(
+    q_index: torch.Tensor, k_index: torch.Tensor, causal: bool, cu_seqlens: torch.Tensor | None
+) -> torch.Tensor:
+    """(Sq, Sk) bool: which keys each query may attend, from global token indices."""
+    visible = torch.ones(len(q_index), len(k_index), dtype=torch.bool, device=q_index.device)
+    if causal:
+        visible &= q_index[:, None] >= k_index[None, :]
+    if cu_seqlens is not None:
+        q_doc, k_doc = document_ids(q_index, cu_seqlens), document_ids(k_index, cu_seqlens)
+        visible &= (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] >= 0)
+    return visible
+
+
+def _prepare(q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions):
+    """fp64 copies of q, k (rotated when rope is given), v, and the index tensors."""
+    q_index = _as_index(q_index, q.shape[1], "q_index", q.device)
+    k_index = _as_index(k_index, k.shape[1], "k_index", q.device)
+    q, k, v = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
+    if rope is not None:
+        q_positions = default_positions(q_index, cu_seqlens) if q_positions is None else q_positions
+        k_positions = default_positions(k_index, cu_seqlens) if k_positions is None else k_positions
+        q, k = apply_rope(q, q_positions, rope), apply_rope(k, k_positions, rope)
+    return q, k, v, q_index, k_index, q_positions, k_positions
+
+
+def _grouped_scores(q, k, visible, scale):
+    """Scores (B, Hkv, G, Sq, Sk) with masked pairs at -inf; query heads grouped by KV head."""
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.view(B, Sq, Hkv, Hq // Hkv, D)
+    return torch.einsum("bqhgd,bkhd->bhgqk", qg, k).mul(scale).masked_fill(~visible, -math.inf)
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,41 +139,79 @@ def attention_ref(
     """
     _check_qkv(q, k, v)
     B, Sq, Hq, D = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    q_index = _as_index(q_index, Sq, "q_index", q.device)
-    k_index = _as_index(k_index, Sk, "k_index", q.device)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-
-    q, k, v = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
-    if rope is not None:
-        if q_positions is None:
-            q_positions = q_index if cu_seqlens is None else positions_from_cu_seqlens(q_index, cu_seqlens)
-        if k_positions is None:
-            k_positions = k_index if cu_seqlens is None else positions_from_cu_seqlens(k_index, cu_seqlens)
-        q, k = apply_rope(q, q_positions, rope), apply_rope(k, k_positions, rope)
-
-    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible &= q_index[:, None] >= k_index[None, :]
-    if cu_seqlens is not None:
-        q_doc, k_doc = document_ids(q_index, cu_seqlens), document_ids(k_index, cu_seqlens)
-        visible &= (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] >= 0)
-
-    # Group query heads by their KV head: (B, Sq, Hkv, G, D) against (B, Sk, Hkv, D).
-    qg = q.view(B, Sq, Hkv, Hq // Hkv, D)
-    scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k) * scale
-    scores = scores.masked_fill(~visible, -math.inf)
+    q, k, v, q_index, k_index, _, _ = _prepare(
+        q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions
+    )
+    scores = _grouped_scores(q, k, visible_mask(q_index, k_index, causal, cu_seqlens), scale)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     nonempty = denom > 0
-    p = p / torch.where(nonempty, denom, torch.ones_like(denom))
-    out = torch.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(B, Sq, Hq, D)
-    lse = torch.where(
-        nonempty, row_max + torch.log(torch.where(nonempty, denom, torch.ones_like(denom))), -math.inf
-    )
+    denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    out = torch.einsum("bhgqk,bkhd->bqhgd", p / denom_safe, v).reshape(B, Sq, Hq, D)
+    lse = torch.where(nonempty, row_max + torch.log(denom_safe), -math.inf)
     return out, lse.squeeze(-1).reshape(B, Hq, Sq)
+
+
+def attention_backward_ref(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    rope: RoPEConfig | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block in fp64, normalised by a given (possibly global) ``lse``.
+
+    This is the flash-attention backward written out: P = exp(S - lse), dV = P^T dO,
+    dS = P * (dO V^T - delta) with delta = rowsum(dO * O), dQ = scale dS K, dK = scale dS^T Q,
+    then RoPE's transpose takes dQ, dK from rotated back to unrotated coordinates. With the
+    global lse and delta, the gradients of all blocks sum to the full attention's gradients.
+
+    Args:
+        dout: (B, Sq, Hq, D); lse: (B, Hq, Sq); give ``delta`` (B, Hq, Sq) or the final ``out``.
+        Other arguments as ``attention_ref``.
+
+    Returns:
+        dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D), fp64; dk/dv summed over each query group.
+    """
+    _check_qkv(q, k, v)
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if delta is None:
+        if out is None:
+            raise ValueError("attention_backward_ref needs delta or out")
+        delta = (dout.double() * out.double()).sum(-1).transpose(1, 2)  # (B, Hq, Sq)
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    rq, rk, v, q_index, k_index, q_positions, k_positions = _prepare(
+        q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions
+    )
+    scores = _grouped_scores(rq, rk, visible_mask(q_index, k_index, causal, cu_seqlens), scale)
+    lse_g = lse.double().reshape(B, Hkv, Hq // Hkv, Sq, 1)
+    # Rows with lse = -inf saw no key: their probabilities are zero, not exp(-inf + inf).
+    p = torch.where(torch.isfinite(lse_g), torch.exp(scores - lse_g), torch.zeros_like(scores))
+    dout_g = dout.double().reshape(B, Sq, Hkv, Hq // Hkv, D)
+    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dout_g)
+    dp = torch.einsum("bqhgd,bkhd->bhgqk", dout_g, v)
+    ds = p * (dp - delta.double().reshape(B, Hkv, Hq // Hkv, Sq, 1))
+    dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, rk).reshape(B, Sq, Hq, D) * scale
+    dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, rq.view(B, Sq, Hkv, Hq // Hkv, D)) * scale
+    if rope is not None:
+        dq = apply_rope(dq, q_positions, rope, transpose=True)
+        dk = apply_rope(dk, k_positions, rope, transpose=True)
+    return dq, dk, dv
 
 
 def empty_partials(q: torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -190,8 +269,7 @@ def ring_attention_ref(
     B, S, Hq, D = q.shape
     shards = shard_indices(S, world_size, layout, device=q.device)
     if positions is None and rope is not None:
-        full_index = torch.arange(S, device=q.device)
-        positions = full_index if cu_seqlens is None else positions_from_cu_seqlens(full_index, cu_seqlens)
+        positions = default_positions(torch.arange(S, device=q.device), cu_seqlens)
     out = torch.zeros(B, S, Hq, D, dtype=torch.float64, device=q.device)
     lse = torch.full((B, Hq, S), -math.inf, dtype=torch.float64, device=q.device)
     for rank in range(world_size):

@@ -321,11 +321,15 @@ def reference_angles(rope: RoPEConfig, positions: torch.Tensor, *, seq_len: int 
     return positions.to(torch.float64).unsqueeze(-1) * inv_freq
 
 
-def apply_rope(x_BSHD: torch.Tensor, positions_BS: torch.Tensor, rope: RoPEConfig) -> torch.Tensor:
+def apply_rope(
+    x_BSHD: torch.Tensor, positions_BS: torch.Tensor, rope: RoPEConfig, *, transpose: bool = False
+) -> torch.Tensor:
     """fp64 reference rotation of ``x`` (B, S, H, D) at ``positions`` (B, S) or (S,); returns fp64.
 
     NeoX layout rotates pairs ``(x[i], x[i + r/2])``, interleaved layout pairs ``(x[2i], x[2i+1])``,
     over the first ``r = rope.rotary_dim`` features; the rest pass through unchanged.
+    ``transpose=True`` applies the transposed map (rotation by -angle, same attention factor): the
+    RoPE backward, which takes gradients w.r.t. rotated q/k back to q/k.
     """
     if x_BSHD.dim() != 4 or x_BSHD.shape[-1] != rope.dim:
         raise ValueError(f"x must be (B, S, H, {rope.dim}), got {tuple(x_BSHD.shape)}")
@@ -336,6 +340,8 @@ def apply_rope(x_BSHD: torch.Tensor, positions_BS: torch.Tensor, rope: RoPEConfi
     x = x_BSHD.to(torch.float64)
     angles = reference_angles(rope, positions_BS).unsqueeze(-2)  # (..., S, 1, r/2) broadcasts over heads
     cos, sin = angles.cos() * rope.attention_factor, angles.sin() * rope.attention_factor
+    if transpose:
+        sin = -sin
     r = rope.rotary_dim
     rot, rest = x[..., :r], x[..., r:]
     if rope.interleaved:
