@@ -48,6 +48,7 @@ class CMakeBuild(build_ext):
         status = {"built": False, "cuda": False, "cuda_archs": "", "reason": ""}
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)  # a stale module from an earlier build must not outlive a skip
         if os.environ.get("RINGATTN_SKIP_EXT") == "1":
             status["reason"] = "skipped: RINGATTN_SKIP_EXT=1 at install time"
         else:

@@ -1,0 +1,165 @@
+"""Kernel suite: each backend of ours vs torch SDPA in the same run, and fused vs unfused RoPE.
+
+Our kernels are timed through the block contract (block_forward / block_backward); SDPA through
+its autograd path, with its backward time taken as (fwd+bwd) - fwd of two measured runs. The
+"unfused" peer is what a transformers model does: rotate q and k with its RoPE module, then SDPA.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ringattn import RoPEConfig, block_backward, block_forward
+from ringattn.backends import BACKENDS
+from ringattn.block import BlockMask
+
+from .common import FLOP_FORMULA, Results, attention_flops, plot, progress, time_fn
+
+COLUMNS = ["impl", "dtype", "S", "D", "causal", "rope", "mode", "seconds", "tflops", "vs_sdpa"]
+OPTIONAL_BASELINES = {"flash-attn": "flash_attn", "flex": "torch.nn.attention.flex_attention"}
+
+
+def check_baselines(requested: list[str]) -> None:
+    """A baseline the user asked for that cannot be imported is an error, never a silent skip."""
+    import importlib
+
+    for name in requested:
+        if name == "sdpa":
+            continue
+        if name not in OPTIONAL_BASELINES:
+            raise SystemExit(f"unknown baseline {name!r}; known: sdpa, {', '.join(OPTIONAL_BASELINES)}")
+        try:
+            importlib.import_module(OPTIONAL_BASELINES[name])
+        except ImportError as exc:
+            raise SystemExit(f"baseline {name!r} was requested but cannot be imported: {exc}") from exc
+        if name == "flash-attn" and not torch.cuda.is_available():
+            raise SystemExit("baseline 'flash-attn' was requested but needs a CUDA device")
+
+
+def _hf_rope(rope: RoPEConfig, positions: torch.Tensor):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(
+        hidden_size=rope.dim * 2,
+        num_attention_heads=2,
+        head_dim=rope.dim,
+        rope_parameters={"rope_type": "default", "rope_theta": rope.theta},
+    )
+    module = LlamaRotaryEmbedding(config).to(positions.device)
+
+    def rotate(q_BHSD, k_BHSD):
+        cos, sin = module(q_BHSD, positions[None])
+        return apply_rotary_pos_emb(q_BHSD, k_BHSD, cos, sin, unsqueeze_dim=1)
+
+    return rotate
+
+
+def _our_backends(device: torch.device, requested: list[str] | None, q, k, v, rope) -> list[str]:
+    mask = BlockMask(causal=True)
+    names = requested or [n for n in BACKENDS if n != "reference"]  # the fp64 spec is not a contender
+    usable = []
+    for name in names:
+        if name not in BACKENDS:
+            raise SystemExit(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+        ok, reason = BACKENDS[name].can_implement(q, k, v, mask, rope)
+        if ok:
+            usable.append(name)
+        elif requested:
+            raise SystemExit(f"backend {name!r} was requested but cannot run here: {reason}")
+    return usable
+
+
+def run(
+    quick: bool,
+    out_dir,
+    *,
+    device: str = "cpu",
+    dtypes=(torch.float32, torch.bfloat16),
+    seq_lens=None,
+    head_dims=(128,),
+    heads=(32, 8),
+    backends: list[str] | None = None,
+    suite: str = "kernels",
+) -> Results:
+    results = Results(suite)
+    dev = torch.device(device)
+    Hq, Hkv = heads
+    if seq_lens is None:
+        seq_lens = (256, 512) if quick else (1024, 2048, 4096)
+    if quick:
+        Hq, Hkv = min(Hq, 8), min(Hkv, 2)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cases = [(dt, S, D) for dt in dtypes for S in seq_lens for D in head_dims]
+    for dtype, S, D in progress(cases, suite):
+        _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends)
+    results.save(out_dir, COLUMNS)
+    series = {}
+    for row in results.rows:
+        if row["mode"] == "fwd+bwd" and row["D"] == head_dims[-1] and row["dtype"] == "float32":
+            xs, ys = series.setdefault(row["impl"], ([], []))
+            xs.append(row["S"])
+            ys.append(row["tflops"])
+    plot(
+        out_dir / f"{suite}_tflops.png",
+        f"{suite}: fwd+bwd TFLOP/s, causal, fp32, D={head_dims[-1]}",
+        "sequence length",
+        "TFLOP/s (causal FLOPs)",
+        series,
+        logx=True,
+    )
+    return results
+
+
+def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends):
+    q = torch.randn(1, S, Hq, D, device=dev, dtype=dtype, generator=gen)
+    k = torch.randn(1, S, Hkv, D, device=dev, dtype=dtype, generator=gen)
+    v = torch.randn(1, S, Hkv, D, device=dev, dtype=dtype, generator=gen)
+    dout = torch.randn_like(q)
+    rope = RoPEConfig(D, theta=5e5)
+    mask = BlockMask(causal=True)
+    common = dict(dtype=str(dtype).removeprefix("torch."), S=S, D=D, causal=True, flop_formula=FLOP_FORMULA)
+
+    def record(impl, mode, seconds, sdpa_seconds, rope_on):
+        flops = attention_flops(1, Hq, S, S, D, causal=True, mode=mode)
+        results.add(
+            impl=impl,
+            mode=mode,
+            rope=rope_on,
+            seconds=seconds,
+            tflops=flops / seconds / 1e12,
+            vs_sdpa=sdpa_seconds / seconds,
+            **common,
+        )
+
+    # Peer: SDPA in (B, H, S, D), GQA heads not expanded; with RoPE, transformers' module first.
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    dout_t = dout.transpose(1, 2)
+    rotate = _hf_rope(rope, torch.arange(S, device=dev))
+
+    def sdpa_fwd(with_rope):
+        qq, kk = rotate(qt, kt) if with_rope else (qt, kt)
+        return F.scaled_dot_product_attention(qq, kk, vt, is_causal=True, enable_gqa=True)
+
+    def sdpa_fwd_bwd(with_rope):
+        sdpa_fwd(with_rope).backward(dout_t)
+
+    sdpa = {}
+    for with_rope in (False, True):
+        t_fwd = time_fn(partial(sdpa_fwd, with_rope))
+        t_all = time_fn(partial(sdpa_fwd_bwd, with_rope))
+        sdpa[with_rope] = {"fwd": t_fwd, "bwd": max(t_all - t_fwd, 1e-12), "fwd+bwd": t_all}
+        for mode, t in sdpa[with_rope].items():
+            record("torch sdpa" + (" + hf rope" if with_rope else ""), mode, t, t, with_rope)
+
+    for name in _our_backends(dev, backends, q, k, v, rope):
+        for r in (None, rope):
+            out, lse = block_forward(q, k, v, mask, rope=r, backend=name)
+            t_fwd = time_fn(partial(block_forward, q, k, v, mask, rope=r, backend=name))
+            t_bwd = time_fn(partial(block_backward, dout, q, k, v, out, lse, mask, rope=r, backend=name))
+            label = f"ringattn {name}" + (" fused rope" if r else "")
+            for mode, t in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_fwd + t_bwd)):
+                record(label, mode, t, sdpa[r is not None][mode], r is not None)
