@@ -12,7 +12,7 @@ else
 PYTHON := $(VENV)/bin/python
 endif
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo bench clean
 
 setup:
 	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
@@ -29,6 +29,10 @@ test: setup lint
 
 demo: setup
 	$(PYTHON) -m ringattn.demo
+	$(PYTHON) -m bench all --quick --out bench_results/demo
+
+bench: setup
+	$(PYTHON) -m bench all
 
 clean:
 	rm -rf build dist *.egg-info ringattn/_C*.so ringattn/_C_status.json

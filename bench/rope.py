@@ -37,9 +37,9 @@ def _phase_err(cos, sin, truth) -> float:
     return float((torch.remainder(ours - truth + math.pi, 2 * math.pi) - math.pi).abs().max())
 
 
-def run(quick: bool, out_dir) -> Results:
+def run(quick: bool, out_dir, *, window: int | None = None, head_dim: int = 128) -> Results:
     results = Results("rope")
-    head_dim, window = 128, 1024 if quick else 8192
+    window = window or (1024 if quick else 8192)
     impls = ["torch"] + (["compiled"] if extension_status()["available"] else [])
     for theta_name, theta in THETAS.items():
         for mark, end in MARKS.items():

@@ -15,6 +15,7 @@ Frequencies follow transformers' definitions for rope types default, linear, dyn
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -78,6 +79,7 @@ class RoPEConfig:
         if self.scaling is not None:
             if not isinstance(self.scaling, dict):
                 raise TypeError(f"scaling must be a dict or None, got {type(self.scaling).__name__}")
+            object.__setattr__(self, "scaling", dict(self.scaling))  # own a copy: the config is frozen
             rope_type = self.rope_type
             if rope_type not in _ROPE_TYPES:
                 raise ValueError(f"scaling['rope_type'] must be one of {_ROPE_TYPES}, got {rope_type!r}")
@@ -210,11 +212,17 @@ class RoPEConfig:
 
         Stored as the two's-complement int64 of the uint64 value (torch has no uint64 arithmetic).
         """
-        values = []
-        for f in self.inv_freq(torch.float64, seq_len).tolist():
-            r = round(Fraction(f) * 2**64 / _TWO_PI) % 2**64
-            values.append(r - 2**64 if r >= 2**63 else r)
-        return torch.tensor(values, dtype=torch.int64)
+        return _turns_fixed(self, seq_len).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _turns_fixed(rope: RoPEConfig, seq_len: int | None) -> torch.Tensor:
+    # Exact rational arithmetic (fp64 would leave ~300 ulps of 2^-64 turns): cached, it is per config.
+    values = []
+    for f in rope.inv_freq(torch.float64, seq_len).tolist():
+        r = round(Fraction(f) * 2**64 / _TWO_PI) % 2**64
+        values.append(r - 2**64 if r >= 2**63 else r)
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def _check_positions(positions: torch.Tensor) -> None:

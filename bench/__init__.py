@@ -1,0 +1,1 @@
+"""ringattn microbenchmarks: `python -m bench {suite} [--quick] [--out DIR]` from the repository root."""

@@ -1,0 +1,87 @@
+"""Bench smoke test: suites run at tiny sizes, rows carry the schema, ratios come from measurements."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is run from the repository root, not installed
+
+from bench import kernels, rope  # noqa: E402
+
+ENV_KEYS = {"device", "torch", "triton", "cuda", "git_sha", "timestamp", "suite"}
+
+
+def _rows(out_dir: Path, suite: str) -> list[dict]:
+    rows = json.loads((out_dir / f"{suite}.json").read_text())
+    assert rows, f"{suite} produced no rows"
+    assert (out_dir / f"{suite}.md").read_text().count("\n|") >= len(rows)
+    for row in rows:
+        assert ENV_KEYS <= row.keys()
+    return rows
+
+
+def test_kernels_suite_rows_and_ratios(tmp_path):
+    kernels.run(
+        True,
+        tmp_path,
+        dtypes=(torch.float32,),
+        seq_lens=(32,),
+        head_dims=(16,),
+        heads=(2, 1),
+        suite="kernels",
+    )
+    rows = _rows(tmp_path, "kernels")
+    assert (tmp_path / "kernels_tflops.png").stat().st_size > 0
+    sdpa = {(r["rope"], r["mode"]): r["seconds"] for r in rows if r["impl"].startswith("torch sdpa")}
+    assert len(sdpa) == 6
+    for row in rows:
+        assert row["seconds"] > 0 and row["flop_formula"]
+        flops = 4 * 1 * 2 * 32 * 32 * 16 * 0.5 * {"fwd": 1, "bwd": 2.5, "fwd+bwd": 3.5}[row["mode"]]
+        assert math.isclose(row["tflops"], flops / row["seconds"] / 1e12, rel_tol=1e-9)
+        assert math.isclose(row["vs_sdpa"], sdpa[(row["rope"], row["mode"])] / row["seconds"], rel_tol=1e-9)
+
+
+def test_rope_suite_rows_and_ratios(tmp_path):
+    rope.run(True, tmp_path, window=64, head_dim=32)
+    rows = _rows(tmp_path, "rope")
+    baseline = {(r["theta"], r["positions"]): r["seconds"] for r in rows if r["impl"] == "transformers fp32"}
+    for row in rows:
+        assert math.isclose(
+            row["vs_transformers"], row["seconds"] / baseline[(row["theta"], row["positions"])]
+        )
+        if row["impl"].startswith("ringattn exact"):
+            assert row["max_phase_err_rad"] <= 1e-6
+    worst_hf = max(r["max_phase_err_rad"] for r in rows if r["impl"] == "transformers fp32")
+    assert worst_hf > 0.1  # the 4M mark at theta 45.2e9 and 5e5: the error exact mode removes
+
+
+def test_missing_requested_baseline_is_a_loud_error():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "kernels",
+            "--baselines",
+            "sdpa,no-such-peer",
+            "--out",
+            "/nonexistent",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "no-such-peer" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_flash_attn_baseline_without_gpu_is_an_error():
+    with pytest.raises(SystemExit, match="flash-attn"):
+        kernels.check_baselines(["flash-attn"])
