@@ -5,6 +5,7 @@ Layout convention: public tensors are (B, S, H, D); lse is fp32/fp64 (B, H, S) i
 
 from . import reference, rope
 from ._extension import extension_status
+from .api import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from .block import BlockMask, Span, block_backward, block_forward
 from .reference import attention_ref, merge_partials, ring_attention_ref
 from .rope import RoPEConfig, apply_rope, cos_sin
@@ -21,8 +22,11 @@ __all__ = [
     "block_forward",
     "cos_sin",
     "extension_status",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "merge_partials",
     "reference",
     "ring_attention_ref",
     "rope",
+    "scaled_dot_product_attention",
 ]

@@ -1,0 +1,168 @@
+"""torch.library custom ops over the block contract, with fake implementations and autograd.
+
+``torch.compile(fullgraph=True)`` sees each attention call as one opaque op whose output shapes come
+from the fake implementation, so models using ringattn compile without graph breaks. Autograd saves
+exactly q, k, v, out and lse; RoPE-rotated copies of q and k never exist.
+
+Custom ops take only tensors and plain values, so the RoPE settings travel as a JSON string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import torch
+
+from .block import BlockMask, Span, block_backward, block_forward
+from .rope import RoPEConfig
+
+__all__ = ["attention", "rope_to_json"]
+
+
+@torch.compiler.assume_constant_result  # json is not traceable; a RoPEConfig is immutable
+def rope_to_json(rope: RoPEConfig | None) -> str:
+    return "" if rope is None else json.dumps(dataclasses.asdict(rope), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_from_json(text: str) -> RoPEConfig | None:
+    return RoPEConfig(**json.loads(text)) if text else None
+
+
+@torch.library.custom_op("ringattn::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    q_start: int,
+    q_stride: int,
+    k_start: int,
+    k_stride: int,
+    cu_seqlens: torch.Tensor | None,
+    rope_json: str,
+    q_positions: torch.Tensor | None,
+    k_positions: torch.Tensor | None,
+    softmax_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = BlockMask(causal, Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens)
+    out, lse = block_forward(
+        q,
+        k,
+        v,
+        mask,
+        softmax_scale=softmax_scale,
+        rope=_rope_from_json(rope_json),
+        q_positions=q_positions,
+        k_positions=k_positions,
+        backend=backend,
+    )
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(
+    q, k, v, causal, q_start, q_stride, k_start, k_stride, cu_seqlens, rope_json, q_pos, k_pos, scale, backend
+):
+    B, S, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("ringattn::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    q_start: int,
+    q_stride: int,
+    k_start: int,
+    k_stride: int,
+    cu_seqlens: torch.Tensor | None,
+    rope_json: str,
+    q_positions: torch.Tensor | None,
+    k_positions: torch.Tensor | None,
+    softmax_scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask = BlockMask(causal, Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens)
+    return block_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        softmax_scale=softmax_scale,
+        rope=_rope_from_json(rope_json),
+        q_positions=q_positions,
+        k_positions=k_positions,
+        backend=backend,
+    )
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *options = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.options = options
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    # lse is an output for ring merges, not a differentiable quantity of this API.
+    dq, dk, dv = _attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    return (dq, dk, dv) + (None,) * len(ctx.options)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    q_span: Span | None = None,
+    k_span: Span | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    rope: RoPEConfig | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable, compile-safe block attention: out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32.
+
+    Arguments as ``ringattn.block.block_forward``; gradients flow to q, k and v (not through lse).
+    """
+    q_span, k_span = q_span or Span(), k_span or Span()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _attention_fwd(
+        q,
+        k,
+        v,
+        causal,
+        q_span.start,
+        q_span.stride,
+        k_span.start,
+        k_span.stride,
+        cu_seqlens,
+        rope_to_json(rope),
+        q_positions,
+        k_positions,
+        scale,
+        backend,
+    )

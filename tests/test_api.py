@@ -1,0 +1,154 @@
+"""Drop-in APIs (flash-attn / SDPA style) and their custom ops: values, gradients, errors, compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import GRAD_FACTOR, assert_within_peer_error
+
+import ringattn
+from ringattn import RoPEConfig, apply_rope, attention_ref
+from ringattn.api import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+
+
+def _qkv(B, Sq, Sk, Hq, Hkv, D, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, Sq, Hq, D, generator=gen).to(dtype),
+        torch.randn(B, Sk, Hkv, D, generator=gen).to(dtype),
+        torch.randn(B, Sk, Hkv, D, generator=gen).to(dtype),
+    )
+
+
+def _sdpa_BSHD(q, k, v, mask=None):
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def _grads(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "Sq,Sk,with_rope",
+    [(24, 24, False), (10, 24, False), (24, 10, False), (24, 24, True), (10, 24, True)],
+    ids=["square", "fewer-q", "more-q", "square-rope", "fewer-q-rope"],  # more-q with positions: rejected
+)
+def test_flash_attn_func_bottom_right_causal_values_and_grads(Sq, Sk, with_rope):
+    q, k, v = _qkv(2, Sq, Sk, 4, 2, 16)
+    rope = RoPEConfig(16, theta=45.2e9) if with_rope else None
+    positions = torch.arange(4_000_000, 4_000_000 + Sk) if with_rope else None
+    # Bottom-right alignment in global indices: query i sits at index Sk - Sq + i.
+    q_index = torch.arange(Sk - Sq, Sk)
+
+    def ours(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, rope=rope, positions=positions)
+
+    def ref(q, k, v):
+        qp, kp = (positions[Sk - Sq :], positions) if with_rope else (None, None)
+        return attention_ref(
+            q, k, v, causal=True, q_index=q_index, rope=rope, q_positions=qp, k_positions=kp
+        )[0]
+
+    def peer(q, k, v):  # torch in fp32: rotate, then SDPA with the same mask
+        if with_rope:
+            q = apply_rope(q, positions[Sk - Sq :], rope).float()
+            k = apply_rope(k, positions, rope).float()
+        mask = q_index[:, None] >= torch.arange(Sk)[None, :]
+        out = _sdpa_BSHD(q, k, v, mask)
+        return torch.nan_to_num(out) * mask.any(-1)[None, :, None, None]  # SDPA NaNs on empty rows
+
+    ours_r = _grads(ours, q, k, v)
+    ref_r = _grads(ref, q.double(), k.double(), v.double())
+    peer_r = _grads(peer, q, k, v)
+    for name, a, r, p in zip(("out", "dq", "dk", "dv"), ours_r, ref_r, peer_r, strict=True):
+        factor = 2.0 if name == "out" else GRAD_FACTOR
+        assert_within_peer_error(a, r, p, factor=factor, name=name)
+    if Sq > Sk:
+        assert (ours_r[0][:, : Sq - Sk] == 0).all()
+
+
+def test_flash_attn_func_return_lse_and_errors():
+    q, k, v = _qkv(1, 8, 8, 2, 2, 8)
+    out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    ref_out, ref_lse = attention_ref(q, k, v, causal=True)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match="positions"):
+        flash_attn_func(q, k, v, rope=RoPEConfig(8), positions=torch.arange(5))
+
+
+def test_varlen_equals_documents_run_separately():
+    lengths = [5, 17, 42]
+    cu = torch.tensor([0, 5, 22, 64], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(64, 4, 16, generator=gen)
+    k, v = torch.randn(64, 2, 16, generator=gen), torch.randn(64, 2, 16, generator=gen)
+    rope = RoPEConfig(16, theta=5e5)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True, rope=rope)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        alone = flash_attn_func(
+            q[None, start:end], k[None, start:end], v[None, start:end], causal=True, rope=rope
+        )
+        torch.testing.assert_close(out[start:end], alone[0], atol=1e-6, rtol=0)
+    with pytest.raises(NotImplementedError, match="cu_seqlens_k"):
+        flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 64]), 64, 64)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        flash_attn_varlen_func(q, k, v, torch.tensor([1, 64]), torch.tensor([1, 64]), 64, 64)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sdpa_signature_matches_torch(causal):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, 19, 16, generator=gen)
+    k, v = torch.randn(2, 2, 19, 16, generator=gen), torch.randn(2, 2, 19, 16, generator=gen)
+    ours = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, scale=0.2)
+    peer = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, scale=0.2)
+    ref = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=True, scale=0.2
+    )
+    assert_within_peer_error(ours, ref, peer)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(19, 19, dtype=torch.bool), enable_gqa=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        scaled_dot_product_attention(q, k, v)
+
+
+def test_autograd_saves_only_q_k_v_out_lse():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 12, 12, 4, 2, 16))
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        flash_attn_func(q, k, v, causal=True, rope=RoPEConfig(16))
+    assert sorted(saved) == sorted(
+        [(1, 12, 4, 16), (1, 12, 2, 16), (1, 12, 2, 16), (1, 12, 4, 16), (1, 4, 12)]
+    )
+
+
+def test_torch_compile_fullgraph_without_graph_breaks():
+    rope = RoPEConfig(16, theta=5e5)
+
+    def layer(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, rope=rope) * 2.0
+
+    q, k, v = _qkv(1, 16, 16, 4, 2, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v), atol=0, rtol=0)
+    explanation = torch._dynamo.explain(layer)(q, k, v)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_public_names_exported():
+    for name in ("flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention"):
+        assert callable(getattr(ringattn, name))
