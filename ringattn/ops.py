@@ -9,9 +9,7 @@ Custom ops take only tensors and plain values, so the RoPE settings travel as a 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 
 import torch
 
@@ -21,14 +19,13 @@ from .rope import RoPEConfig
 __all__ = ["attention", "rope_to_json"]
 
 
-@torch.compiler.assume_constant_result  # json is not traceable; a RoPEConfig is immutable
 def rope_to_json(rope: RoPEConfig | None) -> str:
-    return "" if rope is None else json.dumps(dataclasses.asdict(rope), sort_keys=True)
+    return "" if rope is None else rope.to_json()
 
 
 @functools.lru_cache(maxsize=32)
 def _rope_from_json(text: str) -> RoPEConfig | None:
-    return RoPEConfig(**json.loads(text)) if text else None
+    return RoPEConfig.from_json(text) if text else None
 
 
 @torch.library.custom_op("ringattn::attention_fwd", mutates_args=())

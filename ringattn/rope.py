@@ -15,7 +15,9 @@ Frequencies follow transformers' definitions for rope types default, linear, dyn
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -76,6 +78,8 @@ class RoPEConfig:
             )
         if self.precision not in ("exact", "hf"):
             raise ValueError(f"precision must be 'exact' or 'hf', got {self.precision!r}")
+        # Serialised once here: custom ops take it as a plain string, and json is not traceable.
+        object.__setattr__(self, "_json", json.dumps(dataclasses.asdict(self), sort_keys=True))
         if self.scaling is not None:
             if not isinstance(self.scaling, dict):
                 raise TypeError(f"scaling must be a dict or None, got {type(self.scaling).__name__}")
@@ -91,6 +95,13 @@ class RoPEConfig:
                 missing.append("factor")
             if missing:
                 raise ValueError(f"scaling for rope_type {rope_type!r} is missing {missing}")
+
+    def to_json(self) -> str:
+        return self._json
+
+    @classmethod
+    def from_json(cls, text: str) -> RoPEConfig:
+        return cls(**json.loads(text))
 
     @property
     def rope_type(self) -> str:

@@ -1,8 +1,6 @@
 """Shared test machinery: the tolerance rule, NaN poisoning and the Triton interpreter bf16 fix.
 
-Tolerance rule (DESIGN.md): |ours - ref64| <= factor * |torch_same_dtype - ref64| + eps, in max norm,
-with factor 2 for outputs and 3 for gradients. The peer is plain torch run in the dtype under test,
-so a kernel is held to the accuracy that dtype allows, never to a hand-picked tolerance.
+The tolerance rule itself lives in ringattn.testing (the bench's GPU check uses it too).
 """
 
 from __future__ import annotations
@@ -12,9 +10,10 @@ import contextlib
 import numpy as np
 import torch
 
+from ringattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, peer_error_check
+
 HAS_GPU = torch.cuda.is_available()
-OUTPUT_FACTOR = 2.0
-GRAD_FACTOR = 3.0
+__all__ = ["GRAD_FACTOR", "OUTPUT_FACTOR", "HAS_GPU", "assert_within_peer_error", "nan_filled"]
 
 
 def assert_within_peer_error(
@@ -27,19 +26,11 @@ def assert_within_peer_error(
     name: str = "output",
 ) -> None:
     """Assert max|ours - ref64| <= factor * max|peer - ref64| + eps (non-finite values fail)."""
-    if ours.shape != ref64.shape or peer.shape != ref64.shape:
-        raise AssertionError(
-            f"{name}: shapes differ: ours {ours.shape}, ref {ref64.shape}, peer {peer.shape}"
-        )
-    ours64, peer64 = ours.detach().double(), peer.detach().double()
-    ref = ref64.detach().double()
-    assert torch.isfinite(ours64).all(), f"{name}: non-finite values in ours (unwritten or NaN)"
-    ours_err = (ours64 - ref).abs().max().item() if ref.numel() else 0.0
-    peer_err = (peer64 - ref).abs().max().item() if ref.numel() else 0.0
-    bound = factor * peer_err + eps
-    assert ours_err <= bound, (
-        f"{name}: max error {ours_err:.3e} exceeds {factor:g} x peer error {peer_err:.3e} + {eps:.0e}"
-    )
+    try:
+        check = peer_error_check(ours, ref64, peer, factor=factor, eps=eps)
+    except ValueError as exc:
+        raise AssertionError(f"{name}: {exc}") from None
+    assert check.ok, check.describe(name)
 
 
 def nan_filled(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
