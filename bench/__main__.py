@@ -1,4 +1,6 @@
-"""`python -m bench {kernels,rope,cpu,all} [--quick] [--out DIR]`: run suites, save JSON/markdown/PNG.
+"""`python -m bench {kernels,rope,cpu,gpu-check,all} [--quick] [--out DIR]`: run suites, save results.
+
+Each suite writes <suite>.json (one row per measurement), <suite>.md and PNG plots into --out.
 
 Benchmarks are not tests: they measure and report, comparing with a peer measured in the same run.
 """
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernels, rope
+from . import gpu_check, kernels, rope
 
 
 def _cpu(quick: bool, out_dir: Path):
@@ -28,6 +30,7 @@ SUITES = {
     ),
     "rope": rope.run,
     "cpu": _cpu,
+    "gpu-check": gpu_check.run,
 }
 
 
@@ -46,7 +49,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     kernels.check_baselines([b for b in args.baselines.split(",") if b])
     out_dir = args.out or Path("bench_results") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    names = list(SUITES) if args.suite == "all" else [args.suite]
+    names = [args.suite]
+    if args.suite == "all":
+        names = [n for n in SUITES if n != "gpu-check" or torch.cuda.is_available()]
+        if "gpu-check" not in names:
+            print("all: skipping gpu-check (no CUDA device)", file=sys.stderr)
     for name in names:
         results = SUITES[name](args.quick, out_dir)
         print(f"\n## {name}\n")

@@ -7,6 +7,8 @@ its autograd path, with its backward time taken as (fwd+bwd) - fwd of two measur
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from functools import partial
 
 import torch
@@ -19,13 +21,11 @@ from ringattn.block import BlockMask
 from .common import FLOP_FORMULA, Results, attention_flops, plot, progress, time_fn
 
 COLUMNS = ["impl", "dtype", "S", "D", "causal", "rope", "mode", "seconds", "tflops", "vs_sdpa"]
-OPTIONAL_BASELINES = {"flash-attn": "flash_attn", "flex": "torch.nn.attention.flex_attention"}
+OPTIONAL_BASELINES = {"flash-attn": "flash_attn"}
 
 
 def check_baselines(requested: list[str]) -> None:
     """A baseline the user asked for that cannot be imported is an error, never a silent skip."""
-    import importlib
-
     for name in requested:
         if name == "sdpa":
             continue
@@ -154,6 +154,19 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends):
         sdpa[with_rope] = {"fwd": t_fwd, "bwd": max(t_all - t_fwd, 1e-12), "fwd+bwd": t_all}
         for mode, t in sdpa[with_rope].items():
             record("torch sdpa" + (" + hf rope" if with_rope else ""), mode, t, t, with_rope)
+
+    if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        from flash_attn import flash_attn_func as fa2
+
+        qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
+
+        def fa2_fwd_bwd():
+            fa2(qf, kf, vf, causal=True).backward(dout)
+
+        t_fwd = time_fn(partial(fa2, q, k, v, causal=True))
+        t_all = time_fn(fa2_fwd_bwd)
+        for mode, t in (("fwd", t_fwd), ("bwd", max(t_all - t_fwd, 1e-12)), ("fwd+bwd", t_all)):
+            record("flash-attn 2", mode, t, sdpa[False][mode], False)
 
     for name in _our_backends(dev, backends, q, k, v, rope):
         for r in (None, rope):

@@ -85,3 +85,37 @@ def test_missing_requested_baseline_is_a_loud_error():
 def test_flash_attn_baseline_without_gpu_is_an_error():
     with pytest.raises(SystemExit, match="flash-attn"):
         kernels.check_baselines(["flash-attn"])
+
+
+def test_gpu_check_numerics_logic_passes_good_and_fails_bad_backends(monkeypatch):
+    from bench import gpu_check
+    from bench.common import Results
+    from ringattn.backends import BACKENDS
+
+    class OffByOnePercent:
+        name = "broken"
+
+        def can_implement(self, *args):
+            return True, ""
+
+        def forward(self, *args, **kwargs):
+            out, lse = BACKENDS["reference"].forward(*args, **kwargs)
+            return out * 1.01, lse
+
+        def backward(self, *args, **kwargs):
+            return BACKENDS["reference"].backward(*args, **kwargs)
+
+    monkeypatch.setitem(BACKENDS, "broken", OffByOnePercent())
+    results = Results("gpu-check")
+    gpu_check.correctness(results, "cpu", backends=["reference", "broken"], S=17, D=16)
+    verdicts = {(r["backend"], r["tensor"]): r["verdict"] for r in results.rows}
+    assert all(v == "PASS" for (b, _), v in verdicts.items() if b == "reference")
+    assert verdicts[("broken", "out")] == "FAIL" and verdicts[("broken", "dv")] == "PASS"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_gpu_check_without_gpu_says_so(tmp_path):
+    from bench import gpu_check
+
+    with pytest.raises(SystemExit, match="CUDA device"):
+        gpu_check.run(True, tmp_path)

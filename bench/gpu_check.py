@@ -1,0 +1,123 @@
+"""gpu-check: one command for a CUDA machine — correctness of every backend, speed vs peers, verdicts.
+
+1. Each backend that can run on the device: forward and all gradients vs the fp64 reference under the
+   numerics rule (ringattn.testing), over dtypes, causal on/off, GQA, RoPE at 4M positions, an odd length.
+2. The kernels suite on the GPU (TFLOP/s vs SDPA in the same run).
+3. A verdict table: one PASS/FAIL line per check.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ringattn import RoPEConfig, apply_rope
+from ringattn.backends import BACKENDS
+from ringattn.block import BlockMask, block_backward, block_forward
+from ringattn.reference import attention_backward_ref, attention_ref
+from ringattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, peer_error_check
+
+from . import kernels
+from .common import Results
+
+COLUMNS = ["check", "backend", "dtype", "causal", "rope", "tensor", "ours_err", "bound", "verdict"]
+
+
+def _peer(q, k, v, dout, causal, rope, positions, dtype):
+    """Plain torch in the dtype under test: rotate (fp64, then cast), SDPA, autograd for gradients."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rq, rk = leaves[0], leaves[1]
+    if rope is not None:
+        rq, rk = apply_rope(rq, positions, rope), apply_rope(rk, positions, rope)
+    out = F.scaled_dot_product_attention(
+        rq.to(dtype).transpose(1, 2),
+        rk.to(dtype).transpose(1, 2),
+        leaves[2].to(dtype).transpose(1, 2),
+        is_causal=causal,
+        enable_gqa=True,
+    ).transpose(1, 2)
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def correctness(
+    results: Results, device: str, backends=None, S: int = 257, D: int = 128, dtypes=None
+) -> None:
+    dev = torch.device(device)
+    dtypes = dtypes or ((torch.bfloat16, torch.float16) if dev.type == "cuda" else (torch.float32,))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rope_cases = {"none": None, "theta45.2e9@4M": RoPEConfig(D, theta=45.2e9)}
+    positions = torch.arange(4_194_304 - S, 4_194_304, device=dev)
+    for dtype in dtypes:
+        q = torch.randn(2, S, 8, D, device=dev, generator=gen).to(dtype)
+        k, v = (torch.randn(2, S, 2, D, device=dev, generator=gen).to(dtype) for _ in range(2))
+        dout = torch.randn(2, S, 8, D, device=dev, generator=gen).to(dtype)
+        for causal in (False, True):
+            for rope_name, rope in rope_cases.items():
+                pos = positions if rope is not None else None
+                mask = BlockMask(causal=causal)
+                kw = dict(causal=causal, rope=rope, q_positions=pos, k_positions=pos)
+                ref_out, ref_lse = attention_ref(q, k, v, **kw)
+                ref = [ref_out, *attention_backward_ref(dout, q, k, v, ref_lse, out=ref_out, **kw)]
+                peer = _peer(q, k, v, dout, causal, rope, pos, dtype)
+                for name in backends or BACKENDS:
+                    common = dict(
+                        check="numerics", backend=name, dtype=str(dtype)[6:], causal=causal, rope=rope_name
+                    )
+                    ok, reason = BACKENDS[name].can_implement(q, k, v, mask, rope)
+                    if not ok:
+                        results.add(tensor="-", verdict=f"n/a: {reason}", **common)
+                        continue
+                    out, lse = block_forward(
+                        q, k, v, mask, rope=rope, q_positions=pos, k_positions=pos, backend=name
+                    )
+                    grads = block_backward(
+                        dout,
+                        q,
+                        k,
+                        v,
+                        out,
+                        lse,
+                        mask,
+                        rope=rope,
+                        q_positions=pos,
+                        k_positions=pos,
+                        backend=name,
+                    )
+                    for tensor, ours, r, p in zip(
+                        ("out", "dq", "dk", "dv"), (out, *grads), ref, peer, strict=True
+                    ):
+                        factor = OUTPUT_FACTOR if tensor == "out" else GRAD_FACTOR
+                        check = peer_error_check(ours, r, p, factor=factor)
+                        results.add(
+                            tensor=tensor,
+                            ours_err=check.ours_err,
+                            bound=check.bound,
+                            verdict="PASS" if check.ok else "FAIL",
+                            **common,
+                        )
+
+
+def run(quick: bool, out_dir) -> Results:
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "gpu-check needs a CUDA device, and torch sees none (torch.cuda.is_available() is False)"
+        )
+    results = Results("gpu-check")
+    correctness(results, "cuda", S=257 if quick else 1023)
+    results.save(out_dir, COLUMNS)
+    speed = kernels.run(
+        quick,
+        out_dir,
+        device="cuda",
+        dtypes=(torch.bfloat16,),
+        seq_lens=(2048,) if quick else (4096, 8192, 16384),
+        head_dims=(64, 128),
+        suite="gpu-kernels",
+    )
+    failed = [r for r in results.rows if r["verdict"] == "FAIL"]
+    print(
+        f"\ngpu-check: {len(results.rows) - len(failed)} checks passed or n/a, {len(failed)} failed; "
+        f"{len(speed.rows)} speed rows in {out_dir}/gpu-kernels.md"
+    )
+    return results
