@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--baselines",
         default="sdpa",
-        help="comma-separated peers that must be present: sdpa, flash-attn, flex",
+        help="comma-separated peers that must be present: sdpa, flash-attn",
     )
     args = parser.parse_args(argv)
     kernels.check_baselines([b for b in args.baselines.split(",") if b])
