@@ -23,7 +23,16 @@ from ..block import Span
 from ..ops import attention
 from ..rope import RoPEConfig
 
-__all__ = ["register", "apply", "remove", "ringattn_attention", "ringattn_mask"]
+__all__ = [
+    "register",
+    "apply",
+    "remove",
+    "shard_batch",
+    "count_predicted_tokens",
+    "gather_sequence",
+    "ringattn_attention",
+    "ringattn_mask",
+]
 
 NAME = "ringattn"
 FUSED_ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -96,7 +105,9 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     window = kwargs.get("sliding_window")
     seq_len = Sk * (1 if state.group is None else torch.distributed.get_world_size(state.group))
     if window is not None and window < seq_len:
-        raise NotImplementedError(f"sliding_window={window} shorter than the sequence ({seq_len}) is not supported")
+        raise NotImplementedError(
+            f"sliding_window={window} shorter than the sequence ({seq_len}) is not supported"
+        )
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     position_ids = kwargs.get("position_ids")
     cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -202,3 +213,55 @@ def remove(model):
     if previous is not None:
         model.set_attn_implementation(previous)
     return model
+
+
+def shard_batch(batch: dict, group=None, layout: str = "zigzag", ignore_index: int = -100) -> dict:
+    """This rank's part of a causal-LM batch for ring training.
+
+    ``batch`` holds ``input_ids`` (B, S) and optionally ``labels`` (default: the input ids),
+    ``position_ids`` (default: the index within each document when ``cu_seq_lens_q`` is given, else
+    0..S-1) and ``cu_seq_lens_q``/``cu_seq_lens_k`` (global; passed through unchanged). Labels are
+    shifted on the full sequence *before* sharding, so a shard's last token still predicts its
+    global successor; they come back as ``shift_labels`` (and as ``labels``, which the model needs
+    to compute a loss at all). Pass ``num_items_in_batch`` = the global count of predicted tokens
+    (``count_predicted_tokens``) so that per-rank losses sum to the full-sequence loss.
+    """
+    from ..reference import default_positions
+    from ..ring import shard
+
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
+    S = input_ids.shape[1]
+    labels = batch.get("labels", input_ids)
+    shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    cu = batch.get("cu_seq_lens_q")
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = default_positions(torch.arange(S, device=input_ids.device), cu).expand(input_ids.shape)
+    local = {
+        name: shard(t, 1, group, layout)
+        for name, t in (
+            ("input_ids", input_ids),
+            ("shift_labels", shift_labels),
+            ("position_ids", position_ids),
+        )
+    }
+    local["labels"] = local["shift_labels"]
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        if name in batch:
+            local[name] = batch[name]
+    return local
+
+
+def count_predicted_tokens(batch: dict, ignore_index: int = -100) -> torch.Tensor:
+    """Number of tokens with a target in the full batch (the loss denominator every rank shares)."""
+    labels = batch.get("labels", batch["input_ids"])
+    return (labels[:, 1:] != ignore_index).sum()
+
+
+def gather_sequence(x_local: torch.Tensor, group=None, layout: str = "zigzag", dim: int = 1) -> torch.Tensor:
+    """Reassemble a full-sequence tensor (e.g. logits) from every rank's shard (a collective)."""
+    from ..ring import unshard
+
+    return unshard(x_local, dim, group, layout)
