@@ -1,4 +1,4 @@
-"""`python -m bench {kernels,rope,cpu,gpu-check,all} [--quick] [--out DIR]`: run suites, save results.
+"""`python -m bench {kernels,rope,cpu,ring,gpu-check,all} [--quick] [--out DIR]`: run suites, save results.
 
 Each suite writes <suite>.json (one row per measurement), <suite>.md and PNG plots into --out.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import gpu_check, kernels, rope
+from . import gpu_check, kernels, ring, rope
 
 
 def _cpu(quick: bool, out_dir: Path):
@@ -30,6 +30,7 @@ SUITES = {
     ),
     "rope": rope.run,
     "cpu": _cpu,
+    "ring": ring.run,
     "gpu-check": gpu_check.run,
 }
 

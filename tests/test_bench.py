@@ -119,3 +119,18 @@ def test_gpu_check_without_gpu_says_so(tmp_path):
 
     with pytest.raises(SystemExit, match="CUDA device"):
         gpu_check.run(True, tmp_path)
+
+
+def test_ring_suite_rows_ratios_and_bytes(tmp_path):
+    from bench import ring
+
+    ring.run(True, tmp_path, world_sizes=(2,), seq_lens=(64,), timeout_s=180)
+    rows = _rows(tmp_path, "ring")
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for row in rows:
+        assert min(row["t_single"], row["t_compute"], row["t_wire"], row["t_total"]) > 0
+        assert math.isclose(row["overlap"], 1 - (row["t_total"] - row["t_compute"]) / row["t_wire"])
+        assert math.isclose(row["efficiency"], row["t_single"] / 2 / row["t_total"])
+    fwd = next(r for r in rows if r["mode"] == "fwd")
+    # K and V of one 32-token shard travel per hop: 2 * B * S_local * Hkv * D * 4 bytes (fp32)
+    assert fwd["bytes_per_hop"] == 2 * 1 * 32 * fwd["Hkv"] * fwd["D"] * 4
