@@ -8,6 +8,7 @@ from ._extension import extension_status
 from .api import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from .block import BlockMask, Span, block_backward, block_forward
 from .reference import attention_ref, merge_partials, ring_attention_ref
+from .ring import ring_attn_func, shard, unshard
 from .rope import RoPEConfig, apply_rope, cos_sin
 
 __version__ = "0.1.0.dev0"
@@ -27,6 +28,9 @@ __all__ = [
     "merge_partials",
     "reference",
     "ring_attention_ref",
+    "ring_attn_func",
     "rope",
     "scaled_dot_product_attention",
+    "shard",
+    "unshard",
 ]

@@ -15,7 +15,6 @@ import math
 
 import torch
 
-from .ring.layouts import shard_indices
 from .rope import RoPEConfig, apply_rope
 
 __all__ = [
@@ -263,6 +262,8 @@ def ring_attention_ref(
     merging fp64 partials with ``merge_partials``. Returns the full (out, lse) in sequence order,
     which equals ``attention_ref`` on the whole sequence.
     """
+    from .ring.layouts import shard_indices  # here, not at the top: the ring package builds on this module
+
     _check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"ring attention needs Sq == Sk, got {q.shape[1]} and {k.shape[1]}")

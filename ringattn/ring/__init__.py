@@ -1,5 +1,35 @@
-"""Ring attention: sequence layouts (and, as it lands, the scheduler, communication and merge)."""
+"""Ring attention: sequence layouts, communicators, the scheduler and sharding helpers."""
 
-from .layouts import LAYOUTS, shard_indices
+from .comm import (
+    DistRingComm,
+    FakeRingComm,
+    RingComm,
+    RingError,
+    RingStats,
+    RingTimeoutError,
+    fake_ring,
+    ring_comm,
+    run_fake_ring,
+)
+from .layouts import LAYOUTS, shard_indices, shard_lengths, shard_pieces
+from .scheduler import ring_attn_func
+from .sharding import shard, unshard
 
-__all__ = ["LAYOUTS", "shard_indices"]
+__all__ = [
+    "LAYOUTS",
+    "DistRingComm",
+    "FakeRingComm",
+    "RingComm",
+    "RingError",
+    "RingStats",
+    "RingTimeoutError",
+    "fake_ring",
+    "ring_attn_func",
+    "ring_comm",
+    "run_fake_ring",
+    "shard",
+    "shard_indices",
+    "shard_lengths",
+    "shard_pieces",
+    "unshard",
+]

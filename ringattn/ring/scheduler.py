@@ -1,0 +1,456 @@
+"""The ring attention scheduler: K/V shards travel around the ring while each rank computes.
+
+Every rank holds its shard of Q, K and V (a layout of the global sequence: contiguous, zigzag or
+stripe). At step s rank r holds the K/V shard of rank (r - s) mod W, so after W steps (W - 1 hops)
+every query has met every key. Math goes only through the block contract (``block_forward``,
+``block_backward``) and the guarded ``merge_partials``; which backend runs a block is not known here.
+
+Shards as runs. A rank's shard is one run of tokens (contiguous, stripe) or two (zigzag), each an
+arithmetic progression of global indices, i.e. a ``Span``. Each (query run, key run) pair is one
+block with an exact ``BlockMask``; a block that is provably fully masked (causal order or disjoint
+documents) is skipped in forward and backward alike.
+
+Any length. When the global length S does not divide into the layout's chunks, runs differ by one
+token and some may be empty. K/V travel in a fixed-size buffer of ``pieces x capacity`` rows (the
+padding rows are zero and never computed on: each block slices out exactly its real rows), so the
+wire carries equal-size messages and the math never sees a padding token.
+
+Per step (the same order on every rank; see ``comm`` for the message order):
+
+    forward:  post kv(s+1) | compute blocks of step s, merge in fp32 | wait kv(s+1)
+    backward: post kv(s+1) | compute block grads of step s | wait dkv(s) and add | post dkv(s+1)
+              | wait kv(s+1);  after the last step, wait dkv(W): each rank's dk/dv is home.
+
+dk/dv accumulators travel one hop behind K/V, W hops in all, in the input dtype by default
+(``dkv_dtype=torch.float32`` keeps them unrounded at 2x the bytes for bf16). dq is accumulated
+locally in fp32. The sums run in the ring's fixed order, so they are reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..block import BlockMask, Span, block_backward, block_forward
+from ..reference import merge_partials
+from ..rope import RoPEConfig
+from .comm import RingComm, _timeout_seconds, nvtx_range, ring_comm
+from .layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
+
+__all__ = ["ring_attn_func"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+# Fields every rank must agree on (checked in one all_gather before any K/V moves).
+_META = ("B", "S_local", "Hq", "Hkv", "D", "dtype", "causal", "layout", "rope", "positions", "cu_seqlens",
+         "softmax_scale", "dkv_dtype")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A run of a rank's shard: its global indices, length and where it sits locally and on the wire."""
+
+    span: Span
+    length: int
+    local: slice  # rows of the rank's own (unpadded) shard
+    wire: slice  # rows of the fixed-size K/V buffer
+
+
+@dataclass
+class _Plan:
+    comm: RingComm
+    causal: bool
+    scale: float | None
+    rope: RoPEConfig | None
+    backend: str
+    cu_seqlens: torch.Tensor | None
+    cu_list: list[int] | None
+    pieces: list[list[_Piece]]  # per rank
+    rows: int  # rows of a K/V wire buffer
+    positions: torch.Tensor | None  # (W, [B,] rows) every rank's positions laid out like the wire
+    timeout: float | None
+
+    def mask(self, qp: _Piece, kp: _Piece) -> BlockMask | None:
+        """The block's mask, or None when no (query, key) pair of it can attend."""
+        mask = BlockMask(self.causal, qp.span, kp.span, self.cu_seqlens)
+        if mask.is_empty(qp.length, kp.length):
+            return None
+        if self.cu_list is not None:
+            # Document ids grow with the index, so runs whose id ranges do not overlap share none.
+            q_first, q_last = self._doc(qp.span.start), self._doc(qp.span.last(qp.length))
+            k_first, k_last = self._doc(kp.span.start), self._doc(kp.span.last(kp.length))
+            if q_last < k_first or k_last < q_first:
+                return None
+        return mask
+
+    def _doc(self, index: int) -> int:
+        return bisect.bisect_right(self.cu_list, index) - 1
+
+    def block_positions(self, rank: int, piece: _Piece) -> torch.Tensor | None:
+        return None if self.positions is None else self.positions[rank][..., piece.wire]
+
+
+def _pieces(seq_len: int, world_size: int, layout: str) -> tuple[list[list[_Piece]], int]:
+    capacity = -(-seq_len // chunk_count(world_size, layout))
+    plan = []
+    for runs in shard_pieces(seq_len, world_size, layout):
+        pieces, local = [], 0
+        for i, (start, stride, length) in enumerate(runs):
+            pieces.append(
+                _Piece(
+                    Span(start, stride),
+                    length,
+                    slice(local, local + length),
+                    slice(i * capacity, i * capacity + length),
+                )
+            )
+            local += length
+        plan.append(pieces)
+    return plan, capacity * len(plan[0])
+
+
+def _check_local(q, k, v, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
+                 deterministic, return_lse):  # fmt: skip
+    """Every check that needs no other rank: raised before any communication."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, S_local, H, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, S_local and D (self-attention shards)"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of KV heads Hkv={k.shape[2]}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if rope is not None:
+        if not isinstance(rope, RoPEConfig):
+            raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
+        if rope.dim != q.shape[3]:
+            raise ValueError(f"rope.dim {rope.dim} must equal the head dim D={q.shape[3]}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if softmax_scale is not None and (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, (int, float))
+        or not math.isfinite(softmax_scale)
+        or softmax_scale <= 0
+    ):
+        raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
+    if dkv_dtype is not None and dkv_dtype not in (k.dtype, torch.float32, torch.float64):
+        raise TypeError(f"dkv_dtype must be None, k's dtype, float32 or float64, got {dkv_dtype}")
+    B, S_local = q.shape[:2]
+    if positions is not None:
+        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+            raise TypeError("positions must be an int32/int64 tensor of this rank's shard (or None)")
+        if positions.shape not in ((S_local,), (B, S_local)):
+            raise ValueError(
+                f"positions must be ({S_local},) or ({B}, {S_local}) (this rank's shard), "
+                f"got {tuple(positions.shape)}"
+            )
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("cu_seqlens must be an int32/int64 tensor over the global sequence (or None)")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
+
+
+def _float_bits(x: float | None) -> int:
+    return -1 if x is None else struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _dtype_code(dtype) -> int:
+    return -1 if dtype is None else _DTYPES.index(dtype)
+
+
+def _handshake(comm: RingComm, meta: list[int], timeout: float | None) -> list[list[int]]:
+    """Every rank's metadata; raises the same error on every rank when they disagree."""
+    table = comm.all_gather(torch.tensor(meta, dtype=torch.int64), timeout).tolist()
+    for j, row in enumerate(table):
+        for name, mine, theirs in zip(_META, table[0], row, strict=True):
+            if name != "S_local" and mine != theirs:
+                raise ValueError(
+                    f"ranks disagree on {name}: rank 0 has {mine}, rank {j} has {theirs} "
+                    "(every rank must call ring_attn_func with matching shapes and options)"
+                )
+    return table
+
+
+def _wire_layout(x: torch.Tensor, pieces: list[_Piece], rows: int, dim: int) -> torch.Tensor:
+    """``x`` with its runs placed at their wire rows along ``dim`` (zeros in between)."""
+    shape = list(x.shape)
+    shape[dim] = rows
+    out = x.new_zeros(shape)
+    for p in pieces:
+        out.narrow(dim, p.wire.start, p.length).copy_(x.narrow(dim, p.local.start, p.length))
+    return out
+
+
+def _plan(q, k, v, comm, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
+          timeout) -> _Plan:  # fmt: skip
+    B, S_local, Hq, D = q.shape
+    W, rank = comm.world_size, comm.rank
+    cu_list = None if cu_seqlens is None else cu_seqlens.tolist()
+    if cu_list is not None:
+        # cu_seqlens claims the global length: a shard that cannot belong to it fails before any wire.
+        expected = shard_lengths(cu_list[-1], W, layout)[rank]
+        if expected != S_local:
+            raise ValueError(
+                f"cu_seqlens ends at {cu_list[-1]}, so rank {rank} of {W} ({layout}) should hold {expected} "
+                f"tokens, but q has S_local={S_local}: cu_seqlens must end at the global sequence length"
+            )
+    pos_mode = 0 if positions is None else positions.dim()
+    cu_code = -1 if cu_list is None else hash(tuple(cu_list)) & (2**62 - 1)
+    meta = [B, S_local, Hq, k.shape[2], D, _dtype_code(q.dtype), int(causal), LAYOUTS.index(layout),
+            int(rope is not None), pos_mode, cu_code, _float_bits(softmax_scale), _dtype_code(dkv_dtype)]  # fmt: skip
+    table = _handshake(comm, meta, timeout) if W > 1 else [meta]
+    lengths = [row[1] for row in table]
+    seq_len = sum(lengths)
+    expected = shard_lengths(seq_len, W, layout)
+    if lengths != expected:
+        raise ValueError(
+            f"shard lengths {lengths} are not a {layout} split of a global length {seq_len} over {W} ranks "
+            f"(expected {expected}); shard the sequence with ringattn.shard"
+        )
+    if cu_list is not None and cu_list[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at the global sequence length {seq_len}, got {cu_list[-1]}")
+    pieces, rows = _pieces(seq_len, W, layout)
+    gathered = None
+    if positions is not None:
+        wire = _wire_layout(
+            positions.to(device=q.device, dtype=torch.int64), pieces[rank], rows, positions.dim() - 1
+        )
+        gathered = comm.all_gather(wire, timeout).to(q.device) if W > 1 else wire.unsqueeze(0)
+    return _Plan(
+        comm=comm,
+        causal=causal,
+        scale=softmax_scale,
+        rope=rope,
+        backend=backend,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device),
+        cu_list=cu_list,
+        pieces=pieces,
+        rows=rows,
+        positions=gathered,
+        timeout=timeout,
+    )
+
+
+def _pack_kv(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(2, B, rows, Hkv, D): this rank's K and V as one wire message."""
+    mine = plan.pieces[plan.comm.rank]
+    return torch.stack((_wire_layout(k, mine, plan.rows, 1), _wire_layout(v, mine, plan.rows, 1)))
+
+
+def _steps(plan: _Plan):
+    comm = plan.comm
+    for step in range(comm.world_size):
+        yield step, (comm.rank - step) % comm.world_size
+
+
+def _ring_forward(plan: _Plan, q: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    comm, W = plan.comm, plan.comm.world_size
+    acc = torch.promote_types(q.dtype, torch.float32)
+    B, S_local, Hq, D = q.shape
+    out = torch.zeros(B, S_local, Hq, D, dtype=acc, device=q.device)
+    lse = torch.full((B, Hq, S_local), -math.inf, dtype=torch.float32, device=q.device)
+    ring = W > 1 and plan.rows > 0  # an empty sequence has nothing to send
+    bufs = (kv, torch.empty_like(kv)) if ring else (kv,)
+    mine = plan.pieces[comm.rank]
+    for step, src in _steps(plan):
+        cur = bufs[step % len(bufs)]
+        pending = None
+        if ring and step < W - 1:
+            pending = comm.exchange([cur], [bufs[(step + 1) % 2]], hop=step + 1, label="forward kv",
+                                    timeout=plan.timeout)  # fmt: skip
+        with nvtx_range(f"ring forward compute step {step} (kv of rank {src})"):
+            for qp in mine:
+                for kp in plan.pieces[src]:
+                    mask = plan.mask(qp, kp)
+                    if mask is None:
+                        continue
+                    o, l = block_forward(
+                        q[:, qp.local],
+                        cur[0][:, kp.wire],
+                        cur[1][:, kp.wire],
+                        mask,
+                        softmax_scale=plan.scale,
+                        rope=plan.rope,
+                        q_positions=plan.block_positions(comm.rank, qp),
+                        k_positions=plan.block_positions(src, kp),
+                        out_dtype=acc,
+                        backend=plan.backend,
+                    )
+                    o_acc, l_acc = merge_partials(out[:, qp.local], lse[:, :, qp.local], o, l.to(lse.dtype))
+                    out[:, qp.local], lse[:, :, qp.local] = o_acc, l_acc
+        if pending is not None:
+            pending.wait()
+    return out, lse
+
+
+def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
+    comm, W, rank = plan.comm, plan.comm.world_size, plan.comm.rank
+    acc = torch.promote_types(q.dtype, torch.float32)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, S_local)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    local = torch.zeros(kv.shape, dtype=acc, device=q.device)  # this step's dk/dv contributions
+    ring = W > 1 and plan.rows > 0
+    kv_bufs = (kv, torch.empty_like(kv)) if ring else (kv,)
+    dkv_bufs = tuple(torch.zeros(kv.shape, dtype=dkv_dtype, device=q.device) for _ in range(2 if ring else 1))
+    mine = plan.pieces[rank]
+    pending_dkv = None
+    for step, src in _steps(plan):
+        cur = kv_bufs[step % len(kv_bufs)]
+        pending_kv = None
+        if ring and step < W - 1:
+            pending_kv = comm.exchange([cur], [kv_bufs[(step + 1) % 2]], hop=step + 1, label="backward kv",
+                                       timeout=plan.timeout)  # fmt: skip
+        local.zero_()
+        with nvtx_range(f"ring backward compute step {step} (kv of rank {src})"):
+            for qp in mine:
+                for kp in plan.pieces[src]:
+                    mask = plan.mask(qp, kp)
+                    if mask is None:
+                        continue
+                    dq_b, dk_b, dv_b = block_backward(
+                        dout[:, qp.local],
+                        q[:, qp.local],
+                        cur[0][:, kp.wire],
+                        cur[1][:, kp.wire],
+                        None,
+                        lse[:, :, qp.local],
+                        mask,
+                        delta=delta[:, :, qp.local],
+                        softmax_scale=plan.scale,
+                        rope=plan.rope,
+                        q_positions=plan.block_positions(rank, qp),
+                        k_positions=plan.block_positions(src, kp),
+                        grad_dtype=acc,
+                        backend=plan.backend,
+                    )
+                    dq[:, qp.local] += dq_b
+                    local[0][:, kp.wire] += dk_b
+                    local[1][:, kp.wire] += dv_b
+        # The accumulator for shard src arrived from prev (it left there one step ago); add ours.
+        travelling = dkv_bufs[step % len(dkv_bufs)]
+        if pending_dkv is None:
+            travelling.copy_(local)
+        else:
+            pending_dkv.wait()
+            travelling.copy_(travelling.to(acc) + local)
+        if ring:
+            pending_dkv = comm.exchange([travelling], [dkv_bufs[(step + 1) % 2]], hop=step + 1,
+                                        label="backward dkv", timeout=plan.timeout)  # fmt: skip
+        if pending_kv is not None:
+            pending_kv.wait()
+    if pending_dkv is not None:
+        pending_dkv.wait()
+    return dq, dkv_bufs[W % len(dkv_bufs)]  # after W hops the travelling buffer is this rank's own
+
+
+def _unpack(buf: torch.Tensor, pieces: list[_Piece], length: int, dtype) -> torch.Tensor:
+    B, _, H, D = buf.shape
+    out = torch.empty(B, length, H, D, dtype=dtype, device=buf.device)
+    for p in pieces:
+        out[:, p.local] = buf[:, p.wire]
+    return out
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, dkv_dtype):
+        kv = _pack_kv(plan, k, v)
+        out, lse = _ring_forward(plan, q, kv)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.dkv_dtype = plan, dkv_dtype
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        kv = _pack_kv(plan, k, v)  # the forward's buffers were reused by the wire
+        dq, dkv = _ring_backward(plan, dout.contiguous(), q, kv, out, lse, ctx.dkv_dtype)
+        mine, S_local = plan.pieces[plan.comm.rank], q.shape[1]
+        dk = _unpack(dkv[0], mine, S_local, k.dtype)
+        dv = _unpack(dkv[1], mine, S_local, v.dtype)
+        return dq.to(q.dtype), dk, dv, None, None
+
+
+def ring_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = True,
+    layout: str = "zigzag",
+    rope: RoPEConfig | None = None,
+    positions: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+    dkv_dtype: torch.dtype | None = None,
+    timeout: float | None = None,
+):
+    """Ring attention over the ranks of ``group`` on this rank's shard of the sequence.
+
+    Args:
+        q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D), Hq % Hkv == 0 (only KV heads travel).
+            The shard is ``ringattn.shard(x, 1, group, layout)`` of the global sequence; any global
+            length works (shards then differ by a token; a rank may hold none).
+        group: a ProcessGroup, a 1-D DeviceMesh, a ``RingComm`` (e.g. the in-process fake), or None
+            for the default group.
+        causal: mask by global token index (query index >= key index).
+        layout: "zigzag", "stripe" or "contiguous": how the shards were cut.
+        rope: rotate Q and K inside the blocks (fused); positions default to the global index, or the
+            index within the document when ``cu_seqlens`` is given.
+        positions: this rank's shard of the RoPE positions, (S_local,) or (B, S_local), int
+            (``ringattn.shard(positions, -1, group, layout)``); unused without ``rope``.
+        cu_seqlens: document boundaries over the *global* sequence (same tensor on every rank);
+            starts at 0, non-decreasing, ends at the global length.
+        softmax_scale: default 1 / sqrt(D).
+        deterministic: the ring's own sums always run in a fixed order; results are then as
+            reproducible as the block backend (the flag is accepted for API compatibility).
+        return_lse: also return lse (B, Hq, S_local), fp32, natural log (-inf for rows seeing no key).
+        backend: block backend name, or "auto".
+        dkv_dtype: dtype of the dk/dv accumulators on the wire in backward (default: k's dtype;
+            torch.float32 avoids one rounding per hop at twice the bf16 bytes).
+        timeout: seconds (or timedelta) for each wait on the wire; default the group's timeout.
+
+    Returns:
+        out (B, S_local, Hq, D) in q's dtype, and lse when ``return_lse``.
+    """
+    _check_local(q, k, v, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
+                 deterministic, return_lse)  # fmt: skip
+    timeout = _timeout_seconds(timeout)
+    dkv_dtype = k.dtype if dkv_dtype is None else dkv_dtype
+    positions = positions if rope is not None else None  # positions only feed RoPE: nothing to gather
+    comm = ring_comm(group)
+    plan = _plan(q, k, v, comm, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend,
+                 dkv_dtype, timeout)  # fmt: skip
+    out, lse = _RingAttention.apply(q, k, v, plan, dkv_dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,465 @@
+"""Ring scheduler on the in-process fake communicator (W virtual ranks, one thread each), vs fp64.
+
+Helpers here (case building, the torch-in-dtype peer, NaN-filled reassembly) are shared with
+test_ring_gloo.py.
+"""
+
+import math
+import time
+
+import pytest
+import torch
+from harness import GRAD_FACTOR, OUTPUT_FACTOR, assert_within_peer_error
+
+import ringattn.ring.scheduler as scheduler
+from ringattn import RoPEConfig, attention_ref
+from ringattn.reference import default_positions, visible_mask
+from ringattn.ring import (
+    RingError,
+    RingTimeoutError,
+    fake_ring,
+    ring_attn_func,
+    run_fake_ring,
+    shard,
+    shard_indices,
+    shard_lengths,
+    shard_pieces,
+    unshard,
+)
+from ringattn.rope import apply_rope
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def make_inputs(B, S, Hq, Hkv, D, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((B, S, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D), (B, S, Hq, D))
+    return [torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def reference(q, k, v, dout, *, causal, cu_seqlens=None, rope=None, positions=None, softmax_scale=None):
+    """fp64 out, lse and gradients of the full sequence (the spec)."""
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    out, lse = attention_ref(
+        q64, k64, v64, causal=causal, cu_seqlens=cu_seqlens, rope=rope, softmax_scale=softmax_scale,
+        q_positions=positions, k_positions=positions,
+    )  # fmt: skip
+    out.backward(dout.double())
+    return {"out": out.detach(), "lse": lse.detach(), "dq": q64.grad, "dk": k64.grad, "dv": v64.grad}
+
+
+def peer(q, k, v, dout, *, causal, cu_seqlens=None, rope=None, positions=None, softmax_scale=None):
+    """Plain torch in the inputs' dtype on the full sequence: the accuracy that dtype allows."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    B, S, Hq, D = q.shape
+    index = torch.arange(S)
+    qr, kr = q, k
+    if rope is not None:
+        pos = default_positions(index, cu_seqlens) if positions is None else positions
+        qr, kr = apply_rope(q, pos, rope).to(q.dtype), apply_rope(k, pos, rope).to(k.dtype)
+    G = Hq // k.shape[2]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", qr, kr.repeat_interleave(G, 2)) * scale
+    scores = scores.masked_fill(~visible_mask(index, index, causal, cu_seqlens), -math.inf)
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.repeat_interleave(G, 2))
+    out.backward(dout)
+    lse = torch.logsumexp(scores.float(), -1)
+    return {"out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def check_against(ours, ref, peer_result, names=NAMES, lse=True):
+    for name in names:
+        factor = OUTPUT_FACTOR if name == "out" else GRAD_FACTOR
+        assert_within_peer_error(ours[name], ref[name], peer_result[name], factor=factor, name=name)
+    if lse:
+        assert_within_peer_error(ours["lse"], ref["lse"], peer_result["lse"], name="lse", eps=1e-5)
+
+
+def local_run(comm, q, k, v, dout, layout, positions=None, **kwargs):
+    """One rank's forward + backward on its shard; returns its out, lse, dq, dk, dv."""
+    q_l, k_l, v_l = (shard(t, 1, comm, layout).requires_grad_() for t in (q, k, v))
+    if positions is not None:
+        kwargs["positions"] = shard(positions, positions.dim() - 1, comm, layout)
+    out, lse = ring_attn_func(q_l, k_l, v_l, group=comm, layout=layout, return_lse=True, **kwargs)
+    out.backward(shard(dout, 1, comm, layout))
+    return {"out": out.detach(), "lse": lse, "dq": q_l.grad, "dk": k_l.grad, "dv": v_l.grad}
+
+
+def assemble(per_rank, seq_len, layout):
+    """Full-sequence tensors from every rank's shard, in NaN-filled buffers (unwritten rows fail)."""
+    W = len(per_rank)
+    index = shard_indices(seq_len, W, layout)
+    full = {}
+    for name in (*NAMES, "lse"):
+        dim = 2 if name == "lse" else 1
+        shape = list(per_rank[0][name].shape)
+        shape[dim] = seq_len
+        buf = torch.full(shape, math.nan, dtype=per_rank[0][name].dtype)
+        for rank, res in enumerate(per_rank):
+            assert res[name].shape[dim] == len(index[rank]), f"{name} of rank {rank} has a wrong length"
+            buf.index_copy_(dim, index[rank], res[name])
+        full[name] = buf
+    return full
+
+
+def fake_run(W, q, k, v, dout, layout, timeout=60.0, **kwargs):
+    comms = fake_ring(W, timeout=timeout)
+    per_rank = run_fake_ring(lambda c: local_run(c, q, k, v, dout, layout, **kwargs), comms)
+    return assemble(per_rank, q.shape[1], layout), comms
+
+
+DOCS = torch.tensor([0, 5, 5, 12, 21, 29])  # odd lengths and an empty document
+CASES = {
+    "W2-causal-gqa2-fp32": dict(W=2, S=16, Hq=4, Hkv=2, dtype=torch.float32, causal=True),
+    "W3-causal-rope-docs-S29": dict(
+        W=3,
+        S=29,
+        Hq=4,
+        Hkv=1,
+        dtype=torch.float32,
+        causal=True,
+        rope=RoPEConfig(16, theta=45.2e9),
+        cu_seqlens=DOCS,
+    ),  # fmt: skip
+    "W4-full-rope-S22-gqa2": dict(
+        W=4, S=22, Hq=4, Hkv=2, dtype=torch.float32, causal=False, rope=RoPEConfig(16, interleaved=True)
+    ),  # fmt: skip
+    "W4-causal-docs-rope-bf16": dict(
+        W=4, S=29, Hq=4, Hkv=2, dtype=torch.bfloat16, causal=True, rope=RoPEConfig(16), cu_seqlens=DOCS
+    ),  # fmt: skip
+    "W4-S3-padding-only-ranks": dict(W=4, S=3, Hq=2, Hkv=1, dtype=torch.float32, causal=True),
+    "W5-full-docs-mha-S37": dict(
+        W=5, S=37, Hq=2, Hkv=2, dtype=torch.float32, causal=False, cu_seqlens=torch.tensor([0, 1, 18, 37])
+    ),  # fmt: skip
+    "W3-positions-scale-fp16": dict(
+        W=3,
+        S=20,
+        Hq=4,
+        Hkv=2,
+        dtype=torch.float16,
+        causal=True,
+        rope=RoPEConfig(16),
+        positions="offset",
+        softmax_scale=0.3,
+    ),  # fmt: skip
+}
+
+
+def _run_case(case, layout):
+    case = dict(case)
+    W, S, dtype = case.pop("W"), case.pop("S"), case.pop("dtype")
+    q, k, v, dout = make_inputs(2, S, case.pop("Hq"), case.pop("Hkv"), 16, dtype)
+    if case.get("positions") == "offset":  # per-batch positions that are not the token index
+        case["positions"] = torch.stack((torch.arange(S) + 1000, torch.arange(S) * 3))
+    ours, _ = fake_run(W, q, k, v, dout, layout, **case)
+    check_against(ours, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "stripe", "contiguous"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fake_ring_matches_fp64_reference(case, layout):
+    _run_case(case, layout)
+
+
+def test_padding_only_rank_has_empty_shard():
+    assert shard_lengths(3, 4, "zigzag") == [1, 1, 1, 0]
+    assert shard_lengths(3, 4, "stripe") == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "stripe", "contiguous"])
+def test_pieces_agree_with_shard_indices(layout):
+    for S in (0, 1, 3, 7, 16, 29, 64, 65):
+        for W in (1, 2, 3, 4, 5, 8, 13):
+            expect = shard_indices(S, W, layout)
+            for rank, runs in enumerate(shard_pieces(S, W, layout)):
+                got = torch.cat([start + stride * torch.arange(n) for start, stride, n in runs])
+                assert torch.equal(got, expect[rank]), (S, W, layout, rank)
+
+
+def test_shard_unshard_round_trip():
+    x = torch.randn(2, 23, 3)
+    labels = torch.arange(23).expand(2, 23)
+    for layout in ("zigzag", "stripe", "contiguous"):
+
+        def fn(comm, layout=layout):
+            return unshard(shard(x, 1, comm, layout), 1, comm, layout), unshard(
+                shard(labels, -1, comm, layout), -1, comm, layout
+            )
+
+        for back, back_labels in run_fake_ring(fn, fake_ring(4)):
+            assert torch.equal(back, x) and torch.equal(back_labels, labels)
+
+
+# ------------------------------------------------------------------------------------ large W, growth
+
+
+def _bf16_growth_inputs():
+    return make_inputs(1, 128, 4, 2, 16, torch.bfloat16, seed=3)
+
+
+def _errors(ours, ref):
+    """Relative L2 error: the statistic a random walk of roundings grows like sqrt(W) in (the max
+    error of one element is dominated by which binade the largest entries happen to fall in)."""
+    return {name: ((ours[name].double() - ref[name]).norm() / ref[name].norm()).item() for name in NAMES}
+
+
+def test_w64_fp32_dkv_within_tolerance_and_bf16_dkv_error_grows_at_most_sqrt_w():
+    # The fp64 reference backend keeps W^2 = 4096 blocks per run fast; the schedule is what is tested.
+    q, k, v, dout = _bf16_growth_inputs()
+    ref = reference(q, k, v, dout, causal=True)
+    peer_result = peer(q, k, v, dout, causal=True)
+    base, _ = fake_run(1, q, k, v, dout, "zigzag", backend="reference")
+    check_against(base, ref, peer_result)
+    wide, _ = fake_run(64, q, k, v, dout, "zigzag", dkv_dtype=torch.float32, backend="reference")
+    check_against(wide, ref, peer_result)
+    wide_bf16, _ = fake_run(64, q, k, v, dout, "zigzag", backend="reference")
+    check_against(wide_bf16, ref, peer_result, names=("out", "dq"))
+    e1, e64 = _errors(base, ref), _errors(wide_bf16, ref)
+    for name in NAMES:  # dk/dv: one bf16 rounding per hop, a random walk: ~sqrt(W) growth
+        assert e64[name] <= 2 * math.sqrt(64) * e1[name], (name, e1[name], e64[name])
+
+
+@pytest.mark.slow
+def test_error_growth_table_up_to_w64():
+    q, k, v, dout = _bf16_growth_inputs()
+    ref = reference(q, k, v, dout, causal=True)
+    peer_result = peer(q, k, v, dout, causal=True)
+    e1 = _errors(fake_run(1, q, k, v, dout, "zigzag", backend="reference")[0], ref)
+    for W in (2, 4, 8, 16, 32, 64):
+        for layout in ("zigzag", "stripe"):
+            ours, _ = fake_run(W, q, k, v, dout, layout, backend="reference")
+            e = _errors(ours, ref)
+            for name in NAMES:
+                assert e[name] <= 2 * math.sqrt(W) * e1[name], (W, layout, name, e1[name], e[name])
+            if W <= 16:
+                check_against(ours, ref, peer_result)
+            fp32, _ = fake_run(W, q, k, v, dout, layout, dkv_dtype=torch.float32, backend="reference")
+            check_against(fp32, ref, peer_result)
+
+
+# -------------------------------------------------------------------- schedule, bytes, skipping, errors
+
+
+def test_message_order_is_the_documented_one_and_pairs_up():
+    W = 4
+    q, k, v, dout = make_inputs(1, 16, 2, 1, 16, torch.float32)
+    _, comms = fake_run(W, q, k, v, dout, "zigzag")
+    for comm in comms:
+        posts = [e for e in comm.log if e[0] != "all_gather"]
+        expected = []
+        for hop in range(1, W):
+            expected += [
+                ("send", comm.next_rank, hop, "forward kv"),
+                ("recv", comm.prev_rank, hop, "forward kv"),
+            ]
+        for hop in range(1, W + 1):
+            if hop < W:
+                expected += [
+                    ("send", comm.next_rank, hop, "backward kv"),
+                    ("recv", comm.prev_rank, hop, "backward kv"),
+                ]
+            expected += [
+                ("send", comm.next_rank, hop, "backward dkv"),
+                ("recv", comm.prev_rank, hop, "backward dkv"),
+            ]
+        assert [e[:4] for e in posts] == expected  # kv(s+1) is posted before dkv(s+1) at every step
+        sends = [e for e in posts if e[0] == "send"]
+        recvs_next = [e for e in comms[comm.next_rank].log if e[0] == "recv"]
+        assert [e[2:] for e in sends] == [e[2:] for e in recvs_next]
+
+
+def test_bytes_per_hop_formula():
+    W, B, S, Hkv, D = 4, 2, 32, 2, 16
+    q, k, v, dout = make_inputs(B, S, 4, Hkv, D, torch.bfloat16)
+    _, comms = fake_run(W, q, k, v, dout, "zigzag")
+    _, comms32 = fake_run(W, q, k, v, dout, "zigzag", dkv_dtype=torch.float32)
+    S_local, elem = S // W, 2
+    for comm, comm32 in zip(comms, comms32, strict=True):
+        assert comm.stats.bytes_per_hop("forward") == {
+            h: 2 * B * S_local * Hkv * D * elem for h in range(1, W)
+        }
+        bwd, bwd32 = comm.stats.bytes_per_hop("backward"), comm32.stats.bytes_per_hop("backward")
+        assert set(bwd) == set(range(1, W + 1))
+        for hop in range(1, W):
+            assert bwd[hop] * 3 == bwd32[hop] * 2  # K, V bf16 + dK, dV bf16 vs fp32
+        assert bwd[W] * 2 == bwd32[W]  # the last hop carries dK, dV home only
+        assert comm.stats.wait_seconds() >= 0
+    # Uneven lengths: every message has the padded capacity (2 chunks of ceil(S / 2W) rows).
+    q, k, v, dout = make_inputs(1, 29, 2, 1, 16, torch.float32)
+    _, comms = fake_run(3, q, k, v, dout, "zigzag")
+    assert comms[0].stats.bytes_per_hop("forward") == {h: 2 * 1 * (2 * 5) * 1 * 16 * 4 for h in (1, 2)}
+
+
+def test_fully_masked_blocks_are_skipped(monkeypatch):
+    calls = {"fwd": 0, "bwd": 0}
+    real_fwd, real_bwd = scheduler.block_forward, scheduler.block_backward
+
+    def fwd(*a, **kw):
+        calls["fwd"] += 1
+        return real_fwd(*a, **kw)
+
+    def bwd(*a, **kw):
+        calls["bwd"] += 1
+        return real_bwd(*a, **kw)
+
+    monkeypatch.setattr(scheduler, "block_forward", fwd)
+    monkeypatch.setattr(scheduler, "block_backward", bwd)
+    W = 4
+    q, k, v, dout = make_inputs(1, 32, 2, 1, 16, torch.float32)
+    fake_run(W, q, k, v, dout, "zigzag")
+    # 2W equal chunks, causal: chunk pair (a, b) is computed iff a >= b.
+    assert calls == {"fwd": 2 * W * (2 * W + 1) // 2, "bwd": 2 * W * (2 * W + 1) // 2}
+    calls.update(fwd=0, bwd=0)
+    ours, _ = fake_run(
+        W, q, k, v, dout, "contiguous", causal=False, cu_seqlens=torch.tensor([0, 8, 16, 24, 32])
+    )
+    assert calls == {"fwd": W, "bwd": W}  # one document per rank: only each rank's own block
+    ref = reference(q, k, v, dout, causal=False, cu_seqlens=torch.tensor([0, 8, 16, 24, 32]))
+    check_against(ours, ref, peer(q, k, v, dout, causal=False, cu_seqlens=torch.tensor([0, 8, 16, 24, 32])))
+
+
+def test_inputs_unchanged_and_results_reproducible():
+    q, k, v, dout = make_inputs(2, 21, 4, 2, 16, torch.bfloat16)
+    cu = torch.tensor([0, 4, 21])
+    positions = torch.arange(21) * 2
+    before = [t.clone() for t in (q, k, v, dout, cu, positions)]
+    kw = dict(rope=RoPEConfig(16), cu_seqlens=cu, positions=positions, deterministic=True)
+    first, _ = fake_run(3, q, k, v, dout, "zigzag", **kw)
+    second, _ = fake_run(3, q, k, v, dout, "zigzag", **kw)
+    for t, b in zip((q, k, v, dout, cu, positions), before, strict=True):
+        assert torch.equal(t, b)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+    # Also the local shards the ring received (checked inside each rank, after backward).
+    def fn(comm):
+        q_l, k_l, v_l = (shard(t, 1, comm, "zigzag").requires_grad_() for t in (q, k, v))
+        copies = [t.detach().clone() for t in (q_l, k_l, v_l)]
+        ring_attn_func(q_l, k_l, v_l, group=comm).sum().backward()
+        return all(torch.equal(t, c) for t, c in zip((q_l, k_l, v_l), copies, strict=True))
+
+    assert all(run_fake_ring(fn, fake_ring(3)))
+
+
+def _bad_calls():
+    q, k, v, _ = make_inputs(1, 8, 4, 2, 16, torch.float32)  # rank 0 of W=2: 8 of 16 tokens
+    return {
+        "dtype-mismatch": (lambda g: ring_attn_func(q, k.double(), v, group=g), TypeError, "share a dtype"),
+        "k-v-shape": (lambda g: ring_attn_func(q, k, v[:, :, :1], group=g), ValueError, "same shape"),
+        "hq-not-multiple": (lambda g: ring_attn_func(q[:, :, :3], k, v, group=g), ValueError, "multiple"),
+        "q-3d": (lambda g: ring_attn_func(q[0], k, v, group=g), ValueError, "q must be"),
+        "positions-shape": (
+            lambda g: ring_attn_func(q, k, v, group=g, rope=RoPEConfig(16), positions=torch.arange(7)),
+            ValueError,
+            "positions",
+        ),
+        "positions-float": (
+            lambda g: ring_attn_func(q, k, v, group=g, positions=torch.zeros(8)),
+            TypeError,
+            "positions",
+        ),
+        "cu-decreasing": (
+            lambda g: ring_attn_func(q, k, v, group=g, cu_seqlens=torch.tensor([0, 9, 4, 16])),
+            ValueError,
+            "non-decreasing",
+        ),
+        "cu-wrong-end": (
+            lambda g: ring_attn_func(q, k, v, group=g, cu_seqlens=torch.tensor([0, 9, 30])),
+            ValueError,
+            "global sequence length",
+        ),
+        "layout": (lambda g: ring_attn_func(q, k, v, group=g, layout="spiral"), ValueError, "layout"),
+        "scale": (
+            lambda g: ring_attn_func(q, k, v, group=g, softmax_scale=-1.0),
+            ValueError,
+            "softmax_scale",
+        ),
+        "rope-dim": (lambda g: ring_attn_func(q, k, v, group=g, rope=RoPEConfig(8)), ValueError, "rope.dim"),
+        "dkv-dtype": (
+            lambda g: ring_attn_func(q, k, v, group=g, dkv_dtype=torch.int8),
+            TypeError,
+            "dkv_dtype",
+        ),
+        "timeout": (lambda g: ring_attn_func(q, k, v, group=g, timeout=0), ValueError, "timeout"),
+        "causal-type": (lambda g: ring_attn_func(q, k, v, group=g, causal=1), TypeError, "causal"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_input_raises_before_any_communication(name):
+    call, error, match = _bad_calls()[name]
+    comm = fake_ring(2, timeout=5.0)[0]  # rank 1 never runs: any communication would time out
+    with pytest.raises(error, match=match):
+        call(comm)
+    assert comm.log == [] and len(comm.stats.records) == 0
+
+
+def _disagree(comm, kind):
+    S_local = 8 if kind != "lengths" else (10 if comm.rank == 0 else 6)
+    Hq = 8 if kind == "shapes" and comm.rank == 1 else 4
+    q, k, v, _ = make_inputs(1, S_local, Hq, 2, 16, torch.float32)
+    try:
+        ring_attn_func(q, k, v, group=comm)
+    except ValueError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("kind,match", [("shapes", "disagree on Hq"), ("lengths", "not a zigzag split")])
+def test_ranks_disagreeing_raise_on_every_rank_before_kv_moves(kind, match):
+    comms = fake_ring(3, timeout=10.0)
+    errors = run_fake_ring(lambda c: _disagree(c, kind), comms)
+    for exc in errors:
+        assert exc is not None and match in str(exc)
+    for comm in comms:
+        assert all(e[0] == "all_gather" for e in comm.log)
+
+
+def test_dead_rank_releases_the_others_with_a_named_error():
+    comms = fake_ring(3, timeout=30.0)
+
+    def die(sends, recvs, record, timeout):
+        raise RingError(f"rank 1 died on hop {record.hop}")
+
+    comms[1]._exchange = die
+    q, k, v, dout = make_inputs(1, 12, 2, 1, 16, torch.float32)
+    start = time.monotonic()
+    with pytest.raises(RingError, match="rank 1 died on hop 1"):
+        run_fake_ring(lambda c: local_run(c, q, k, v, dout, "zigzag"), comms)
+    assert time.monotonic() - start < 10
+
+
+def test_silent_peer_times_out_naming_peer_and_hop():
+    comms = fake_ring(3, timeout=1.0)
+    original = comms[1]._exchange
+
+    def stall(sends, recvs, record, timeout):  # alive but silent until another rank gives up
+        deadline = time.monotonic() + 20
+        while comms[1].hub.failed is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return original(sends, recvs, record, timeout)
+
+    comms[1]._exchange = stall
+    q, k, v, dout = make_inputs(1, 12, 2, 1, 16, torch.float32)
+    start = time.monotonic()
+    with pytest.raises(
+        RingTimeoutError, match=r"rank 2 of 3 failed to receive from rank 1 on hop 1 \(forward kv\)"
+    ):
+        run_fake_ring(lambda c: local_run(c, q, k, v, dout, "zigzag"), comms)
+    assert time.monotonic() - start < 10
+
+
+def test_strided_views_as_attention_integrations_pass_them():
+    # transformers hands attention (B, H, S, D) tensors; transposed to (B, S, H, D) they are strided views.
+    q, k, v, dout = make_inputs(2, 19, 4, 2, 16, torch.float32)
+
+    def fn(comm):
+        views = [shard(t, 1, comm, "zigzag").transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+        assert not views[0].is_contiguous()
+        q_l, k_l, v_l = (t.requires_grad_() for t in views)
+        out, lse = ring_attn_func(q_l, k_l, v_l, group=comm, return_lse=True)
+        out.backward(shard(dout, 1, comm, "zigzag"))
+        return {"out": out.detach(), "lse": lse, "dq": q_l.grad, "dk": k_l.grad, "dv": v_l.grad}
+
+    ours = assemble(run_fake_ring(fn, fake_ring(3)), 19, "zigzag")
+    check_against(ours, reference(q, k, v, dout, causal=True), peer(q, k, v, dout, causal=True))

@@ -1,0 +1,269 @@
+"""Ring scheduler over torch.distributed gloo: spawned processes on 127.0.0.1, each job under a hard timeout.
+
+Process start-up is the slow part, so one job runs many checks: 4 processes carry rings of W = 4
+(the world), W = 3 (ranks 1-3, so group and global ranks differ) and W = 2 (ranks 0 and 3).
+"""
+
+import math
+import os
+import pickle
+import re
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_ring_fake import NAMES, check_against, local_run, make_inputs, peer, reference
+from torch.distributed.device_mesh import init_device_mesh
+
+from ringattn import RoPEConfig
+from ringattn.ring import DistRingComm, RingError, RingTimeoutError, ring_attn_func, ring_comm, unshard
+
+LAYOUTS = ("zigzag", "stripe", "contiguous")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(target, rank, world_size, port, out_dir, args):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=60),
+        )  # fmt: skip
+        result = target(rank, world_size, *args)
+    except BaseException:
+        result = {"crash": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    os._exit(0)  # skip teardown: a group whose peers died can block in destroy
+
+
+def launch(target, world_size, *args, timeout=150.0):
+    """Run ``target(rank, world_size, *args)`` in ``world_size`` spawned processes; results by rank.
+
+    Processes still running after ``timeout`` seconds are killed and the test fails.
+    """
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [
+            ctx.Process(target=_entry, args=(target, r, world_size, port, out_dir, args), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+            procs[r].join()
+        assert not hung, f"ranks {hung} still running after the hard timeout of {timeout:g} s"
+        results = []
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            results.append(pickle.load(open(path, "rb")) if os.path.exists(path) else None)
+    for r, res in enumerate(results):
+        assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
+    return results
+
+
+# ------------------------------------------------------------------------------------------ correctness
+
+
+def _cases(W):
+    docs = torch.tensor([0, 5, 5, 12, 21, 29])
+    return [
+        (
+            "causal-gqa-rope-docs-S29",
+            dict(
+                S=29,
+                Hq=4,
+                Hkv=2,
+                dtype=torch.float32,
+                causal=True,
+                rope=RoPEConfig(16, theta=45.2e9),
+                cu_seqlens=docs,
+            ),
+        ),  # fmt: skip
+        ("full-mha-S24", dict(S=24, Hq=2, Hkv=2, dtype=torch.float32, causal=False)),
+        (
+            "causal-rope-padding-rank",
+            dict(S=W - 1, Hq=2, Hkv=1, dtype=torch.float32, causal=True, rope=RoPEConfig(16)),
+        ),  # fmt: skip
+    ]
+
+
+def _check_ring(comm, failures, name, layout, case, **extra):
+    case = dict(case, **extra)
+    S, dtype = case.pop("S"), case.pop("dtype")
+    q, k, v, dout = make_inputs(2, S, case.pop("Hq"), case.pop("Hkv"), 16, dtype, seed=S)
+    before = [t.clone() for t in (q, k, v, dout)]
+    try:
+        local = local_run(comm, q, k, v, dout, layout, **case)
+        full = {n: unshard(local[n], 2 if n == "lse" else 1, comm, layout) for n in (*NAMES, "lse")}
+        check_against(full, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
+        assert all(torch.equal(t, b) for t, b in zip((q, k, v, dout), before, strict=True)), "inputs changed"
+    except AssertionError as exc:
+        failures.append(f"W={comm.world_size} {name} {layout}: {exc}")
+
+
+def _correctness_job(rank, world_size, ring_sizes):
+    groups = {world_size: dist.group.WORLD}
+    if 3 in ring_sizes:
+        groups[3] = dist.new_group([1, 2, 3])
+    if 2 in ring_sizes:
+        groups[2] = dist.new_group([0, 3])
+    failures, checks = [], 0
+    for W in ring_sizes:
+        if dist.get_rank(groups[W]) < 0:
+            continue
+        comm = ring_comm(groups[W])
+        assert comm.world_size == W
+        for layout in LAYOUTS:
+            for name, case in _cases(W):
+                _check_ring(comm, failures, name, layout, case)
+                checks += 1
+        _check_ring(comm, failures, "bf16-causal-gqa-rope", "zigzag",
+                    dict(S=4 * W + 1, Hq=4, Hkv=2, dtype=torch.bfloat16, causal=True, rope=RoPEConfig(16)))  # fmt: skip
+        checks += 1
+        # Bytes on the wire per hop: 2 * B * S_local * Hkv * D * element size.
+        comm.stats.clear()
+        q, k, v, _ = make_inputs(2, 2, 4, 2, 16, torch.bfloat16)  # every rank's shard: 2 of 2W tokens
+        ring_attn_func(q, k, v, group=groups[W])
+        expected = {h: 2 * 2 * 2 * 2 * 16 * 2 for h in range(1, W)}
+        if comm.stats.bytes_per_hop("forward") != expected:
+            failures.append(f"W={W} bytes per hop {comm.stats.bytes_per_hop('forward')} != {expected}")
+        checks += 1
+        if W == world_size:  # a 1-D DeviceMesh is the same ring as its group
+            mesh = init_device_mesh("cpu", (world_size,))
+            q, k, v, _ = make_inputs(1, 3, 2, 1, 16, torch.float32)
+            if not torch.equal(ring_attn_func(q, k, v, group=mesh), ring_attn_func(q, k, v, group=groups[W])):
+                failures.append("DeviceMesh and ProcessGroup results differ")
+            checks += 1
+    return {"failures": failures, "checks": checks, **(_error_checks(rank) if 4 in ring_sizes else {})}
+
+
+def _error_checks(rank):
+    """Bad input on the world group, after the correctness checks (one spawn serves both)."""
+    out = {}
+    q, k, v, _ = make_inputs(1, 4, 4, 2, 16, torch.float32)
+    # A local error raises at once (a rank that communicated would wait for peers that never come).
+    start = time.monotonic()
+    try:
+        ring_attn_func(q, k, v[:, :, :1])
+    except ValueError as exc:
+        out["local"] = (str(exc), time.monotonic() - start)
+    # Ranks disagreeing on a shape: every rank raises the same clear error.
+    q, k, v, _ = make_inputs(1, 4, 8 if rank == 1 else 4, 2, 16, torch.float32)
+    ring_comm().stats.clear()
+    try:
+        ring_attn_func(q, k, v)
+    except ValueError as exc:
+        out["disagree"] = str(exc)
+    out["records"] = len(ring_comm().stats.records)
+    return out
+
+
+def _expected_checks(rank, ring_sizes):
+    members = {4: {0, 1, 2, 3}, 3: {1, 2, 3}, 2: {0, 3}, 8: set(range(8))}
+    return sum(3 * 3 + 2 + (W == ring_sizes[0]) for W in ring_sizes if rank in members[W])
+
+
+_RING_SIZES = (4, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def gloo_world():
+    """One spawned job of 4 processes serves the correctness and bad-input tests."""
+    return launch(_correctness_job, 4, _RING_SIZES)
+
+
+def test_gloo_rings_w2_w3_w4_match_fp64_reference(gloo_world):
+    ring_sizes = _RING_SIZES
+    for rank, res in enumerate(gloo_world):
+        assert res is not None, f"rank {rank} wrote no result"
+        assert res["failures"] == [], "\n".join(res["failures"])
+        assert res["checks"] == _expected_checks(rank, ring_sizes)
+
+
+def test_gloo_bad_input_errors_and_disagreeing_ranks(gloo_world):
+    for res in gloo_world:
+        message, elapsed = res["local"]
+        assert "same shape" in message and elapsed < 1.0
+        assert "ranks disagree on Hq: rank 0 has 4, rank 1 has 8" in res["disagree"]
+        assert res["records"] == 0  # no K/V exchange was posted
+
+
+@pytest.mark.slow
+def test_gloo_ring_w8_matches_fp64_reference():
+    results = launch(_correctness_job, 8, (8,), timeout=400.0)
+    for rank, res in enumerate(results):
+        assert res["failures"] == [], "\n".join(res["failures"])
+        assert res["checks"] == _expected_checks(rank, (8,))
+
+
+# ------------------------------------------------------------------------- errors, faults, timeouts
+
+
+def _fault_job(rank, world_size, mode, timeout, marker):
+    comm = DistRingComm(dist.group.WORLD, timeout=timeout)
+    if rank == 1:
+        original = comm._exchange
+
+        def misbehave(sends, recvs, record, t):
+            if mode == "die":
+                os._exit(1)  # the process dies mid-forward, on its first hop
+            deadline = time.monotonic() + timeout + 30
+            while not os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.05)  # alive but silent until a survivor has given up
+            return original(sends, recvs, record, t)
+
+        comm._exchange = misbehave
+    q, k, v, _ = make_inputs(1, 8 * world_size, 2, 1, 16, torch.float32)
+    start = time.monotonic()
+    try:
+        ring_attn_func(q[:, :8], k[:, :8], v[:, :8], group=comm)
+    except RingError as exc:
+        elapsed = time.monotonic() - start
+        open(marker, "w").close()
+        return {"type": type(exc).__name__, "message": str(exc), "elapsed": elapsed}
+    return {"type": None, "elapsed": time.monotonic() - start}
+
+
+def test_gloo_dead_peer_makes_survivors_raise_within_timeout_plus_10s(tmp_path):
+    timeout = 20.0
+    results = launch(_fault_job, 3, "die", timeout, tmp_path / "given-up", timeout=120.0)
+    assert results[1] is None  # rank 1 died without a result
+    for rank in (0, 2):
+        res = results[rank]
+        assert res["type"] is not None, f"rank {rank} did not raise"
+        assert res["elapsed"] < timeout + 10, res
+        assert re.search(rf"rank {rank} of 3 failed to (send to|receive from) rank \d on hop \d \(forward kv\)",
+                         res["message"]), res["message"]  # fmt: skip
+    # Rank 1 is rank 2's previous peer: its pending receive fails at once.
+    assert "failed to receive from rank 1 on hop 1 (forward kv)" in results[2]["message"]
+
+
+def test_gloo_silent_peer_times_out_naming_peer_and_hop(tmp_path):
+    timeout = 3.0
+    results = launch(_fault_job, 2, "silent", timeout, tmp_path / "given-up", timeout=90.0)
+    res = results[0]
+    assert res["type"] == RingTimeoutError.__name__, res
+    # With W = 2 rank 1 is both peers; whichever of the send and receive is waited on first times out.
+    assert re.search(r"rank 0 of 2 failed to (send to|receive from) rank 1 on hop 1 \(forward kv\) within 3 s",
+                     res["message"]), res["message"]  # fmt: skip
+    assert timeout <= res["elapsed"] < timeout + 10
+    assert math.isfinite(res["elapsed"])
