@@ -7,31 +7,9 @@ import torch
 from harness import GRAD_FACTOR, assert_within_peer_error
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import FAMILIES, tiny_causal_lm  # noqa: E402
+
 from ringattn.integrations import transformers as ra_hf  # noqa: E402
-
-FAMILIES = {
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,
-}
-
-
-def _model(family, attn="sdpa", dtype=torch.float32):
-    config = FAMILIES[family](
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 def _step(model, input_ids, **kwargs):
@@ -45,9 +23,9 @@ def _step(model, input_ids, **kwargs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_matches_sdpa(family):
     input_ids = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(1))
-    ref_logits, ref_grads = _step(_model(family, dtype=torch.float64), input_ids)
-    peer_logits, peer_grads = _step(_model(family), input_ids)
-    ours_model = ra_hf.apply(_model(family), rope_precision="hf")
+    ref_logits, ref_grads = _step(tiny_causal_lm(family, dtype=torch.float64), input_ids)
+    peer_logits, peer_grads = _step(tiny_causal_lm(family), input_ids)
+    ours_model = ra_hf.apply(tiny_causal_lm(family), rope_precision="hf")
     assert ours_model.config._attn_implementation == "ringattn"
     ours_logits, ours_grads = _step(ours_model, input_ids)
     assert_within_peer_error(ours_logits, ref_logits, peer_logits, name="logits")
@@ -58,7 +36,7 @@ def test_training_step_matches_sdpa(family):
 
 
 def test_fused_rope_is_really_inside_the_kernel_and_remove_restores():
-    model = _model("llama")
+    model = tiny_causal_lm("llama")
     input_ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = model(input_ids=input_ids).logits
@@ -76,7 +54,7 @@ def test_fused_rope_is_really_inside_the_kernel_and_remove_restores():
 @pytest.mark.parametrize("packing", ["position_ids", "cu_seq_lens"])
 def test_packed_documents_equal_separate_runs(packing):
     lengths = [5, 17, 42]
-    model = ra_hf.apply(_model("qwen3"))
+    model = ra_hf.apply(tiny_causal_lm("qwen3"))
     gen = torch.Generator().manual_seed(3)
     docs = [torch.randint(0, 97, (1, n), generator=gen) for n in lengths]
     packed = torch.cat(docs, dim=1)
@@ -112,7 +90,7 @@ def test_other_families_keep_their_rope_with_a_warning():
 
 
 def test_padding_mask_is_rejected_clearly():
-    model = ra_hf.apply(_model("llama"))
+    model = ra_hf.apply(tiny_causal_lm("llama"))
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :3] = 0

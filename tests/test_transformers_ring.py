@@ -13,26 +13,11 @@ import torch.multiprocessing as mp
 from harness import GRAD_FACTOR, assert_within_peer_error
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_causal_lm  # noqa: E402
 
 WORLD = 4
 SEQ_LEN = 45  # not a multiple of 2 * WORLD: shards are uneven
 DOCS = [0, 13, 13, 40, 45]  # three documents, one of them empty
-
-
-def _model(attn, dtype=torch.float32):
-    config = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 def _batch():
@@ -48,7 +33,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
     try:
         from ringattn.integrations import transformers as ra_hf
 
-        model = ra_hf.apply(_model("sdpa"), group=dist.group.WORLD, rope_precision="hf")
+        model = ra_hf.apply(tiny_causal_lm("llama", "sdpa"), group=dist.group.WORLD, rope_precision="hf")
         batch = _batch()
         local = ra_hf.shard_batch(batch)
         loss = model(**local, num_items_in_batch=ra_hf.count_predicted_tokens(batch)).loss
@@ -94,8 +79,8 @@ def test_four_rank_ring_training_step_equals_single_process(tmp_path):
             pytest.fail("4-rank training step did not finish within 240 s")
     ring = torch.load(out_path)
     # transformers' own SDPA path, one document at a time: fp64 reference and fp32 peer.
-    ref_loss, ref_grads = _single_process_step(_model("sdpa", torch.float64))
-    peer_loss, peer_grads = _single_process_step(_model("sdpa"))
+    ref_loss, ref_grads = _single_process_step(tiny_causal_lm("llama", "sdpa", torch.float64))
+    peer_loss, peer_grads = _single_process_step(tiny_causal_lm("llama", "sdpa"))
     assert_within_peer_error(ring["loss"], ref_loss, peer_loss, name="loss")
     for name in ref_grads:
         assert_within_peer_error(
