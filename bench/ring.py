@@ -36,16 +36,20 @@ class _Done(Pending):
 
 
 class StubComm(RingComm):
-    """The wire stubbed out: exchanges finish at once and move nothing (numerics are meaningless)."""
+    """The K/V wire stubbed out: exchanges finish at once and move nothing (numerics are meaningless).
 
-    def __init__(self, rank: int, world_size: int):
-        super().__init__(rank, world_size, None)
+    The small all_gather of the call's agreement check still runs on the real ring.
+    """
+
+    def __init__(self, real: RingComm):
+        super().__init__(real.rank, real.world_size, None)
+        self.real = real
 
     def _exchange(self, sends, recvs, record, timeout):
         return _Done(self, record)
 
-    def all_gather(self, t):
-        return t.unsqueeze(0).expand(self.world_size, *t.shape).clone()
+    def all_gather(self, t, timeout=None):
+        return self.real.all_gather(t, timeout)
 
 
 def _median_time(fn, repeats: int, sync) -> float:
@@ -78,7 +82,7 @@ def _worker(rank, world_size, port, cfg, out_path):
         layout, rope = cfg["layout"], RoPEConfig(D, theta=5e5)
         q, k, v = (shard(t, 1, None, layout) for t in full)
         comm = ring_comm()
-        stub = StubComm(comm.rank, comm.world_size)
+        stub = StubComm(comm)
 
         def sync():
             if cuda:

@@ -13,6 +13,17 @@ order, as one ``batch_isend_irecv`` (grouped under NCCL, independent async work 
 and exchanges are posted in the scheduler's fixed per-step order. Every rank runs the same code
 with the same list lengths, so the k-th message a rank sends to ``next`` is the k-th message
 ``next`` receives from it.
+
+Ring order. ``rank`` is a rank's *position in the ring*, and that position is also its shard index
+(``ringattn.shard`` gives position p the p-th shard). By default the order is the group's own rank
+order; ``DistRingComm(group, order=[...])`` (or ``ring_comm(group, order=...)``) takes the group's
+global ranks in the ring order a topology chose (``dist.new_group`` sorts its ranks, so the order has
+to be given explicitly). Pass that communicator as ``group`` to ``shard``, ``unshard`` and
+``ring_attn_func`` so all three agree on it. ``all_gather`` returns rows in ring order.
+
+Two levels. ``TwoLevelComm(inner, outer)`` joins an inner ring (the ranks of one node) and an outer
+ring (the ranks at the same inner position on every node) into one ring of ``I * O`` ranks; rank
+(outer position o, inner position i) has position ``o * I + i``.
 """
 
 from __future__ import annotations
@@ -42,10 +53,13 @@ __all__ = [
     "RingStats",
     "RingComm",
     "DistRingComm",
+    "TwoLevelComm",
     "FakeRingComm",
     "fake_ring",
+    "fake_two_level",
     "run_fake_ring",
     "ring_comm",
+    "comm_from_rings",
     "nvtx_range",
 ]
 
@@ -154,6 +168,16 @@ class RingComm(ABC):
     def prev_rank(self) -> int:
         return (self.rank - 1) % self.world_size
 
+    @property
+    def levels(self) -> tuple[RingComm, ...]:
+        """The rings the scheduler walks, outermost first (one for a flat ring)."""
+        return (self,)
+
+    @property
+    def ring_key(self) -> int:
+        """Equal on every member of one ring in one order (the scheduler checks it before K/V move)."""
+        return 0
+
     def exchange(
         self,
         sends: Sequence[torch.Tensor],
@@ -181,10 +205,15 @@ class RingComm(ABC):
     def _error(self, record: HopRecord, direction: str, peer: int, timeout, cause) -> RingError:
         cls = RingTimeoutError if isinstance(cause, TimeoutError) or "imed out" in str(cause) else RingError
         within = "" if timeout is None else f" within {timeout:g} s"
-        what = f"{direction} rank {peer} on hop {record.hop}" if peer is not None else direction
+        what = f"{direction} {self._name(peer)} on hop {record.hop}" if peer is not None else direction
         return cls(
-            f"ring attention: rank {self.rank} of {self.world_size} failed to {what} ({record.label}){within}: {cause}"
+            f"ring attention: {self._name(self.rank)} of {self.world_size} failed to {what} ({record.label})"
+            f"{within}: {cause}"
         )
+
+    def _name(self, position: int) -> str:
+        """How errors name the rank at a ring position."""
+        return f"rank {position}"
 
 
 # ---------------------------------------------------------------------------------------- torch.distributed
@@ -221,11 +250,15 @@ class _DistPending(Pending):
 class DistRingComm(RingComm):
     """The ring over a torch.distributed process group (gloo for CPU tensors, NCCL for CUDA tensors).
 
+    ``order``: the group's global ranks in ring order (default: the group's rank order). This rank's
+    ``rank`` is its position in ``order``, which is also its shard index; messages go to the next
+    position and come from the previous one; ``all_gather`` returns rows in ring order.
+
     On CUDA the exchange is posted on a dedicated stream that first waits (event) for the compute
     stream, and the compute stream waits (event) for the exchange in ``wait()``.
     """
 
-    def __init__(self, group=None, timeout=None):
+    def __init__(self, group=None, timeout=None, order=None):
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
@@ -233,14 +266,25 @@ class DistRingComm(RingComm):
         pg = _as_process_group(group)
         self.pg = pg
         self._dist = dist
-        super().__init__(dist.get_rank(pg), dist.get_world_size(pg), None)
-        if self.rank < 0:
+        if dist.get_rank(pg) < 0:
             raise ValueError("this process is not a member of the given group")
+        members = dist.get_process_group_ranks(pg)  # global ranks in group-rank order
+        self.order = _check_order(order, members)
+        super().__init__(self.order.index(dist.get_rank()), len(members), timeout)
         self.default_timeout = _group_timeout(pg)
-        self.timeout = _timeout_seconds(timeout)
-        self._next_global = dist.get_global_rank(pg, self.next_rank)
-        self._prev_global = dist.get_global_rank(pg, self.prev_rank)
+        self._next_global = self.order[self.next_rank]
+        self._prev_global = self.order[self.prev_rank]
+        self._gather_rows = [members.index(g) for g in self.order]  # group rank at each ring position
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def ring_key(self) -> int:
+        return hash(self.order) & (2**62 - 1)  # int tuples hash the same in every process
+
+    def _name(self, position: int) -> str:
+        # Positions are what the ring knows; the global rank is what finds the process.
+        name = f"rank {position}"
+        return name if self.order[position] == position else f"{name} (global rank {self.order[position]})"
 
     def _stream_for(self, device: torch.device):
         if device.type != "cuda":
@@ -291,7 +335,26 @@ class DistRingComm(RingComm):
         except Exception as exc:
             record = HopRecord("collective", 0, t.numel() * t.element_size(), 0)
             raise self._error(record, "all_gather with every rank", None, timeout, exc) from exc
-        return torch.stack(out)
+        return torch.stack([out[i] for i in self._gather_rows])
+
+
+def _check_order(order, members: list[int]) -> tuple[int, ...]:
+    if order is None:
+        return tuple(members)
+    if isinstance(order, torch.Tensor) or not isinstance(order, Sequence):
+        raise TypeError(f"order must be a sequence of global ranks or None, got {type(order).__name__}")
+    if any(isinstance(r, bool) or not isinstance(r, int) for r in order) or sorted(order) != sorted(members):
+        raise ValueError(
+            f"order must list the group's global ranks {sorted(members)} once each, in ring order; "
+            f"got {list(order)}"
+        )
+    return tuple(order)
+
+
+def _mesh_class():
+    import torch.distributed as dist
+
+    return getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
 
 
 def _as_process_group(group):
@@ -301,7 +364,7 @@ def _as_process_group(group):
         return dist.group.WORLD
     if isinstance(group, dist.ProcessGroup):
         return group
-    mesh_cls = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
+    mesh_cls = _mesh_class()
     if mesh_cls is not None and isinstance(group, mesh_cls):
         if group.ndim != 1:
             raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim}-D")
@@ -320,22 +383,119 @@ def _group_timeout(pg) -> float:
     return c10d._get_default_timeout(c10d.get_backend(pg)).total_seconds()
 
 
+class TwoLevelComm:
+    """One ring of ``I * O`` ranks run as an inner ring of ``I`` (inside a node) and an outer ring of ``O``
+    (across nodes): ``inner`` links this rank to the ranks of its node, ``outer`` to the ranks at the
+    same inner position on the other nodes. This rank's position (and shard index) is
+    ``outer.rank * I + inner.rank``.
+
+    The scheduler walks ``levels`` = (outer, inner): each outer step brings the K/V of a whole node
+    (a super-block, spread over that node's ranks) one node further while the inner ring computes on
+    the current one. ``all_gather`` returns rows in position order. The ranks must form a grid:
+    ``ring_attn_func`` checks that every position is held by exactly one rank before K/V move.
+    """
+
+    def __init__(self, inner: RingComm, outer: RingComm):
+        for name, comm in (("inner", inner), ("outer", outer)):
+            if not isinstance(comm, RingComm):
+                raise TypeError(f"{name} must be a RingComm, got {type(comm).__name__}")
+        if inner is outer:
+            raise ValueError("inner and outer must be different rings")
+        self.inner, self.outer = inner, outer
+        self.rank = outer.rank * inner.world_size + inner.rank
+        self.world_size = inner.world_size * outer.world_size
+
+    @property
+    def levels(self) -> tuple[RingComm, RingComm]:
+        return (self.outer, self.inner)
+
+    def all_gather(self, t: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        """(I * O, *t.shape): every rank's ``t`` in position order (inner gather, then outer)."""
+        return self.outer.all_gather(self.inner.all_gather(t, timeout), timeout).flatten(0, 1)
+
+
+# One DistRingComm per (group, order, timeout): ring_attn_func(group=g) and ring_comm(g) share one
+# communicator (and its stats), and a different timeout or order gets its own instead of a stale one.
 _COMMS: dict = {}
 
 
-def ring_comm(group=None, timeout=None) -> RingComm:
-    """The communicator for ``group`` (a RingComm is returned as is; one DistRingComm per group)."""
-    if isinstance(group, RingComm):
+def ring_comm(group=None, timeout=None, order=None) -> RingComm | TwoLevelComm:
+    """The communicator for ``group``.
+
+    ``group``: None (the default group), a ProcessGroup or 1-D DeviceMesh (a flat ring; ``order`` its
+    global ranks in ring order, default the group's order), a 2-D DeviceMesh of shape (nodes,
+    ranks per node) (a two-level ring: dim 1 inner, dim 0 outer), a pair ``(inner, outer)`` of any of
+    those or of RingComms (a two-level ring), or a RingComm / TwoLevelComm (returned as is).
+    ``timeout`` (seconds) bounds each wait of a newly built communicator.
+    """
+    if isinstance(group, (RingComm, TwoLevelComm)):
+        if order is not None or timeout is not None:
+            raise ValueError("order and timeout belong to a process group; this communicator has its own")
         return group
+    if isinstance(group, (tuple, list)):
+        if len(group) != 2:
+            raise ValueError(f"a two-level group must be a pair (inner, outer), got {len(group)} entries")
+        if order is not None:
+            raise ValueError(
+                "order of a two-level ring: pass (ring_comm(inner, order=...), ring_comm(outer, ...))"
+            )
+        inner, outer = (ring_comm(g, timeout) for g in group)
+        if not (isinstance(inner, RingComm) and isinstance(outer, RingComm)):
+            raise TypeError("the inner and outer groups of a two-level ring must each be one ring")
+        return TwoLevelComm(inner, outer)
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group=None needs torch.distributed to be initialised (init_process_group)")
+    mesh_cls = _mesh_class()
+    if mesh_cls is not None and isinstance(group, mesh_cls) and group.ndim == 2:
+        if order is not None:
+            raise ValueError("order cannot be combined with a 2-D DeviceMesh (its layout is the order)")
+        return ring_comm((group.get_group(1), group.get_group(0)), timeout)
     pg = _as_process_group(group)
-    comm = _COMMS.get(pg)
+    members = dist.get_process_group_ranks(pg)
+    order = _check_order(order, members)
+    key = (pg, None if list(order) == members else order, _timeout_seconds(timeout))
+    comm = _COMMS.get(key)
     if comm is None:
-        comm = _COMMS[pg] = DistRingComm(pg, timeout)
+        comm = _COMMS[key] = DistRingComm(pg, timeout, order)
     return comm
+
+
+def comm_from_rings(rings, inner: int | None = None, timeout=None) -> RingComm | TwoLevelComm:
+    """This process's communicator for context-parallel rings listed as global ranks in ring order
+    (e.g. ``ringattn.topology.ring_groups(ring_order(topo), ...)``): a flat ring in that order, or with
+    ``inner`` a two-level ring whose inner rings are runs of ``inner`` consecutive ranks of it (a node's
+    run of the order) and whose outer rings join the ranks at the same inner position
+    (``ringattn.topology.split_two_level``). Creating process groups is collective: every process
+    calls this with the same ``rings``, and each process must be in exactly one of them.
+    """
+    import torch.distributed as dist
+
+    from ..topology.order import split_two_level
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("comm_from_rings needs torch.distributed to be initialised (init_process_group)")
+    rings = [list(ring) for ring in rings]
+    me = dist.get_rank()
+    mine = [ring for ring in rings if me in ring]
+    if len(mine) != 1:
+        raise ValueError(f"rings must hold global rank {me} exactly once, got {rings}")
+    if inner is None:
+        stages = [rings]
+    else:  # every inner ring, then every outer ring
+        split = [split_two_level(ring, inner) for ring in rings]
+        stages = [
+            [r for inner_rings, _ in split for r in inner_rings],
+            [r for _, outer in split for r in outer],
+        ]
+    comms = []
+    for stage in stages:  # the same new_group calls in the same order on every process
+        for ranks in stage:
+            pg = dist.new_group(sorted(ranks))
+            if me in ranks:
+                comms.append(ring_comm(pg, timeout, order=ranks))
+    return comms[0] if inner is None else TwoLevelComm(*comms)
 
 
 # ------------------------------------------------------------------------------------------ in-process fake
@@ -351,13 +511,12 @@ class _FakeHub:
         self.gather_slots: list = [None] * world_size
         self.barrier = threading.Barrier(world_size)
         self.failed: str | None = None
-        self.first_failure: int | None = None  # the rank whose error started a cascade
         self.logs: list[list[tuple]] = [[] for _ in range(world_size)]
 
-    def fail(self, why: str, rank: int) -> None:
+    def fail(self, why: str) -> None:
         with self.lock:
             if self.failed is None:
-                self.failed, self.first_failure = why, rank
+                self.failed = why
         self.barrier.abort()
 
 
@@ -412,6 +571,10 @@ class FakeRingComm(RingComm):
         self.hub = hub
 
     @property
+    def ring_key(self) -> int:
+        return id(self.hub) & (2**62 - 1)
+
+    @property
     def log(self) -> list[tuple]:
         return self.hub.logs[self.rank]
 
@@ -450,27 +613,42 @@ def fake_ring(world_size: int, timeout: float | None = 60.0) -> list[FakeRingCom
     return [FakeRingComm(hub, rank, timeout) for rank in range(world_size)]
 
 
-def run_fake_ring(fn: Callable[[FakeRingComm], object], comms: Sequence[FakeRingComm]) -> list:
-    """Run ``fn(comm)`` for every virtual rank at once (one thread each); results in rank order.
+def fake_two_level(inner_size: int, outer_size: int, timeout: float | None = 60.0) -> list[TwoLevelComm]:
+    """``outer_size`` nodes of ``inner_size`` virtual ranks as two-level rings, in position order
+    (``comms[o * inner_size + i]`` is inner position i of node o); drive them with ``run_fake_ring``."""
+    for name, size in (("inner_size", inner_size), ("outer_size", outer_size)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    inner = [fake_ring(inner_size, timeout) for _ in range(outer_size)]  # one ring per node
+    outer = [fake_ring(outer_size, timeout) for _ in range(inner_size)]  # one ring per inner position
+    return [TwoLevelComm(inner[o][i], outer[i][o]) for o in range(outer_size) for i in range(inner_size)]
+
+
+def run_fake_ring(fn: Callable, comms: Sequence[FakeRingComm | TwoLevelComm]) -> list:
+    """Run ``fn(comm)`` for every virtual rank at once (one thread each); results in ``comms`` order.
 
     If any rank raises, the others are released (their waits raise) and the first error is re-raised.
     """
     results: list = [None] * len(comms)
     errors: list = [None] * len(comms)
-    hub = comms[0].hub
+    hubs = list({id(c.hub): c.hub for comm in comms for c in comm.levels}.values())
+    lock, first = threading.Lock(), []  # the index whose error started a cascade
 
-    def body(comm):
+    def body(index, comm):
         try:
-            results[comm.rank] = fn(comm)
+            results[index] = fn(comm)
         except BaseException as exc:
-            errors[comm.rank] = exc
-            hub.fail(f"rank {comm.rank} raised {type(exc).__name__}: {exc}", comm.rank)
+            errors[index] = exc
+            with lock:
+                first.append(index)  # before any hub fails: a released rank's error comes later
+            for hub in hubs:
+                hub.fail(f"rank {comm.rank} raised {type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=body, args=(c,), daemon=True) for c in comms]
+    threads = [threading.Thread(target=body, args=(i, c), daemon=True) for i, c in enumerate(comms)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    if hub.first_failure is not None:
-        raise errors[hub.first_failure]
+    if first:
+        raise errors[first[0]]
     return results

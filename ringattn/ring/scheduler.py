@@ -24,6 +24,14 @@ Per step (the same order on every rank; see ``comm`` for the message order):
 dk/dv accumulators travel one hop behind K/V, W hops in all, in the input dtype by default
 (``dkv_dtype=torch.float32`` keeps them unrounded at 2x the bytes for bf16). dq is accumulated
 locally in fp32. The sums run in the ring's fixed order, so they are reproducible run to run.
+
+Two levels. A ``TwoLevelComm`` (outer ring of O nodes, inner ring of I ranks per node; position
+o * I + i holds shard o * I + i of the N = I * O shards) is walked by the same loop, nested: at outer
+step t rank (o, i) holds share i of node (o - t)'s K/V (the super-block), posts the outer exchange of
+the next super-block share, and runs the whole inner ring over the current super-block before waiting
+for it. In backward the inner ring brings each share's dk/dv (this node's queries) back to the rank
+that holds the share, and that sum is what the outer accumulator, one outer hop behind, adds on its
+way home. Shards, masks and pieces are those of the flat ring of N ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 from ..block import BlockMask, Span, block_backward, block_forward
 from ..reference import merge_partials
 from ..rope import RoPEConfig
-from .comm import RingComm, _timeout_seconds, nvtx_range, ring_comm
+from .comm import RingComm, TwoLevelComm, _timeout_seconds, nvtx_range, ring_comm
 from .layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
 
 __all__ = ["ring_attn_func"]
@@ -46,7 +54,8 @@ __all__ = ["ring_attn_func"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Fields every rank must agree on (checked in one all_gather before any K/V moves).
 _META = ("B", "S_local", "Hq", "Hkv", "D", "dtype", "causal", "layout", "rope", "positions", "cu_seqlens",
-         "softmax_scale", "dkv_dtype")  # fmt: skip
+         "softmax_scale", "dkv_dtype", "inner_size", "position", "outer_key", "inner_key")  # fmt: skip
+_PER_RANK = ("S_local", "position", "outer_key", "inner_key")
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class _Piece:
 
 @dataclass
 class _Plan:
-    comm: RingComm
+    comm: RingComm | TwoLevelComm
     causal: bool
     scale: float | None
     rope: RoPEConfig | None
@@ -91,6 +100,21 @@ class _Plan:
 
     def block_positions(self, rank: int, piece: _Piece) -> torch.Tensor | None:
         return None if self.positions is None else self.positions[rank][..., piece.wire]
+
+    @property
+    def levels(self) -> tuple[RingComm, ...]:
+        return self.comm.levels
+
+    def coords(self) -> tuple[int, ...]:
+        """This rank's position in each level's ring, outermost first."""
+        return tuple(c.rank for c in self.levels)
+
+    def flat(self, coords: tuple[int, ...]) -> int:
+        """The shard index of the rank at ``coords``: positions read as mixed-radix digits."""
+        index = 0
+        for c, level in zip(coords, self.levels, strict=True):
+            index = index * level.world_size + c
+        return index
 
 
 def _pieces(seq_len: int, world_size: int, layout: str) -> tuple[list[list[_Piece]], int]:
@@ -182,16 +206,32 @@ def _dtype_code(dtype) -> int:
     return -1 if dtype is None else _DTYPES.index(dtype)
 
 
-def _handshake(comm: RingComm, meta: list[int], timeout: float | None) -> list[list[int]]:
+def _handshake(comm, meta: list[int], timeout: float | None) -> list[list[int]]:
     """Every rank's metadata; raises the same error on every rank when they disagree."""
     table = comm.all_gather(torch.tensor(meta, dtype=torch.int64), timeout).tolist()
     for j, row in enumerate(table):
         for name, mine, theirs in zip(_META, table[0], row, strict=True):
-            if name != "S_local" and mine != theirs:
+            if name not in _PER_RANK and mine != theirs:
                 raise ValueError(
                     f"ranks disagree on {name}: rank 0 has {mine}, rank {j} has {theirs} "
                     "(every rank must call ring_attn_func with matching shapes and options)"
                 )
+    # Row j must come from the rank at position j, and the members of one ring must agree on its order
+    # (the inner ring is a node: rows j // inner alike; the outer ring an inner position: rows
+    # j % inner alike; a flat ring has inner == W), or K/V would reach ranks that do not expect them.
+    claimed = [row[_META.index("position")] for row in table]
+    inner = table[0][_META.index("inner_size")]
+    inner_col, outer_col = _META.index("inner_key"), _META.index("outer_key")
+    agree = all(
+        row[inner_col] == table[j - j % inner][inner_col] and row[outer_col] == table[j % inner][outer_col]
+        for j, row in enumerate(table)
+    )
+    if claimed != list(range(len(table))) or not agree:
+        raise ValueError(
+            f"ranks disagree on the ring order: the ranks gathered in ring order claim positions {claimed}"
+            f"{'' if agree else ' and members of one ring were given different orders'} (give every rank "
+            "of a ring the same order; inner and outer rings must form a grid)"
+        )
     return table
 
 
@@ -221,7 +261,8 @@ def _plan(q, k, v, comm, causal, layout, rope, positions, cu_seqlens, softmax_sc
     pos_mode = 0 if positions is None else positions.dim()
     cu_code = -1 if cu_list is None else hash(tuple(cu_list)) & (2**62 - 1)
     meta = [B, S_local, Hq, k.shape[2], D, _dtype_code(q.dtype), int(causal), LAYOUTS.index(layout),
-            int(rope is not None), pos_mode, cu_code, _float_bits(softmax_scale), _dtype_code(dkv_dtype)]  # fmt: skip
+            int(rope is not None), pos_mode, cu_code, _float_bits(softmax_scale), _dtype_code(dkv_dtype),
+            comm.levels[-1].world_size, rank, comm.levels[0].ring_key, comm.levels[-1].ring_key]  # fmt: skip
     table = _handshake(comm, meta, timeout) if W > 1 else [meta]
     lengths = [row[1] for row in table]
     seq_len = sum(lengths)
@@ -261,28 +302,93 @@ def _pack_kv(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack((_wire_layout(k, mine, plan.rows, 1), _wire_layout(v, mine, plan.rows, 1)))
 
 
-def _steps(plan: _Plan):
-    comm = plan.comm
-    for step in range(comm.world_size):
-        yield step, (comm.rank - step) % comm.world_size
+def _shifted(coords: tuple[int, ...], level: int, position: int) -> tuple[int, ...]:
+    return (*coords[:level], position, *coords[level + 1 :])
+
+
+def _receive_buffers(kv: torch.Tensor, level: int, ring: bool) -> tuple[torch.Tensor, ...]:
+    """Buffers K/V hops of a level receive into, alternately. At the outermost level ``kv`` is this
+    rank's own packed copy and serves as one of them; an inner level's ``kv`` is an outer buffer that
+    is still on the outer wire, so it is never written."""
+    if not ring:
+        return ()
+    return (torch.empty_like(kv), kv) if level == 0 else (torch.empty_like(kv), torch.empty_like(kv))
+
+
+def _walk_forward(plan: _Plan, level: int, kv: torch.Tensor, owner: tuple[int, ...], compute) -> None:
+    """Bring every K/V shard of this level's ring past this rank, starting from ``kv`` (the shard of the
+    rank at ``owner``), and ``compute(src, buffer)`` on each at the innermost level."""
+    comm = plan.levels[level]
+    W = comm.world_size
+    ring = W > 1 and plan.rows > 0  # an empty sequence has nothing to send
+    bufs, cur = _receive_buffers(kv, level, ring), kv
+    for step in range(W):
+        pending = recv = None
+        if ring and step < W - 1:
+            recv = bufs[step % 2]
+            pending = comm.exchange([cur], [recv], hop=step + 1, label="forward kv", timeout=plan.timeout)
+        src = _shifted(owner, level, (owner[level] - step) % W)
+        if level + 1 < len(plan.levels):
+            _walk_forward(plan, level + 1, cur, src, compute)
+        else:
+            compute(plan.flat(src), cur)
+        if pending is not None:
+            pending.wait()
+            cur = recv
+
+
+def _walk_backward(plan, level, kv, owner, compute, acc, dkv_dtype) -> torch.Tensor:
+    """Like ``_walk_forward``, with ``compute(src, buffer, local)`` adding that shard's dk/dv into
+    ``local``; returns the dk/dv of ``kv`` summed over this level's ring, back at this rank."""
+    comm = plan.levels[level]
+    W = comm.world_size
+    ring = W > 1 and plan.rows > 0
+    innermost = level + 1 == len(plan.levels)
+    kv_bufs, cur = _receive_buffers(kv, level, ring), kv
+    dkv_bufs = tuple(
+        torch.zeros(kv.shape, dtype=dkv_dtype, device=kv.device) for _ in range(2 if ring else 1)
+    )
+    local = torch.zeros(kv.shape, dtype=acc, device=kv.device) if innermost else None
+    pending_dkv = None
+    for step in range(W):
+        pending_kv = recv = None
+        if ring and step < W - 1:
+            recv = kv_bufs[step % 2]
+            pending_kv = comm.exchange([cur], [recv], hop=step + 1, label="backward kv", timeout=plan.timeout)
+        src = _shifted(owner, level, (owner[level] - step) % W)
+        if innermost:
+            local.zero_()
+            compute(plan.flat(src), cur, local)
+        else:  # this node's contribution to the super-block share, already home within the node
+            local = _walk_backward(plan, level + 1, cur, src, compute, acc, dkv_dtype)
+        # The accumulator for shard src arrived from prev (it left there one step ago); add ours.
+        travelling = dkv_bufs[step % len(dkv_bufs)]
+        if pending_dkv is None:
+            travelling.copy_(local)
+        else:
+            pending_dkv.wait()
+            travelling.copy_(travelling.to(acc) + local)
+        if ring:
+            pending_dkv = comm.exchange([travelling], [dkv_bufs[(step + 1) % 2]], hop=step + 1,
+                                        label="backward dkv", timeout=plan.timeout)  # fmt: skip
+        if pending_kv is not None:
+            pending_kv.wait()
+            cur = recv
+    if pending_dkv is not None:
+        pending_dkv.wait()
+    return dkv_bufs[W % len(dkv_bufs)]  # after W hops the travelling buffer is this rank's own
 
 
 def _ring_forward(plan: _Plan, q: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    comm, W = plan.comm, plan.comm.world_size
+    rank = plan.comm.rank
     acc = torch.promote_types(q.dtype, torch.float32)
     B, S_local, Hq, D = q.shape
     out = torch.zeros(B, S_local, Hq, D, dtype=acc, device=q.device)
     lse = torch.full((B, Hq, S_local), -math.inf, dtype=torch.float32, device=q.device)
-    ring = W > 1 and plan.rows > 0  # an empty sequence has nothing to send
-    bufs = (kv, torch.empty_like(kv)) if ring else (kv,)
-    mine = plan.pieces[comm.rank]
-    for step, src in _steps(plan):
-        cur = bufs[step % len(bufs)]
-        pending = None
-        if ring and step < W - 1:
-            pending = comm.exchange([cur], [bufs[(step + 1) % 2]], hop=step + 1, label="forward kv",
-                                    timeout=plan.timeout)  # fmt: skip
-        with nvtx_range(f"ring forward compute step {step} (kv of rank {src})"):
+    mine = plan.pieces[rank]
+
+    def compute(src: int, cur: torch.Tensor) -> None:
+        with nvtx_range(f"ring forward compute (kv of rank {src})"):
             for qp in mine:
                 for kp in plan.pieces[src]:
                     mask = plan.mask(qp, kp)
@@ -295,37 +401,27 @@ def _ring_forward(plan: _Plan, q: torch.Tensor, kv: torch.Tensor) -> tuple[torch
                         mask,
                         softmax_scale=plan.scale,
                         rope=plan.rope,
-                        q_positions=plan.block_positions(comm.rank, qp),
+                        q_positions=plan.block_positions(rank, qp),
                         k_positions=plan.block_positions(src, kp),
                         out_dtype=acc,
                         backend=plan.backend,
                     )
                     o_acc, l_acc = merge_partials(out[:, qp.local], lse[:, :, qp.local], o, l.to(lse.dtype))
                     out[:, qp.local], lse[:, :, qp.local] = o_acc, l_acc
-        if pending is not None:
-            pending.wait()
+
+    _walk_forward(plan, 0, kv, plan.coords(), compute)
     return out, lse
 
 
 def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
-    comm, W, rank = plan.comm, plan.comm.world_size, plan.comm.rank
+    rank = plan.comm.rank
     acc = torch.promote_types(q.dtype, torch.float32)
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()  # (B, Hq, S_local)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    local = torch.zeros(kv.shape, dtype=acc, device=q.device)  # this step's dk/dv contributions
-    ring = W > 1 and plan.rows > 0
-    kv_bufs = (kv, torch.empty_like(kv)) if ring else (kv,)
-    dkv_bufs = tuple(torch.zeros(kv.shape, dtype=dkv_dtype, device=q.device) for _ in range(2 if ring else 1))
     mine = plan.pieces[rank]
-    pending_dkv = None
-    for step, src in _steps(plan):
-        cur = kv_bufs[step % len(kv_bufs)]
-        pending_kv = None
-        if ring and step < W - 1:
-            pending_kv = comm.exchange([cur], [kv_bufs[(step + 1) % 2]], hop=step + 1, label="backward kv",
-                                       timeout=plan.timeout)  # fmt: skip
-        local.zero_()
-        with nvtx_range(f"ring backward compute step {step} (kv of rank {src})"):
+
+    def compute(src: int, cur: torch.Tensor, local: torch.Tensor) -> None:
+        with nvtx_range(f"ring backward compute (kv of rank {src})"):
             for qp in mine:
                 for kp in plan.pieces[src]:
                     mask = plan.mask(qp, kp)
@@ -350,21 +446,9 @@ def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
                     dq[:, qp.local] += dq_b
                     local[0][:, kp.wire] += dk_b
                     local[1][:, kp.wire] += dv_b
-        # The accumulator for shard src arrived from prev (it left there one step ago); add ours.
-        travelling = dkv_bufs[step % len(dkv_bufs)]
-        if pending_dkv is None:
-            travelling.copy_(local)
-        else:
-            pending_dkv.wait()
-            travelling.copy_(travelling.to(acc) + local)
-        if ring:
-            pending_dkv = comm.exchange([travelling], [dkv_bufs[(step + 1) % 2]], hop=step + 1,
-                                        label="backward dkv", timeout=plan.timeout)  # fmt: skip
-        if pending_kv is not None:
-            pending_kv.wait()
-    if pending_dkv is not None:
-        pending_dkv.wait()
-    return dq, dkv_bufs[W % len(dkv_bufs)]  # after W hops the travelling buffer is this rank's own
+
+    dkv = _walk_backward(plan, 0, kv, plan.coords(), compute, acc, dkv_dtype)
+    return dq, dkv
 
 
 def _unpack(buf: torch.Tensor, pieces: list[_Piece], length: int, dtype) -> torch.Tensor:
@@ -422,8 +506,13 @@ def ring_attn_func(
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D), Hq % Hkv == 0 (only KV heads travel).
             The shard is ``ringattn.shard(x, 1, group, layout)`` of the global sequence; any global
             length works (shards then differ by a token; a rank may hold none).
-        group: a ProcessGroup, a 1-D DeviceMesh, a ``RingComm`` (e.g. the in-process fake), or None
-            for the default group.
+        group: the ring. A flat ring: a ProcessGroup, a 1-D DeviceMesh, a ``RingComm`` (e.g. the
+            in-process fake, or ``ring_comm(pg, order=...)`` for a topology-chosen order), or None for
+            the default group. A two-level ring of N = I * O ranks: a pair ``(inner, outer)`` of such
+            groups (inner: the I ranks of this node; outer: the O ranks at this inner position on
+            every node), a 2-D DeviceMesh of shape (O, I), or a ``TwoLevelComm``; the rank at inner
+            position i of node o holds shard o * I + i of the N shards (``ringattn.shard`` with the
+            same ``group`` gives it). Either way a rank's shard index is its position in the ring.
         causal: mask by global token index (query index >= key index).
         layout: "zigzag", "stripe" or "contiguous": how the shards were cut.
         rope: rotate Q and K inside the blocks (fused); positions default to the global index, or the

@@ -29,7 +29,9 @@ def _check(x, dim, layout, name):
 def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
     """This rank's shard of the full sequence ``x`` along ``dim`` (a new tensor; ``x`` is unchanged).
 
-    Any length: shards then differ by one token (a rank may hold none), which ``ring_attn_func`` accepts.
+    ``group`` is the ring exactly as given to ``ring_attn_func`` (a ring order or a two-level ring lives
+    in its communicator): the shard is the one of this rank's position in the ring. Any length: shards
+    then differ by one token (a rank may hold none), which ``ring_attn_func`` accepts.
     """
     dim = _check(x, dim, layout, "x")
     comm = ring_comm(group)
