@@ -29,9 +29,16 @@ import torch
 from .reference import default_positions
 from .rope import RoPEConfig
 
-__all__ = ["Span", "BlockMask", "Backend", "block_forward", "block_backward", "select_backend"]
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+__all__ = [
+    "Span",
+    "BlockMask",
+    "Backend",
+    "block_forward",
+    "block_backward",
+    "check_inputs",
+    "select_backend",
+]
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -133,13 +140,14 @@ def select_backend(name: str, q, k, v, mask: BlockMask, rope: RoPEConfig | None)
     )
 
 
-def _check_inputs(q, k, v, rope):
+def check_inputs(q, k, v, rope=None) -> None:
+    """Validate q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) and rope; raise TypeError/ValueError naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in DTYPES:
             raise TypeError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -151,6 +159,8 @@ def _check_inputs(q, k, v, rope):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+    if rope is not None and not isinstance(rope, RoPEConfig):
+        raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
     if rope is not None and rope.dim != q.shape[3]:
         raise ValueError(f"rope.dim {rope.dim} must equal the head dim {q.shape[3]}")
 
@@ -166,7 +176,7 @@ def _resolve_positions(positions, span: Span, length: int, batch: int, mask: Blo
 
 
 def _prepare(q, k, v, mask, softmax_scale, rope, q_positions, k_positions):
-    _check_inputs(q, k, v, rope)
+    check_inputs(q, k, v, rope)
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)

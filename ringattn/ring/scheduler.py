@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..block import BlockMask, Span, block_backward, block_forward
+from ..block import DTYPES, BlockMask, Span, block_backward, block_forward, check_inputs
 from ..reference import merge_partials
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds, nvtx_range, ring_comm
@@ -51,7 +51,6 @@ from .layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
 
 __all__ = ["ring_attn_func"]
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Fields every rank must agree on (checked in one all_gather before any K/V moves).
 _META = ("B", "S_local", "Hq", "Hkv", "D", "dtype", "causal", "layout", "rope", "positions", "cu_seqlens",
          "softmax_scale", "dkv_dtype", "inner_size", "position", "outer_key", "inner_key")  # fmt: skip
@@ -139,35 +138,16 @@ def _pieces(seq_len: int, world_size: int, layout: str) -> tuple[list[list[_Piec
 def _check_local(q, k, v, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
                  deterministic, return_lse):  # fmt: skip
     """Every check that needs no other rank: raised before any communication."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (B, S_local, H, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+    check_inputs(q, k, v, rope)
+    if q.shape[1] != k.shape[1]:
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, S_local and D (self-attention shards)"
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in S_local (self-attention shards)"
         )
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads Hq={q.shape[2]} must be a multiple of KV heads Hkv={k.shape[2]}")
     for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if rope is not None:
-        if not isinstance(rope, RoPEConfig):
-            raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
-        if rope.dim != q.shape[3]:
-            raise ValueError(f"rope.dim {rope.dim} must equal the head dim D={q.shape[3]}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if softmax_scale is not None and (
@@ -203,7 +183,7 @@ def _float_bits(x: float | None) -> int:
 
 
 def _dtype_code(dtype) -> int:
-    return -1 if dtype is None else _DTYPES.index(dtype)
+    return -1 if dtype is None else DTYPES.index(dtype)
 
 
 def _handshake(comm, meta: list[int], timeout: float | None) -> list[list[int]]:
