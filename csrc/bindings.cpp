@@ -1,11 +1,16 @@
 // pybind11 bindings: raw pointers (as integers), sizes and a stream handle. No torch headers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
 
+#include "attn_cpu.h"
+#include "attn_math.h"
+#include "attn_params.h"
 #include "rope_cpu.h"
 #ifdef RINGATTN_WITH_CUDA
+#include "attn_cuda.h"
 #include "rope_cuda.h"
 #endif
 
@@ -27,6 +32,16 @@ void rope_cos_sin_cpu(uintptr_t positions, int64_t n_positions, uintptr_t turns_
                              as_ptr<float>(cos_out), as_ptr<float>(sin_out));
 }
 
+void attn_forward_cpu(const ringattn::AttnParams& p) {
+  py::gil_scoped_release release;
+  ringattn::attn_forward_cpu(p);
+}
+
+void attn_backward_cpu(const ringattn::AttnParams& p) {
+  py::gil_scoped_release release;
+  ringattn::attn_backward_cpu(p);
+}
+
 #ifdef RINGATTN_WITH_CUDA
 void require_cuda_device() {
   std::string reason;
@@ -44,17 +59,98 @@ void rope_cos_sin_cuda(uintptr_t positions, int64_t n_positions, uintptr_t turns
                               as_ptr<const uint64_t>(turns_fixed), n_freqs, attention_factor,
                               as_ptr<float>(cos_out), as_ptr<float>(sin_out), stream);
 }
+
+void attn_forward_cuda(const ringattn::AttnParams& p) {
+  require_cuda_device();
+  ringattn::attn_forward_cuda(p);
+}
+
+void attn_backward_cuda(const ringattn::AttnParams& p) {
+  require_cuda_device();
+  ringattn::attn_backward_cuda(p);
+}
 #endif
+
+void bind_params(py::module_& m) {
+  using ringattn::AttnParams;
+  using ringattn::View;
+  py::class_<View>(m, "View", "A (B, S, H, D) view: address and element strides of B, S, H (unit over D).")
+      .def(py::init<>())
+      .def_readwrite("ptr", &View::ptr)
+      .def_readwrite("sb", &View::sb)
+      .def_readwrite("ss", &View::ss)
+      .def_readwrite("sh", &View::sh);
+  py::class_<AttnParams> params(m, "AttnParams", "Arguments of one block-attention call (attn_params.h).");
+  params.def(py::init<>());
+#define RA_FIELD(name) params.def_readwrite(#name, &AttnParams::name)
+  RA_FIELD(batch);
+  RA_FIELD(seqlen_q);
+  RA_FIELD(seqlen_k);
+  RA_FIELD(heads_q);
+  RA_FIELD(heads_kv);
+  RA_FIELD(head_dim);
+  RA_FIELD(dtype);
+  RA_FIELD(q);
+  RA_FIELD(k);
+  RA_FIELD(v);
+  RA_FIELD(out);
+  RA_FIELD(out_dtype);
+  RA_FIELD(lse);
+  RA_FIELD(dout);
+  RA_FIELD(dq);
+  RA_FIELD(dk);
+  RA_FIELD(dv);
+  RA_FIELD(delta);
+  RA_FIELD(grad_dtype);
+  RA_FIELD(softmax_scale);
+  RA_FIELD(causal);
+  RA_FIELD(q_start);
+  RA_FIELD(q_stride);
+  RA_FIELD(k_start);
+  RA_FIELD(k_stride);
+  RA_FIELD(cu_seqlens);
+  RA_FIELD(n_cu);
+  RA_FIELD(rope_mode);
+  RA_FIELD(rotary_dim);
+  RA_FIELD(interleaved);
+  RA_FIELD(attention_factor);
+  RA_FIELD(rope_freqs);
+  RA_FIELD(k_rope_freqs);
+  RA_FIELD(q_positions);
+  RA_FIELD(k_positions);
+  RA_FIELD(q_positions_sb);
+  RA_FIELD(k_positions_sb);
+  RA_FIELD(dq_accum);
+  RA_FIELD(dk_accum);
+  RA_FIELD(num_threads);
+  RA_FIELD(stream);
+#undef RA_FIELD
+}
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ringattn compiled core (torch-free)";
+  bind_params(m);
+  m.def(
+      "merge_lse",
+      [](float l1, float l2) {
+        float w1 = 0.0f, w2 = 0.0f;
+        const float l = ringattn::merge_lse(l1, l2, &w1, &w2);
+        return std::make_tuple(l, w1, w2);
+      },
+      "The kernels' guarded merge of two natural-log lse values: (lse, w1, w2).");
+  m.def("attn_forward_cpu", &attn_forward_cpu, "Block attention forward on the CPU (fills out, lse).");
+  m.def("attn_backward_cpu", &attn_backward_cpu, "Block attention backward on the CPU (fills dq, dk, dv).");
 #ifdef RINGATTN_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_archs") = RINGATTN_CUDA_ARCHS_STR;
   m.def("cuda_device_count", []() { return ringattn::cuda_device_count(nullptr); });
   m.def("rope_cos_sin_cuda", &rope_cos_sin_cuda, "Exact-phase RoPE cos/sin on a CUDA device.");
+  m.def("attn_forward_cuda", &attn_forward_cuda, "Block attention forward on a CUDA device.");
+  m.def("attn_backward_cuda", &attn_backward_cuda, "Block attention backward on a CUDA device.");
+  m.def("attn_cuda_smem_bytes", &ringattn::attn_cuda_smem_bytes,
+        "Dynamic shared memory per CTA of each CUDA attention kernel, [(name, bytes)].");
 #else
   m.attr("with_cuda") = false;
   m.attr("cuda_archs") = "";

@@ -1,0 +1,554 @@
+// CPU block attention, forward and backward, with fused RoPE (see attn_cpu.h for the contract).
+//
+// Each call first stages its operands once into fp32 scratch owned by the call (Q and K rotated;
+// K also as packed transposed key tiles, so the score loops run over keys with unit stride), then
+// runs flash-attention tiles over worker threads. Staging reads any (B, S, H) strides, so views need no copy, and rotates
+// each (batch, token) row for all heads with one cos/sin table. The inner loops are written so the
+// compiler vectorises them: every innermost loop runs over a contiguous, fixed-width run of floats.
+#include "attn_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "attn_math.h"
+
+namespace ringattn {
+namespace {
+
+constexpr int kBlockQ = 64;  // query rows per tile
+constexpr int kBlockK = 64;  // key columns per tile
+constexpr int kRegRows = 6;  // rows per register block: 6 x 64 floats = 24 AVX-512 accumulators
+constexpr int kRegCols = 64;  // feature columns per register block of accumulate_wx
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller is one of them).
+template <class F>
+void parallel_for(int64_t n, int threads, const F& fn) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (workers == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(workers - 1);
+  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+void load_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int64_t n, float* dst) {
+  const int64_t offset = b * view.sb + s * view.ss + h * view.sh;
+  if (dtype == kBFloat16) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(view.ptr) + offset;
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(src[d]);
+  } else {
+    const float* src = reinterpret_cast<const float*>(view.ptr) + offset;
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
+  }
+}
+
+void store_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int64_t n, const float* src) {
+  const int64_t offset = b * view.sb + s * view.ss + h * view.sh;
+  if (dtype == kBFloat16) {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(view.ptr) + offset;
+    for (int64_t d = 0; d < n; ++d) dst[d] = float_to_bf16(src[d]);
+  } else {
+    float* dst = reinterpret_cast<float*>(view.ptr) + offset;
+    for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
+  }
+}
+
+// In place 2^x for a run of floats; x < -126 (including -inf) gives exactly 0. Range-reduced to
+// |f| <= 1/2 and a degree-7 Taylor polynomial: relative error below 1e-7, vectorisable.
+void exp2_inplace(float* x, int n) {
+  for (int i = 0; i < n; ++i) {
+    const float xi = std::min(std::max(x[i], -127.0f), 127.0f);
+    const float k = std::nearbyint(xi);
+    const float f = (xi - k) * kLn2;
+    float poly = 1.0f / 5040.0f;
+    poly = poly * f + 1.0f / 720.0f;
+    poly = poly * f + 1.0f / 120.0f;
+    poly = poly * f + 1.0f / 24.0f;
+    poly = poly * f + 1.0f / 6.0f;
+    poly = poly * f + 0.5f;
+    poly = poly * f + 1.0f;
+    poly = poly * f + 1.0f;
+    const float two_k = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
+    x[i] = x[i] < -126.0f ? 0.0f : poly * two_k;
+  }
+}
+
+// R rows of s[r][j] = sum_d a[r][d] * bt[d][j], j < kBlockK. R * kBlockK / 16 accumulators stay in
+// vector registers; each bt row is loaded once per R rows.
+template <int R>
+void abt_rows(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth, float* s) {
+  float acc[R][kBlockK] = {};
+  for (int64_t d = 0; d < depth; ++d) {
+    const float* brow = bt + d * ldb;
+    float x[R];
+    for (int i = 0; i < R; ++i) x[i] = a[i * lda + d];
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < kBlockK; ++j) acc[i][j] += x[i] * brow[j];
+    }
+  }
+  for (int i = 0; i < R; ++i) std::copy(acc[i], acc[i] + kBlockK, s + i * kBlockK);
+}
+
+// s[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < kBlockK; a has rows of `lda`, bt rows of `ldb`.
+void matmul_abt(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb, int64_t depth,
+                float* s) {
+  int r = 0;
+  for (; r + kRegRows <= rows; r += kRegRows) abt_rows<kRegRows>(a + r * lda, lda, bt, ldb, depth, s + r * kBlockK);
+  for (; r + 2 <= rows; r += 2) abt_rows<2>(a + r * lda, lda, bt, ldb, depth, s + r * kBlockK);
+  if (r < rows) abt_rows<1>(a + r * lda, lda, bt, ldb, depth, s + r * kBlockK);
+}
+
+// 16 fp32 lanes (GCC/Clang vector extension; split into narrower registers without AVX-512).
+typedef float Lanes16 __attribute__((vector_size(64)));
+
+// Pairwise sums of 16 vectors in one vector: out[k] = sum of the lanes of v[k]. Each stage adds the
+// two halves of every vector's partials, packing two vectors' results into one register.
+Lanes16 transpose_sum16(const Lanes16 (&v)[16]) {
+  Lanes16 w[8], x[4], y[2];
+  for (int k = 0; k < 8; ++k) {
+    w[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                   30, 31);
+  }
+  for (int k = 0; k < 4; ++k) {
+    x[k] = __builtin_shufflevector(w[2 * k], w[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * k], w[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 2; ++k) {
+    y[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(x[2 * k], x[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// 4 x 4 block of s[r][j] = sum_d a[r][d] * b[j][d] (b row-major, rows of ldb), each pair summed in 16
+// independent lanes and reduced pairwise: the rounding error of a dot product rather than of a
+// length-D chain. Used for dP = dO V^T, whose difference dP - delta cancels to ~0 in easy rows.
+void dot_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* s) {
+  constexpr int R = 4, C = 4;
+  Lanes16 acc[R * C] = {};
+  int64_t d = 0;
+  for (; d + 16 <= depth; d += 16) {
+    Lanes16 av[R], bv[C];
+    for (int i = 0; i < R; ++i) std::memcpy(&av[i], a + i * lda + d, sizeof(Lanes16));
+    for (int j = 0; j < C; ++j) std::memcpy(&bv[j], b + j * ldb + d, sizeof(Lanes16));
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < C; ++j) acc[i * C + j] += av[i] * bv[j];
+    }
+  }
+  for (int tail = 0; d + tail < depth; ++tail) {
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < C; ++j) acc[i * C + j][tail] += a[i * lda + d + tail] * b[j * ldb + d + tail];
+    }
+  }
+  const Lanes16 sums = transpose_sum16(acc);
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) s[i * kBlockK + j] = sums[i * C + j];
+  }
+}
+
+// s[r][j] = sum_d a[r][d] * b[j][d] for r < rows, j < kBlockK, with dot_block's accuracy. Rows past
+// `rows` read a's padding: callers give a with at least round_up(rows, 4) rows.
+void matmul_abt_dot(const float* a, int64_t lda, int rows, const float* b, int64_t ldb, int64_t depth,
+                    float* s) {
+  for (int r = 0; r < rows; r += 4) {
+    for (int j = 0; j < kBlockK; j += 4) dot_block(a + r * lda, lda, b + j * ldb, ldb, depth, s + r * kBlockK + j);
+  }
+}
+
+// R rows, W columns of acc[r][d] += sum_t w(r, t) * x[t][d], w(r, t) = w[r * w_rs + t * w_cs].
+template <int R, int W>
+void wx_block(float* acc, int64_t lda, const float* w, int64_t w_rs, int64_t w_cs, int inner, const float* x,
+              int64_t ldx) {
+  float a[R][W];
+  for (int i = 0; i < R; ++i) std::copy(acc + i * lda, acc + i * lda + W, a[i]);
+  for (int t = 0; t < inner; ++t) {
+    const float* xr = x + t * ldx;
+    float wv[R];
+    for (int i = 0; i < R; ++i) wv[i] = w[i * w_rs + t * w_cs];
+    for (int i = 0; i < R; ++i) {
+      for (int d = 0; d < W; ++d) a[i][d] += wv[i] * xr[d];
+    }
+  }
+  for (int i = 0; i < R; ++i) std::copy(a[i], a[i] + W, acc + i * lda);
+}
+
+template <int W>
+void wx_cols(float* acc, int64_t lda, int rows, const float* w, int64_t w_rs, int64_t w_cs, int inner,
+             const float* x, int64_t ldx) {
+  int r = 0;
+  for (; r + kRegRows <= rows; r += kRegRows) {
+    wx_block<kRegRows, W>(acc + r * lda, lda, w + r * w_rs, w_rs, w_cs, inner, x, ldx);
+  }
+  for (; r + 2 <= rows; r += 2) wx_block<2, W>(acc + r * lda, lda, w + r * w_rs, w_rs, w_cs, inner, x, ldx);
+  if (r < rows) wx_block<1, W>(acc + r * lda, lda, w + r * w_rs, w_rs, w_cs, inner, x, ldx);
+}
+
+// acc[r][d] += sum_t w(r, t) * x[t][d] for r < rows, t < inner, d < width, where
+// w(r, t) = w[r * w_rs + t * w_cs]; acc rows have stride lda, x rows stride ldx.
+void accumulate_wx(float* acc, int64_t lda, int rows, const float* w, int64_t w_rs, int64_t w_cs,
+                   int inner, const float* x, int64_t ldx, int64_t width) {
+  int64_t d0 = 0;
+  for (; d0 + kRegCols <= width; d0 += kRegCols) {
+    wx_cols<kRegCols>(acc + d0, lda, rows, w, w_rs, w_cs, inner, x + d0, ldx);
+  }
+  for (; d0 + 16 <= width; d0 += 16) wx_cols<16>(acc + d0, lda, rows, w, w_rs, w_cs, inner, x + d0, ldx);
+  for (; d0 < width; ++d0) wx_cols<1>(acc + d0, lda, rows, w, w_rs, w_cs, inner, x + d0, ldx);
+}
+
+// dst[r][d] += sum_t w(r, t) * x[t][d] (rows x D, all rows of stride D) via a zeroed scratch tile.
+void add_product(float* dst, float* scratch, int rows, int64_t D, const float* w, int64_t w_rs, int64_t w_cs,
+                 int inner, const float* x) {
+  std::fill(scratch, scratch + rows * D, 0.0f);
+  accumulate_wx(scratch, D, rows, w, w_rs, w_cs, inner, x, D, D);
+  for (int64_t i = 0; i < rows * D; ++i) dst[i] += scratch[i];
+}
+
+// Per-tile summary of the global indices and documents of a run of rows.
+struct TileInfo {
+  int64_t first_index, last_index;
+  int64_t min_doc, max_doc;  // over rows inside a document; min_doc > max_doc when none is
+  bool single_doc;           // every row lies in the same document
+};
+
+TileInfo tile_info(const int64_t* index, const int64_t* doc, int64_t begin, int64_t end) {
+  TileInfo t{index[begin], index[end - 1], INT64_MAX, INT64_MIN, true};
+  for (int64_t i = begin; i < end; ++i) {
+    if (doc[i] < 0) {
+      t.single_doc = false;
+      continue;
+    }
+    t.min_doc = std::min(t.min_doc, doc[i]);
+    t.max_doc = std::max(t.max_doc, doc[i]);
+  }
+  t.single_doc = t.single_doc && t.min_doc == t.max_doc;
+  return t;
+}
+
+enum class TileMask { kSkip, kFull, kPartial };
+
+TileMask classify(const TileInfo& q, const TileInfo& k, bool causal) {
+  if (q.min_doc > q.max_doc || k.min_doc > k.max_doc) return TileMask::kSkip;
+  if (q.max_doc < k.min_doc || k.max_doc < q.min_doc) return TileMask::kSkip;
+  if (causal && q.last_index < k.first_index) return TileMask::kSkip;
+  const bool docs_full = q.single_doc && k.single_doc && q.min_doc == k.min_doc;
+  const bool causal_full = !causal || q.first_index >= k.last_index;
+  return docs_full && causal_full ? TileMask::kFull : TileMask::kPartial;
+}
+
+// Operands staged in fp32, heads-major so each (batch, head) is one contiguous matrix.
+struct Staged {
+  int64_t B, Sq, Sk, Hq, Hkv, D, G, Skp;  // Skp: Sk rounded up to whole key tiles (zero padded)
+  std::vector<float> q;   // (B, Hq, Sq, D), rotated
+  std::vector<float> dout;  // (B, Hq, Sq, D), backward only
+  std::vector<float> k;   // (B, Hkv, Skp, D) rotated, backward only
+  std::vector<float> kt;  // (B, Hkv, Skp / kBlockK, D, kBlockK) rotated, one packed block per key tile
+  std::vector<float> v;   // (B, Hkv, Skp, D)
+  std::vector<int64_t> q_index, k_index, q_doc, k_doc;  // k_* padded: padding rows have doc -2
+  std::vector<TileInfo> q_tiles, k_tiles;
+};
+
+void check_params(const AttnParams& p) {
+  auto require = [](bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("ringattn cpu attention: " + what);
+  };
+  require(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0, "sizes must be >= 0");
+  require(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0, "heads_q must be a multiple of heads_kv > 0");
+  require(p.head_dim > 0, "head_dim must be > 0");
+  require(p.dtype == kFloat32 || p.dtype == kBFloat16, "dtype must be fp32 or bf16");
+  require(p.q_stride >= 1 && p.k_stride >= 1 && p.q_start >= 0 && p.k_start >= 0,
+          "spans need start >= 0 and stride >= 1");
+  require(p.cu_seqlens == 0 || p.n_cu >= 1, "cu_seqlens needs at least one entry");
+  if (p.rope_mode != kRopeNone) {
+    require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
+    require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
+            "rotary_dim must be even, >= 2 and <= head_dim");
+    require(p.rope_freqs != 0 && p.q_positions != 0 && p.k_positions != 0, "rope needs freqs and positions");
+  }
+}
+
+// cos/sin tables of one position, attention factor included.
+void rope_table(const AttnParams& p, bool for_k, uint32_t pos, float* c, float* s) {
+  const uintptr_t address = for_k && p.k_rope_freqs != 0 ? p.k_rope_freqs : p.rope_freqs;
+  const void* freqs = reinterpret_cast<const void*>(address);
+  for (int i = 0; i < p.rotary_dim / 2; ++i) {
+    const float angle = rope_angle(p.rope_mode, pos, freqs, i);
+    c[i] = std::cos(angle) * p.attention_factor;
+    s[i] = std::sin(angle) * p.attention_factor;
+  }
+}
+
+void rotate_row(const AttnParams& p, float* x, const float* c, const float* s, float sign) {
+  for (int i = 0; i < p.rotary_dim / 2; ++i) {
+    int a, b;
+    rope_pair(i, p.rotary_dim, p.interleaved, &a, &b);
+    rope_rotate(x[a], x[b], c[i], sign * s[i], &x[a], &x[b]);
+  }
+}
+
+uint32_t position(uintptr_t positions, int64_t sb, int64_t b, int64_t s) {
+  return static_cast<uint32_t>(reinterpret_cast<const int32_t*>(positions)[b * sb + s]);
+}
+
+// Stages q (and dout when backward) and k, v.
+Staged stage(const AttnParams& p, bool backward) {
+  Staged st;
+  st.B = p.batch, st.Sq = p.seqlen_q, st.Sk = p.seqlen_k, st.Hq = p.heads_q, st.Hkv = p.heads_kv;
+  st.D = p.head_dim, st.G = p.heads_q / p.heads_kv, st.Skp = ceil_div(p.seqlen_k, kBlockK) * kBlockK;
+  const int64_t B = st.B, Sq = st.Sq, Sk = st.Sk, Hq = st.Hq, Hkv = st.Hkv, D = st.D, Skp = st.Skp;
+  const auto* cu = reinterpret_cast<const int64_t*>(p.cu_seqlens);
+
+  st.q_index.resize(Sq);
+  st.q_doc.resize(Sq);
+  for (int64_t i = 0; i < Sq; ++i) {
+    st.q_index[i] = p.q_start + p.q_stride * i;
+    st.q_doc[i] = document_id(st.q_index[i], cu, p.n_cu);
+  }
+  st.k_index.assign(Skp, INT64_MAX);
+  st.k_doc.assign(Skp, -2);
+  for (int64_t j = 0; j < Sk; ++j) {
+    st.k_index[j] = p.k_start + p.k_stride * j;
+    st.k_doc[j] = document_id(st.k_index[j], cu, p.n_cu);
+  }
+  for (int64_t i = 0; i < Sq; i += kBlockQ) {
+    st.q_tiles.push_back(tile_info(st.q_index.data(), st.q_doc.data(), i, std::min(Sq, i + kBlockQ)));
+  }
+  for (int64_t j = 0; j < Sk; j += kBlockK) {
+    st.k_tiles.push_back(tile_info(st.k_index.data(), st.k_doc.data(), j, std::min(Sk, j + kBlockK)));
+    if (j + kBlockK > Sk) st.k_tiles.back().single_doc = false;  // padding columns need the mask
+  }
+
+  st.q.resize(B * Hq * Sq * D);
+  if (backward) {
+    st.dout.assign(B * Hq * Sq * D + 3 * D, 0.0f);  // + 3 rows: matmul_abt_dot reads rows in fours
+    st.k.assign(B * Hkv * Skp * D, 0.0f);
+  }
+  st.v.assign(B * Hkv * Skp * D, 0.0f);
+  st.kt.assign(B * Hkv * D * Skp, 0.0f);
+
+  const bool rope = p.rope_mode != kRopeNone;
+  parallel_for(B * Sq, p.num_threads, [&](int64_t row) {
+    const int64_t b = row / Sq, s = row % Sq;
+    std::vector<float> c(p.rotary_dim / 2), sn(p.rotary_dim / 2);
+    if (rope) rope_table(p, false, position(p.q_positions, p.q_positions_sb, b, s), c.data(), sn.data());
+    for (int64_t h = 0; h < Hq; ++h) {
+      float* dst = st.q.data() + ((b * Hq + h) * Sq + s) * D;
+      load_row(p.q, p.dtype, b, s, h, D, dst);
+      if (rope) rotate_row(p, dst, c.data(), sn.data(), 1.0f);
+      if (backward) load_row(p.dout, p.dtype, b, s, h, D, st.dout.data() + ((b * Hq + h) * Sq + s) * D);
+    }
+  });
+  parallel_for(B * Sk, p.num_threads, [&](int64_t row) {
+    const int64_t b = row / Sk, s = row % Sk;
+    std::vector<float> c(p.rotary_dim / 2), sn(p.rotary_dim / 2), kr(D), vr(D);
+    if (rope) rope_table(p, true, position(p.k_positions, p.k_positions_sb, b, s), c.data(), sn.data());
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t bh = b * Hkv + h;
+      load_row(p.k, p.dtype, b, s, h, D, kr.data());
+      if (rope) rotate_row(p, kr.data(), c.data(), sn.data(), 1.0f);
+      load_row(p.v, p.dtype, b, s, h, D, vr.data());
+      // Packed tiles: a tile's D x kBlockK block is contiguous (a plain (D, Skp) layout puts the
+      // rows of one tile Skp * 4 bytes apart, which maps them onto a few L1 sets).
+      const int64_t packed = (bh * Skp + s / kBlockK * kBlockK) * D + s % kBlockK;
+      for (int64_t d = 0; d < D; ++d) st.kt[packed + d * kBlockK] = kr[d];
+      if (backward) std::copy(kr.begin(), kr.end(), st.k.data() + (bh * Skp + s) * D);
+      std::copy(vr.begin(), vr.end(), st.v.data() + (bh * Skp + s) * D);
+    }
+  });
+  return st;
+}
+
+// Sets masked scores of a partially visible tile to `masked`.
+void apply_mask(const Staged& st, bool causal, int64_t q0, int rows, int64_t k0, float* s, float masked) {
+  for (int i = 0; i < rows; ++i) {
+    const int64_t qi = st.q_index[q0 + i], qd = st.q_doc[q0 + i];
+    for (int j = 0; j < kBlockK; ++j) {
+      if (!visible(qi, st.k_index[k0 + j], qd, st.k_doc[k0 + j], causal)) s[i * kBlockK + j] = masked;
+    }
+  }
+}
+
+}  // namespace
+
+void attn_forward_cpu(const AttnParams& p) {
+  check_params(p);
+  if (p.out_dtype != kFloat32 && p.out_dtype != kBFloat16) {
+    throw std::invalid_argument("ringattn cpu attention: out_dtype must be fp32 or bf16");
+  }
+  const Staged st = stage(p, false);
+  const int64_t B = st.B, Sq = st.Sq, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G, Skp = st.Skp;
+  const int64_t n_qt = static_cast<int64_t>(st.q_tiles.size());
+  const int64_t n_kt = static_cast<int64_t>(st.k_tiles.size());
+  float* lse_out = reinterpret_cast<float*>(p.lse);
+
+  parallel_for(B * Hq * n_qt, p.num_threads, [&](int64_t item) {
+    const int64_t qt = item % n_qt, bh = item / n_qt, b = bh / Hq, h = bh % Hq;
+    const int64_t q0 = qt * kBlockQ;
+    const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, Sq - q0));
+    const float* q = st.q.data() + (bh * Sq + q0) * D;
+    const int64_t bkv = b * Hkv + h / G;
+    const float* kt = st.kt.data() + bkv * D * Skp;
+    const float* v = st.v.data() + bkv * Skp * D;
+
+    std::vector<float> acc(rows * D, 0.0f), s(kBlockQ * kBlockK);
+    std::vector<float> m(rows, -RA_INF), l(rows, 0.0f);
+    for (int64_t t = 0; t < n_kt; ++t) {
+      const TileMask kind = classify(st.q_tiles[qt], st.k_tiles[t], p.causal);
+      if (kind == TileMask::kSkip) continue;
+      const int64_t k0 = t * kBlockK;
+      // Scores as the backward computes them (same kernel, same staging), so exp(s - lse) there
+      // reproduces these weights.
+      matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, s.data());
+      for (int i = 0; i < rows * kBlockK; ++i) s[i] *= p.softmax_scale;
+      if (kind == TileMask::kPartial) apply_mask(st, p.causal, q0, rows, k0, s.data(), -RA_INF);
+      for (int i = 0; i < rows; ++i) {
+        float* si = s.data() + i * kBlockK;
+        float row_max = -RA_INF;
+        for (int j = 0; j < kBlockK; ++j) row_max = std::max(row_max, si[j]);
+        const float m_new = std::max(m[i], row_max);
+        if (m_new == -RA_INF) {  // nothing visible yet: this tile adds zeros
+          std::fill(si, si + kBlockK, 0.0f);
+          continue;
+        }
+        const float alpha = online_rescale(m[i], m_new);
+        for (int j = 0; j < kBlockK; ++j) si[j] = (si[j] - m_new) * kLog2e;
+        exp2_inplace(si, kBlockK);
+        float sum = 0.0f;
+        for (int j = 0; j < kBlockK; ++j) sum += si[j];
+        l[i] = l[i] * alpha + sum;
+        m[i] = m_new;
+        if (alpha != 1.0f) {
+          for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
+        }
+      }
+      accumulate_wx(acc.data(), D, rows, s.data(), kBlockK, 1, kBlockK, v + k0 * D, D, D);
+    }
+    for (int i = 0; i < rows; ++i) {
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= inv;
+      store_row(p.out, p.out_dtype, b, q0 + i, h, D, acc.data() + i * D);
+      lse_out[bh * Sq + q0 + i] = finish_lse(m[i], l[i]);
+    }
+  });
+}
+
+void attn_backward_cpu(const AttnParams& p) {
+  check_params(p);
+  if (p.grad_dtype != kFloat32 && p.grad_dtype != kBFloat16) {
+    throw std::invalid_argument("ringattn cpu attention: grad_dtype must be fp32 or bf16");
+  }
+  const Staged st = stage(p, true);
+  const int64_t B = st.B, Sq = st.Sq, Sk = st.Sk, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G;
+  const int64_t Skp = st.Skp;
+  const int64_t n_qt = static_cast<int64_t>(st.q_tiles.size());
+  const int64_t n_kt = static_cast<int64_t>(st.k_tiles.size());
+  const float scale = p.softmax_scale;
+  const bool rope = p.rope_mode != kRopeNone;
+
+  std::vector<float> lse(B * Hq * Sq);
+  const float* lse_in = reinterpret_cast<const float*>(p.lse);
+  const float* delta = reinterpret_cast<const float*>(p.delta);
+  for (int64_t i = 0; i < B * Hq * Sq; ++i) lse[i] = backward_lse(lse_in[i]);
+
+  // Key tiles of each (batch, kv head) are split into chunks that run in parallel; each chunk
+  // owns a dq buffer, summed at the end (deterministic, no atomics).
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(n_kt, ceil_div(2 * p.num_threads, std::max<int64_t>(1, B * Hkv))));
+  std::vector<float> dq_acc(chunks * B * Hq * Sq * D, 0.0f);
+
+  parallel_for(B * Hkv * chunks, p.num_threads, [&](int64_t item) {
+    const int64_t c = item % chunks, bkv = item / chunks, b = bkv / Hkv, hk = bkv % Hkv;
+    const int64_t t_begin = n_kt * c / chunks, t_end = n_kt * (c + 1) / chunks;
+    const float* kt = st.kt.data() + bkv * D * Skp;
+    const float* v = st.v.data() + bkv * Skp * D;
+    const float* kr = st.k.data() + bkv * Skp * D;
+    std::vector<float> dk(kBlockK * D), dv(kBlockK * D), pr(kBlockQ * kBlockK), ds(kBlockQ * kBlockK);
+    std::vector<float> part(std::max(kBlockK, kBlockQ) * D);
+    std::vector<float> cs(p.rotary_dim / 2), sn(p.rotary_dim / 2);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t k0 = t * kBlockK;
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t bh = b * Hq + hk * G + g;
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const TileMask kind = classify(st.q_tiles[qt], st.k_tiles[t], p.causal);
+          if (kind == TileMask::kSkip) continue;
+          const int64_t q0 = qt * kBlockQ;
+          const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, Sq - q0));
+          const float* q = st.q.data() + (bh * Sq + q0) * D;
+          const float* dout = st.dout.data() + (bh * Sq + q0) * D;
+          // P = exp(S * scale - lse)
+          matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, pr.data());
+          for (int i = 0; i < rows; ++i) {
+            float* pi = pr.data() + i * kBlockK;
+            const float row_lse = lse[bh * Sq + q0 + i];
+            for (int j = 0; j < kBlockK; ++j) pi[j] = (pi[j] * scale - row_lse) * kLog2e;
+            exp2_inplace(pi, kBlockK);
+          }
+          if (kind == TileMask::kPartial) apply_mask(st, p.causal, q0, rows, k0, pr.data(), 0.0f);
+          // Each product goes to a zeroed tile first and is then added to its running sum, so
+          // sums over many query tiles, heads or key tiles are blocked, not one long fp32 chain.
+          // dV += P^T dO
+          add_product(dv.data(), part.data(), kBlockK, D, pr.data(), 1, kBlockK, rows, dout);
+          // dS = P * (dO V^T - delta) * scale
+          matmul_abt_dot(dout, D, rows, v + k0 * D, D, D, ds.data());
+          for (int i = 0; i < rows; ++i) {
+            const float row_delta = delta[bh * Sq + q0 + i];
+            float* dsi = ds.data() + i * kBlockK;
+            const float* pi = pr.data() + i * kBlockK;
+            for (int j = 0; j < kBlockK; ++j) dsi[j] = pi[j] * (dsi[j] - row_delta) * scale;
+          }
+          // dK += dS^T Q, dQ += dS K (rotated coordinates)
+          add_product(dk.data(), part.data(), kBlockK, D, ds.data(), 1, kBlockK, rows, q);
+          float* dq = dq_acc.data() + ((c * B * Hq + bh) * Sq + q0) * D;
+          add_product(dq, part.data(), rows, D, ds.data(), kBlockK, 1, kBlockK, kr + k0 * D);
+        }
+      }
+      const int64_t valid = std::min<int64_t>(kBlockK, Sk - k0);
+      for (int64_t j = 0; j < valid; ++j) {
+        float* dkj = dk.data() + j * D;
+        if (rope) {
+          rope_table(p, true, position(p.k_positions, p.k_positions_sb, b, k0 + j), cs.data(), sn.data());
+          rotate_row(p, dkj, cs.data(), sn.data(), -1.0f);
+        }
+        store_row(p.dk, p.grad_dtype, b, k0 + j, hk, D, dkj);
+        store_row(p.dv, p.grad_dtype, b, k0 + j, hk, D, dv.data() + j * D);
+      }
+    }
+  });
+
+  parallel_for(B * Sq, p.num_threads, [&](int64_t row) {
+    const int64_t b = row / Sq, s = row % Sq;
+    std::vector<float> cs(p.rotary_dim / 2), sn(p.rotary_dim / 2), sum(D);
+    if (rope) rope_table(p, false, position(p.q_positions, p.q_positions_sb, b, s), cs.data(), sn.data());
+    for (int64_t h = 0; h < Hq; ++h) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = dq_acc.data() + ((c * B * Hq + b * Hq + h) * Sq + s) * D;
+        for (int64_t d = 0; d < D; ++d) sum[d] += part[d];
+      }
+      if (rope) rotate_row(p, sum.data(), cs.data(), sn.data(), -1.0f);
+      store_row(p.dq, p.grad_dtype, b, s, h, D, sum.data());
+    }
+  });
+}
+
+}  // namespace ringattn

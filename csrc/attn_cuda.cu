@@ -1,0 +1,666 @@
+// CUDA block attention on tensor cores (mma.sync m16n8k16, bf16/fp16 in, fp32 accumulate).
+//
+// Forward: one CTA per (64 query rows, batch * query head); each warp owns 16 query rows and keeps
+// its output tile and online-softmax state in registers. K and V tiles are loaded (K rotated) into
+// shared memory per step; Q is rotated once at load. Backward: one CTA per (key tile, batch * kv
+// head, column split); each warp owns 16 keys and keeps their dK, dV columns in registers while it
+// walks every query tile of every head of its group (GQA reduced in the kernel). dQ goes to an fp32
+// workspace with atomics, dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
+// and writes the gradients in the caller's dtype and strides.
+//
+// Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts), worst case
+// head dim 256: forward (64 + 2 * 32) * 264 * 2 = 67,584 B; backward (2 * 32 + 2 * 32) * 264 * 2 +
+// 32 * 40 * 2 + row data = 71,424 B: within sm_89's 101,376 B.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "attn_cuda.h"
+#include "attn_math.h"
+
+namespace ringattn {
+namespace {
+
+constexpr int kPad = 8;  // elements of padding per shared-memory row
+constexpr size_t kMaxSmemSm89 = 101376;  // opt-in shared memory per block on sm_89 (99 KB)
+
+// ---- element conversions (inputs are 16-bit bit patterns) ----------------------------------
+
+template <int DT>
+__device__ __forceinline__ float to_float(uint16_t bits) {
+  if constexpr (DT == kBFloat16) {
+    return bf16_to_float(bits);
+  } else {
+    return __half2float(__ushort_as_half(bits));
+  }
+}
+
+// Hardware round-to-nearest conversions (cvt.rn.bf16.f32 / cvt.rn.f16.f32).
+template <int DT>
+__device__ __forceinline__ uint16_t to_bits(float x) {
+  if constexpr (DT == kBFloat16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  } else {
+    return __half_as_ushort(__float2half_rn(x));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (DT == kBFloat16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// ---- tensor-core fragments (PTX ISA, mma.m16n8k16 layouts) -----------------------------------
+// g = lane / 4, t = lane % 4. A 16x16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..).
+// B 16x8: b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g). C 16x8: c0,c1 (g, 2t..), c2,c3 (g+8, 2t..).
+
+template <int DT>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+  if constexpr (DT == kBFloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+// A tile at (m0, k0) of a row-major [m][k] shared matrix.
+__device__ __forceinline__ void load_a(uint32_t a[4], const uint16_t* s, int ld, int m0, int k0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (m0 + g) * ld + k0 + 2 * t;
+  a[0] = ld32(p);
+  a[1] = ld32(p + 8 * ld);
+  a[2] = ld32(p + 8);
+  a[3] = ld32(p + 8 * ld + 8);
+}
+
+// A tile at (m0, k0) of a matrix stored transposed, [k][m].
+__device__ __forceinline__ void load_a_t(uint32_t a[4], const uint16_t* s, int ld, int m0, int k0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (k0 + 2 * t) * ld + m0 + g;
+  a[0] = pack_bits(p[0], p[ld]);
+  a[1] = pack_bits(p[8], p[ld + 8]);
+  a[2] = pack_bits(p[8 * ld], p[9 * ld]);
+  a[3] = pack_bits(p[8 * ld + 8], p[9 * ld + 8]);
+}
+
+// B tile at (k0, n0) of a matrix stored as [n][k] (e.g. K rows for S = Q K^T).
+__device__ __forceinline__ void load_b_nk(uint32_t b[2], const uint16_t* s, int ld, int k0, int n0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (n0 + g) * ld + k0 + 2 * t;
+  b[0] = ld32(p);
+  b[1] = ld32(p + 8);
+}
+
+// B tile at (k0, n0) of a matrix stored as [k][n] (e.g. V rows for O = P V).
+__device__ __forceinline__ void load_b_kn(uint32_t b[2], const uint16_t* s, int ld, int k0, int n0) {
+  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const uint16_t* p = s + (k0 + 2 * t) * ld + n0 + g;
+  b[0] = pack_bits(p[0], p[ld]);
+  b[1] = pack_bits(p[8 * ld], p[9 * ld]);
+}
+
+// Accumulator pair of 16x8 tiles (keys 2kk*8 .. 2kk*8+15) repacked as the A operand of the next mma.
+template <int DT>
+__device__ __forceinline__ void acc_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+  a[0] = pack2<DT>(c0[0], c0[1]);
+  a[1] = pack2<DT>(c0[2], c0[3]);
+  a[2] = pack2<DT>(c1[0], c1[1]);
+  a[3] = pack2<DT>(c1[2], c1[3]);
+}
+
+// ---- tile loads with fused RoPE ---------------------------------------------------------------
+
+struct RowSide {  // one operand's rows: global index and RoPE position of row i
+  int64_t start, stride;
+  const int32_t* positions;
+  int64_t positions_sb;
+  const void* freqs;
+};
+
+// Rows [row0, row0 + rows) of (b, h) from a (B, S, H, D) view into shared [rows][ld], rotated when
+// `rotate`, zero-filled past S and past D (up to DMAX). Work item = one feature pair of one row.
+template <int DT, int DMAX>
+__device__ void load_rows(uint16_t* s, int ld, const View& view, int64_t b, int64_t h, int64_t row0, int rows,
+                          int64_t S, int D, const AttnParams& p, const RowSide& side, bool rotate) {
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(view.ptr);
+  const int half_rot = rotate ? p.rotary_dim / 2 : 0;
+  for (int item = threadIdx.x; item < rows * (DMAX / 2); item += blockDim.x) {
+    const int r = item / (DMAX / 2), i = item % (DMAX / 2);
+    const int64_t row = row0 + r;
+    int ea, eb;
+    const bool rot = i < half_rot;
+    if (rot) {
+      rope_pair(i, p.rotary_dim, p.interleaved, &ea, &eb);
+    } else {
+      ea = 2 * half_rot + 2 * (i - half_rot);
+      eb = ea + 1;
+    }
+    float xa = 0.0f, xb = 0.0f;
+    if (row < S && eb < D) {
+      const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh;
+      xa = to_float<DT>(src[ea]);
+      xb = to_float<DT>(src[eb]);
+      if (rot) {
+        const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + row]);
+        float sn, cs;
+        sincosf(rope_angle(p.rope_mode, pos, side.freqs, i), &sn, &cs);
+        rope_rotate(xa, xb, cs * p.attention_factor, sn * p.attention_factor, &xa, &xb);
+      }
+    }
+    s[r * ld + ea] = to_bits<DT>(xa);
+    s[r * ld + eb] = to_bits<DT>(xb);
+  }
+}
+
+// Global index and document of rows [row0, row0 + rows) into shared arrays (rows past S: doc -2).
+__device__ void load_row_meta(int64_t* index, int64_t* doc, int64_t row0, int rows, int64_t S,
+                              const RowSide& side, const AttnParams& p) {
+  const auto* cu = reinterpret_cast<const int64_t*>(p.cu_seqlens);
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    const int64_t row = row0 + r;
+    index[r] = side.start + side.stride * row;
+    doc[r] = row < S ? document_id(index[r], cu, p.n_cu) : -2;
+  }
+}
+
+RowSide q_side(const AttnParams& p) {
+  return {p.q_start, p.q_stride, reinterpret_cast<const int32_t*>(p.q_positions), p.q_positions_sb,
+          reinterpret_cast<const void*>(p.rope_freqs)};
+}
+
+RowSide k_side(const AttnParams& p) {
+  const uintptr_t freqs = p.k_rope_freqs ? p.k_rope_freqs : p.rope_freqs;
+  return {p.k_start, p.k_stride, reinterpret_cast<const int32_t*>(p.k_positions), p.k_positions_sb,
+          reinterpret_cast<const void*>(freqs)};
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+template <int DMAX>
+struct FwdTiles {
+  static constexpr int kBlockQ = 64, kWarps = 4;
+  static constexpr int kBlockK = DMAX > 128 ? 32 : 64;  // keeps head dim 256 within 99 KB
+  static constexpr int kLd = DMAX + kPad;
+  static constexpr size_t kSmem =
+      (kBlockQ + 2 * kBlockK) * kLd * sizeof(uint16_t) + 2 * (kBlockQ + kBlockK) * sizeof(int64_t);
+  static_assert(kSmem <= kMaxSmemSm89, "forward tiles exceed sm_89's shared memory per block");
+};
+
+template <int DT, int DMAX>
+__global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p, RowSide qs, RowSide ks) {
+  using Tiles = FwdTiles<DMAX>;
+  constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* k_s = q_s + BQ * LD;
+  uint16_t* v_s = k_s + BK * LD;
+  int64_t* q_index = reinterpret_cast<int64_t*>(v_s + BK * LD);
+  int64_t* q_doc = q_index + BQ;
+  int64_t* k_index = q_doc + BQ;
+  int64_t* k_doc = k_index + BK;
+
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * BQ;
+  const int64_t bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const bool rope = p.rope_mode != kRopeNone;
+
+  load_rows<DT, DMAX>(q_s, LD, p.q, b, h, q0, BQ, p.seqlen_q, D, p, qs, rope);
+  load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
+  __syncthreads();
+  const int64_t last_q = qs.start + qs.stride * (min(q0 + BQ, p.seqlen_q) - 1);
+
+  float o[DT8][4] = {};
+  float m[2] = {-RA_INF, -RA_INF}, l[2] = {0.0f, 0.0f};
+  const int r_lo = warp * 16 + g;  // this thread's rows r_lo and r_lo + 8 of the tile
+
+  for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += BK) {
+    if (p.causal && last_q < ks.start + ks.stride * k0) break;  // later tiles are all in the future
+    __syncthreads();
+    load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, rope);
+    load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
+    load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
+    __syncthreads();
+
+    float s[NT][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < DMAX / 16; ++kk) {
+      uint32_t a[4];
+      load_a(a, q_s, LD, warp * 16, kk * 16);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t bf[2];
+        load_b_nk(bf, k_s, LD, kk * 16, nt * 8);
+        mma16816<DT>(s[nt], a, bf);
+      }
+    }
+    float row_max[2] = {-RA_INF, -RA_INF};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = r_lo + (e >> 1) * 8, c = nt * 8 + 2 * t + (e & 1);
+        const bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
+        s[nt][e] = ok ? s[nt][e] * p.softmax_scale : -RA_INF;
+        row_max[e >> 1] = fmaxf(row_max[e >> 1], s[nt][e]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
+      row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
+    }
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_new = fmaxf(m[i], row_max[i]);
+      alpha[i] = online_rescale(m[i], m_new);
+      m[i] = m_new;
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float mi = m[e >> 1];
+        s[nt][e] = mi == -RA_INF ? 0.0f : softmax_weight(s[nt][e], mi);  // masked: 0
+        l[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < DT8; ++dt) {
+        uint32_t bf[2];
+        load_b_kn(bf, v_s, LD, kk * 16, dt * 8);
+        mma16816<DT>(o[dt], a, bf);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  float* lse = reinterpret_cast<float*>(p.lse);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = q0 + r_lo + 8 * i;
+    if (row >= p.seqlen_q) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    const int64_t offset = b * p.out.sb + row * p.out.ss + h * p.out.sh;
+#pragma unroll
+    for (int dt = 0; dt < DT8; ++dt) {
+      const int c = dt * 8 + 2 * t;
+      if (c >= D) continue;
+      const float x0 = o[dt][2 * i] * inv, x1 = o[dt][2 * i + 1] * inv;
+      if (p.out_dtype == kFloat32) {
+        float* out = reinterpret_cast<float*>(p.out.ptr) + offset;
+        out[c] = x0;
+        out[c + 1] = x1;
+      } else {
+        uint16_t* out = reinterpret_cast<uint16_t*>(p.out.ptr) + offset;
+        out[c] = to_bits<DT>(x0);
+        out[c + 1] = to_bits<DT>(x1);
+      }
+    }
+    if (t == 0) lse[bh * p.seqlen_q + row] = finish_lse(m[i], l[i]);
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+template <int DMAX>
+struct BwdTiles {
+  static constexpr int kBlockQ = 32;
+  static constexpr int kBlockK = DMAX > 128 ? 32 : 64;
+  static constexpr int kWarps = kBlockK / 16;  // each warp owns 16 keys
+  static constexpr int kSplit = DMAX > 128 ? 2 : 1;  // dK/dV/dQ columns split over CTAs (registers)
+  static constexpr int kCols = DMAX / kSplit;
+  static constexpr int kLd = DMAX + kPad, kLdS = kBlockQ + kPad;
+  static constexpr size_t kSmem = (2 * kBlockK + 2 * kBlockQ) * kLd * sizeof(uint16_t) +
+                                  kBlockK * kLdS * sizeof(uint16_t) + 2 * kBlockQ * sizeof(float) +
+                                  2 * (kBlockQ + kBlockK) * sizeof(int64_t);
+  static_assert(kSmem <= kMaxSmemSm89, "backward tiles exceed sm_89's shared memory per block");
+};
+
+template <int DT, int DMAX>
+__global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
+    attn_backward_kernel(const AttnParams p, RowSide qs, RowSide ks) {
+  using Tiles = BwdTiles<DMAX>;
+  constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, LDS = Tiles::kLdS;
+  constexpr int COLS = Tiles::kCols, CT8 = COLS / 8, NT = BQ / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* v_s = k_s + BK * LD;
+  uint16_t* q_s = v_s + BK * LD;
+  uint16_t* do_s = q_s + BQ * LD;
+  uint16_t* ds_s = do_s + BQ * LD;  // dS^T: [key][query]
+  float* lse_s = reinterpret_cast<float*>(ds_s + BK * LDS);
+  float* delta_s = lse_s + BQ;
+  int64_t* q_index = reinterpret_cast<int64_t*>(delta_s + BQ);
+  int64_t* q_doc = q_index + BQ;
+  int64_t* k_index = q_doc + BQ;
+  int64_t* k_doc = k_index + BK;
+
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BK;
+  const int64_t bkv = blockIdx.y, b = bkv / p.heads_kv, hk = bkv % p.heads_kv;
+  const int col0 = blockIdx.z * COLS;
+  const int64_t G = p.heads_q / p.heads_kv;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const bool rope = p.rope_mode != kRopeNone;
+  const float scale = p.softmax_scale;
+  const float* lse_in = reinterpret_cast<const float*>(p.lse);
+  const float* delta_in = reinterpret_cast<const float*>(p.delta);
+  float* dq_accum = reinterpret_cast<float*>(p.dq_accum);
+
+  load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, rope);
+  load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
+  load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
+  const int64_t first_k = ks.start + ks.stride * k0;
+
+  float dk[CT8][4] = {}, dv[CT8][4] = {};
+  const int key_lo = warp * 16 + g;  // this thread's keys key_lo and key_lo + 8 of the tile
+
+  for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
+    const int64_t bh = b * p.heads_q + hq;
+    for (int64_t q0 = 0; q0 < p.seqlen_q; q0 += BQ) {
+      const int64_t last_q = qs.start + qs.stride * (min(q0 + BQ, p.seqlen_q) - 1);
+      if (p.causal && last_q < first_k) continue;
+      __syncthreads();
+      load_rows<DT, DMAX>(q_s, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, p, qs, rope);
+      load_rows<DT, DMAX>(do_s, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
+      load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
+      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+        const int64_t row = q0 + r;
+        const float lse = row < p.seqlen_q ? lse_in[bh * p.seqlen_q + row] : -RA_INF;
+        lse_s[r] = backward_lse(lse);
+        delta_s[r] = row < p.seqlen_q ? delta_in[bh * p.seqlen_q + row] : 0.0f;
+      }
+      __syncthreads();
+
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
+      float pt[NT][4] = {}, dpt[NT][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < DMAX / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        load_a(ak, k_s, LD, warp * 16, kk * 16);
+        load_a(av, v_s, LD, warp * 16, kk * 16);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t bq[2], bo[2];
+          load_b_nk(bq, q_s, LD, kk * 16, nt * 8);
+          load_b_nk(bo, do_s, LD, kk * 16, nt * 8);
+          mma16816<DT>(pt[nt], ak, bq);
+          mma16816<DT>(dpt[nt], av, bo);
+        }
+      }
+      // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
+          const bool ok = visible(q_index[qr], k_index[key], q_doc[qr], k_doc[key], p.causal);
+          const float pv = ok ? softmax_weight(pt[nt][e] * scale, lse_s[qr]) : 0.0f;
+          pt[nt][e] = pv;
+          dpt[nt][e] = pv * (dpt[nt][e] - delta_s[qr]) * scale;
+        }
+      }
+      // dV += P^T dO and dK += dS^T Q over this CTA's columns.
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        uint32_t ap[4], ads[4];
+        acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
+        acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+        for (int ct = 0; ct < CT8; ++ct) {
+          uint32_t bo[2], bq[2];
+          load_b_kn(bo, do_s, LD, kk * 16, col0 + ct * 8);
+          load_b_kn(bq, q_s, LD, kk * 16, col0 + ct * 8);
+          mma16816<DT>(dv[ct], ap, bo);
+          mma16816<DT>(dk[ct], ads, bq);
+        }
+      }
+      // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
+      // items and adds its 16x8 result to the fp32 workspace.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int qr = nt * 8 + 2 * t;
+        ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
+        ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
+        ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
+        ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
+      }
+      __syncthreads();
+      for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
+        const int rb = item / CT8, ct = item % CT8;
+        const int c = col0 + ct * 8 + 2 * t;
+        if (col0 + ct * 8 >= D) continue;
+        float acc[4] = {};
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          uint32_t a[4], bk[2];
+          load_a_t(a, ds_s, LDS, rb * 16, kk * 16);
+          load_b_kn(bk, k_s, LD, kk * 16, col0 + ct * 8);
+          mma16816<DT>(acc, a, bk);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int64_t row = q0 + rb * 16 + g + 8 * i;
+          if (row >= p.seqlen_q || c >= D) continue;
+          float* dst = dq_accum + ((b * p.seqlen_q + row) * p.heads_q + hq) * D + c;
+          atomicAdd(dst, acc[2 * i]);
+          atomicAdd(dst + 1, acc[2 * i + 1]);
+        }
+      }
+    }
+  }
+
+  float* dk_accum = reinterpret_cast<float*>(p.dk_accum);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t key = k0 + key_lo + 8 * i;
+    if (key >= p.seqlen_k) continue;
+#pragma unroll
+    for (int ct = 0; ct < CT8; ++ct) {
+      const int c = col0 + ct * 8 + 2 * t;
+      if (c >= D) continue;
+      float* dkr = dk_accum + ((b * p.seqlen_k + key) * p.heads_kv + hk) * D + c;
+      dkr[0] = dk[ct][2 * i];
+      dkr[1] = dk[ct][2 * i + 1];
+      const int64_t offset = b * p.dv.sb + key * p.dv.ss + hk * p.dv.sh + c;
+      if (p.grad_dtype == kFloat32) {
+        float* dvr = reinterpret_cast<float*>(p.dv.ptr) + offset;
+        dvr[0] = dv[ct][2 * i];
+        dvr[1] = dv[ct][2 * i + 1];
+      } else {
+        uint16_t* dvr = reinterpret_cast<uint16_t*>(p.dv.ptr) + offset;
+        dvr[0] = to_bits<DT>(dv[ct][2 * i]);
+        dvr[1] = to_bits<DT>(dv[ct][2 * i + 1]);
+      }
+    }
+  }
+}
+
+// Gradient in rotated coordinates (fp32, contiguous (B, S, H, D)) -> RoPE transpose -> caller's view.
+template <int DT>
+__global__ void finish_grad_kernel(const float* __restrict__ accum, View out, int out_dtype, int64_t B,
+                                   int64_t S, int64_t H, int D, AttnParams p, RowSide side) {
+  const int64_t pairs = B * S * H * (D / 2);
+  const int half_rot = p.rope_mode != kRopeNone ? p.rotary_dim / 2 : 0;
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < pairs;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(item % (D / 2));
+    const int64_t bsh = item / (D / 2), h = bsh % H, bs = bsh / H, s = bs % S, b = bs / S;
+    int ea, eb;
+    if (i < half_rot) {
+      rope_pair(i, p.rotary_dim, p.interleaved, &ea, &eb);
+    } else {
+      ea = 2 * half_rot + 2 * (i - half_rot);
+      eb = ea + 1;
+    }
+    const float* src = accum + bsh * D;
+    float xa = src[ea], xb = src[eb];
+    if (i < half_rot) {
+      const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + s]);
+      float sn, cs;
+      sincosf(rope_angle(p.rope_mode, pos, side.freqs, i), &sn, &cs);
+      rope_rotate(xa, xb, cs * p.attention_factor, -sn * p.attention_factor, &xa, &xb);
+    }
+    const int64_t offset = b * out.sb + s * out.ss + h * out.sh;
+    if (out_dtype == kFloat32) {
+      float* dst = reinterpret_cast<float*>(out.ptr) + offset;
+      dst[ea] = xa;
+      dst[eb] = xb;
+    } else {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(out.ptr) + offset;
+      dst[ea] = to_bits<DT>(xa);
+      dst[eb] = to_bits<DT>(xb);
+    }
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("ringattn CUDA error in ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+void check_params(const AttnParams& p, bool backward) {
+  auto require = [](bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("ringattn cuda attention: " + what);
+  };
+  require(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0, "sizes must be >= 0");
+  require(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0, "heads_q must be a multiple of heads_kv > 0");
+  require(p.head_dim > 0 && p.head_dim % 2 == 0 && p.head_dim <= 256, "head_dim must be even and <= 256");
+  require(p.dtype == kBFloat16 || p.dtype == kFloat16, "dtype must be bf16 or fp16");
+  const int out = backward ? p.grad_dtype : p.out_dtype;
+  require(out == p.dtype || out == kFloat32, "output dtype must be the input dtype or fp32");
+  require(p.q_stride >= 1 && p.k_stride >= 1, "span strides must be >= 1");
+  if (p.rope_mode != kRopeNone) {
+    require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
+    require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
+            "rotary_dim must be even, >= 2 and <= head_dim");
+  }
+  if (backward) require(p.dq_accum != 0 && p.dk_accum != 0, "backward needs dq_accum and dk_accum");
+}
+
+template <class Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        "cudaFuncSetAttribute");
+}
+
+template <int DT, int DMAX>
+void launch_forward(const AttnParams& p) {
+  using Tiles = FwdTiles<DMAX>;
+  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Tiles::kBlockQ - 1) / Tiles::kBlockQ),
+                  static_cast<unsigned>(p.batch * p.heads_q));
+  auto kernel = attn_forward_kernel<DT, DMAX>;
+  set_smem(kernel, Tiles::kSmem);
+  kernel<<<grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream)>>>(p, q_side(p),
+                                                                                                k_side(p));
+  check(cudaGetLastError(), "attn_forward_kernel launch");
+}
+
+template <int DT, int DMAX>
+void launch_backward(const AttnParams& p) {
+  using Tiles = BwdTiles<DMAX>;
+  const auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  if (p.seqlen_k > 0 && p.batch * p.heads_kv > 0) {  // an empty grid is a launch error
+    const dim3 grid(static_cast<unsigned>((p.seqlen_k + Tiles::kBlockK - 1) / Tiles::kBlockK),
+                    static_cast<unsigned>(p.batch * p.heads_kv), Tiles::kSplit);
+    auto kernel = attn_backward_kernel<DT, DMAX>;
+    set_smem(kernel, Tiles::kSmem);
+    kernel<<<grid, Tiles::kWarps * 32, Tiles::kSmem, stream>>>(p, q_side(p), k_side(p));
+    check(cudaGetLastError(), "attn_backward_kernel launch");
+  }
+  const int D = static_cast<int>(p.head_dim);
+  auto finish = [&](const float* accum, const View& out, int64_t S, int64_t H, const RowSide& side) {
+    const int64_t pairs = p.batch * S * H * (D / 2);
+    if (pairs == 0) return;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65535));
+    finish_grad_kernel<DT><<<blocks, 256, 0, stream>>>(accum, out, p.grad_dtype, p.batch, S, H, D, p, side);
+    check(cudaGetLastError(), "finish_grad_kernel launch");
+  };
+  finish(reinterpret_cast<const float*>(p.dq_accum), p.dq, p.seqlen_q, p.heads_q, q_side(p));
+  finish(reinterpret_cast<const float*>(p.dk_accum), p.dk, p.seqlen_k, p.heads_kv, k_side(p));
+}
+
+template <int DT>
+void forward_dtype(const AttnParams& p) {
+  if (p.head_dim <= 64) return launch_forward<DT, 64>(p);
+  if (p.head_dim <= 128) return launch_forward<DT, 128>(p);
+  return launch_forward<DT, 256>(p);
+}
+
+template <int DT>
+void backward_dtype(const AttnParams& p) {
+  if (p.head_dim <= 64) return launch_backward<DT, 64>(p);
+  if (p.head_dim <= 128) return launch_backward<DT, 128>(p);
+  return launch_backward<DT, 256>(p);
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, size_t>> attn_cuda_smem_bytes() {
+  return {{"forward_d64", FwdTiles<64>::kSmem},   {"forward_d128", FwdTiles<128>::kSmem},
+          {"forward_d256", FwdTiles<256>::kSmem}, {"backward_d64", BwdTiles<64>::kSmem},
+          {"backward_d128", BwdTiles<128>::kSmem}, {"backward_d256", BwdTiles<256>::kSmem}};
+}
+
+void attn_forward_cuda(const AttnParams& p) {
+  check_params(p, false);
+  if (p.batch * p.heads_q * p.seqlen_q == 0) return;
+  if (p.dtype == kBFloat16) return forward_dtype<kBFloat16>(p);
+  forward_dtype<kFloat16>(p);
+}
+
+void attn_backward_cuda(const AttnParams& p) {
+  check_params(p, true);
+  if (p.dtype == kBFloat16) return backward_dtype<kBFloat16>(p);
+  backward_dtype<kFloat16>(p);
+}
+
+}  // namespace ringattn

@@ -1,0 +1,51 @@
+// Arguments of one block-attention call, shared by the CPU and CUDA kernels and the bindings.
+// Pointers are raw addresses; tensors are (B, S, H, D) views with unit stride over D and any
+// element strides over B, S and H (transformers passes transposed views).
+#pragma once
+#include <cstdint>
+
+namespace ringattn {
+
+struct View {
+  uintptr_t ptr = 0;
+  int64_t sb = 0, ss = 0, sh = 0;  // element strides of batch, sequence, head
+};
+
+struct AttnParams {
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
+  int dtype = 0;  // DType of q, k, v (and dout)
+  View q, k, v;
+
+  // forward outputs: out (out_dtype) and lse (fp32, contiguous (B, Hq, Sq))
+  View out;
+  int out_dtype = 0;
+  uintptr_t lse = 0;
+
+  // backward: dout (dtype), delta (fp32, contiguous (B, Hq, Sq)), gradients in grad_dtype
+  View dout, dq, dk, dv;
+  uintptr_t delta = 0;
+  int grad_dtype = 0;
+
+  float softmax_scale = 1.0f;
+  bool causal = false;
+  int64_t q_start = 0, q_stride = 1, k_start = 0, k_stride = 1;  // global index = start + stride * row
+  uintptr_t cu_seqlens = 0;  // int64 (n_cu,), 0 for no documents
+  int64_t n_cu = 0;
+
+  int rope_mode = 0;  // RopeMode
+  int rotary_dim = 0;
+  bool interleaved = false;
+  float attention_factor = 1.0f;
+  uintptr_t rope_freqs = 0;  // uint64 turns (exact) or fp32 inv_freq (hf), rotary_dim / 2 entries
+  uintptr_t k_rope_freqs = 0;  // frequencies for k when they differ from q's (dynamic NTK); 0: same
+  uintptr_t q_positions = 0, k_positions = 0;  // int32, (S,) or (B, S) contiguous
+  int64_t q_positions_sb = 0, k_positions_sb = 0;  // 0 for (S,), S for (B, S)
+
+  // CUDA backward workspaces, fp32: dq_accum (B, Sq, Hq, D) zero-filled, dk_accum (B, Sk, Hkv, D)
+  uintptr_t dq_accum = 0, dk_accum = 0;
+
+  int num_threads = 1;  // CPU only
+  uintptr_t stream = 0;  // CUDA only
+};
+
+}  // namespace ringattn
