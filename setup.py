@@ -4,6 +4,7 @@ Environment:
   RINGATTN_SKIP_EXT=1        install pure Python, no extension
   RINGATTN_CUDA_ARCHS=80;89  CUDA SM archs (default 80;86;89;90); CUDA only where nvcc is found
   RINGATTN_DISABLE_CUDA=1    build the CPU part of the extension only
+  RINGATTN_CPU_MARCH=x86-64-v3  -march of the CPU kernels (default native)
   MAX_JOBS=N                 parallel compile jobs (default: number of CPUs)
 
 If the extension cannot be built the install still succeeds; the reason is stored next to the
