@@ -21,7 +21,14 @@ def _cpu(quick: bool, out_dir: Path):
     """Compiled CPU kernels with fused RoPE vs torch SDPA + transformers RoPE (FACTS.md shapes)."""
     if quick:
         return kernels.run(True, out_dir, device="cpu", backends=None, suite="cpu")
-    return kernels.run(False, out_dir, device="cpu", dtypes=(torch.float32,), seq_lens=(2048,), suite="cpu")
+    return kernels.run(
+        False,
+        out_dir,
+        device="cpu",
+        dtypes=(torch.float32, torch.bfloat16),
+        seq_lens=(2048, 4096),
+        suite="cpu",
+    )
 
 
 SUITES = {
