@@ -11,8 +11,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -28,7 +31,10 @@ constexpr int kRegCols = 64;  // feature columns per register block of accumulat
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller is one of them).
+// Runs fn(i) for i in [0, n) on up to `threads` threads (the caller is one of them). Exception-safe:
+// every started thread is joined (a joinable std::thread destroyed during unwinding aborts the
+// process), the first exception is rethrown in the caller, and if the system refuses more threads
+// the ones already running finish the work.
 template <class F>
 void parallel_for(int64_t n, int threads, const F& fn) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
@@ -37,14 +43,27 @@ void parallel_for(int64_t n, int threads, const F& fn) {
     return;
   }
   std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
   auto work = [&]() {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    try {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      next.store(n);  // the other workers stop taking items
+    }
   };
   std::vector<std::thread> pool;
   pool.reserve(workers - 1);
-  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work);
+  try {
+    for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+    // fewer threads than asked for: the caller and the threads already started do the rest
+  }
   work();
   for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
 }
 
 void load_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int64_t n, float* dst) {

@@ -61,24 +61,49 @@ def _create_dot_bf16_upcast(original):
     return create_dot
 
 
+def _cast_impl_bf16_round_nearest(original):
+    """Wrap InterpreterBuilder.cast_impl so fp32 -> bf16 rounds to nearest even, as the GPU's cvt.rn.
+
+    triton 3.9's interpreter chops the low 16 bits (round toward zero), a biased error that grows
+    with every rounded operand, and its "rtne" mode is wrong when rounding carries into the exponent.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return TensorHandle(rounded.reshape(src.data.shape), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl.unpatched = original
+    return cast_impl
+
+
 def install_interpreter_bf16_fix() -> None:
-    """Patch the Triton interpreter once per process (no-op when already patched)."""
+    """Patch the Triton interpreter's bf16 handling once per process: tl.dot operands and fp32 -> bf16 casts."""
     from triton.runtime.interpreter import InterpreterBuilder
 
     if not hasattr(InterpreterBuilder.create_dot, "unpatched"):
         InterpreterBuilder.create_dot = _create_dot_bf16_upcast(InterpreterBuilder.create_dot)
+    if not hasattr(InterpreterBuilder.cast_impl, "unpatched"):
+        InterpreterBuilder.cast_impl = _cast_impl_bf16_round_nearest(InterpreterBuilder.cast_impl)
 
 
 @contextlib.contextmanager
 def interpreter_without_bf16_fix():
-    """Temporarily restore the interpreter's own create_dot (to show the fix is needed)."""
+    """Temporarily restore the interpreter's own create_dot and cast_impl (to show the fixes are needed)."""
     from triton.runtime.interpreter import InterpreterBuilder
 
-    patched = InterpreterBuilder.create_dot
-    if not hasattr(patched, "unpatched"):
-        raise RuntimeError("the bf16 interpreter fix is not installed")
-    InterpreterBuilder.create_dot = patched.unpatched
+    patched = {name: getattr(InterpreterBuilder, name) for name in ("create_dot", "cast_impl")}
+    if not all(hasattr(fn, "unpatched") for fn in patched.values()):
+        raise RuntimeError("the bf16 interpreter fixes are not installed")
+    for name, fn in patched.items():
+        setattr(InterpreterBuilder, name, fn.unpatched)
     try:
         yield
     finally:
-        InterpreterBuilder.create_dot = patched
+        for name, fn in patched.items():
+            setattr(InterpreterBuilder, name, fn)

@@ -36,6 +36,25 @@ def test_bf16_dot_needs_the_fix_and_the_fix_works():
     torch.testing.assert_close(fixed.double(), exact, atol=1e-5, rtol=1e-5)
 
 
+@triton.jit
+def _to_bf16_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the interpreter is only used on machines without a GPU")
+def test_fp32_to_bf16_cast_needs_the_fix_and_rounds_to_nearest_with_it():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat((torch.randn(1020, generator=gen), torch.tensor([1.0 + 2**-8, 255.99, -3.999, 1e-40])))
+    expected = x.to(torch.bfloat16)  # torch rounds to nearest even, as the GPU's cvt.rn does
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    with interpreter_without_bf16_fix():
+        _to_bf16_kernel[(1,)](x, y, N=x.numel())
+    assert not torch.equal(y, expected), "the unpatched interpreter already rounded to nearest"
+    _to_bf16_kernel[(1,)](x, y, N=x.numel())
+    assert torch.equal(y, expected)
+
+
 @pytest.mark.skipif(HAS_GPU, reason="the interpreter is only used on machines without a GPU")
 def test_fp32_dot_unchanged_by_the_fix():
     gen = torch.Generator().manual_seed(1)

@@ -1,0 +1,88 @@
+"""AOT-compile the shipped Triton attention configs for sm_80/89/90 without a GPU.
+
+Asserts each fits the arch's per-block shared memory and that ptxas reports no register spills.
+Compiling runs in a subprocess: the test session runs Triton under its interpreter, which
+replaces @triton.jit functions. sm_89 at head dim 128 (the tuning target) is in the default tier;
+every arch, head dim, fp32 and the RoPE variants are under ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tritonkernels.configs import SHARED_LIMIT
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("ptxas") is None
+    and not os.path.exists(
+        os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")
+    ),
+    reason="ptxas not found",
+)
+
+
+def _compile(args: list[str], timeout: int = 1500) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run(
+        [sys.executable, "-m", "tritonkernels.aot", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def _check(results: list[dict], expected: int, spills_allowed=()):
+    """Shared memory within the arch's limit for all; zero spills except where listed (fp32)."""
+    assert len(results) == expected
+    for r in results:
+        label = f"{r['kernel']} sm_{r['arch']} d{r['head_dim']} {r['dtype']} {r['block_m']}x{r['block_n']}"
+        assert 0 < r["shared"] <= SHARED_LIMIT[r["arch"]], f"{label}: {r['shared']} B shared"
+        assert r["registers"] <= 255
+        if (r["kernel"], r["dtype"]) not in spills_allowed:
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{label}: spills {r}"
+
+
+def test_sm89_head_dim_128_configs_compile_within_budget():
+    _check(_compile(["--arch", "89", "--head-dim", "128"]), 3)
+
+
+@pytest.mark.slow
+def test_every_shipped_16bit_config_compiles_within_budget_without_spills():
+    _check(_compile(["--dtype", "bf16", "fp16"]), 3 * 5 * 3 * 2)
+
+
+@pytest.mark.slow
+def test_every_shipped_fp32_config_fits_shared_memory():
+    # Known limitation: the fp32 dq kernel (FMA dots) spills at head dims >= 80 on every tile
+    # tried; fp32 is a correctness path, training runs bf16/fp16. Forward and dk/dv must not spill.
+    _check(_compile(["--dtype", "fp32"]), 3 * 5 * 3, spills_allowed={("bwd_dq", "fp32")})
+
+
+@pytest.mark.slow
+def test_rope_variants_compile_on_sm89():
+    from tritonkernels.configs import CONFIGS
+
+    specs = []
+    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+        c = CONFIGS[(89, 128)][kernel]
+        cfg = [c.block_m, c.block_n, c.num_warps, c.num_stages]
+        for variant in (
+            dict(exact=False),
+            dict(interleaved=True),
+            dict(rot_dim=64),
+            dict(rope=False, docs=False, causal=False),
+            dict(dtype="fp16", group=1),
+        ):
+            specs.append(dict(kernel=kernel, arch=89, head_dim=128, cfg=cfg, **variant))
+    _check(_compile(["--specs", json.dumps(specs)]), len(specs))

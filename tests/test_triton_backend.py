@@ -1,0 +1,135 @@
+"""The Triton backend through the block contract: dispatch answers, stripes, global lse, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import GRAD_FACTOR, assert_within_peer_error
+
+# importing test_triton_flash also installs the interpreter's bf16 rounding fix
+from test_triton_flash import Case, _inputs, _peer
+
+from ringattn import RoPEConfig, attention_ref, merge_partials
+from ringattn.backends import BACKENDS
+from ringattn.block import BlockMask, Span, block_backward, block_forward
+from ringattn.reference import attention_backward_ref, empty_partials
+
+ROPE = RoPEConfig(16, theta=45.2e9)
+
+
+def _qkv(B, S, Hq, Hkv, D, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, S, h, D, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
+
+
+def test_registered_and_can_implement_reasons(monkeypatch):
+    backend = BACKENDS["triton"]
+    q, k, v = _qkv(1, 4, 2, 1, 16)
+    assert backend.can_implement(q, k, v, BlockMask(), None) == (True, "")
+    ok, reason = backend.can_implement(q.double(), k.double(), v.double(), BlockMask(), None)
+    assert not ok and "float64" in reason
+    big = torch.zeros(1, 4, 1, 512)
+    ok, reason = backend.can_implement(big, big, big, BlockMask(), None)
+    assert not ok and "head dim" in reason
+    monkeypatch.delenv("TRITON_INTERPRET")
+    ok, reason = backend.can_implement(q, k, v, BlockMask(), None)
+    assert not ok and "TRITON_INTERPRET" in reason
+
+
+def test_stripes_merge_to_full_attention():
+    # Even/odd query stripes against even/odd key stripes, merged in fp32: the full attention.
+    # Peer: plain fp32 torch attention over the whole sequence.
+    case = Case(40, Hq=4, Hkv=2, causal=True, rope=ROPE, cu_seqlens=[0, 13, 13, 31, 40])
+    q, k, v, dout = _inputs(case)
+    docs = torch.tensor(case.cu_seqlens)
+    full_out, full_lse = attention_ref(q, k, v, causal=True, cu_seqlens=docs, rope=ROPE)
+    peer_out, peer_lse = _peer(case, q, k, v, dout)[:2]
+    for parity in (0, 1):
+        acc = empty_partials(q[:, parity::2])
+        for k_parity in (0, 1):
+            mask = BlockMask(True, Span(parity, 2), Span(k_parity, 2), docs)
+            out, lse = block_forward(
+                q[:, parity::2], k[:, k_parity::2], v[:, k_parity::2], mask, rope=ROPE,
+                out_dtype=torch.float32, backend="triton",
+            )  # fmt: skip
+            assert out.dtype == torch.float32 and lse.dtype == torch.float32
+            acc = merge_partials(*acc, out, lse)
+        assert_within_peer_error(acc[0], full_out[:, parity::2], peer_out[:, parity::2], name="out")
+        lse_ref = full_lse[..., parity::2]
+        assert torch.equal(torch.isinf(acc[1]), torch.isinf(lse_ref))
+        finite = torch.isfinite(lse_ref)
+        peer = peer_lse[..., parity::2]
+        assert_within_peer_error(acc[1][finite], lse_ref[finite], peer[finite], name="lse")
+
+
+def test_block_backward_with_global_lse_sums_to_full_gradients():
+    # Two key blocks through block_backward with the full attention's lse and out (delta from
+    # them): the blocks' gradients sum to the full gradients. Peer: fp32 torch autograd.
+    case = Case(30, Hq=4, Hkv=2, causal=True, rope=ROPE)
+    q, k, v, dout = _inputs(case, seed=1)
+    kw = dict(causal=True, rope=ROPE)
+    out, lse = attention_ref(q, k, v, **kw)
+    ref = attention_backward_ref(dout, q, k, v, lse, out=out, **kw)
+    peer = _peer(case, q, k, v, dout)[2:]
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for start, stop in ((0, 13), (13, 30)):
+        mask = BlockMask(True, Span(0), Span(start))
+        dq_b, dk_b, dv_b = block_backward(
+            dout, q, k[:, start:stop], v[:, start:stop], out.float(), lse.float(), mask, rope=ROPE,
+            grad_dtype=torch.float32, backend="triton",
+        )  # fmt: skip
+        dq += dq_b
+        dks.append(dk_b)
+        dvs.append(dv_b)
+    ours = (dq, torch.cat(dks, 1), torch.cat(dvs, 1))
+    for o, r, p, name in zip(ours, ref, peer, ("dq", "dk", "dv"), strict=True):
+        assert_within_peer_error(o, r, p, factor=GRAD_FACTOR, name=name)
+
+
+def test_launchers_allocate_no_score_matrix_or_rotated_copies():
+    # Every torch allocation the launchers make is either an output (out; dq, dk, dv) or O(S)
+    # bookkeeping (positions, doc ids, tile ranges: at most 16 bytes per token). A score matrix
+    # (S x S) or a rotated copy of q or k would be a further allocation of q's size or more.
+    from tritonkernels import flash_kernels
+    from tritonkernels.configs import KernelConfig
+    from tritonkernels.flash import flash_attn_bwd, flash_attn_fwd
+
+    B, S, H, D = 1, 512, 2, 64
+    q, k, v = _qkv(B, S, H, H, D, dtype=torch.bfloat16)
+    dout = torch.randn_like(q)
+    kw = dict(causal=True, cu_seqlens=torch.tensor([0, 200, 512]), rope=RoPEConfig(D, 1e4))
+    cfg = KernelConfig(64, 64, 4, 1)
+    out, lse = flash_attn_fwd(q, k, v, config=cfg, **kw)
+    assert torch.isfinite(out.float()).all()
+
+    # Measure the launchers alone: kernel launches become no-ops (a GPU kernel allocates nothing;
+    # the interpreter's own host copies of the arguments are not the launchers').
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    def allocations(fn):
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            fn()
+        return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in (
+            "flash_fwd_kernel",
+            "flash_bwd_dq_kernel",
+            "flash_bwd_dkdv_kernel",
+            "flash_bwd_delta_kernel",
+        ):
+            mp.setattr(flash_kernels, name, NoLaunch())
+        fwd = allocations(lambda: flash_attn_fwd(q, k, v, config=cfg, **kw))
+        bwd = allocations(
+            lambda: flash_attn_bwd(dout, q, k, v, out, lse, config_dq=cfg, config_dkdv=cfg, **kw)
+        )
+    q_bytes = q.numel() * q.element_size()
+    bookkeeping = 16 * B * S
+    assert bookkeeping < q_bytes < S * S * 2
+    assert [a for a in fwd if a > bookkeeping] == [q_bytes], f"forward allocations {fwd}"
+    assert [a for a in bwd if a > bookkeeping] == [q_bytes] * 3, f"backward allocations {bwd}"

@@ -1,0 +1,174 @@
+"""RoPE on tiles as they are loaded: shared @triton.jit helpers of the attention and RoPE kernels.
+
+A head's D columns are loaded as three parts instead of one tile: ``a`` and ``b`` hold the two
+members of each rotary pair (NeoX: columns j and j + r/2; interleaved: 2j and 2j + 1), ``c`` the
+pass-through columns past the rotary dim (partial rotary). Each part is padded to a power of two
+by masking. Rotation is then elementwise on [rows, r/2] tiles, one sin/cos per pair, with no
+reshapes, gathers or second loads; q.k is the sum of the parts' dot products (a dot product does
+not care about column order), and gradients are rotated back part by part.
+
+Angles, exact mode: each frequency is a 64-bit fixed-point turn count ``r = r_hi * 2^32 + r_lo``
+(``RoPEConfig.turns_fixed``, split on the host into two 32-bit halves). Bits 32..63 of
+``pos * r mod 2^64``, read as a signed int32, are the turn fraction already centred in
+[-1/2, 1/2) times 2^32; they come from 32-bit wrapping products and one umulhi, exactly. sin/cos
+then come from a quarter-turn reduction in integers and fp32 polynomials (``sincos_turns``).
+Angles never go through tl.dot.
+hf mode: fp32 ``pos * inv_freq`` exactly as transformers computes it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 2*pi / 2^32: turns in units of 2^-32 to radians.
+TWO_PI_OVER_2_32 = tl.constexpr(1.4629180792671596e-09)
+
+
+@triton.jit
+def sincos_turns(turns):
+    """sin and cos of 2*pi * turns / 2^32 for int32 ``turns`` (a centred fraction of a turn).
+
+    Reduced to the nearest quarter turn in integers (wrapping arithmetic is exact mod 2^32), then
+    Taylor polynomials on [-pi/4, pi/4] (truncation < 2e-9): no libdevice range-reduction path,
+    and the same arithmetic on the GPU and in the interpreter.
+    """
+    quarter = (turns + 536870912) >> 30  # nearest multiple of 2^30 (a quarter turn)
+    rest = turns - (quarter << 30)  # in [-2^29, 2^29): at most an eighth of a turn
+    a = rest.to(tl.float32) * TWO_PI_OVER_2_32
+    a2 = a * a
+    s = a * (1.0 + a2 * (-1.0 / 6.0 + a2 * (1.0 / 120.0 + a2 * (-1.0 / 5040.0 + a2 * (1.0 / 362880.0)))))
+    c = 1.0 + a2 * (
+        -0.5 + a2 * (1.0 / 24.0 + a2 * (-1.0 / 720.0 + a2 * (1.0 / 40320.0 + a2 * (-1.0 / 3628800.0))))
+    )
+    q = quarter & 3
+    sin = tl.where(q == 0, s, tl.where(q == 1, c, tl.where(q == 2, -s, -c)))
+    cos = tl.where(q == 0, c, tl.where(q == 1, -s, tl.where(q == 2, -c, s)))
+    return sin, cos
+
+
+@triton.jit
+def rope_cos_sin(pos, TabA, TabB, j, j_mask, attn_factor, EXACT: tl.constexpr):
+    """af*cos and af*sin, fp32 [rows, pairs], for int32 positions [rows] and frequency indices j.
+
+    EXACT: TabA/TabB hold the high/low 32-bit halves of the uint64 turn constant r (as int32 bit
+    patterns). Bits 32..63 of pos * r mod 2^64 are pos * r_hi + umulhi(pos, r_lo) mod 2^32: the
+    32-bit products wrap exactly, and umulhi is the high half of the uint64 product pos * r_lo.
+    Otherwise TabA is fp32 inv_freq (transformers' fp32 angle, libdevice sin/cos).
+    """
+    if EXACT:
+        r_hi = tl.load(TabA + j, mask=j_mask, other=0)
+        r_lo = tl.load(TabB + j, mask=j_mask, other=0)
+        zero = tl.zeros_like(pos)[:, None] + tl.zeros_like(r_lo)[None, :]
+        p = pos[:, None] + zero
+        turns = p * r_hi[None, :] + tl.umulhi(p, r_lo[None, :] + zero)
+        sin, cos = sincos_turns(turns)
+    else:
+        inv_freq = tl.load(TabA + j, mask=j_mask, other=0.0)
+        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
+        sin = tl.sin(angle)
+        cos = tl.cos(angle)
+    return cos * attn_factor, sin * attn_factor
+
+
+@triton.jit
+def pair_columns(ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Frequency index j, its mask, and the two columns of each rotary pair."""
+    j = tl.arange(0, HALF_PAD)
+    j_mask = j < ROT_DIM // 2
+    if INTERLEAVED:
+        col_a = 2 * j
+        col_b = 2 * j + 1
+    else:
+        col_a = j
+        col_b = j + ROT_DIM // 2
+    return j, j_mask, col_a, col_b
+
+
+@triton.jit
+def load_raw_parts(
+    row_ptrs,
+    row_mask,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+):
+    """Unrotated parts (a, b, c) in fp32 of the rows at ``row_ptrs`` [rows]; c = a when no pass part."""
+    j, j_mask, col_a, col_b = pair_columns(ROT_DIM, INTERLEAVED, HALF_PAD)
+    m2 = row_mask[:, None] & j_mask[None, :]
+    a = tl.load(row_ptrs[:, None] + col_a[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+    b = tl.load(row_ptrs[:, None] + col_b[None, :] * stride_d, mask=m2, other=0.0).to(tl.float32)
+    c = a
+    if PASS_PAD > 0:
+        col_c = ROT_DIM + tl.arange(0, PASS_PAD)
+        mc = row_mask[:, None] & (col_c < HEAD_DIM)[None, :]
+        c = tl.load(row_ptrs[:, None] + col_c[None, :] * stride_d, mask=mc, other=0.0).to(tl.float32)
+    return a, b, c
+
+
+@triton.jit
+def load_parts(
+    row_ptrs,
+    row_mask,
+    stride_d,
+    pos,
+    TabA,
+    TabB,
+    attn_factor,
+    HEAD_DIM: tl.constexpr,
+    EXACT: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+):
+    """Rotated parts (a, b, c) in fp32 of the rows at ``row_ptrs`` [rows]; c = a when no pass part."""
+    xa, xb, c = load_raw_parts(
+        row_ptrs, row_mask, stride_d, HEAD_DIM, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD
+    )
+    j = tl.arange(0, HALF_PAD)
+    cos, sin = rope_cos_sin(pos, TabA, TabB, j, j < ROT_DIM // 2, attn_factor, EXACT)
+    a = xa * cos - xb * sin
+    b = xb * cos + xa * sin
+    if PASS_PAD == 0:
+        c = a
+    return a, b, c
+
+
+@triton.jit
+def rotate_back(
+    ga, gb, pos, TabA, TabB, attn_factor, EXACT: tl.constexpr, ROT_DIM: tl.constexpr, HALF_PAD: tl.constexpr
+):
+    """RoPE transpose (rotation by -angle, same attention factor) of gradient parts a, b."""
+    j = tl.arange(0, HALF_PAD)
+    cos, sin = rope_cos_sin(pos, TabA, TabB, j, j < ROT_DIM // 2, attn_factor, EXACT)
+    return ga * cos + gb * sin, gb * cos - ga * sin
+
+
+@triton.jit
+def store_parts(
+    row_ptrs,
+    row_mask,
+    stride_d,
+    a,
+    b,
+    c,
+    HEAD_DIM: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+):
+    """Store parts (a, b, c) back to their columns, cast to the destination dtype."""
+    j, j_mask, col_a, col_b = pair_columns(ROT_DIM, INTERLEAVED, HALF_PAD)
+    m2 = row_mask[:, None] & j_mask[None, :]
+    dt = row_ptrs.dtype.element_ty
+    tl.store(row_ptrs[:, None] + col_a[None, :] * stride_d, a.to(dt), mask=m2)
+    tl.store(row_ptrs[:, None] + col_b[None, :] * stride_d, b.to(dt), mask=m2)
+    if PASS_PAD > 0:
+        col_c = ROT_DIM + tl.arange(0, PASS_PAD)
+        mc = row_mask[:, None] & (col_c < HEAD_DIM)[None, :]
+        tl.store(row_ptrs[:, None] + col_c[None, :] * stride_d, c.to(dt), mask=mc)

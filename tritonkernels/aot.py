@@ -1,0 +1,227 @@
+"""Ahead-of-time compile of the attention kernels for a GPU arch, on a machine without a GPU.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` produces PTX and the shared
+memory size; ``ptxas -v`` on that PTX gives registers and spills. Run in a process where
+TRITON_INTERPRET is unset (the interpreter replaces @triton.jit functions), e.g.
+``python -m tritonkernels.aot`` which prints one JSON line per shipped config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from .configs import CONFIGS, KERNELS, SHARED_LIMIT, KernelConfig
+
+__all__ = ["compile_kernel", "occupancy", "main"]
+
+_DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _signature(kernel: str, dtype: str, exact: bool):
+    from . import flash_kernels as fk
+
+    fn = {"fwd": fk.flash_fwd_kernel, "bwd_dq": fk.flash_bwd_dq_kernel, "bwd_dkdv": fk.flash_bwd_dkdv_kernel}[
+        kernel
+    ]
+    ptr = _DT[dtype]
+    tab = "*i32" if exact else "*fp32"
+    sig = {}
+    for name in fn.arg_names:
+        if name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"):
+            sig[name] = ptr
+        elif name in ("Lse", "Delta"):
+            sig[name] = "*fp32"
+        elif name in ("QPos", "KPos", "QDoc", "KDoc", "TileRange"):
+            sig[name] = "*i32"
+        elif name in ("QTabA", "QTabB", "KTabA", "KTabB"):
+            sig[name] = tab
+        elif name in ("scale", "scale_log2", "attn_factor"):
+            sig[name] = "fp32"
+        elif name.isupper() or name in ("GROUP",):
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    return fn, sig
+
+
+def compile_kernel(
+    kernel: str,
+    arch: int,
+    head_dim: int,
+    cfg: KernelConfig,
+    *,
+    dtype: str = "bf16",
+    causal: bool = True,
+    docs: bool = True,
+    rope: bool = True,
+    exact: bool = True,
+    rot_dim: int | None = None,
+    interleaved: bool = False,
+    group: int = 4,
+    dot_prec: str | None = None,
+    ptxas: str | None = None,
+) -> dict:
+    """Compile one kernel variant; returns shared bytes, registers, spill bytes and the arch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .configs import block_d, rope_pads
+
+    rot_dim = head_dim if rot_dim is None else rot_dim
+    half_pad, pass_pad = rope_pads(head_dim, rot_dim if rope else None)
+    fn, sig = _signature(kernel, dtype, exact)
+    constexprs = dict(
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d(head_dim),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        CAUSAL=causal,
+        HAS_DOCS=docs,
+        ROPE=rope,
+        EXACT=exact,
+        ROT_DIM=rot_dim,
+        INTERLEAVED=interleaved,
+        HALF_PAD=half_pad,
+        PASS_PAD=pass_pad,
+        DOT_PREC=dot_prec or ("ieee" if dtype == "fp32" else "tf32"),
+    )
+    # What the JIT specializes at launch for contiguous-D tensors with 16-aligned strides: unit
+    # D strides become constants, pointers and the other strides are known multiples of 16.
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name.startswith("stride_") and name.endswith("d") and not name.endswith("b"):
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        elif sig[name].startswith("*") or (name.startswith("stride_") and "pos" not in name):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs, attrs)
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    shared = int(compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    regs, spill_st, spill_ld = _ptxas_usage(ptx, arch, ptxas)
+    return dict(
+        kernel=kernel,
+        arch=arch,
+        head_dim=head_dim,
+        dtype=dtype,
+        block_m=cfg.block_m,
+        block_n=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        shared=shared,
+        shared_limit=SHARED_LIMIT[arch],
+        registers=regs,
+        spill_stores=spill_st,
+        spill_loads=spill_ld,
+        occupancy_warps=occupancy(regs, shared, cfg.num_warps)[0],
+    )
+
+
+def _ptxas_usage(ptx: str, arch: int, ptxas: str | None):
+    if ptxas is None:
+        # Triton's bundled ptxas reads the PTX version Triton emits (sm_90a PTX 9.x is newer
+        # than some system toolkits accept); the one on PATH is the fallback.
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+
+            ptxas = get_ptxas(arch).path
+        except Exception:  # noqa: BLE001 - any failure to locate it means: use PATH
+            ptxas = None
+        if not ptxas or not os.path.exists(ptxas):
+            ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        raise RuntimeError("ptxas not found (neither Triton's bundled one nor on PATH)")
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    gpu = target.group(1).rstrip(",") if target else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run(
+            [ptxas, f"-arch={gpu}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if res.returncode:
+        raise RuntimeError(f"ptxas failed for {gpu}: {res.stderr[-2000:]}")
+    text = res.stdout + res.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return regs, int(spills.group(1)), int(spills.group(2))
+
+
+def occupancy(registers: int, shared: int, num_warps: int, arch: int = 89) -> tuple[int, int]:
+    """(resident warps per SM, resident blocks per SM) on sm_89: 64K regs, 100 KB smem, 48 warps."""
+    threads = 32 * num_warps
+    # registers are allocated per warp in units of 256
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * num_warps)
+    smem_sm, reserved = 102_400, 1024  # sm_89: 100 KB per SM, 1 KB reserved per block
+    by_smem = smem_sm // (shared + reserved) if shared else 24
+    by_warps = 48 // num_warps
+    blocks = max(0, min(by_regs, by_smem, by_warps, 24, 1536 // threads))
+    return blocks * num_warps, blocks
+
+
+def shipped_specs(archs=None, head_dims=(64, 80, 96, 128, 256), kernels=KERNELS, dtypes=("bf16",)):
+    """compile_kernel arguments for every shipped config (fp32 uses its halved config)."""
+    from .configs import block_d, for_dtype
+
+    specs = []
+    for arch in archs or sorted({a for a, _ in CONFIGS}):
+        for hd in head_dims:
+            for kernel in kernels:
+                for dtype in dtypes:
+                    size = 4 if dtype == "fp32" else 2
+                    cfg = for_dtype(CONFIGS[(arch, block_d(hd))][kernel], size, kernel, hd)
+                    specs.append(dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg))
+    return specs
+
+
+def main(argv=None) -> int:
+    """Print one JSON line per compiled config (``--specs`` takes a JSON list of compile_kernel kwargs,
+    with ``cfg`` as [block_m, block_n, num_warps, num_stages])."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET to AOT-compile", file=sys.stderr)
+        return 2
+    import argparse
+    import warnings
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, nargs="*", default=None)
+    parser.add_argument("--head-dim", type=int, nargs="*", default=[64, 80, 96, 128, 256])
+    parser.add_argument("--kernel", nargs="*", default=list(KERNELS))
+    parser.add_argument("--dtype", nargs="*", default=["bf16"])
+    parser.add_argument("--specs", default=None, help="JSON list of compile_kernel keyword arguments")
+    args = parser.parse_args(argv)
+    if args.specs:
+        specs = json.loads(args.specs)
+        for spec in specs:
+            spec["cfg"] = KernelConfig(*spec["cfg"])
+    else:
+        specs = shipped_specs(args.arch, args.head_dim, args.kernel, args.dtype)
+    for spec in specs:
+        spec = dict(spec)
+        kernel, arch, hd, cfg = spec.pop("kernel"), spec.pop("arch"), spec.pop("head_dim"), spec.pop("cfg")
+        result = compile_kernel(kernel, arch, hd, cfg, **spec)
+        result.update({k: v for k, v in spec.items() if k not in result})
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

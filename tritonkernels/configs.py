@@ -1,0 +1,124 @@
+"""Tile configs per GPU arch and padded head dim, for the attention kernels.
+
+Every shipped entry is AOT-compiled for its arch by tests/test_triton_aot.py, which asserts the
+shared memory fits the arch's per-block limit and ptxas reports zero spills. sm_89 is the tuning
+target (L40S: 101,376 B shared per block, 64K registers and 48 warps per SM); sm_80 and sm_90 get
+entries of their own. Choices follow the published FlashAttention-2 sm_89 tiles where they apply
+(forward 128x32 / 64x64, 4 warps; backward 64x64 with 8 warps; head dim 256 with smaller tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "KernelConfig",
+    "CONFIGS",
+    "SHARED_LIMIT",
+    "get_config",
+    "block_d",
+    "rope_pads",
+    "for_dtype",
+    "KERNELS",
+]
+
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+# Per-block shared memory limits (opt-in maximum), bytes.
+SHARED_LIMIT = {80: 166_912, 89: 101_376, 90: 232_448}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def block_d(head_dim: int) -> int:
+    """The D axis tile: next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def rope_pads(head_dim: int, rot_dim: int | None) -> tuple[int, int]:
+    """(HALF_PAD, PASS_PAD): widths of the pair parts and the pass-through part (0: none).
+
+    Without RoPE the whole head is one part of BLOCK_D columns.
+    """
+    if rot_dim is None:
+        return block_d(head_dim), 0
+    return block_d(rot_dim // 2), (0 if rot_dim == head_dim else block_d(head_dim - rot_dim))
+
+
+_C = KernelConfig
+# (arch, BLOCK_D) -> {kernel: config}. bwd_dq tiles are (query rows, key rows) of one pass over
+# keys; bwd_dkdv tiles are (query rows per step, key rows kept). Measured on sm_89 by AOT compile
+# with RoPE + documents + causal (the heaviest variant): registers <= 255 and no spills. The
+# fused RoPE costs registers (the K tile is rotated in registers before it is staged for the
+# MMA), which is why these tiles are smaller than FA2's for the same head dim.
+_SM89 = {
+    16: {"fwd": _C(64, 64, 4, 2), "bwd_dq": _C(64, 64, 4, 1), "bwd_dkdv": _C(64, 64, 4, 1)},
+    32: {"fwd": _C(64, 64, 4, 2), "bwd_dq": _C(64, 64, 4, 1), "bwd_dkdv": _C(64, 64, 4, 1)},
+    64: {"fwd": _C(64, 64, 4, 2), "bwd_dq": _C(64, 64, 4, 1), "bwd_dkdv": _C(32, 64, 4, 1)},
+    128: {"fwd": _C(64, 32, 4, 2), "bwd_dq": _C(32, 64, 8, 1), "bwd_dkdv": _C(64, 32, 8, 1)},
+    256: {"fwd": _C(32, 32, 8, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
+}
+# sm_80 (164 KB per block) and sm_90 (227 KB) are register-bound at these tiles, not shared-memory
+# bound, so they start from the sm_89 tiles; their own compile results are checked the same way.
+CONFIGS: dict[tuple[int, int], dict[str, KernelConfig]] = {
+    (arch, bd): dict(kernels) for arch in (80, 89, 90) for bd, kernels in _SM89.items()
+}
+CONFIGS[(80, 64)]["bwd_dq"] = _C(32, 64, 4, 1)  # 64x64 spills 32 B on sm_80
+
+
+# fp32 inputs double every staged tile and the fp32 dot runs on FMA units: smaller tiles, one
+# stage. Same for every arch (each is checked by the AOT test).
+_FP32 = {
+    16: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
+    32: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
+    64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
+    128: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
+    256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 32, 8, 1), "bwd_dkdv": _C(16, 32, 8, 1)},
+}
+
+
+def for_dtype(cfg: KernelConfig, element_size: int, kernel: str = "fwd", head_dim: int = 128) -> KernelConfig:
+    """The config for inputs of ``element_size`` bytes (``cfg`` is the 16-bit entry)."""
+    if element_size <= 2:
+        return cfg
+    return _FP32[block_d(head_dim)][kernel]
+
+
+# The interpreter runs numpy per tile op: larger tiles mean fewer ops. Any size is valid there.
+INTERPRETER_CONFIG = _C(32, 32, 4, 1)
+
+
+def _arch_key(capability: tuple[int, int]) -> int:
+    major, minor = capability
+    arch = 10 * major + minor
+    if arch >= 90:
+        return 90
+    if arch >= 89:
+        return 89
+    return 80  # sm_80/86/87 (86 has sm_89's 99 KB limit; its table is the sm_89 one, below)
+
+
+def get_config(
+    kernel: str, head_dim: int, capability: tuple[int, int] | None, element_size: int = 2
+) -> KernelConfig:
+    """The shipped config for ``kernel`` at ``head_dim`` on a device of ``capability`` (None: interpreter)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if capability is None:
+        return INTERPRETER_CONFIG
+    arch = _arch_key(capability)
+    if capability in ((8, 6), (8, 7)):
+        arch = 89  # same 99 KB per-block shared memory as sm_89
+    return for_dtype(CONFIGS[(arch, block_d(head_dim))][kernel], element_size, kernel, head_dim)

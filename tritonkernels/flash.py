@@ -1,0 +1,420 @@
+"""Thin launchers for the fused-RoPE flash-attention kernels (no autograd, no torch.distributed).
+
+Nothing here allocates an S x S buffer or a rotated copy of Q/K: the only allocations are the
+outputs, lse/delta (B, H, S), int32 positions and doc ids (S,), per-tile key/query ranges and the
+RoPE frequency tables (rotary_dim / 2 entries).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ringattn.reference import default_positions, document_ids
+from ringattn.rope import RoPEConfig
+
+from . import flash_kernels as fk
+from .configs import KernelConfig, block_d, get_config, rope_pads
+
+__all__ = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_bwd_delta", "RopeArgs", "rope_args"]
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_POSITION = 2**31 - 1
+_TABLE_CACHE: dict = {}
+
+
+@dataclass(frozen=True)
+class RopeArgs:
+    """What a kernel needs for RoPE: positions (int32, (1 or B, S)), tables and constexprs."""
+
+    positions: torch.Tensor
+    tab_a: torch.Tensor  # exact: r_hi (int32 bits of the uint32 half); hf: inv_freq fp32
+    tab_b: torch.Tensor  # exact: r_lo (int32 bits); hf: unused
+    exact: bool
+    rot_dim: int
+    interleaved: bool
+    attn_factor: float
+
+    @property
+    def stride_b(self) -> int:
+        return self.positions.stride(0) if self.positions.shape[0] > 1 else 0
+
+
+def _tables(rope: RoPEConfig, seq_len: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (rope, seq_len, str(device))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if rope.precision == "exact":
+        turns = rope.turns_fixed(seq_len)  # int64 two's complement of the uint64 constant
+        # the two 32-bit halves, stored as int32 bit patterns
+        hi = ((turns >> 32) & 0xFFFFFFFF).to(torch.int64)
+        lo = (turns & 0xFFFFFFFF).to(torch.int64)
+        hi, lo = (torch.where(h >= 2**31, h - 2**32, h).to(torch.int32) for h in (hi, lo))
+        tabs = hi.to(device), lo.to(device)
+    else:
+        inv = rope.inv_freq(torch.float32, seq_len).to(device)
+        tabs = inv, inv
+    if len(_TABLE_CACHE) > 256:
+        _TABLE_CACHE.clear()
+    _TABLE_CACHE[key] = tabs
+    return tabs
+
+
+def rope_args(
+    rope: RoPEConfig, positions: torch.Tensor, length: int, batch: int, device, name: str
+) -> RopeArgs:
+    """Validate positions ((S,) or (B, S), int32/int64, in [0, 2^31 - 1]) and build kernel arguments."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"{name} must be an int32/int64 tensor, got {getattr(positions, 'dtype', type(positions))}"
+        )
+    if positions.shape not in ((length,), (batch, length)):
+        raise ValueError(f"{name} must be ({length},) or ({batch}, {length}), got {tuple(positions.shape)}")
+    if positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi > _MAX_POSITION:
+            raise ValueError(f"{name} must lie in [0, 2^31 - 1], got [{lo}, {hi}]")
+        seq_len = hi + 1 if rope.rope_type == "dynamic" else None  # as ringattn.rope.apply_rope
+    else:
+        seq_len = None
+    if length:
+        pos = positions.to(device=device, dtype=torch.int32).reshape(-1, length).contiguous()
+    else:  # no rows: a dummy the kernels never read
+        pos = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    tab_a, tab_b = _tables(rope, seq_len, device)
+    return RopeArgs(
+        pos, tab_a, tab_b, rope.precision == "exact", rope.rotary_dim, rope.interleaved, rope.attention_factor
+    )
+
+
+def _span(span, name: str) -> tuple[int, int]:
+    start, stride = (span.start, span.stride) if hasattr(span, "start") else tuple(span)
+    if start < 0 or stride < 1:
+        raise ValueError(f"{name} needs start >= 0 and stride >= 1, got ({start}, {stride})")
+    return int(start), int(stride)
+
+
+def _ceil_div(x: torch.Tensor, d: int) -> torch.Tensor:
+    return -torch.div(-x, d, rounding_mode="floor")
+
+
+def _doc_tile_ranges(row_index, row_doc, cu, col_start, col_stride, col_len, block):
+    """Per tile of ``block`` rows: [lo, hi) of the other side's rows that share a document with it.
+
+    Each row's visible columns (same document) are one contiguous run because column indices grow
+    with the row number; a tile's range is the union's hull. Rows outside documents see nothing.
+    """
+    cu = cu.to(device=row_index.device, dtype=torch.int64)
+    doc = row_doc.to(torch.int64)
+    inside = doc >= 0
+    d = doc.clamp(min=0)
+    lo = _ceil_div(cu[d] - col_start, col_stride).clamp(0, col_len)
+    hi = _ceil_div(cu[d + 1] - col_start, col_stride).clamp(0, col_len)
+    empty = ~inside | (hi <= lo)
+    lo = torch.where(empty, torch.full_like(lo, col_len), lo)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    n_tiles = -(-row_index.numel() // block)
+    pad = n_tiles * block - row_index.numel()
+    lo = torch.nn.functional.pad(lo, (0, pad), value=col_len).view(n_tiles, block).amin(1)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(n_tiles, block).amax(1)
+    return torch.stack((lo, hi), 1).to(torch.int32).contiguous()
+
+
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{name} must be bf16, fp16 or fp32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+    if q.shape[3] > 256:
+        raise ValueError(f"head dim must be <= 256, got {q.shape[3]}")
+
+
+def _check_out(t, name, shape, dtype, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(
+            f"{name} must be {tuple(shape)} {dtype} on {device}, got {tuple(t.shape)} {t.dtype} on {t.device}"
+        )
+
+
+def _check_seq_major(t, name):
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along S (B, H, S), got strides {t.stride()}")
+
+
+class _Common:
+    """Arguments shared by the forward and both backward kernels."""
+
+    def __init__(
+        self, q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions
+    ):
+        B, Sq, Hq, D = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        self.B, self.Sq, self.Sk, self.Hq, self.Hkv, self.D = B, Sq, Sk, Hq, Hkv, D
+        self.scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+        self.causal = bool(causal)
+        self.q_start, self.q_stride = _span(q_span, "q_span")
+        self.k_start, self.k_stride = _span(k_span, "k_span")
+        if self.q_start + self.q_stride * max(Sq, 1) > _MAX_POSITION or (
+            self.k_start + self.k_stride * max(Sk, 1) > _MAX_POSITION
+        ):
+            raise ValueError("global token indices must stay below 2^31")
+        dev = q.device
+        q_index = torch.arange(Sq, device=dev) * self.q_stride + self.q_start
+        k_index = torch.arange(Sk, device=dev) * self.k_stride + self.k_start
+        self.cu = cu_seqlens
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+                raise ValueError("cu_seqlens must be a 1-D int tensor of document boundaries (n_docs + 1,)")
+            if cu_seqlens.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"cu_seqlens must be int32/int64, got {cu_seqlens.dtype}")
+            self.q_index, self.k_index = q_index, k_index
+            self.q_doc = document_ids(q_index, cu_seqlens).to(torch.int32).contiguous()
+            self.k_doc = document_ids(k_index, cu_seqlens).to(torch.int32).contiguous()
+        else:
+            self.q_doc = self.k_doc = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.rope = rope
+        if rope is not None:
+            if not isinstance(rope, RoPEConfig):
+                raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
+            if rope.dim != D:
+                raise ValueError(f"rope.dim {rope.dim} must equal the head dim {D}")
+            if q_positions is None:
+                q_positions = default_positions(q_index, cu_seqlens)
+            if k_positions is None:
+                k_positions = default_positions(k_index, cu_seqlens)
+            self.qr = rope_args(rope, q_positions, Sq, B, dev, "q_positions")
+            self.kr = rope_args(rope, k_positions, Sk, B, dev, "k_positions")
+        else:
+            dummy_i = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+            dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
+            self.qr = self.kr = RopeArgs(dummy_i, dummy_t, dummy_t, True, 2, False, 1.0)
+        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.capability = _capability(dev)
+
+    def tile_ranges(self, block: int, rows_are_queries: bool):
+        if self.cu is None:
+            return self.q_doc  # unused dummy
+        if rows_are_queries:
+            return _doc_tile_ranges(
+                self.q_index, self.q_doc, self.cu, self.k_start, self.k_stride, self.Sk, block
+            )
+        return _doc_tile_ranges(
+            self.k_index, self.k_doc, self.cu, self.q_start, self.q_stride, self.Sq, block
+        )
+
+    def rope_pointer_args(self):
+        return (
+            self.qr.positions,
+            self.kr.positions,
+            self.qr.tab_a,
+            self.qr.tab_b,
+            self.kr.tab_a,
+            self.kr.tab_b,
+        )
+
+    def constexprs(self, cfg: KernelConfig):
+        r = self.rope is not None
+        half_pad, pass_pad = rope_pads(self.D, self.qr.rot_dim if r else None)
+        return dict(
+            GROUP=self.Hq // self.Hkv,
+            HEAD_DIM=self.D,
+            BLOCK_D=block_d(self.D),
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            CAUSAL=self.causal,
+            HAS_DOCS=self.cu is not None,
+            ROPE=r,
+            EXACT=self.qr.exact if r else True,
+            ROT_DIM=self.qr.rot_dim if r else 2,
+            INTERLEAVED=self.qr.interleaved if r else False,
+            HALF_PAD=half_pad,
+            PASS_PAD=pass_pad,
+            DOT_PREC=self.dot_prec,
+        )
+
+    def launch_options(self, cfg: KernelConfig):
+        return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    q_span=(0, 1),
+    k_span=(0, 1),
+    cu_seqlens: torch.Tensor | None = None,
+    rope: RoPEConfig | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward with RoPE fused into the tile loads; returns out (B, Sq, Hq, D), lse (B, Hq, Sq).
+
+    q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), any strides. ``q_span``/``k_span``: (start, stride) of
+    the rows' global token indices (or ``ringattn.block.Span``). ``out``/``lse`` may be given to
+    write into. ``config`` overrides the shipped tile config.
+    """
+    _check_qkv(q, k, v)
+    c = _Common(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions)
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be q's dtype or float32, got {out_dtype}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    _check_out(out, "out", q.shape, out_dtype, q.device)
+    if lse is None:
+        lse = torch.empty(c.B, c.Hq, c.Sq, dtype=torch.float32, device=q.device)
+    _check_out(lse, "lse", (c.B, c.Hq, c.Sq), torch.float32, q.device)
+    if not lse.is_contiguous():
+        raise ValueError("lse must be contiguous")
+    if c.Sq == 0 or c.B == 0 or c.Hq == 0:
+        return out, lse
+    cfg = config or get_config("fwd", c.D, c.capability, q.element_size())
+    grid = (triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)
+    fk.flash_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *c.rope_pointer_args(),
+        c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        c.qr.stride_b, c.kr.stride_b,
+        c.Sq, c.Sk, c.Hq, c.q_start, c.q_stride, c.k_start, c.k_stride,
+        c.scale * fk.LOG2E, c.qr.attn_factor,
+        **c.constexprs(cfg), **c.launch_options(cfg),
+    )  # fmt: skip
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def flash_attn_bwd_delta(
+    out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """delta = rowsum(dout * out) in fp32, (B, H, S)."""
+    if out.shape != dout.shape or out.dim() != 4:
+        raise ValueError(
+            f"out and dout must be the same (B, S, H, D) shape, got {tuple(out.shape)}, {tuple(dout.shape)}"
+        )
+    B, S, H, D = out.shape
+    if delta is None:
+        delta = torch.empty(B, H, S, dtype=torch.float32, device=out.device)
+    _check_out(delta, "delta", (B, H, S), torch.float32, out.device)
+    if not delta.is_contiguous():
+        raise ValueError("delta must be contiguous")
+    if delta.numel() == 0:
+        return delta
+    block_m = 64
+    fk.flash_bwd_delta_kernel[(triton_cdiv(S, block_m), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), S, H,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,
+    )  # fmt: skip
+    return delta
+
+
+def flash_attn_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None,
+    lse: torch.Tensor,
+    delta: torch.Tensor | None = None,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    q_span=(0, 1),
+    k_span=(0, 1),
+    cu_seqlens: torch.Tensor | None = None,
+    rope: RoPEConfig | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    grad_dtype: torch.dtype | None = None,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
+    config_dq: KernelConfig | None = None,
+    config_dkdv: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients dq (B, Sq, Hq, D), dk, dv (B, Sk, Hkv, D) with the RoPE backward fused.
+
+    ``lse`` and ``delta`` (B, Hq, Sq) fp32 may be global ones (a ring's); ``delta`` is computed from
+    ``out`` when not given. Two passes, dq and dk/dv, so no atomics: results are deterministic.
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(dout, torch.Tensor) or dout.shape != q.shape or dout.dtype != q.dtype:
+        raise ValueError(f"dout must be a {q.dtype} tensor of q's shape {tuple(q.shape)}")
+    c = _Common(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions)
+    _check_out(lse, "lse", (c.B, c.Hq, c.Sq), torch.float32, q.device)
+    _check_seq_major(lse, "lse")
+    if delta is None:
+        if out is None:
+            raise ValueError("flash_attn_bwd needs out or delta")
+        delta = flash_attn_bwd_delta(out, dout)
+    _check_out(delta, "delta", (c.B, c.Hq, c.Sq), torch.float32, q.device)
+    _check_seq_major(delta, "delta")
+    grad_dtype = q.dtype if grad_dtype is None else grad_dtype
+    if grad_dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"grad_dtype must be the input dtype or float32, got {grad_dtype}")
+    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=grad_dtype, device=q.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=grad_dtype, device=q.device) if dv is None else dv
+    _check_out(dq, "dq", q.shape, grad_dtype, q.device)
+    _check_out(dk, "dk", k.shape, grad_dtype, q.device)
+    _check_out(dv, "dv", v.shape, grad_dtype, q.device)
+    if c.B == 0 or c.Hq == 0:
+        return dq, dk, dv
+    common_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    tail = (c.qr.stride_b, c.kr.stride_b, c.Sq, c.Sk)
+    spans = (c.q_start, c.q_stride, c.k_start, c.k_stride, c.scale, c.qr.attn_factor)
+    if c.Sq:
+        cfg = config_dq or get_config("bwd_dq", c.D, c.capability, q.element_size())
+        fk.flash_bwd_dq_kernel[(triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+            q, k, v, dout, lse, delta, dq,
+            *c.rope_pointer_args(),
+            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
+            *common_strides, *dq.stride(),
+            lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
+            *tail, c.Hq, *spans,
+            **c.constexprs(cfg), **c.launch_options(cfg),
+        )  # fmt: skip
+    if c.Sk:
+        cfg = config_dkdv or get_config("bwd_dkdv", c.D, c.capability, q.element_size())
+        fk.flash_bwd_dkdv_kernel[(triton_cdiv(c.Sk, cfg.block_n), c.B * c.Hkv)](
+            q, k, v, dout, lse, delta, dk, dv,
+            *c.rope_pointer_args(),
+            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False),
+            *common_strides, *dk.stride(), *dv.stride(),
+            lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
+            *tail, c.Hkv, *spans,
+            **c.constexprs(cfg), **c.launch_options(cfg),
+        )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,111 @@
+"""Standalone Triton RoPE (forward and backward) for paths that do not fuse it into attention.
+
+``rope_apply(x, positions, rope)`` returns the rotated copy of x (B, S, H, D), any strides, in x's
+dtype (or ``out_dtype``); ``transpose=True`` is the RoPE backward (rotation by -angle, same
+attention factor), which takes gradients w.r.t. rotated x back to x. Same angle arithmetic as the
+fused attention kernels (exact-phase fixed point or hf fp32), see ``_rope_tile``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ringattn.rope import RoPEConfig
+
+from ._rope_tile import load_parts, load_raw_parts, rotate_back, store_parts
+from .configs import rope_pads
+from .flash import rope_args
+
+__all__ = ["rope_apply", "rope_kernel"]
+
+
+@triton.jit
+def rope_kernel(
+    X,
+    Y,
+    Pos,
+    TabA,
+    TabB,
+    stride_xb,
+    stride_xs,
+    stride_xh,
+    stride_xd,
+    stride_yb,
+    stride_ys,
+    stride_yh,
+    stride_yd,
+    stride_pos_b,
+    S,
+    H,
+    attn_factor,
+    HEAD_DIM: tl.constexpr,
+    EXACT: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_valid = offs_s < S
+    pos = tl.load(Pos + b.to(tl.int64) * stride_pos_b + offs_s, mask=s_valid, other=0)
+    x_rows = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + offs_s.to(tl.int64) * stride_xs
+    y_rows = Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh + offs_s.to(tl.int64) * stride_ys
+    if TRANSPOSE:
+        a, b_, c = load_raw_parts(
+            x_rows, s_valid, stride_xd, HEAD_DIM, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD
+        )
+        a, b_ = rotate_back(a, b_, pos, TabA, TabB, attn_factor, EXACT, ROT_DIM, HALF_PAD)
+        if PASS_PAD == 0:
+            c = a
+    else:
+        a, b_, c = load_parts(
+            x_rows, s_valid, stride_xd, pos, TabA, TabB, attn_factor,
+            HEAD_DIM, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
+        )  # fmt: skip
+    store_parts(y_rows, s_valid, stride_yd, a, b_, c, HEAD_DIM, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD)
+
+
+def rope_apply(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    rope: RoPEConfig,
+    *,
+    transpose: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    block_s: int = 32,
+) -> torch.Tensor:
+    """RoPE of x (B, S, H, D) at int positions (S,) or (B, S); never modifies x."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a (B, S, H, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+    if not isinstance(rope, RoPEConfig):
+        raise TypeError(f"rope must be a RoPEConfig, got {type(rope).__name__}")
+    B, S, H, D = x.shape
+    if rope.dim != D:
+        raise ValueError(f"rope.dim {rope.dim} must equal x's head dim {D}")
+    ra = rope_args(rope, positions, S, B, x.device, "positions")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if out.shape != x.shape or out.dtype != out_dtype or out.device != x.device:
+        raise ValueError(f"out must be {tuple(x.shape)} {out_dtype} on {x.device}")
+    if x.numel() == 0:
+        return out
+    half_pad, pass_pad = rope_pads(D, rope.rotary_dim)
+    rope_kernel[(triton.cdiv(S, block_s), B * H)](
+        x, out, ra.positions, ra.tab_a, ra.tab_b,
+        *x.stride(), *out.stride(), ra.stride_b, S, H, ra.attn_factor,
+        HEAD_DIM=D, EXACT=ra.exact, ROT_DIM=ra.rot_dim, INTERLEAVED=ra.interleaved,
+        HALF_PAD=half_pad, PASS_PAD=pass_pad, TRANSPOSE=transpose, BLOCK_S=block_s,
+    )  # fmt: skip
+    return out
