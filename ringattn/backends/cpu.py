@@ -251,22 +251,26 @@ def check_compiled(q, k, v, mask, device_type: str, dtypes) -> tuple[bool, str]:
     return True, ""
 
 
-class CpuBackend:
-    """Block attention on CPU tensors with the compiled kernels (fp32 and bf16)."""
+class CompiledBackend:
+    """Drives a pair of compiled block ops (forward, backward); subclasses name the device and dtypes."""
 
-    name = "cpu"
+    name: str
+    device_type: str
+    dtypes: tuple[torch.dtype, ...]
+    forward_op = None  # the torch.library ops, set by each subclass
+    backward_op = None
 
     def can_implement(self, q, k, v, mask, rope):
-        return check_compiled(q, k, v, mask, "cpu", (torch.float32, torch.bfloat16))
+        return check_compiled(q, k, v, mask, self.device_type, self.dtypes)
 
     def forward(self, q, k, v, mask, *, softmax_scale, rope, q_positions, k_positions, out_dtype):
-        out, lse = cpu_block_forward(
+        out, lse = type(self).forward_op(
             q,
             k,
             v,
-            **mask_args(mask, "cpu"),
+            **mask_args(mask, q.device),
             softmax_scale=float(softmax_scale),
-            **rope_kwargs(rope, q_positions, k_positions, "cpu"),
+            **rope_kwargs(rope, q_positions, k_positions, q.device),
             out_fp32=out_dtype != q.dtype,
         )
         return out.to(out_dtype), lse
@@ -288,19 +292,29 @@ class CpuBackend:
         k_positions,
         grad_dtype,
     ):
-        dq, dk, dv = cpu_block_backward(
+        dq, dk, dv = type(self).backward_op(
             dout.to(q.dtype),
             q,
             k,
             v,
             lse,
             delta,
-            **mask_args(mask, "cpu"),
+            **mask_args(mask, q.device),
             softmax_scale=float(softmax_scale),
-            **rope_kwargs(rope, q_positions, k_positions, "cpu"),
+            **rope_kwargs(rope, q_positions, k_positions, q.device),
             grad_fp32=grad_dtype != q.dtype,
         )
         return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)
+
+
+class CpuBackend(CompiledBackend):
+    """Block attention on CPU tensors with the compiled kernels (fp32 and bf16)."""
+
+    name = "cpu"
+    device_type = "cpu"
+    dtypes = (torch.float32, torch.bfloat16)
+    forward_op = cpu_block_forward
+    backward_op = cpu_block_backward
 
 
 def rope_kwargs(rope, q_positions, k_positions, device) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import compiled
-from .cpu import _DTYPE_CODES, _unit_last, _view, check_compiled, fill_params, mask_args, rope_kwargs
+from .cpu import _DTYPE_CODES, CompiledBackend, _unit_last, _view, fill_params
 
 __all__ = ["CudaBackend", "cuda_block_forward", "cuda_block_backward"]
 
@@ -133,13 +133,17 @@ def _(dout, q, k, v, lse, delta, causal, q_start, q_stride, k_start, k_stride, c
     )
 
 
-class CudaBackend:
+class CudaBackend(CompiledBackend):
     """Block attention on CUDA tensors with the compiled tensor-core kernels (bf16 and fp16)."""
 
     name = "cuda"
+    device_type = "cuda"
+    dtypes = (torch.bfloat16, torch.float16)
+    forward_op = cuda_block_forward
+    backward_op = cuda_block_backward
 
     def can_implement(self, q, k, v, mask, rope):
-        ok, reason = check_compiled(q, k, v, mask, "cuda", (torch.bfloat16, torch.float16))
+        ok, reason = super().can_implement(q, k, v, mask, rope)
         if not ok:
             return ok, reason
         if not compiled().with_cuda:
@@ -147,46 +151,3 @@ class CudaBackend:
         if q.shape[3] % 2 or q.shape[3] > 256:
             return False, f"head dim must be even and <= 256, got {q.shape[3]}"
         return True, ""
-
-    def forward(self, q, k, v, mask, *, softmax_scale, rope, q_positions, k_positions, out_dtype):
-        out, lse = cuda_block_forward(
-            q,
-            k,
-            v,
-            **mask_args(mask, q.device),
-            softmax_scale=float(softmax_scale),
-            **rope_kwargs(rope, q_positions, k_positions, q.device),
-            out_fp32=out_dtype != q.dtype,
-        )
-        return out.to(out_dtype), lse
-
-    def backward(
-        self,
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        delta,
-        mask,
-        *,
-        softmax_scale,
-        rope,
-        q_positions,
-        k_positions,
-        grad_dtype,
-    ):
-        dq, dk, dv = cuda_block_backward(
-            dout.to(q.dtype),
-            q,
-            k,
-            v,
-            lse,
-            delta,
-            **mask_args(mask, q.device),
-            softmax_scale=float(softmax_scale),
-            **rope_kwargs(rope, q_positions, k_positions, q.device),
-            grad_fp32=grad_dtype != q.dtype,
-        )
-        return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)
