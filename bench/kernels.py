@@ -98,14 +98,15 @@ def run(
         _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends)
     results.save(out_dir, COLUMNS)
     series = {}
+    plot_dtype = str(dtypes[0]).removeprefix("torch.")
     for row in results.rows:
-        if row["mode"] == "fwd+bwd" and row["D"] == head_dims[-1] and row["dtype"] == "float32":
+        if row["mode"] == "fwd+bwd" and row["D"] == head_dims[-1] and row["dtype"] == plot_dtype:
             xs, ys = series.setdefault(row["impl"], ([], []))
             xs.append(row["S"])
             ys.append(row["tflops"])
     plot(
         out_dir / f"{suite}_tflops.png",
-        f"{suite}: fwd+bwd TFLOP/s, causal, fp32, D={head_dims[-1]}",
+        f"{suite}: fwd+bwd TFLOP/s, causal, {plot_dtype}, D={head_dims[-1]}",
         "sequence length",
         "TFLOP/s (causal FLOPs)",
         series,
