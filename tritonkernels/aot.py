@@ -177,17 +177,18 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int = 89) -> tu
 
 
 def shipped_specs(archs=None, head_dims=(64, 80, 96, 128, 256), kernels=KERNELS, dtypes=("bf16",)):
-    """compile_kernel arguments for every shipped config (fp32 uses its halved config)."""
-    from .configs import block_d, for_dtype
+    """compile_kernel arguments for every shipped config: each autotuning candidate, fp32's own."""
+    from .configs import get_configs
 
     specs = []
     for arch in archs or sorted({a for a, _ in CONFIGS}):
+        capability = divmod(arch, 10)
         for hd in head_dims:
             for kernel in kernels:
                 for dtype in dtypes:
                     size = 4 if dtype == "fp32" else 2
-                    cfg = for_dtype(CONFIGS[(arch, block_d(hd))][kernel], size, kernel, hd)
-                    specs.append(dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg))
+                    for cfg in get_configs(kernel, hd, capability, size):
+                        specs.append(dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg))
     return specs
 
 

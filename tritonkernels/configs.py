@@ -1,6 +1,7 @@
 """Tile configs per GPU arch and padded head dim, for the attention kernels.
 
-Every shipped entry is AOT-compiled for its arch by tests/test_triton_aot.py, which asserts the
+Every shipped entry (each autotuning candidate, autotune.py) is AOT-compiled for its arch by
+tests/test_triton_aot.py, which asserts the
 shared memory fits the arch's per-block limit and ptxas reports zero spills. sm_89 is the tuning
 target (L40S: 101,376 B shared per block, 64K registers and 48 warps per SM); sm_80 and sm_90 get
 entries of their own. Choices follow the published FlashAttention-2 sm_89 tiles where they apply
@@ -16,9 +17,9 @@ __all__ = [
     "CONFIGS",
     "SHARED_LIMIT",
     "get_config",
+    "get_configs",
     "block_d",
     "rope_pads",
-    "for_dtype",
     "KERNELS",
 ]
 
@@ -58,43 +59,46 @@ def rope_pads(head_dim: int, rot_dim: int | None) -> tuple[int, int]:
 
 
 _C = KernelConfig
-# (arch, BLOCK_D) -> {kernel: config}. bwd_dq tiles are (query rows, key rows) of one pass over
-# keys; bwd_dkdv tiles are (query rows per step, key rows kept). Measured on sm_89 by AOT compile
-# with RoPE + documents + causal (the heaviest variant): registers <= 255 and no spills. The
-# fused RoPE costs registers (the K tile is rotated in registers before it is staged for the
-# MMA), which is why these tiles are smaller than FA2's for the same head dim.
+# (arch, BLOCK_D) -> {kernel: candidates}, the first candidate being the default; the autotuner
+# (autotune.py) times the others on the GPU. bwd_dq tiles are (query rows, key rows) of one pass
+# over keys; bwd_dkdv tiles are (query rows per step, key rows kept). Every candidate was checked
+# on sm_80/89/90 by AOT compile with RoPE + documents + causal (the heaviest variant): shared
+# memory within the limit, registers <= 255, no spills. The fused RoPE costs registers (the K tile
+# is rotated in registers before it is staged for the MMA), which is why these tiles are smaller
+# than FA2's for the same head dim.
 _SM89 = {
-    16: {"fwd": _C(64, 64, 4, 2), "bwd_dq": _C(64, 64, 4, 1), "bwd_dkdv": _C(64, 64, 4, 1)},
-    32: {"fwd": _C(64, 64, 4, 2), "bwd_dq": _C(64, 64, 4, 1), "bwd_dkdv": _C(64, 64, 4, 1)},
-    64: {"fwd": _C(64, 64, 4, 2), "bwd_dq": _C(64, 64, 4, 1), "bwd_dkdv": _C(32, 64, 4, 1)},
-    128: {"fwd": _C(64, 32, 4, 2), "bwd_dq": _C(32, 64, 8, 1), "bwd_dkdv": _C(64, 32, 8, 1)},
-    256: {"fwd": _C(32, 32, 8, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
+    16: {"fwd": (_C(64, 64, 4, 2),), "bwd_dq": (_C(64, 64, 4, 1),), "bwd_dkdv": (_C(64, 64, 4, 1),)},
+    32: {"fwd": (_C(64, 64, 4, 2),), "bwd_dq": (_C(64, 64, 4, 1),), "bwd_dkdv": (_C(64, 64, 4, 1),)},
+    64: {
+        "fwd": (_C(64, 64, 4, 2), _C(128, 32, 4, 2), _C(64, 64, 4, 3)),
+        "bwd_dq": (_C(64, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4, 1)),
+        "bwd_dkdv": (_C(32, 64, 4, 1), _C(32, 32, 4, 1)),
+    },
+    128: {
+        "fwd": (_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 64, 4, 2), _C(64, 32, 4, 3)),
+        "bwd_dq": (_C(32, 64, 8, 1), _C(64, 32, 8, 1), _C(32, 32, 4, 1)),
+        "bwd_dkdv": (_C(64, 32, 8, 1), _C(32, 32, 4, 1)),
+    },
+    256: {"fwd": (_C(32, 32, 8, 1),), "bwd_dq": (_C(32, 32, 8, 1),), "bwd_dkdv": (_C(32, 32, 8, 1),)},
 }
 # sm_80 (164 KB per block) and sm_90 (227 KB) are register-bound at these tiles, not shared-memory
-# bound, so they start from the sm_89 tiles; their own compile results are checked the same way.
-CONFIGS: dict[tuple[int, int], dict[str, KernelConfig]] = {
+# bound, so they take the sm_89 candidates minus those that spill there.
+CONFIGS: dict[tuple[int, int], dict[str, tuple[KernelConfig, ...]]] = {
     (arch, bd): dict(kernels) for arch in (80, 89, 90) for bd, kernels in _SM89.items()
 }
-CONFIGS[(80, 64)]["bwd_dq"] = _C(32, 64, 4, 1)  # 64x64 spills 32 B on sm_80
+CONFIGS[(80, 64)]["bwd_dq"] = (_C(32, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4, 1))  # 64x64 spills
+CONFIGS[(80, 128)]["bwd_dq"] = (_C(32, 64, 8, 1), _C(32, 32, 4, 1))  # 64x32x8 spills
 
 
 # fp32 inputs double every staged tile and the fp32 dot runs on FMA units: smaller tiles, one
-# stage. Same for every arch (each is checked by the AOT test).
+# stage, one config. Same for every arch (each is checked by the AOT test).
 _FP32 = {
     16: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
     32: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
     64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
-    128: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
-    256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 32, 8, 1), "bwd_dkdv": _C(16, 32, 8, 1)},
+    128: {"fwd": _C(32, 32, 8, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
+    256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 16, 8, 1), "bwd_dkdv": _C(16, 32, 8, 1)},
 }
-
-
-def for_dtype(cfg: KernelConfig, element_size: int, kernel: str = "fwd", head_dim: int = 128) -> KernelConfig:
-    """The config for inputs of ``element_size`` bytes (``cfg`` is the 16-bit entry)."""
-    if element_size <= 2:
-        return cfg
-    return _FP32[block_d(head_dim)][kernel]
-
 
 # The interpreter runs numpy per tile op: larger tiles mean fewer ops. Any size is valid there.
 INTERPRETER_CONFIG = _C(32, 32, 4, 1)
@@ -110,15 +114,25 @@ def _arch_key(capability: tuple[int, int]) -> int:
     return 80  # sm_80/86/87 (86 has sm_89's 99 KB limit; its table is the sm_89 one, below)
 
 
-def get_config(
+def get_configs(
     kernel: str, head_dim: int, capability: tuple[int, int] | None, element_size: int = 2
-) -> KernelConfig:
-    """The shipped config for ``kernel`` at ``head_dim`` on a device of ``capability`` (None: interpreter)."""
+) -> tuple[KernelConfig, ...]:
+    """The shipped candidates for ``kernel`` at ``head_dim`` on a device of ``capability``
+    (None: the interpreter) for inputs of ``element_size`` bytes; the first is the default."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if capability is None:
-        return INTERPRETER_CONFIG
+        return (INTERPRETER_CONFIG,)
+    if element_size > 2:
+        return (_FP32[block_d(head_dim)][kernel],)
     arch = _arch_key(capability)
     if capability in ((8, 6), (8, 7)):
         arch = 89  # same 99 KB per-block shared memory as sm_89
-    return for_dtype(CONFIGS[(arch, block_d(head_dim))][kernel], element_size, kernel, head_dim)
+    return CONFIGS[(arch, block_d(head_dim))][kernel]
+
+
+def get_config(
+    kernel: str, head_dim: int, capability: tuple[int, int] | None, element_size: int = 2
+) -> KernelConfig:
+    """The default config (the first candidate) for ``kernel``; see ``get_configs``."""
+    return get_configs(kernel, head_dim, capability, element_size)[0]

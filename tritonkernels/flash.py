@@ -16,7 +16,8 @@ from ringattn.reference import default_positions, document_ids
 from ringattn.rope import RoPEConfig
 
 from . import flash_kernels as fk
-from .configs import KernelConfig, block_d, get_config, rope_pads
+from .autotune import TUNER, Tuner, size_bucket
+from .configs import KernelConfig, block_d, get_configs, rope_pads
 
 __all__ = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_bwd_delta", "RopeArgs", "rope_args"]
 
@@ -66,20 +67,27 @@ def _tables(rope: RoPEConfig, seq_len: int | None, device) -> tuple[torch.Tensor
 def rope_args(
     rope: RoPEConfig, positions: torch.Tensor, length: int, batch: int, device, name: str
 ) -> RopeArgs:
-    """Validate positions ((S,) or (B, S), int32/int64, in [0, 2^31 - 1]) and build kernel arguments."""
+    """Validate positions ((S,) or (B, S), int32/int64, in [0, 2^31 - 1]) and build kernel arguments.
+
+    The range is checked on the host for CPU tensors (and for dynamic scaling, which needs the
+    maximum), by a device-side assert otherwise.
+    """
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(
             f"{name} must be an int32/int64 tensor, got {getattr(positions, 'dtype', type(positions))}"
         )
     if positions.shape not in ((length,), (batch, length)):
         raise ValueError(f"{name} must be ({length},) or ({batch}, {length}), got {tuple(positions.shape)}")
-    if positions.numel():
+    seq_len = None
+    if positions.numel() and (positions.device.type == "cpu" or rope.rope_type == "dynamic"):
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi > _MAX_POSITION:
             raise ValueError(f"{name} must lie in [0, 2^31 - 1], got [{lo}, {hi}]")
         seq_len = hi + 1 if rope.rope_type == "dynamic" else None  # as ringattn.rope.apply_rope
-    else:
-        seq_len = None
+    elif positions.numel():
+        # No host sync on an accelerator (a ring calls this every hop): a device-side assert.
+        in_range = ((positions >= 0) & (positions <= _MAX_POSITION)).all()
+        torch._assert_async(in_range, f"{name} must lie in [0, 2^31 - 1]")
     if length:
         pos = positions.to(device=device, dtype=torch.int32).reshape(-1, length).contiguous()
     else:  # no rows: a dummy the kernels never read
@@ -211,6 +219,7 @@ class _Common:
             dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
             self.qr = self.kr = RopeArgs(dummy_i, dummy_t, dummy_t, True, 2, False, 1.0)
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.device = dev
         self.capability = _capability(dev)
 
     def tile_ranges(self, block: int, rows_are_queries: bool):
@@ -257,6 +266,18 @@ class _Common:
     def launch_options(self, cfg: KernelConfig):
         return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    def config(self, kernel: str, given: KernelConfig | None, tuner: Tuner | None, dtype, launch):
+        """``given``, else the shipped config for ``kernel``, autotuned among candidates on a GPU."""
+        if given is not None:
+            return given
+        candidates = get_configs(kernel, self.D, self.capability, dtype.itemsize)
+        key = (
+            kernel, self.device, dtype, self.D, self.Hq // self.Hkv, self.causal, self.cu is not None,
+            self.rope is not None and (self.qr.exact, self.qr.rot_dim),
+            size_bucket(self.Sq), size_bucket(self.Sk), size_bucket(self.B * self.Hq),
+        )  # fmt: skip
+        return (tuner or TUNER).choose(key, candidates, launch, self.device)
+
 
 def flash_attn_fwd(
     q: torch.Tensor,
@@ -275,12 +296,14 @@ def flash_attn_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    tuner: Tuner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward with RoPE fused into the tile loads; returns out (B, Sq, Hq, D), lse (B, Hq, Sq).
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), any strides. ``q_span``/``k_span``: (start, stride) of
     the rows' global token indices (or ``ringattn.block.Span``). ``out``/``lse`` may be given to
-    write into. ``config`` overrides the shipped tile config.
+    write into. ``config`` overrides the shipped tile configs; without it a GPU launch autotunes
+    among them with ``tuner`` (default: the process-wide ``autotune.TUNER``).
     """
     _check_qkv(q, k, v)
     c = _Common(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions)
@@ -297,18 +320,20 @@ def flash_attn_fwd(
         raise ValueError("lse must be contiguous")
     if c.Sq == 0 or c.B == 0 or c.Hq == 0:
         return out, lse
-    cfg = config or get_config("fwd", c.D, c.capability, q.element_size())
-    grid = (triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)
-    fk.flash_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *c.rope_pointer_args(),
-        c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        c.qr.stride_b, c.kr.stride_b,
-        c.Sq, c.Sk, c.Hq, c.q_start, c.q_stride, c.k_start, c.k_stride,
-        c.scale * fk.LOG2E, c.qr.attn_factor,
-        **c.constexprs(cfg), **c.launch_options(cfg),
-    )  # fmt: skip
+
+    def launch(cfg: KernelConfig):
+        fk.flash_fwd_kernel[(triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+            q, k, v, out, lse,
+            *c.rope_pointer_args(),
+            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            c.qr.stride_b, c.kr.stride_b,
+            c.Sq, c.Sk, c.Hq, c.q_start, c.q_stride, c.k_start, c.k_stride,
+            c.scale * fk.LOG2E, c.qr.attn_factor,
+            **c.constexprs(cfg), **c.launch_options(cfg),
+        )  # fmt: skip
+
+    launch(c.config("fwd", config, tuner, q.dtype, launch))
     return out, lse
 
 
@@ -363,11 +388,13 @@ def flash_attn_bwd(
     dv: torch.Tensor | None = None,
     config_dq: KernelConfig | None = None,
     config_dkdv: KernelConfig | None = None,
+    tuner: Tuner | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq (B, Sq, Hq, D), dk, dv (B, Sk, Hkv, D) with the RoPE backward fused.
 
     ``lse`` and ``delta`` (B, Hq, Sq) fp32 may be global ones (a ring's); ``delta`` is computed from
     ``out`` when not given. Two passes, dq and dk/dv, so no atomics: results are deterministic.
+    ``config_dq``/``config_dkdv``/``tuner`` as ``config``/``tuner`` of ``flash_attn_fwd``.
     """
     _check_qkv(q, k, v)
     if not isinstance(dout, torch.Tensor) or dout.shape != q.shape or dout.dtype != q.dtype:
@@ -396,25 +423,31 @@ def flash_attn_bwd(
     tail = (c.qr.stride_b, c.kr.stride_b, c.Sq, c.Sk)
     spans = (c.q_start, c.q_stride, c.k_start, c.k_stride, c.scale, c.qr.attn_factor)
     if c.Sq:
-        cfg = config_dq or get_config("bwd_dq", c.D, c.capability, q.element_size())
-        fk.flash_bwd_dq_kernel[(triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
-            q, k, v, dout, lse, delta, dq,
-            *c.rope_pointer_args(),
-            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
-            *common_strides, *dq.stride(),
-            lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
-            *tail, c.Hq, *spans,
-            **c.constexprs(cfg), **c.launch_options(cfg),
-        )  # fmt: skip
+
+        def launch_dq(cfg: KernelConfig):
+            fk.flash_bwd_dq_kernel[(triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+                q, k, v, dout, lse, delta, dq,
+                *c.rope_pointer_args(),
+                c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
+                *common_strides, *dq.stride(),
+                lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
+                *tail, c.Hq, *spans,
+                **c.constexprs(cfg), **c.launch_options(cfg),
+            )  # fmt: skip
+
+        launch_dq(c.config("bwd_dq", config_dq, tuner, q.dtype, launch_dq))
     if c.Sk:
-        cfg = config_dkdv or get_config("bwd_dkdv", c.D, c.capability, q.element_size())
-        fk.flash_bwd_dkdv_kernel[(triton_cdiv(c.Sk, cfg.block_n), c.B * c.Hkv)](
-            q, k, v, dout, lse, delta, dk, dv,
-            *c.rope_pointer_args(),
-            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False),
-            *common_strides, *dk.stride(), *dv.stride(),
-            lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
-            *tail, c.Hkv, *spans,
-            **c.constexprs(cfg), **c.launch_options(cfg),
-        )  # fmt: skip
+
+        def launch_dkdv(cfg: KernelConfig):
+            fk.flash_bwd_dkdv_kernel[(triton_cdiv(c.Sk, cfg.block_n), c.B * c.Hkv)](
+                q, k, v, dout, lse, delta, dk, dv,
+                *c.rope_pointer_args(),
+                c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False),
+                *common_strides, *dk.stride(), *dv.stride(),
+                lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
+                *tail, c.Hkv, *spans,
+                **c.constexprs(cfg), **c.launch_options(cfg),
+            )  # fmt: skip
+
+        launch_dkdv(c.config("bwd_dkdv", config_dkdv, tuner, q.dtype, launch_dkdv))
     return dq, dk, dv

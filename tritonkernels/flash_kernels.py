@@ -88,13 +88,32 @@ def _load_qk(
 
 
 @triton.jit
+def _dot_nt(x, y, acc, DOT_PREC: tl.constexpr):
+    """acc + x @ y^T for x [M, K], y [N, K], fp32 accumulation.
+
+    fp32 inputs take Triton's FMA path, which holds a thread's whole K extent of both operands in
+    registers: those dots are cut along K (interleaved halves, column order does not matter to a
+    dot product) down to 32 columns, which is what keeps the fp32 backward free of spills.
+    """
+    K: tl.constexpr = x.shape[1]
+    if DOT_PREC == "ieee" and K > 32:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0], K // 2, 2]))
+        y0, y1 = tl.split(tl.reshape(y, [y.shape[0], K // 2, 2]))
+        acc = _dot_nt(x0, y0, acc, DOT_PREC)
+        acc = _dot_nt(x1, y1, acc, DOT_PREC)
+    else:
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _scores(qa, qb, qc, ka, kb, kc, ROPE: tl.constexpr, PASS_PAD: tl.constexpr, DOT_PREC: tl.constexpr):
     """[rows of q, rows of k] = q . k summed over the parts."""
-    s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+    s = _dot_nt(qa, ka, tl.zeros([qa.shape[0], ka.shape[0]], dtype=tl.float32), DOT_PREC)
     if ROPE:
-        s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PREC)
+        s = _dot_nt(qb, kb, s, DOT_PREC)
         if PASS_PAD > 0:
-            s = tl.dot(qc, tl.trans(kc), s, input_precision=DOT_PREC)
+            s = _dot_nt(qc, kc, s, DOT_PREC)
     return s
 
 
@@ -490,7 +509,7 @@ def flash_bwd_dq_kernel(
         vis = _visible(q_idx, k_start + k_stride * offs_n, q_doc, k_doc, m_valid, n_valid, CAUSAL, HAS_DOCS)
         s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dp = _dot_nt(do, v, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PREC)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
         dqa, dqb, dqc = _acc_parts(ds, ka, kb, kc, dqa, dqb, dqc, ROPE, PASS_PAD, DOT_PREC)
 
