@@ -98,6 +98,30 @@ def correctness(
                         )
 
 
+AUTOTUNE_COLUMNS = [
+    "kernel", "dtype", "head_dim", "group", "causal", "docs", "rope", "sq", "sk", "rows",
+    "tile", "warps", "stages", "ms", "chosen",
+]  # fmt: skip
+
+
+def autotune_results(tuner=None) -> Results:
+    """One row per (tuned problem class, candidate config) the Triton autotuner timed in this run."""
+    from tritonkernels.autotune import TUNER
+
+    results = Results("gpu-autotune")
+    for key, times in (tuner or TUNER).timings.items():
+        fastest = min(times.values())
+        for cfg, ms in times.items():
+            row = key._asdict()
+            row.pop("device")
+            row["dtype"] = str(row["dtype"]).removeprefix("torch.")
+            results.add(
+                **row, tile=f"{cfg.block_m}x{cfg.block_n}", warps=cfg.num_warps, stages=cfg.num_stages,
+                ms=ms, chosen=ms == fastest,
+            )  # fmt: skip
+    return results
+
+
 def run(quick: bool, out_dir) -> Results:
     if not torch.cuda.is_available():
         raise SystemExit(
@@ -115,9 +139,10 @@ def run(quick: bool, out_dir) -> Results:
         head_dims=(64, 128),
         suite="gpu-kernels",
     )
+    autotune_results().save(out_dir, AUTOTUNE_COLUMNS)
     failed = [r for r in results.rows if r["verdict"] == "FAIL"]
     print(
         f"\ngpu-check: {len(results.rows) - len(failed)} checks passed or n/a, {len(failed)} failed; "
-        f"{len(speed.rows)} speed rows in {out_dir}/gpu-kernels.md"
+        f"{len(speed.rows)} speed rows in {out_dir}/gpu-kernels.md; tuner timings in {out_dir}/gpu-autotune.md"
     )
     return results

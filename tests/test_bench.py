@@ -81,6 +81,24 @@ def test_missing_requested_baseline_is_a_loud_error():
     assert result.returncode != 0 and "no-such-peer" in result.stderr
 
 
+def test_gpu_check_reports_every_autotune_timing(tmp_path):
+    from bench import gpu_check
+    from tritonkernels.autotune import TuneKey, Tuner
+    from tritonkernels.configs import KernelConfig
+
+    fast, slow = KernelConfig(64, 32, 4, 2), KernelConfig(128, 32, 8, 2)
+    tuner = Tuner(timer=lambda fn: fn())  # each "launch" returns its own time
+    key = TuneKey(
+        "fwd", torch.device("cpu"), torch.bfloat16, 128, 4, True, False, "exact/128", 4096, 4096, 32
+    )
+    assert tuner.choose(key, (slow, fast), {slow: 2.0, fast: 1.5}.__getitem__) == fast
+    rows = gpu_check.autotune_results(tuner).rows
+    assert [(r["tile"], r["ms"], r["chosen"]) for r in rows] == [("128x32", 2.0, False), ("64x32", 1.5, True)]
+    assert rows[0]["dtype"] == "bfloat16" and rows[0]["rope"] == "exact/128" and rows[0]["sq"] == 4096
+    gpu_check.autotune_results(tuner).save(tmp_path, gpu_check.AUTOTUNE_COLUMNS)
+    assert "64x32" in (tmp_path / "gpu-autotune.md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_flash_attn_baseline_without_gpu_is_an_error():
     with pytest.raises(SystemExit, match="flash-attn"):

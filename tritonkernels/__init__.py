@@ -7,9 +7,11 @@ Modules (imported on use, so ``import tritonkernels`` does not import triton):
   by global token index (start/stride spans), packed documents, fully masked tiles skipped, and a
   deterministic two-pass backward (dq; dk/dv summed over each query group) without atomics.
 - ``rope``: ``rope_apply``, the standalone RoPE kernel (forward and transposed backward).
-- ``configs``: tile configs per arch (sm_80/89/90) and head dim; ``aot``: AOT compile + ptxas
-  report (``python -m tritonkernels.aot`` with TRITON_INTERPRET unset).
+- ``configs``: tile config candidates per arch (sm_80/89/90) and head dim, the first the default;
+  ``autotune``: times the candidates once per problem class on a GPU (``RINGATTN_TRITON_AUTOTUNE=0``
+  turns it off); ``aot``: AOT compile + ptxas report (``python -m tritonkernels.aot`` with
+  TRITON_INTERPRET unset).
 
 Kernels use plain pointer arithmetic (no block pointers) and keep every shipped tile config within
-the per-block shared-memory budget of sm_80, sm_89 (101,376 B) and sm_90.
+the per-block shared-memory budget of sm_80, sm_89 (101,376 B) and sm_90, without register spills.
 """

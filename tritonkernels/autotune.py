@@ -13,12 +13,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 
 from .configs import KernelConfig
 
-__all__ = ["Tuner", "TUNER", "autotune_enabled", "size_bucket"]
+__all__ = ["Tuner", "TUNER", "TuneKey", "autotune_enabled", "size_bucket"]
+
+
+class TuneKey(NamedTuple):
+    """What the launchers key a tuned choice on (sizes as ``size_bucket``s)."""
+
+    kernel: str
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    group: int
+    causal: bool
+    docs: bool
+    rope: str  # "none", or the angle precision and rotary dim, e.g. "exact/128"
+    sq: int
+    sk: int
+    rows: int  # batch x query heads
 
 
 def autotune_enabled() -> bool:

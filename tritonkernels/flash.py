@@ -16,7 +16,7 @@ from ringattn.reference import default_positions, document_ids
 from ringattn.rope import RoPEConfig
 
 from . import flash_kernels as fk
-from .autotune import TUNER, Tuner, size_bucket
+from .autotune import TUNER, TuneKey, Tuner, size_bucket
 from .configs import KernelConfig, block_d, get_configs, rope_pads
 
 __all__ = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_bwd_delta", "RopeArgs", "rope_args"]
@@ -271,9 +271,9 @@ class _Common:
         if given is not None:
             return given
         candidates = get_configs(kernel, self.D, self.capability, dtype.itemsize)
-        key = (
-            kernel, self.device, dtype, self.D, self.Hq // self.Hkv, self.causal, self.cu is not None,
-            self.rope is not None and (self.qr.exact, self.qr.rot_dim),
+        rope = "none" if self.rope is None else f"{self.rope.precision}/{self.qr.rot_dim}"
+        key = TuneKey(
+            kernel, self.device, dtype, self.D, self.Hq // self.Hkv, self.causal, self.cu is not None, rope,
             size_bucket(self.Sq), size_bucket(self.Sk), size_bucket(self.B * self.Hq),
         )  # fmt: skip
         return (tuner or TUNER).choose(key, candidates, launch, self.device)
