@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from .configs import CONFIGS, KERNELS, SHARED_LIMIT, KernelConfig
+from .configs import AUX_KERNELS, CONFIGS, KERNELS, SHARED_LIMIT, KernelConfig
 
 __all__ = ["compile_kernel", "occupancy", "main"]
 
@@ -25,26 +25,32 @@ _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 def _signature(kernel: str, dtype: str, exact: bool):
     from . import flash_kernels as fk
+    from . import rope as rk
 
-    fn = {"fwd": fk.flash_fwd_kernel, "bwd_dq": fk.flash_bwd_dq_kernel, "bwd_dkdv": fk.flash_bwd_dkdv_kernel}[
-        kernel
-    ]
+    fn = {
+        "fwd": fk.flash_fwd_kernel,
+        "bwd_dq": fk.flash_bwd_dq_kernel,
+        "bwd_dkdv": fk.flash_bwd_dkdv_kernel,
+        "delta": fk.flash_bwd_delta_kernel,
+        "rope": rk.rope_kernel,
+    }[kernel]
     ptr = _DT[dtype]
     tab = "*i32" if exact else "*fp32"
     sig = {}
-    for name in fn.arg_names:
-        if name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"):
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "X", "Y"):
             sig[name] = ptr
         elif name in ("Lse", "Delta"):
             sig[name] = "*fp32"
-        elif name in ("QPos", "KPos", "QDoc", "KDoc", "TileRange"):
+        elif name in ("QPos", "KPos", "Pos", "QDoc", "KDoc", "TileRange"):
             sig[name] = "*i32"
-        elif name in ("QTabA", "QTabB", "KTabA", "KTabB"):
+        elif name in ("QTabA", "QTabB", "KTabA", "KTabB", "TabA", "TabB"):
             sig[name] = tab
         elif name in ("scale", "scale_log2", "attn_factor"):
             sig[name] = "fp32"
-        elif name.isupper() or name in ("GROUP",):
-            sig[name] = "constexpr"
         else:
             sig[name] = "i32"
     return fn, sig
@@ -65,9 +71,14 @@ def compile_kernel(
     interleaved: bool = False,
     group: int = 4,
     dot_prec: str | None = None,
+    transpose: bool = False,
     ptxas: str | None = None,
 ) -> dict:
-    """Compile one kernel variant; returns shared bytes, registers, spill bytes and the arch."""
+    """Compile one kernel variant; returns shared bytes, registers, spill bytes and the arch.
+
+    ``kernel`` is one of KERNELS or AUX_KERNELS; an aux kernel's rows per program are ``cfg.block_m``
+    (the rest of ``cfg`` but num_warps is unused), ``transpose`` picks the RoPE kernel's direction.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -92,12 +103,15 @@ def compile_kernel(
         HALF_PAD=half_pad,
         PASS_PAD=pass_pad,
         DOT_PREC=dot_prec or ("ieee" if dtype == "fp32" else "tf32"),
+        TRANSPOSE=transpose,
+        BLOCK_S=cfg.block_m,
     )
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     # What the JIT specializes at launch for contiguous-D tensors with 16-aligned strides: unit
     # D strides become constants, pointers and the other strides are known multiples of 16.
     attrs = {}
     for i, name in enumerate(fn.arg_names):
-        if name.startswith("stride_") and name.endswith("d") and not name.endswith("b"):
+        if name.startswith("stride_") and name.endswith("d") and not name.endswith("b") and "pos" not in name:
             sig[name] = "constexpr"
             constexprs[name] = 1
         elif sig[name].startswith("*") or (name.startswith("stride_") and "pos" not in name):
@@ -176,8 +190,11 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int = 89) -> tu
     return blocks * num_warps, blocks
 
 
-def shipped_specs(archs=None, head_dims=(64, 80, 96, 128, 256), kernels=KERNELS, dtypes=("bf16",)):
-    """compile_kernel arguments for every shipped config: each autotuning candidate, fp32's own."""
+def shipped_specs(
+    archs=None, head_dims=(64, 80, 96, 128, 256), kernels=KERNELS + AUX_KERNELS, dtypes=("bf16",)
+):
+    """compile_kernel arguments for every shipped config: each autotuning candidate, fp32's own, and
+    the elementwise kernels'."""
     from .configs import get_configs
 
     specs = []
@@ -186,10 +203,24 @@ def shipped_specs(archs=None, head_dims=(64, 80, 96, 128, 256), kernels=KERNELS,
         for hd in head_dims:
             for kernel in kernels:
                 for dtype in dtypes:
+                    if kernel in AUX_KERNELS:
+                        specs.extend(aux_specs(kernel, arch, hd, dtype))
+                        continue
                     size = 4 if dtype == "fp32" else 2
                     for cfg in get_configs(kernel, hd, capability, size):
                         specs.append(dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg))
     return specs
+
+
+def aux_specs(kernel: str, arch: int, head_dim: int, dtype: str) -> list[dict]:
+    """compile_kernel arguments for an elementwise kernel (RoPE: both directions)."""
+    from .configs import aux_rows
+
+    spec = dict(kernel=kernel, arch=arch, head_dim=head_dim, dtype=dtype)
+    spec["cfg"] = KernelConfig(aux_rows(kernel, head_dim), 16, 4, 1)
+    if kernel == "rope":
+        return [dict(spec, transpose=t) for t in (False, True)]
+    return [spec]
 
 
 def main(argv=None) -> int:
@@ -205,7 +236,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, nargs="*", default=None)
     parser.add_argument("--head-dim", type=int, nargs="*", default=[64, 80, 96, 128, 256])
-    parser.add_argument("--kernel", nargs="*", default=list(KERNELS))
+    parser.add_argument("--kernel", nargs="*", default=list(KERNELS + AUX_KERNELS))
     parser.add_argument("--dtype", nargs="*", default=["bf16"])
     parser.add_argument("--specs", default=None, help="JSON list of compile_kernel keyword arguments")
     args = parser.parse_args(argv)

@@ -21,9 +21,12 @@ __all__ = [
     "block_d",
     "rope_pads",
     "KERNELS",
+    "AUX_KERNELS",
+    "aux_rows",
 ]
 
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+AUX_KERNELS = ("delta", "rope")  # elementwise: the backward's delta preprocess, the standalone RoPE
 
 # Per-block shared memory limits (opt-in maximum), bytes.
 SHARED_LIMIT = {80: 166_912, 89: 101_376, 90: 232_448}
@@ -97,8 +100,20 @@ _FP32 = {
     32: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
     64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
     128: {"fwd": _C(32, 32, 8, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
-    256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 16, 8, 1), "bwd_dkdv": _C(16, 32, 8, 1)},
+    256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 16, 8, 1), "bwd_dkdv": _C(16, 16, 4, 1)},
 }
+
+
+def aux_rows(kernel: str, head_dim: int) -> int:
+    """Rows per program of an elementwise kernel (4 warps, any arch): delta holds two row tiles of
+    BLOCK_D columns, so it takes at most 8K elements (64 rows spill at head dim 256); RoPE holds
+    rows, cos and sin, 32 rows up to head dim 256. AOT-checked with the tile configs."""
+    if kernel == "delta":
+        return min(64, 8192 // block_d(head_dim))
+    if kernel == "rope":
+        return 32
+    raise ValueError(f"kernel must be one of {AUX_KERNELS}, got {kernel!r}")
+
 
 # The interpreter runs numpy per tile op: larger tiles mean fewer ops. Any size is valid there.
 INTERPRETER_CONFIG = _C(32, 32, 4, 1)

@@ -17,7 +17,7 @@ from ringattn.rope import RoPEConfig
 
 from . import flash_kernels as fk
 from .autotune import TUNER, TuneKey, Tuner, size_bucket
-from .configs import KernelConfig, block_d, get_configs, rope_pads
+from .configs import KernelConfig, aux_rows, block_d, get_configs, rope_pads
 
 __all__ = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_bwd_delta", "RopeArgs", "rope_args"]
 
@@ -357,7 +357,7 @@ def flash_attn_bwd_delta(
         raise ValueError("delta must be contiguous")
     if delta.numel() == 0:
         return delta
-    block_m = 64
+    block_m = aux_rows("delta", D)
     fk.flash_bwd_delta_kernel[(triton_cdiv(S, block_m), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), S, H,
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,

@@ -15,7 +15,7 @@ import triton.language as tl
 from ringattn.rope import RoPEConfig
 
 from ._rope_tile import load_parts, load_raw_parts, rotate_back, store_parts
-from .configs import rope_pads
+from .configs import aux_rows, rope_pads
 from .flash import rope_args
 
 __all__ = ["rope_apply", "rope_kernel"]
@@ -81,9 +81,13 @@ def rope_apply(
     transpose: bool = False,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
-    block_s: int = 32,
+    block_s: int | None = None,
 ) -> torch.Tensor:
-    """RoPE of x (B, S, H, D) at int positions (S,) or (B, S); never modifies x."""
+    """RoPE of x (B, S, H, D) at int positions (S,) or (B, S); never modifies x.
+
+    ``transpose`` applies the inverse rotation (the backward); ``block_s`` overrides the shipped rows per
+    program (``configs.aux_rows``).
+    """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, S, H, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -102,6 +106,7 @@ def rope_apply(
     if x.numel() == 0:
         return out
     half_pad, pass_pad = rope_pads(D, rope.rotary_dim)
+    block_s = block_s or aux_rows("rope", D)
     rope_kernel[(triton.cdiv(S, block_s), B * H)](
         x, out, ra.positions, ra.tab_a, ra.tab_b,
         *x.stride(), *out.stride(), ra.stride_b, S, H, ra.attn_factor,
