@@ -1,6 +1,7 @@
 """AOT-compile the shipped Triton attention configs for sm_80/89/90 without a GPU.
 
-Asserts each fits the arch's per-block shared memory and that ptxas reports no register spills.
+Asserts each fits the arch's per-block shared memory and that ptxas reports no register spills
+(attention kernels and the elementwise delta and RoPE kernels).
 Compiling runs in a subprocess: the test session runs Triton under its interpreter, which
 replaces @triton.jit functions. sm_89 at head dim 128 (the tuning target) is in the default tier;
 every arch, head dim, fp32 and the RoPE variants are under ``slow``.
@@ -16,7 +17,7 @@ import sys
 
 import pytest
 
-from tritonkernels.configs import SHARED_LIMIT
+from tritonkernels.configs import AUX_KERNELS, SHARED_LIMIT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ptxas") is None
@@ -47,7 +48,8 @@ def _check(results: list[dict], expected: int):
     assert len(results) == expected
     for r in results:
         label = f"{r['kernel']} sm_{r['arch']} d{r['head_dim']} {r['dtype']} {r['block_m']}x{r['block_n']}"
-        assert 0 < r["shared"] <= SHARED_LIMIT[r["arch"]], f"{label}: {r['shared']} B shared"
+        assert r["shared"] <= SHARED_LIMIT[r["arch"]], f"{label}: {r['shared']} B shared"
+        assert r["shared"] > 0 or r["kernel"] in AUX_KERNELS, f"{label}: no shared memory (a broken compile?)"
         assert r["registers"] <= 255
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{label}: spills {r}"
 
@@ -91,3 +93,41 @@ def test_rope_variants_compile_on_sm89():
         ):
             specs.append(dict(kernel=kernel, arch=89, head_dim=128, cfg=cfg, **variant))
     _check(_compile(["--specs", json.dumps(specs)]), len(specs))
+
+
+def test_hot_loop_mix_picks_the_loop_with_most_mma():
+    from tritonkernels.aot import hot_loop_mix
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0040*/                   FFMA R5, R6, R7, R5 ;
+        /*0050*/                   NOP ;
+        /*0060*/                   HMMA.16816.F32.BF16 R16, R8, R14, R16 ;
+        /*0070*/              @!P1 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+.L_x_2:
+        /*0090*/                   BRA `(.L_x_2);
+    """
+    mix = hot_loop_mix(sass)
+    assert mix["loop_mma"] == 2 and mix["loop_instructions"] == 4  # HMMA, FFMA, HMMA, BRA; NOP left out
+    assert mix["loop_top_opcodes"] == {"HMMA": 2, "FFMA": 1, "BRA": 1}
+    with pytest.raises(ValueError, match="no loop"):
+        hot_loop_mix("        /*0000*/                   EXIT ;")
+
+
+@pytest.mark.slow
+def test_sass_model_of_the_forward_on_sm89():
+    # The static issue model (MODELED): without RoPE the forward's loop is tensor-bound; the fused
+    # RoPE adds instructions, never MMAs.
+    specs = [
+        dict(kernel="fwd", arch=89, head_dim=128, cfg=[64, 32, 4, 2], docs=False, rope=rope)
+        for rope in (False, True)
+    ]
+    plain, fused = _compile(["--mix", "--specs", json.dumps(specs)])
+    assert plain["loop_mma"] == fused["loop_mma"] == 64  # (64 x 32 x 128) x 2 / (16 x 8 x 16) / 4 warps
+    assert plain["bound"] == "tensor" and fused["loop_instructions"] > plain["loop_instructions"]

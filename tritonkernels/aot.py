@@ -4,6 +4,12 @@
 memory size; ``ptxas -v`` on that PTX gives registers and spills. Run in a process where
 TRITON_INTERPRET is unset (the interpreter replaces @triton.jit functions), e.g.
 ``python -m tritonkernels.aot`` which prints one JSON line per shipped config.
+
+``--mix`` adds the instruction mix of each kernel's hot loop from its SASS (``nvdisasm``) and, on
+sm_89, a static issue model of one loop iteration: a warp issues at most one instruction per cycle,
+and its sub-partition's tensor core takes ``MMA_CYCLES_SM89`` cycles per m16n8k16 MMA, so an
+iteration takes at least max(MMA cycles, instructions) — tensor-bound or issue-bound. It ignores
+latency and memory stalls: a MODELED lower bound for comparing variants, not a GPU timing.
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ import tempfile
 
 from .configs import AUX_KERNELS, CONFIGS, KERNELS, SHARED_LIMIT, KernelConfig
 
-__all__ = ["compile_kernel", "occupancy", "main"]
+__all__ = ["compile_kernel", "occupancy", "hot_loop_mix", "main"]
+
+# L40S: 362e12 bf16 FLOP/s over 142 SMs x 4 sub-partitions at 2.52 GHz = 126.5 MAC per cycle per
+# sub-partition (FACTS.md); one m16n8k16 MMA is 2048 MACs.
+MMA_CYCLES_SM89 = 2048 / (362e12 / 2 / (142 * 4 * 2.52e9))
 
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -73,6 +83,7 @@ def compile_kernel(
     dot_prec: str | None = None,
     transpose: bool = False,
     ptxas: str | None = None,
+    mix: bool = False,
 ) -> dict:
     """Compile one kernel variant; returns shared bytes, registers, spill bytes and the arch.
 
@@ -125,6 +136,13 @@ def compile_kernel(
     shared = int(compiled.metadata.shared)
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = _ptxas_usage(ptx, arch, ptxas)
+    loop = {}
+    if mix:
+        loop = hot_loop_mix(_disassemble(compiled.asm["cubin"]))
+        if arch == 89:
+            mma_cycles = loop["loop_mma"] * MMA_CYCLES_SM89
+            loop["modeled_cycles"] = round(max(mma_cycles, loop["loop_instructions"]))
+            loop["bound"] = "tensor" if mma_cycles >= loop["loop_instructions"] else "issue"
     return dict(
         kernel=kernel,
         arch=arch,
@@ -140,7 +158,76 @@ def compile_kernel(
         spill_stores=spill_st,
         spill_loads=spill_ld,
         occupancy_warps=occupancy(regs, shared, cfg.num_warps)[0],
+        **loop,
     )
+
+
+def _nvidia_tool(name: str) -> str:
+    """Triton's bundled CUDA tool ``name`` (it reads the PTX/cubin versions Triton emits), else PATH."""
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if os.path.exists(path):
+        return path
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found (neither Triton's bundled one nor on PATH)")
+    return found
+
+
+def _disassemble(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([_nvidia_tool("nvdisasm"), path], capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise RuntimeError(f"nvdisasm failed: {res.stderr[-2000:]}")
+    return res.stdout
+
+
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_SASS_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_MMA_OPCODES = ("HMMA", "HGMMA")
+
+
+def hot_loop_mix(sass: str) -> dict:
+    """Static instruction mix of the loop with the most MMA instructions in ``nvdisasm`` output.
+
+    A loop is a backward branch and its target label; among loops with the most MMAs the shortest
+    (innermost) wins. Returns its instruction count (NOPs excluded), MMA count and the ten most
+    frequent opcodes (without modifiers).
+    """
+    labels: dict[str, int] = {}
+    ops: list[str] = []
+    loops: list[tuple[int, int]] = []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        instr = _SASS_INSTR.search(line)
+        if not instr:
+            continue
+        opcode = instr.group(1).split(".")[0]
+        target = _SASS_TARGET.search(instr.group(2))
+        if opcode == "BRA" and target and target.group(1) in labels:
+            loops.append((labels[target.group(1)], len(ops)))
+        ops.append(opcode)
+    if not loops:
+        raise ValueError("no loop (backward branch) in the SASS")
+
+    def mma(span):
+        return sum(op in _MMA_OPCODES for op in ops[span[0] : span[1] + 1])
+
+    begin, end = max(loops, key=lambda span: (mma(span), -(span[1] - span[0])))
+    body = [op for op in ops[begin : end + 1] if op != "NOP"]
+    counts: dict[str, int] = {}
+    for op in body:
+        counts[op] = counts.get(op, 0) + 1
+    top = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+    return dict(loop_instructions=len(body), loop_mma=mma((begin, end)), loop_top_opcodes=top)
 
 
 def _ptxas_usage(ptx: str, arch: int, ptxas: str | None):
@@ -239,6 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", nargs="*", default=list(KERNELS + AUX_KERNELS))
     parser.add_argument("--dtype", nargs="*", default=["bf16"])
     parser.add_argument("--specs", default=None, help="JSON list of compile_kernel keyword arguments")
+    parser.add_argument("--mix", action="store_true", help="add the hot loop's SASS mix and sm_89 model")
     args = parser.parse_args(argv)
     if args.specs:
         specs = json.loads(args.specs)
@@ -249,7 +337,7 @@ def main(argv=None) -> int:
     for spec in specs:
         spec = dict(spec)
         kernel, arch, hd, cfg = spec.pop("kernel"), spec.pop("arch"), spec.pop("head_dim"), spec.pop("cfg")
-        result = compile_kernel(kernel, arch, hd, cfg, **spec)
+        result = compile_kernel(kernel, arch, hd, cfg, mix=args.mix, **spec)
         result.update({k: v for k, v in spec.items() if k not in result})
         print(json.dumps(result), flush=True)
     return 0
