@@ -38,7 +38,7 @@ _REQUIRED_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 # 2*pi to 50 significant digits: turns = f / 2pi is then exact to far below 2^-64 per position.
-_TWO_PI = Fraction("6.2831853071795864769252867665590057683943387987502")
+TWO_PI = Fraction("6.2831853071795864769252867665590057683943387987502")  # 2 pi to 50 digits, exact
 _MAX_POSITION = 2**31 - 1
 
 
@@ -231,7 +231,7 @@ def _turns_fixed(rope: RoPEConfig, seq_len: int | None) -> torch.Tensor:
     # Exact rational arithmetic (fp64 would leave ~300 ulps of 2^-64 turns): cached, it is per config.
     values = []
     for f in rope.inv_freq(torch.float64, seq_len).tolist():
-        r = round(Fraction(f) * 2**64 / _TWO_PI) % 2**64
+        r = round(Fraction(f) * 2**64 / TWO_PI) % 2**64
         values.append(r - 2**64 if r >= 2**63 else r)
     return torch.tensor(values, dtype=torch.int64)
 

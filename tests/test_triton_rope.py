@@ -95,3 +95,21 @@ def test_exact_phase_at_extreme_positions(positions):
         hf = pos.float().unsqueeze(-1) * rope.inv_freq(torch.float32)
         hf_err = (torch.remainder(hf.double() - truth + torch.pi, 2 * torch.pi) - torch.pi).abs().max().item()
         assert hf_err > 100 * err
+
+
+@pytest.mark.parametrize(
+    "positions", [(0, 64), (4_194_240, 4_194_304), (2**31 - 64, 2**31)], ids=["low", "2^22", "2^31"]
+)
+def test_hf_mode_matches_transformers_fp32_angles_at_any_position(positions):
+    # hf mode must reproduce transformers: the fp32 angle pos * inv_freq, then its cos/sin. Compare
+    # with fp64 cos/sin of that same fp32 angle, against torch's own fp32 cos/sin as the peer
+    # (large arguments: the kernel's exact reduction of the fp32 angle is what is checked).
+    rope = RoPEConfig(128, theta=5e5, precision="hf")
+    pos = torch.arange(*positions, dtype=torch.int64)
+    x = torch.zeros(1, len(pos), 1, 128)
+    x[..., :64] = 1.0  # NeoX pairs (x[j], x[j + 64]) = (1, 0): the output is (cos, sin)
+    y = rope_apply(x, pos, rope)[0, :, 0]
+    angle32 = pos.float().unsqueeze(-1) * rope.inv_freq(torch.float32)
+    truth = torch.cat((torch.cos(angle32.double()), torch.sin(angle32.double())), -1)
+    peer = torch.cat((torch.cos(angle32), torch.sin(angle32)), -1)
+    assert_within_peer_error(y, truth, peer, name="hf cos|sin")

@@ -13,7 +13,10 @@ Angles, exact mode: each frequency is a 64-bit fixed-point turn count ``r = r_hi
 [-1/2, 1/2) times 2^32; they come from 32-bit wrapping products and one umulhi, exactly. sin/cos
 then come from a quarter-turn reduction in integers and fp32 polynomials (``sincos_turns``).
 Angles never go through tl.dot.
-hf mode: fp32 ``pos * inv_freq`` exactly as transformers computes it.
+hf mode: fp32 ``pos * inv_freq`` exactly as transformers computes it, then that fp32 angle reduced
+exactly the same way: angle = mant * 2^E (24-bit mantissa, E <= 8 below 2^31), and the turn fraction's
+top 32 bits are mant * W(E) mod 2^64, W(E) = round(2^(64+E) / 2pi) mod 2^64 from a host table
+(``HF_EXPONENTS`` entries). No libdevice sin/cos, whose large-argument path costs ~3x the loop.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import triton.language as tl
 
 # 2*pi / 2^32: turns in units of 2^-32 to radians.
 TWO_PI_OVER_2_32 = tl.constexpr(1.4629180792671596e-09)
+# hf reduction table rows: exponents E in [-64, 8] (angles below 2^-40 reduce to 0 turns).
+HF_MIN_EXPONENT = tl.constexpr(-64)
+HF_MAX_EXPONENT = tl.constexpr(8)
 
 
 # Polynomials on [-pi/4, pi/4], fitted here for this kernel (iteratively reweighted least squares
@@ -67,7 +73,8 @@ def rope_cos_sin(pos, TabA, TabB, j, j_mask, attn_factor, EXACT: tl.constexpr):
     EXACT: TabA/TabB hold the high/low 32-bit halves of the uint64 turn constant r (as int32 bit
     patterns). Bits 32..63 of pos * r mod 2^64 are pos * r_hi + umulhi(pos, r_lo) mod 2^32: the
     32-bit products wrap exactly, and umulhi is the high half of the uint64 product pos * r_lo.
-    Otherwise TabA is fp32 inv_freq (transformers' fp32 angle, libdevice sin/cos).
+    Otherwise TabA is fp32 inv_freq (transformers' fp32 angle) and TabB the hf reduction table
+    (int32 pairs: high, low half of W(E) for E = -64 .. 8).
     """
     if EXACT:
         r_hi = tl.load(TabA + j, mask=j_mask, other=0)
@@ -78,9 +85,14 @@ def rope_cos_sin(pos, TabA, TabB, j, j_mask, attn_factor, EXACT: tl.constexpr):
         sin, cos = sincos_turns(turns, attn_factor)
     else:
         inv_freq = tl.load(TabA + j, mask=j_mask, other=0.0)
-        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
-        sin = tl.sin(angle) * attn_factor
-        cos = tl.cos(angle) * attn_factor
+        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]  # >= 0, below 2^31
+        bits = angle.to(tl.int32, bitcast=True)
+        mant = (bits & 0x7FFFFF) | 0x800000
+        row = tl.minimum(tl.maximum((bits >> 23) - 150, HF_MIN_EXPONENT), HF_MAX_EXPONENT) - HF_MIN_EXPONENT
+        w_hi = tl.load(TabB + 2 * row)
+        w_lo = tl.load(TabB + 2 * row + 1)
+        turns = mant * w_hi + tl.umulhi(mant, w_lo)
+        sin, cos = sincos_turns(turns, attn_factor)
     return cos, sin
 
 

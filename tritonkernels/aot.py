@@ -57,8 +57,10 @@ def _signature(kernel: str, dtype: str, exact: bool):
             sig[name] = "*fp32"
         elif name in ("QPos", "KPos", "Pos", "QDoc", "KDoc", "TileRange"):
             sig[name] = "*i32"
-        elif name in ("QTabA", "QTabB", "KTabA", "KTabB", "TabA", "TabB"):
+        elif name in ("QTabA", "KTabA", "TabA"):
             sig[name] = tab
+        elif name in ("QTabB", "KTabB", "TabB"):  # r_lo (exact) or the hf reduction table
+            sig[name] = "*i32"
         elif name in ("scale", "scale_log2", "attn_factor"):
             sig[name] = "fp32"
         else:

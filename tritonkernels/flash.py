@@ -7,13 +7,15 @@ RoPE frequency tables (rotary_dim / 2 entries).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
 from ringattn.reference import default_positions, document_ids
-from ringattn.rope import RoPEConfig
+from ringattn.rope import TWO_PI, RoPEConfig
 
 from . import flash_kernels as fk
 from .autotune import TUNER, TuneKey, Tuner, size_bucket
@@ -32,7 +34,7 @@ class RopeArgs:
 
     positions: torch.Tensor
     tab_a: torch.Tensor  # exact: r_hi (int32 bits of the uint32 half); hf: inv_freq fp32
-    tab_b: torch.Tensor  # exact: r_lo (int32 bits); hf: unused
+    tab_b: torch.Tensor  # exact: r_lo (int32 bits); hf: the fp32 angle's reduction table (int32)
     exact: bool
     rot_dim: int
     interleaved: bool
@@ -56,12 +58,24 @@ def _tables(rope: RoPEConfig, seq_len: int | None, device) -> tuple[torch.Tensor
         hi, lo = (torch.where(h >= 2**31, h - 2**32, h).to(torch.int32) for h in (hi, lo))
         tabs = hi.to(device), lo.to(device)
     else:
-        inv = rope.inv_freq(torch.float32, seq_len).to(device)
-        tabs = inv, inv
+        tabs = rope.inv_freq(torch.float32, seq_len).to(device), _hf_reduction_table().to(device)
     if len(_TABLE_CACHE) > 256:
         _TABLE_CACHE.clear()
     _TABLE_CACHE[key] = tabs
     return tabs
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_reduction_table() -> torch.Tensor:
+    """int32 (2 * 73,): high and low halves of W(E) = round(2^(64+E) / 2pi) mod 2^64, E = -64 .. 8.
+
+    An fp32 angle mant * 2^E is mant * W(E) / 2^64 turns mod 1 (see ``_rope_tile``): exact rationals.
+    """
+    words = []
+    for exponent in range(-64, 9):
+        w = round(Fraction(2 ** (64 + exponent)) / TWO_PI) % 2**64
+        words += [w >> 32, w & 0xFFFFFFFF]
+    return torch.tensor([x - 2**32 if x >= 2**31 else x for x in words], dtype=torch.int32)
 
 
 def rope_args(
