@@ -253,7 +253,8 @@ def _ptxas_usage(ptx: str, arch: int, ptxas: str | None):
         with open(path, "w") as f:
             f.write(ptx)
         res = subprocess.run(
-            [ptxas, f"-arch={gpu}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            # --regAllocOptLevel=2: as Triton's own ptxas call (its workaround for a ptxas 13 bug)
+            [ptxas, f"-arch={gpu}", "-v", "--regAllocOptLevel=2", path, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
             check=False,

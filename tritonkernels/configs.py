@@ -75,13 +75,13 @@ _SM89 = {
     64: {
         "fwd": (_C(64, 64, 4, 2), _C(128, 32, 4, 2), _C(64, 64, 4, 3)),
         "bwd_dq": (_C(64, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4, 1)),
-        "bwd_dkdv": (_C(32, 64, 4, 1), _C(32, 32, 4, 1)),
+        "bwd_dkdv": (_C(32, 64, 4, 1),),
     },
     128: {
         # 128x32 first: the K tile's rotation is shared by twice the query rows; `aot --mix` models
         # its RoPE forward as tensor-bound on sm_89, 64x32 as issue-bound (+10%)
         "fwd": (_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 32, 4, 3)),
-        "bwd_dq": (_C(32, 64, 8, 1), _C(32, 32, 4, 1)),
+        "bwd_dq": (_C(32, 64, 8, 1),),
         "bwd_dkdv": (_C(64, 32, 8, 1), _C(32, 32, 4, 1)),
     },
     256: {"fwd": (_C(32, 32, 8, 1),), "bwd_dq": (_C(32, 32, 8, 1),), "bwd_dkdv": (_C(32, 32, 8, 1),)},
@@ -92,6 +92,7 @@ CONFIGS: dict[tuple[int, int], dict[str, tuple[KernelConfig, ...]]] = {
     (arch, bd): dict(kernels) for arch in (80, 89, 90) for bd, kernels in _SM89.items()
 }
 CONFIGS[(80, 64)]["bwd_dq"] = (_C(32, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4, 1))  # 64x64 spills
+CONFIGS[(90, 64)]["bwd_dq"] = (_C(64, 32, 4, 1), _C(32, 32, 4, 1))  # 64x64 spills
 
 
 # fp32 inputs double every staged tile and the fp32 dot runs on FMA units: smaller tiles, one
@@ -99,7 +100,7 @@ CONFIGS[(80, 64)]["bwd_dq"] = (_C(32, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4,
 _FP32 = {
     16: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
     32: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
-    64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
+    64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
     128: {"fwd": _C(32, 32, 8, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
     256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 16, 8, 1), "bwd_dkdv": _C(16, 16, 4, 1)},
 }
