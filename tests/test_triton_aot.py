@@ -1,7 +1,8 @@
 """AOT-compile the shipped Triton attention configs for sm_80/89/90 without a GPU.
 
-Asserts each fits the arch's per-block shared memory and that ptxas reports no register spills
-(attention kernels and the elementwise delta and RoPE kernels).
+Asserts each fits the arch's per-block shared memory and has no register spills in its hot loop
+(ptxas -v plus the SASS of the loop; see COLD_SPILL_LIMIT), for the attention kernels and the
+elementwise delta and RoPE kernels.
 Compiling runs in a subprocess: the test session runs Triton under its interpreter, which
 replaces @triton.jit functions. sm_89 at head dim 128 (the tuning target) is in the default tier;
 every arch, head dim, fp32 and the RoPE variants are under ``slow``.
@@ -17,6 +18,7 @@ import sys
 
 import pytest
 
+from tritonkernels.aot import HEAD_DIMS
 from tritonkernels.configs import AUX_KERNELS, SHARED_LIMIT
 
 pytestmark = pytest.mark.skipif(
@@ -32,7 +34,7 @@ def _compile(args: list[str], timeout: int = 1500) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     res = subprocess.run(
-        [sys.executable, "-m", "tritonkernels.aot", *args],
+        [sys.executable, "-m", "tritonkernels.aot", "--mix", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -43,37 +45,66 @@ def _compile(args: list[str], timeout: int = 1500) -> list[dict]:
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
+# ptxas (12.9, as bundled with Triton) sometimes parks a few loop-invariant registers in local memory
+# around the main loop although far fewer than 255 registers are in use (64 to 168 seen): one store
+# and one load per value per program, outside the hot loop. Those are allowed up to this size;
+# local-memory traffic inside the hot loop (read from the SASS) is not allowed at all.
+COLD_SPILL_LIMIT = 64
+
+
 def _check(results: list[dict], expected: int):
-    """Shared memory within the arch's limit and zero spills, for every compiled config."""
+    """Shared memory within the arch's limit, no spill traffic in the hot loop and at most
+    COLD_SPILL_LIMIT bytes of spills outside it (none for the loop-free elementwise kernels)."""
     assert len(results) == expected
+    problems = []
     for r in results:
         label = f"{r['kernel']} sm_{r['arch']} d{r['head_dim']} {r['dtype']} {r['block_m']}x{r['block_n']}"
-        assert r["shared"] <= SHARED_LIMIT[r["arch"]], f"{label}: {r['shared']} B shared"
-        assert r["shared"] > 0 or r["kernel"] in AUX_KERNELS, f"{label}: no shared memory (a broken compile?)"
-        assert r["registers"] <= 255
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{label}: spills {r}"
+        label += f"x{r['num_warps']} {r.get('variant', '')}"
+        if r["shared"] > SHARED_LIMIT[r["arch"]]:
+            problems.append(f"{label}: {r['shared']} B shared")
+        if r["shared"] == 0 and r["kernel"] not in AUX_KERNELS:
+            problems.append(f"{label}: no shared memory (a broken compile?)")
+        cold_limit = 0 if r["kernel"] in AUX_KERNELS else COLD_SPILL_LIMIT
+        spills = max(r["spill_stores"], r["spill_loads"])
+        if r["registers"] > 255 or spills > cold_limit or r.get("loop_local", 0):
+            problems.append(
+                f"{label}: {r['registers']} registers, spills {spills} B, "
+                f"{r.get('loop_local', 0)} local loads/stores in the hot loop"
+            )
+    assert not problems, "\n".join(problems)
 
 
-def _shipped(archs, head_dims, dtypes) -> int:
+def _shipped(archs, head_dims, dtypes, variants=("causal-docs-exact",)) -> int:
     from tritonkernels.aot import shipped_specs
 
-    return len(shipped_specs(archs, head_dims, dtypes=dtypes))
+    return len(shipped_specs(archs, head_dims, dtypes=dtypes, variants=variants))
 
 
 def test_sm89_head_dim_128_configs_compile_within_budget():
-    # every autotuning candidate of the tuning target (bf16)
-    _check(_compile(["--arch", "89", "--head-dim", "128"]), _shipped([89], [128], ["bf16"]))
+    # every autotuning candidate of the tuning target (bf16), in every variant
+    from tritonkernels.aot import VARIANTS
+
+    results = _compile(["--arch", "89", "--head-dim", "128", "--variant", *VARIANTS])
+    _check(results, _shipped([89], [128], ["bf16"], tuple(VARIANTS)))
 
 
 @pytest.mark.slow
 def test_every_shipped_16bit_config_compiles_within_budget_without_spills():
-    dims = [64, 80, 96, 128, 256]
-    _check(_compile(["--dtype", "bf16", "fp16"]), _shipped(None, dims, ["bf16", "fp16"]))
+    _check(_compile(["--dtype", "bf16", "fp16"]), _shipped(None, HEAD_DIMS, ["bf16", "fp16"]))
+
+
+@pytest.mark.slow
+def test_every_shipped_sm89_config_compiles_in_every_variant():
+    from tritonkernels.aot import VARIANTS
+
+    dtypes = ["bf16", "fp32"]
+    results = _compile(["--arch", "89", "--dtype", *dtypes, "--variant", *VARIANTS])
+    _check(results, _shipped([89], HEAD_DIMS, dtypes, tuple(VARIANTS)))
 
 
 @pytest.mark.slow
 def test_every_shipped_fp32_config_compiles_within_budget_without_spills():
-    _check(_compile(["--dtype", "fp32"]), _shipped(None, [64, 80, 96, 128, 256], ["fp32"]))
+    _check(_compile(["--dtype", "fp32"]), _shipped(None, HEAD_DIMS, ["fp32"]))
 
 
 @pytest.mark.slow
@@ -128,6 +159,6 @@ def test_sass_model_of_the_forward_on_sm89():
         dict(kernel="fwd", arch=89, head_dim=128, cfg=[64, 32, 4, 2], docs=False, rope=rope)
         for rope in (False, True)
     ]
-    plain, fused = _compile(["--mix", "--specs", json.dumps(specs)])
+    plain, fused = _compile(["--specs", json.dumps(specs)])
     assert plain["loop_mma"] == fused["loop_mma"] == 64  # (64 x 32 x 128) x 2 / (16 x 8 x 16) / 4 warps
     assert plain["bound"] == "tensor" and fused["loop_instructions"] > plain["loop_instructions"]

@@ -139,7 +139,7 @@ def compile_kernel(
     ptx = compiled.asm["ptx"]
     regs, spill_st, spill_ld = _ptxas_usage(ptx, arch, ptxas)
     loop = {}
-    if mix:
+    if mix and kernel in KERNELS:  # the elementwise kernels have no loop
         loop = hot_loop_mix(_disassemble(compiled.asm["cubin"]))
         if arch == 89:
             mma_cycles = loop["loop_mma"] * MMA_CYCLES_SM89
@@ -197,9 +197,9 @@ _MMA_OPCODES = ("HMMA", "HGMMA")
 def hot_loop_mix(sass: str) -> dict:
     """Static instruction mix of the loop with the most MMA instructions in ``nvdisasm`` output.
 
-    A loop is a backward branch and its target label; among loops with the most MMAs the shortest
-    (innermost) wins. Returns its instruction count (NOPs excluded), MMA count and the ten most
-    frequent opcodes (without modifiers).
+    A loop is a backward branch and its target label; the one with the most MMAs (then FFMAs, for
+    fp32 kernels) wins, the shortest (innermost) among equals. Returns its instruction count (NOPs excluded), MMA count and the ten most
+    frequent opcodes (without modifiers); ``loop_local`` counts its local-memory (spill) loads and stores.
     """
     labels: dict[str, int] = {}
     ops: list[str] = []
@@ -223,13 +223,21 @@ def hot_loop_mix(sass: str) -> dict:
     def mma(span):
         return sum(op in _MMA_OPCODES for op in ops[span[0] : span[1] + 1])
 
-    begin, end = max(loops, key=lambda span: (mma(span), -(span[1] - span[0])))
+    def fma(span):  # fp32 inputs: the dots are FFMA chains
+        return sum(op == "FFMA" for op in ops[span[0] : span[1] + 1])
+
+    begin, end = max(loops, key=lambda span: (mma(span), fma(span), -(span[1] - span[0])))
     body = [op for op in ops[begin : end + 1] if op != "NOP"]
     counts: dict[str, int] = {}
     for op in body:
         counts[op] = counts.get(op, 0) + 1
     top = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
-    return dict(loop_instructions=len(body), loop_mma=mma((begin, end)), loop_top_opcodes=top)
+    return dict(
+        loop_instructions=len(body),
+        loop_mma=mma((begin, end)),
+        loop_local=counts.get("LDL", 0) + counts.get("STL", 0),
+        loop_top_opcodes=top,
+    )
 
 
 def _ptxas_usage(ptx: str, arch: int, ptxas: str | None):
@@ -280,11 +288,29 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int = 89) -> tu
     return blocks * num_warps, blocks
 
 
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # every BLOCK_D bucket, and the non-powers of two
+
+# Kernel variants a shipped attention config must compile for without spills. compile_kernel's
+# defaults (causal, documents, exact RoPE) are the heaviest, but ptxas allocates registers by
+# heuristics, so a lighter variant can still spill where the heaviest does not.
+VARIANTS = {
+    "causal-docs-exact": {},
+    "causal-docs-hf": dict(exact=False),
+    "causal-exact": dict(docs=False),
+    "causal-hf": dict(docs=False, exact=False),
+    "causal-no-rope": dict(docs=False, rope=False),
+}
+
+
 def shipped_specs(
-    archs=None, head_dims=(64, 80, 96, 128, 256), kernels=KERNELS + AUX_KERNELS, dtypes=("bf16",)
+    archs=None,
+    head_dims=HEAD_DIMS,
+    kernels=KERNELS + AUX_KERNELS,
+    dtypes=("bf16",),
+    variants=("causal-docs-exact",),
 ):
     """compile_kernel arguments for every shipped config: each autotuning candidate, fp32's own, and
-    the elementwise kernels'."""
+    the elementwise kernels'; attention kernels once per name in ``variants`` (keys of VARIANTS)."""
     from .configs import get_configs
 
     specs = []
@@ -298,7 +324,9 @@ def shipped_specs(
                         continue
                     size = 4 if dtype == "fp32" else 2
                     for cfg in get_configs(kernel, hd, capability, size):
-                        specs.append(dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg))
+                        for name in variants:
+                            spec = dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg)
+                            specs.append(dict(spec, variant=name, **VARIANTS[name]))
     return specs
 
 
@@ -325,10 +353,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, nargs="*", default=None)
-    parser.add_argument("--head-dim", type=int, nargs="*", default=[64, 80, 96, 128, 256])
+    parser.add_argument("--head-dim", type=int, nargs="*", default=list(HEAD_DIMS))
     parser.add_argument("--kernel", nargs="*", default=list(KERNELS + AUX_KERNELS))
     parser.add_argument("--dtype", nargs="*", default=["bf16"])
     parser.add_argument("--specs", default=None, help="JSON list of compile_kernel keyword arguments")
+    parser.add_argument("--variant", nargs="*", default=["causal-docs-exact"], choices=list(VARIANTS))
     parser.add_argument("--mix", action="store_true", help="add the hot loop's SASS mix and sm_89 model")
     args = parser.parse_args(argv)
     if args.specs:
@@ -336,12 +365,15 @@ def main(argv=None) -> int:
         for spec in specs:
             spec["cfg"] = KernelConfig(*spec["cfg"])
     else:
-        specs = shipped_specs(args.arch, args.head_dim, args.kernel, args.dtype)
+        specs = shipped_specs(args.arch, args.head_dim, args.kernel, args.dtype, args.variant)
     for spec in specs:
         spec = dict(spec)
         kernel, arch, hd, cfg = spec.pop("kernel"), spec.pop("arch"), spec.pop("head_dim"), spec.pop("cfg")
+        variant = spec.pop("variant", None)
         result = compile_kernel(kernel, arch, hd, cfg, mix=args.mix, **spec)
         result.update({k: v for k, v in spec.items() if k not in result})
+        if variant:
+            result["variant"] = variant
         print(json.dumps(result), flush=True)
     return 0
 

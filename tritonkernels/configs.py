@@ -64,9 +64,11 @@ def rope_pads(head_dim: int, rot_dim: int | None) -> tuple[int, int]:
 _C = KernelConfig
 # (arch, BLOCK_D) -> {kernel: candidates}, the first candidate being the default; the autotuner
 # (autotune.py) times the others on the GPU. bwd_dq tiles are (query rows, key rows) of one pass
-# over keys; bwd_dkdv tiles are (query rows per step, key rows kept). Every candidate was checked
-# on sm_80/89/90 by AOT compile with RoPE + documents + causal (the heaviest variant): shared
-# memory within the limit, registers <= 255, no spills. The fused RoPE costs registers (the K tile
+# over keys; bwd_dkdv tiles are (query rows per step, key rows kept). Every candidate is checked
+# by AOT compile (tests/test_triton_aot.py): on sm_80/89/90 with exact RoPE + documents + causal,
+# and on sm_89 in every variant of aot.VARIANTS (ptxas' register allocation is heuristic: a
+# lighter variant can spill where a heavier one does not): shared memory within the limit,
+# registers <= 255, no spills. The fused RoPE costs registers (the K tile
 # is rotated in registers before it is staged for the MMA), which is why these tiles are smaller
 # than FA2's for the same head dim.
 _SM89 = {
@@ -74,33 +76,31 @@ _SM89 = {
     32: {"fwd": (_C(64, 64, 4, 2),), "bwd_dq": (_C(64, 64, 4, 1),), "bwd_dkdv": (_C(64, 64, 4, 1),)},
     64: {
         "fwd": (_C(64, 64, 4, 2), _C(128, 32, 4, 2), _C(64, 64, 4, 3)),
-        "bwd_dq": (_C(64, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4, 1)),
+        "bwd_dq": (_C(64, 32, 4, 1), _C(32, 32, 4, 1)),
         "bwd_dkdv": (_C(32, 64, 4, 1),),
     },
     128: {
-        # 128x32 first: the K tile's rotation is shared by twice the query rows; `aot --mix` models
-        # its RoPE forward as tensor-bound on sm_89, 64x32 as issue-bound (+10%)
-        "fwd": (_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 32, 4, 3)),
+        # 128x32x8: the K tile's rotation is shared by twice the query rows; `aot --mix` models its
+        # RoPE forward as tensor-bound on sm_89. The 4-warp tiles spill with hf RoPE + documents.
+        "fwd": (_C(128, 32, 8, 2),),
         "bwd_dq": (_C(32, 64, 8, 1),),
         "bwd_dkdv": (_C(64, 32, 8, 1), _C(32, 32, 4, 1)),
     },
     256: {"fwd": (_C(32, 32, 8, 1),), "bwd_dq": (_C(32, 32, 8, 1),), "bwd_dkdv": (_C(32, 32, 8, 1),)},
 }
 # sm_80 (164 KB per block) and sm_90 (227 KB) are register-bound at these tiles, not shared-memory
-# bound, so they take the sm_89 candidates minus those that spill there.
+# bound, so they take the sm_89 candidates (each AOT-checked there too).
 CONFIGS: dict[tuple[int, int], dict[str, tuple[KernelConfig, ...]]] = {
     (arch, bd): dict(kernels) for arch in (80, 89, 90) for bd, kernels in _SM89.items()
 }
-CONFIGS[(80, 64)]["bwd_dq"] = (_C(32, 64, 4, 1), _C(64, 32, 4, 1), _C(32, 32, 4, 1))  # 64x64 spills
-CONFIGS[(90, 64)]["bwd_dq"] = (_C(64, 32, 4, 1), _C(32, 32, 4, 1))  # 64x64 spills
 
 
 # fp32 inputs double every staged tile and the fp32 dot runs on FMA units: smaller tiles, one
-# stage, one config. Same for every arch (each is checked by the AOT test).
+# stage, one config, the same on every arch except where _FP32_ARCH says (each is AOT-checked).
 _FP32 = {
     16: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
     32: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 4, 1)},
-    64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
+    64: {"fwd": _C(32, 32, 4, 1), "bwd_dq": _C(32, 32, 4, 1), "bwd_dkdv": _C(16, 16, 4, 1)},
     128: {"fwd": _C(32, 32, 8, 1), "bwd_dq": _C(32, 32, 8, 1), "bwd_dkdv": _C(32, 32, 8, 1)},
     256: {"fwd": _C(16, 32, 8, 1), "bwd_dq": _C(16, 16, 8, 1), "bwd_dkdv": _C(16, 16, 4, 1)},
 }
@@ -116,6 +116,8 @@ def aux_rows(kernel: str, head_dim: int) -> int:
         return 32
     raise ValueError(f"kernel must be one of {AUX_KERNELS}, got {kernel!r}")
 
+
+_FP32_ARCH = {(90, 256, "bwd_dkdv"): _C(16, 32, 8, 1)}  # 16x16x4 spills 4 B on sm_90
 
 # The interpreter runs numpy per tile op: larger tiles mean fewer ops. Any size is valid there.
 INTERPRETER_CONFIG = _C(32, 32, 4, 1)
@@ -140,12 +142,13 @@ def get_configs(
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if capability is None:
         return (INTERPRETER_CONFIG,)
-    if element_size > 2:
-        return (_FP32[block_d(head_dim)][kernel],)
     arch = _arch_key(capability)
     if capability in ((8, 6), (8, 7)):
         arch = 89  # same 99 KB per-block shared memory as sm_89
-    return CONFIGS[(arch, block_d(head_dim))][kernel]
+    bd = block_d(head_dim)
+    if element_size > 2:
+        return (_FP32_ARCH.get((arch, bd, kernel), _FP32[bd][kernel]),)
+    return CONFIGS[(arch, bd)][kernel]
 
 
 def get_config(
