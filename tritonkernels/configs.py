@@ -74,19 +74,24 @@ _C = KernelConfig
 _SM89 = {
     16: {"fwd": (_C(64, 64, 4, 2),), "bwd_dq": (_C(64, 64, 4, 1),), "bwd_dkdv": (_C(64, 64, 4, 1),)},
     32: {"fwd": (_C(64, 64, 4, 2),), "bwd_dq": (_C(64, 64, 4, 1),), "bwd_dkdv": (_C(64, 64, 4, 1),)},
+    # Forward defaults with 128 (D <= 128) or 64 (D = 256) query rows: the K tile's rotation is shared by
+    # more rows; `aot --mix` models their RoPE forward as tensor-bound on sm_89 (64x64 at D = 64: +7.5%
+    # issue-bound; 32x32 at D = 256: +16%).
     64: {
-        "fwd": (_C(64, 64, 4, 2), _C(128, 32, 4, 2), _C(64, 64, 4, 3)),
+        "fwd": (_C(128, 32, 4, 2), _C(64, 64, 4, 2), _C(64, 64, 4, 3)),
         "bwd_dq": (_C(64, 32, 4, 1), _C(32, 32, 4, 1)),
         "bwd_dkdv": (_C(32, 64, 4, 1),),
     },
     128: {
-        # 128x32x8: the K tile's rotation is shared by twice the query rows; `aot --mix` models its
-        # RoPE forward as tensor-bound on sm_89. The 4-warp tiles spill with hf RoPE + documents.
-        "fwd": (_C(128, 32, 8, 2),),
+        "fwd": (_C(128, 32, 8, 2),),  # the 4-warp tiles spill with hf RoPE + documents
         "bwd_dq": (_C(32, 64, 8, 1),),
         "bwd_dkdv": (_C(64, 32, 8, 1), _C(32, 32, 4, 1)),
     },
-    256: {"fwd": (_C(32, 32, 8, 1),), "bwd_dq": (_C(32, 32, 8, 1),), "bwd_dkdv": (_C(32, 32, 8, 1),)},
+    256: {
+        "fwd": (_C(64, 32, 8, 1), _C(32, 32, 8, 1)),
+        "bwd_dq": (_C(32, 32, 8, 1),),
+        "bwd_dkdv": (_C(32, 32, 8, 1),),
+    },
 }
 # sm_80 (164 KB per block) and sm_90 (227 KB) are register-bound at these tiles, not shared-memory
 # bound, so they take the sm_89 candidates (each AOT-checked there too).
