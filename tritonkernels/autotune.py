@@ -48,10 +48,20 @@ def size_bucket(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
-def _time_ms(fn: Callable[[], None]) -> float:
-    from triton.testing import do_bench
+def _time_ms(fn: Callable[[], None], reps: int = 10) -> float:
+    """Mean milliseconds of ``fn`` on the current CUDA stream after one warm-up (compile) call.
 
-    return float(do_bench(fn, warmup=5, rep=25))
+    CUDA events rather than triton.testing.do_bench, which allocates a 256 MB L2-flush buffer: tuning
+    happens inside training steps, where memory may be nearly full.
+    """
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 class Tuner:
