@@ -28,6 +28,7 @@ ring (the ranks at the same inner position on every node) into one ring of ``I *
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import queue
@@ -417,6 +418,10 @@ class TwoLevelComm:
 # One DistRingComm per (group, order, timeout): ring_attn_func(group=g) and ring_comm(g) share one
 # communicator (and its stats), and a different timeout or order gets its own instead of a stale one.
 _COMMS: dict = {}
+# Drop the cached communicators, and with them our references to process groups, while the
+# interpreter is still alive: a gloo group destroyed during interpreter finalization can abort the
+# process (its worker threads free tensors, which needs the GIL).
+atexit.register(_COMMS.clear)
 
 
 def ring_comm(group=None, timeout=None, order=None) -> RingComm | TwoLevelComm:
