@@ -242,18 +242,16 @@ def hot_loop_mix(sass: str) -> dict:
 
 def _ptxas_usage(ptx: str, arch: int, ptxas: str | None):
     if ptxas is None:
-        # Triton's bundled ptxas reads the PTX version Triton emits (sm_90a PTX 9.x is newer
-        # than some system toolkits accept); the one on PATH is the fallback.
+        # Triton's own choice for the arch first (sm_90a PTX 9.x is newer than some system
+        # toolkits accept), then its bundled ptxas, then PATH.
         try:
             from triton.backends.nvidia.compiler import get_ptxas
 
             ptxas = get_ptxas(arch).path
-        except Exception:  # noqa: BLE001 - any failure to locate it means: use PATH
+        except Exception:  # noqa: BLE001 - any failure to locate it means: look further
             ptxas = None
         if not ptxas or not os.path.exists(ptxas):
-            ptxas = shutil.which("ptxas")
-    if ptxas is None:
-        raise RuntimeError("ptxas not found (neither Triton's bundled one nor on PATH)")
+            ptxas = _nvidia_tool("ptxas")
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
     gpu = target.group(1).rstrip(",") if target else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:

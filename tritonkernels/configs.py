@@ -16,7 +16,6 @@ __all__ = [
     "KernelConfig",
     "CONFIGS",
     "SHARED_LIMIT",
-    "get_config",
     "get_configs",
     "block_d",
     "rope_pads",
@@ -154,10 +153,3 @@ def get_configs(
     if element_size > 2:
         return (_FP32_ARCH.get((arch, bd, kernel), _FP32[bd][kernel]),)
     return CONFIGS[(arch, bd)][kernel]
-
-
-def get_config(
-    kernel: str, head_dim: int, capability: tuple[int, int] | None, element_size: int = 2
-) -> KernelConfig:
-    """The default config (the first candidate) for ``kernel``; see ``get_configs``."""
-    return get_configs(kernel, head_dim, capability, element_size)[0]

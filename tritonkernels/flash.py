@@ -18,6 +18,7 @@ from ringattn.reference import default_positions, document_ids
 from ringattn.rope import TWO_PI, RoPEConfig
 
 from . import flash_kernels as fk
+from ._rope_tile import HF_MAX_EXPONENT, HF_MIN_EXPONENT
 from .autotune import TUNER, TuneKey, Tuner, size_bucket
 from .configs import KernelConfig, aux_rows, block_d, get_configs, rope_pads
 
@@ -67,12 +68,13 @@ def _tables(rope: RoPEConfig, seq_len: int | None, device) -> tuple[torch.Tensor
 
 @functools.lru_cache(maxsize=1)
 def _hf_reduction_table() -> torch.Tensor:
-    """int32 (2 * 73,): high and low halves of W(E) = round(2^(64+E) / 2pi) mod 2^64, E = -64 .. 8.
+    """int32 (2 * 73,): high and low halves of W(E) = round(2^(64+E) / 2pi) mod 2^64, E = -64 .. 8
+    (the kernels' HF_MIN_EXPONENT .. HF_MAX_EXPONENT).
 
     An fp32 angle mant * 2^E is mant * W(E) / 2^64 turns mod 1 (see ``_rope_tile``): exact rationals.
     """
     words = []
-    for exponent in range(-64, 9):
+    for exponent in range(HF_MIN_EXPONENT.value, HF_MAX_EXPONENT.value + 1):
         w = round(Fraction(2 ** (64 + exponent)) / TWO_PI) % 2**64
         words += [w >> 32, w & 0xFFFFFFFF]
     return torch.tensor([x - 2**32 if x >= 2**31 else x for x in words], dtype=torch.int32)
