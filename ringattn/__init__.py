@@ -7,7 +7,8 @@ from . import reference, rope
 from ._extension import extension_status
 from .api import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from .block import BlockMask, Span, block_backward, block_forward
-from .reference import attention_ref, merge_partials, ring_attention_ref
+from .merge import merge_partials
+from .reference import attention_ref, ring_attention_ref
 from .ring import ring_attn_func, shard, unshard
 from .rope import RoPEConfig, apply_rope, cos_sin
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from .reference import default_positions
+from .indexing import default_positions
 from .rope import RoPEConfig
 
 __all__ = [

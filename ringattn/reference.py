@@ -15,36 +15,12 @@ import math
 
 import torch
 
+from .indexing import default_positions, document_ids
+from .layouts import shard_indices
+from .merge import empty_partials, merge_partials
 from .rope import RoPEConfig, apply_rope
 
-__all__ = [
-    "attention_ref",
-    "attention_backward_ref",
-    "default_positions",
-    "visible_mask",
-    "merge_partials",
-    "ring_attention_ref",
-    "document_ids",
-    "positions_from_cu_seqlens",
-    "empty_partials",
-]
-
-
-def document_ids(index: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Document id of each global token index; -1 for tokens outside every document."""
-    if cu_seqlens is None:
-        return torch.zeros_like(index)
-    cu = cu_seqlens.to(device=index.device, dtype=torch.int64)
-    doc = torch.searchsorted(cu, index.to(torch.int64).contiguous(), right=True) - 1
-    outside = (index < cu[0]) | (index >= cu[-1])
-    return torch.where(outside, torch.full_like(doc, -1), doc)
-
-
-def positions_from_cu_seqlens(index: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """RoPE positions that restart at 0 in each document (tokens outside documents get 0)."""
-    doc = document_ids(index, cu_seqlens)
-    starts = cu_seqlens.to(device=index.device, dtype=torch.int64)[doc.clamp(min=0)]
-    return torch.where(doc >= 0, index.to(torch.int64) - starts, torch.zeros_like(index, dtype=torch.int64))
+__all__ = ["attention_ref", "attention_backward_ref", "visible_mask", "ring_attention_ref"]
 
 
 def _check_qkv(q, k, v):
@@ -66,11 +42,6 @@ def _as_index(index, length: int, name: str, device) -> torch.Tensor:
     if index.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},), got {tuple(index.shape)}")
     return index.to(torch.int64)
-
-
-def default_positions(index: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """RoPE positions when none are given: index within the document, or the global index."""
-    return index if cu_seqlens is None else positions_from_cu_seqlens(index, cu_seqlens)
 
 
 def visible_mask(
@@ -213,35 +184,6 @@ def attention_backward_ref(
     return dq, dk, dv
 
 
-def empty_partials(q: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """The merge identity for q's rows: out = 0 (B, S, H, D), lse = -inf (B, H, S)."""
-    B, S, H, D = q.shape
-    out = torch.zeros(B, S, H, D, dtype=dtype, device=q.device)
-    lse = torch.full((B, H, S), -math.inf, dtype=dtype, device=q.device)
-    return out, lse
-
-
-def merge_partials(
-    out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable merge of two partial attentions over disjoint key sets.
-
-    out (B, S, H, D), lse (B, H, S). l = m + log(e^(l1-m) + e^(l2-m)) with m = max(l1, l2), and
-    o = e^(l1-l) o1 + e^(l2-l) o2. Guards: -inf merged with x gives x; -inf with -inf gives
-    (0, -inf), never NaN. Computed in the inputs' dtype (keep partials in fp32 or wider).
-    """
-    m = torch.maximum(lse1, lse2)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w1, w2 = torch.exp(lse1 - m_safe), torch.exp(lse2 - m_safe)
-    total = w1 + w2
-    nonempty = total > 0
-    total_safe = torch.where(nonempty, total, torch.ones_like(total))
-    lse = torch.where(nonempty, m_safe + torch.log(total_safe), torch.full_like(m, -math.inf))
-    c1 = (w1 / total_safe).transpose(1, 2).unsqueeze(-1)  # (B, H, S) -> (B, S, H, 1)
-    c2 = (w2 / total_safe).transpose(1, 2).unsqueeze(-1)
-    return c1 * out1 + c2 * out2, lse
-
-
 def ring_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -262,8 +204,6 @@ def ring_attention_ref(
     merging fp64 partials with ``merge_partials``. Returns the full (out, lse) in sequence order,
     which equals ``attention_ref`` on the whole sequence.
     """
-    from .ring.layouts import shard_indices  # here, not at the top: the ring package builds on this module
-
     _check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"ring attention needs Sq == Sk, got {q.shape[1]} and {k.shape[1]}")

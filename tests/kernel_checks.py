@@ -83,7 +83,7 @@ def _rotate_peer(x, pos, rope: RoPEConfig):
 
 
 def _default_positions(case: Case, qp, kp):
-    from ringattn.reference import default_positions
+    from ringattn.indexing import default_positions
 
     mask = case.mask()
     if qp is None:

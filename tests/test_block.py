@@ -5,7 +5,7 @@ import torch
 
 from ringattn import RoPEConfig, attention_ref, merge_partials
 from ringattn.block import BlockMask, Span, block_backward, block_forward, select_backend
-from ringattn.reference import empty_partials
+from ringattn.merge import empty_partials
 
 
 def _qkv(B, S, Hq, Hkv, D, seed=0, dtype=torch.float64):

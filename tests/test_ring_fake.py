@@ -13,7 +13,8 @@ from harness import GRAD_FACTOR, OUTPUT_FACTOR, assert_within_peer_error
 
 import ringattn.ring.scheduler as scheduler
 from ringattn import RoPEConfig, attention_ref
-from ringattn.reference import default_positions, visible_mask
+from ringattn.indexing import default_positions
+from ringattn.reference import visible_mask
 from ringattn.ring import (
     RingError,
     RingTimeoutError,

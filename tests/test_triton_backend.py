@@ -12,7 +12,8 @@ from test_triton_flash import Case, _inputs, _peer
 from ringattn import RoPEConfig, attention_ref, merge_partials
 from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, Span, block_backward, block_forward
-from ringattn.reference import attention_backward_ref, empty_partials
+from ringattn.merge import empty_partials
+from ringattn.reference import attention_backward_ref
 
 ROPE = RoPEConfig(16, theta=45.2e9)
 

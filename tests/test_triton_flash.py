@@ -17,7 +17,8 @@ import torch
 from harness import GRAD_FACTOR, OUTPUT_FACTOR, assert_within_peer_error, contract_floor, nan_filled
 
 from ringattn import RoPEConfig
-from ringattn.reference import attention_backward_ref, attention_ref, default_positions, visible_mask
+from ringattn.indexing import default_positions
+from ringattn.reference import attention_backward_ref, attention_ref, visible_mask
 from ringattn.rope import cos_sin
 from tritonkernels.configs import KernelConfig
 from tritonkernels.flash import flash_attn_bwd, flash_attn_fwd

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..block import Span
+from ..indexing import default_positions
 from ..ops import attention
 from ..rope import RoPEConfig
 
@@ -226,7 +227,6 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag", ignore_index: i
     to compute a loss at all). Pass ``num_items_in_batch`` = the global count of predicted tokens
     (``count_predicted_tokens``) so that per-rank losses sum to the full-sequence loss.
     """
-    from ..reference import default_positions
     from ..ring import shard
 
     input_ids = batch["input_ids"]

@@ -1,5 +1,6 @@
 """Ring attention: sequence layouts, communicators, the scheduler and sharding helpers."""
 
+from ..layouts import LAYOUTS, shard_indices, shard_lengths, shard_pieces
 from .comm import (
     DistRingComm,
     FakeRingComm,
@@ -14,7 +15,6 @@ from .comm import (
     ring_comm,
     run_fake_ring,
 )
-from .layouts import LAYOUTS, shard_indices, shard_lengths, shard_pieces
 from .scheduler import ring_attn_func
 from .sharding import shard, unshard
 

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 
 from ..block import DTYPES, BlockMask, Span, block_backward, block_forward, check_inputs
-from ..reference import merge_partials
+from ..layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
+from ..merge import merge_partials
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds, nvtx_range, ring_comm
-from .layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
 
 __all__ = ["ring_attn_func"]
 

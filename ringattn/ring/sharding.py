@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layouts import LAYOUTS, shard_indices, shard_lengths
 from .comm import ring_comm
-from .layouts import LAYOUTS, shard_indices, shard_lengths
 
 __all__ = ["shard", "unshard"]
 
