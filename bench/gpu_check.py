@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ringattn import RoPEConfig, apply_rope
 from ringattn.backends import BACKENDS
-from ringattn.block import BlockMask, block_backward, block_forward
+from ringattn.block import BlockMask, block_args, block_backward, block_forward
 from ringattn.reference import attention_backward_ref, attention_ref
 from ringattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, peer_error_check
 
@@ -64,7 +64,9 @@ def correctness(
                     common = dict(
                         check="numerics", backend=name, dtype=str(dtype)[6:], causal=causal, rope=rope_name
                     )
-                    ok, reason = BACKENDS[name].can_implement(q, k, v, mask, rope)
+                    ok, reason = BACKENDS[name].can_implement(
+                        q, k, v, block_args(q, k, v, mask, rope=rope, q_positions=pos, k_positions=pos)
+                    )
                     if not ok:
                         results.add(tensor="-", verdict=f"n/a: {reason}", **common)
                         continue

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ringattn import RoPEConfig, block_backward, block_forward
 from ringattn.backends import BACKENDS
-from ringattn.block import BlockMask
+from ringattn.block import BlockMask, block_args
 
 from .common import FLOP_FORMULA, Results, attention_flops, plot, progress, time_fn
 
@@ -65,7 +65,7 @@ def _our_backends(device: torch.device, requested: list[str] | None, q, k, v, ro
     for name in names:
         if name not in BACKENDS:
             raise SystemExit(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-        ok, reason = BACKENDS[name].can_implement(q, k, v, mask, rope)
+        ok, reason = BACKENDS[name].can_implement(q, k, v, block_args(q, k, v, mask, rope=rope))
         if ok:
             usable.append(name)
         elif requested:

@@ -5,17 +5,18 @@ indices given cheaply as a ``Span`` (row i has index ``start + stride * i``): a 
 zigzag chunk and a stripe are all spans, so every layout is one code path. Masks are functions of
 those indices (``BlockMask``); RoPE uses per-token *positions*, which are not indices.
 
-Every backend implements the same two calls and says whether it can run a block:
+``block_forward``/``block_backward`` validate their arguments once and build one frozen ``BlockArgs``;
+every backend implements the same calls on it and says whether it can run a block:
 
-    forward(q, k, v, mask, scale, rope, q_positions, k_positions, out_dtype) -> (out, lse)
-    backward(dout, q, k, v, out, lse, delta, mask, scale, rope, q_positions, k_positions, grad_dtype)
-        -> (dq, dk, dv)
-    can_implement(q, k, v, mask, rope) -> (ok, reason)
+    can_implement(q, k, v, args) -> (ok, reason)
+    forward(q, k, v, args, out_dtype) -> (out, lse)
+    backward(dout, q, k, v, out, lse, delta, args, grad_dtype) -> (dq, dk, dv)
 
 Shapes: q, out, dout, dq (B, Sq, Hq, D); k, v, dk, dv (B, Sk, Hkv, D), Hq % Hkv == 0 (K/V never
 expanded; dk/dv are reduced over each query group); lse and delta (B, Hq, Sq) fp32, natural log.
-Rows that see no key have lse = -inf and out = 0. The scheduler calls ``block_forward`` and
-``block_backward`` and never knows which backend ran.
+``delta`` = rowsum(dout * out) may be None, and the backend computes it from ``out``. Rows that see
+no key have lse = -inf and out = 0. The scheduler calls ``block_forward`` and ``block_backward`` and
+never knows which backend ran.
 """
 
 from __future__ import annotations
@@ -26,19 +27,23 @@ from typing import Protocol
 
 import torch
 
+from .backends import BACKENDS
 from .indexing import default_positions
 from .rope import RoPEConfig
 
 __all__ = [
     "Span",
     "BlockMask",
+    "BlockArgs",
     "Backend",
+    "block_args",
     "block_forward",
     "block_backward",
     "check_inputs",
     "select_backend",
 ]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+MAX_POSITION = 2**31 - 1  # positions and global indices are int32 in every kernel
 
 
 @dataclass(frozen=True)
@@ -81,36 +86,58 @@ class BlockMask:
         return self.causal and self.q_span.last(q_len) < self.k_span.start
 
 
+@dataclass(frozen=True, eq=False)
+class RotaryPositions:
+    """One side's RoPE positions, resolved: int32 (1 or B, S) contiguous on the block's device, in
+    [0, 2^31 - 1], and the sequence length its frequencies use (dynamic NTK only, else None)."""
+
+    positions: torch.Tensor
+    seq_len: int | None
+
+    @property
+    def batch_stride(self) -> int:
+        """Elements between batch rows: 0 when one row serves every batch entry."""
+        return self.positions.shape[1] if self.positions.shape[0] > 1 else 0
+
+
+@dataclass(frozen=True, eq=False)
+class BlockArgs:
+    """Everything about one block call besides its tensors, validated once by the contract.
+
+    A feature that changes what a block computes is a field here: a backend that does not implement
+    a field's non-default value declines it in ``can_implement``.
+    """
+
+    mask: BlockMask
+    scale: float
+    rope: RoPEConfig | None = None
+    q_rope: RotaryPositions | None = None  # set exactly when rope is
+    k_rope: RotaryPositions | None = None
+    window: tuple[int, int] = (-1, -1)  # sliding window (left, right) in tokens; -1: unbounded
+    softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap); 0: off
+    alibi_slopes: torch.Tensor | None = None  # fp32 (Hq,) or (B, Hq)
+    dropout_p: float = 0.0
+
+    def unsupported(self, supported: frozenset[str] = frozenset()) -> str:
+        """The first feature in use that is not in ``supported``, as the user's argument name; "" if none."""
+        in_use = {
+            "window_size": self.window != (-1, -1),
+            "softcap": self.softcap != 0.0,
+            "alibi_slopes": self.alibi_slopes is not None,
+            "dropout_p": self.dropout_p != 0.0,
+        }
+        return next((name for name, used in in_use.items() if used and name not in supported), "")
+
+
 class Backend(Protocol):
     name: str
+    features: frozenset[str]  # BlockArgs features it implements (argument names, see BlockArgs.unsupported)
 
-    def can_implement(self, q, k, v, mask: BlockMask, rope: RoPEConfig | None) -> tuple[bool, str]: ...
+    def can_implement(self, q, k, v, args: BlockArgs) -> tuple[bool, str]: ...
 
-    def forward(self, q, k, v, mask, *, softmax_scale, rope, q_positions, k_positions, out_dtype): ...
+    def forward(self, q, k, v, args: BlockArgs, out_dtype: torch.dtype): ...
 
-    def backward(
-        self,
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        delta,
-        mask,
-        *,
-        softmax_scale,
-        rope,
-        q_positions,
-        k_positions,
-        grad_dtype,
-    ): ...
-
-
-def _backends() -> dict[str, Backend]:
-    from .backends import BACKENDS
-
-    return BACKENDS
+    def backward(self, dout, q, k, v, out, lse, delta, args: BlockArgs, grad_dtype: torch.dtype): ...
 
 
 # Tried in order by backend="auto". The fp64 reference is a CPU fallback only: on a GPU, silently
@@ -118,23 +145,38 @@ def _backends() -> dict[str, Backend]:
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton")}
 
 
-def select_backend(name: str, q, k, v, mask: BlockMask, rope: RoPEConfig | None) -> Backend:
-    """The backend to run a block: ``name`` itself (checked), or the first capable one for "auto"."""
-    backends = _backends()
+def _why_not(backend: Backend, q, k, v, args: BlockArgs) -> str:
+    """Empty when ``backend`` can run the block, else the reason."""
+    feature = args.unsupported(backend.features)
+    if feature:
+        return f"{feature} is not supported by this backend"
+    ok, reason = backend.can_implement(q, k, v, args)
+    return "" if ok else reason
+
+
+def select_backend(name: str, q, k, v, args: BlockArgs) -> Backend:
+    """The backend to run a block: ``name`` itself (checked), or the first capable one for "auto".
+
+    A feature of ``args`` that no candidate implements raises NotImplementedError naming the argument.
+    """
+    backends = BACKENDS
     if name != "auto":
         if name not in backends:
             raise ValueError(f"backend must be 'auto' or one of {sorted(backends)}, got {name!r}")
-        ok, reason = backends[name].can_implement(q, k, v, mask, rope)
-        if not ok:
-            raise ValueError(f"backend {name!r} cannot run this block: {reason}")
-        return backends[name]
+        candidates = (name,)
+    else:
+        candidates = tuple(c for c in _AUTO_ORDER.get(q.device.type, ()) if c in backends)
     reasons = []
-    for candidate in _AUTO_ORDER.get(q.device.type, ()):
-        if candidate in backends:
-            ok, reason = backends[candidate].can_implement(q, k, v, mask, rope)
-            if ok:
-                return backends[candidate]
-            reasons.append(f"{candidate}: {reason}")
+    for candidate in candidates:
+        reason = _why_not(backends[candidate], q, k, v, args)
+        if not reason:
+            return backends[candidate]
+        reasons.append(f"{candidate}: {reason}")
+    feature = args.unsupported()
+    if feature and all(args.unsupported(backends[c].features) for c in candidates):
+        raise NotImplementedError(f"{feature} is not supported by backend {name!r} on {q.device.type}")
+    if name != "auto":
+        raise ValueError(f"backend {name!r} cannot run this block: {reasons[0].split(': ', 1)[1]}")
     raise ValueError(
         f"no backend can run this block on {q.device.type}: " + "; ".join(reasons or ["none known"])
     )
@@ -157,34 +199,72 @@ def check_inputs(q, k, v, rope=None) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} must be a positive multiple of KV heads {k.shape[2]}")
     if rope is not None and not isinstance(rope, RoPEConfig):
         raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
     if rope is not None and rope.dim != q.shape[3]:
         raise ValueError(f"rope.dim {rope.dim} must equal the head dim {q.shape[3]}")
 
 
-def _resolve_positions(positions, span: Span, length: int, batch: int, mask: BlockMask, device, name: str):
+def _rotary_positions(positions, span: Span, length: int, batch: int, mask: BlockMask, rope, device, name):
+    """Validate one side's positions (default: index within the document) and resolve them.
+
+    The range check runs on the host for CPU tensors and as a device-side assert elsewhere, so a ring
+    hop on a GPU never waits for the host; dynamic NTK needs the maximum on the host by definition.
+    """
     if positions is None:
-        return default_positions(span.indices(length, device), mask.cu_seqlens)
-    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32/int64 tensor")
-    if positions.shape not in ((length,), (batch, length)):
+        positions = default_positions(span.indices(length, device), mask.cu_seqlens)
+    elif not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor, got {getattr(positions, 'dtype', positions)}")
+    elif positions.shape not in ((length,), (batch, length)):
         raise ValueError(f"{name} must be ({length},) or ({batch}, {length}), got {tuple(positions.shape)}")
-    return positions.to(device)
+    seq_len = None
+    if positions.numel() and (positions.device.type == "cpu" or rope.rope_type == "dynamic"):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi > MAX_POSITION:
+            raise ValueError(f"{name} must lie in [0, 2^31 - 1], got [{lo}, {hi}]")
+        seq_len = hi + 1 if rope.rope_type == "dynamic" else None  # transformers: max(position_ids) + 1
+    elif positions.numel() and positions.device.type != "meta":
+        in_range = ((positions >= 0) & (positions <= MAX_POSITION)).all()
+        torch._assert_async(in_range, f"{name} must lie in [0, 2^31 - 1]")
+    rows = positions.shape[0] if positions.dim() == 2 else 1
+    resolved = positions.to(device=device, dtype=torch.int32).reshape(rows, length).contiguous()
+    return RotaryPositions(resolved, seq_len)
 
 
-def _prepare(q, k, v, mask, softmax_scale, rope, q_positions, k_positions):
+def block_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockMask | None = None,
+    *,
+    softmax_scale: float | None = None,
+    rope: RoPEConfig | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+) -> BlockArgs:
+    """Validate a block's inputs and build its ``BlockArgs`` (what ``block_forward`` does first)."""
     check_inputs(q, k, v, rope)
+    mask = BlockMask() if mask is None else mask
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    for name, span, length in (("q", mask.q_span, Sq), ("k", mask.k_span, Sk)):
+        if span.start + span.stride * max(length, 1) > MAX_POSITION:
+            raise ValueError(f"global token indices of {name} must stay below 2^31 (mask.{name}_span)")
+    if mask.cu_seqlens is not None:
+        cu = mask.cu_seqlens
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError("mask.cu_seqlens must be a 1-D int tensor of document boundaries (n_docs + 1,)")
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"mask.cu_seqlens must be int32/int64, got {cu.dtype}")
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
-    if rope is not None:
-        B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-        q_positions = _resolve_positions(q_positions, mask.q_span, Sq, B, mask, q.device, "q_positions")
-        k_positions = _resolve_positions(k_positions, mask.k_span, Sk, B, mask, q.device, "k_positions")
-    return scale, q_positions, k_positions
+    if rope is None:
+        return BlockArgs(mask, scale)
+    q_rope = _rotary_positions(q_positions, mask.q_span, Sq, B, mask, rope, q.device, "q_positions")
+    k_rope = _rotary_positions(k_positions, mask.k_span, Sk, B, mask, rope, q.device, "k_positions")
+    return BlockArgs(mask, scale, rope, q_rope, k_rope)
 
 
 def block_forward(
@@ -203,26 +283,23 @@ def block_forward(
     """One block of attention with fused RoPE; returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) fp32.
 
     ``out_dtype`` defaults to q's dtype; ``torch.float32`` keeps ring partials unrounded. Positions
-    default to the global index (index within the document when ``mask.cu_seqlens`` is given).
-    Inputs are never modified.
+    ((Sq,)/(B, Sq) and (Sk,)/(B, Sk) ints) default to the global index (index within the document
+    when ``mask.cu_seqlens`` is given). Inputs are never modified.
     """
-    mask = BlockMask() if mask is None else mask
-    scale, q_positions, k_positions = _prepare(q, k, v, mask, softmax_scale, rope, q_positions, k_positions)
-    out_dtype = q.dtype if out_dtype is None else out_dtype
-    if out_dtype not in (q.dtype, torch.float32, torch.float64):
-        raise TypeError(f"out_dtype must be q's dtype, float32 or float64, got {out_dtype}")
-    impl = select_backend(backend, q, k, v, mask, rope)
-    return impl.forward(
+    args = block_args(
         q,
         k,
         v,
         mask,
-        softmax_scale=scale,
+        softmax_scale=softmax_scale,
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
-        out_dtype=out_dtype,
     )
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (q.dtype, torch.float32, torch.float64):
+        raise TypeError(f"out_dtype must be q's dtype, float32 or float64, got {out_dtype}")
+    return select_backend(backend, q, k, v, args).forward(q, k, v, args, out_dtype)
 
 
 def block_backward(
@@ -244,40 +321,36 @@ def block_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block, normalised by ``lse`` (B, Hq, Sq), which may be the global one.
 
-    ``delta`` = rowsum(dout * out) (B, Hq, Sq) fp32 is computed from ``out`` when not given (the ring
-    passes the global one). Returns dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D) in ``grad_dtype``
-    (default: the input dtype; ``torch.float32`` for accumulation across blocks).
+    ``delta`` = rowsum(dout * out) (B, Hq, Sq) fp32 is computed by the backend from ``out`` when not
+    given (the ring passes the global one). Returns dq (B, Sq, Hq, D), dk and dv (B, Sk, Hkv, D) in
+    ``grad_dtype`` (default: the input dtype; ``torch.float32`` for accumulation across blocks).
     """
-    mask = BlockMask() if mask is None else mask
-    scale, q_positions, k_positions = _prepare(q, k, v, mask, softmax_scale, rope, q_positions, k_positions)
+    args = block_args(
+        q,
+        k,
+        v,
+        mask,
+        softmax_scale=softmax_scale,
+        rope=rope,
+        q_positions=q_positions,
+        k_positions=k_positions,
+    )
     B, Sq, Hq, _ = q.shape
-    if dout.shape != q.shape:
-        raise ValueError(f"dout must have q's shape {tuple(q.shape)}, got {tuple(dout.shape)}")
+    if not isinstance(dout, torch.Tensor) or dout.shape != q.shape:
+        raise ValueError(
+            f"dout must have q's shape {tuple(q.shape)}, got {tuple(getattr(dout, 'shape', ()))}"
+        )
     if lse.shape != (B, Hq, Sq):
         raise ValueError(f"lse must be (B, Hq, Sq) = {(B, Hq, Sq)}, got {tuple(lse.shape)}")
     if delta is None:
         if out is None:
             raise ValueError("block_backward needs out or delta")
-        acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2).contiguous()
+        if out.shape != q.shape:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     elif delta.shape != (B, Hq, Sq):
         raise ValueError(f"delta must be (B, Hq, Sq) = {(B, Hq, Sq)}, got {tuple(delta.shape)}")
     grad_dtype = q.dtype if grad_dtype is None else grad_dtype
     if grad_dtype not in (q.dtype, torch.float32, torch.float64):
         raise TypeError(f"grad_dtype must be the input dtype, float32 or float64, got {grad_dtype}")
-    impl = select_backend(backend, q, k, v, mask, rope)
-    return impl.backward(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        delta,
-        mask,
-        softmax_scale=scale,
-        rope=rope,
-        q_positions=q_positions,
-        k_positions=k_positions,
-        grad_dtype=grad_dtype,
-    )
+    impl = select_backend(backend, q, k, v, args)
+    return impl.backward(dout, q, k, v, out, lse, delta, args, grad_dtype)

@@ -38,7 +38,7 @@ _REQUIRED_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 # 2*pi to 50 significant digits: turns = f / 2pi is then exact to far below 2^-64 per position.
-TWO_PI = Fraction("6.2831853071795864769252867665590057683943387987502")  # 2 pi to 50 digits, exact
+TWO_PI = Fraction("6.2831853071795864769252867665590057683943387987502")
 _MAX_POSITION = 2**31 - 1
 
 
@@ -234,6 +234,16 @@ def _turns_fixed(rope: RoPEConfig, seq_len: int | None) -> torch.Tensor:
         r = round(Fraction(f) * 2**64 / TWO_PI) % 2**64
         values.append(r - 2**64 if r >= 2**63 else r)
     return torch.tensor(values, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def kernel_frequencies(rope: RoPEConfig, seq_len: int | None, device: str) -> torch.Tensor:
+    """The frequency table fused-RoPE kernels take, on ``device``: int64 ``turns_fixed`` (exact) or fp32
+    ``inv_freq`` (hf), (rotary_dim // 2,). Cached per device, so a block call copies nothing from the host.
+    """
+    if rope.precision == "exact":
+        return rope.turns_fixed(seq_len).to(device)
+    return rope.inv_freq(torch.float32, seq_len).to(device)
 
 
 def _check_positions(positions: torch.Tensor) -> None:

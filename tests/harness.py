@@ -129,3 +129,18 @@ def interpreter_without_bf16_fix():
     finally:
         for name, fn in patched.items():
             setattr(InterpreterBuilder, name, fn)
+
+
+def launcher_rope(
+    q, k, rope, *, q_positions=None, k_positions=None, q_span=(0, 1), k_span=(0, 1), cu_seqlens=None
+):
+    """``q_rope``/``k_rope`` keyword arguments of the Triton launchers for a RoPEConfig, resolved the
+    way the block contract resolves them (positions default to the index within the document)."""
+    if rope is None:
+        return {}
+    from ringattn.backends.triton import rope_tables_for
+    from ringattn.block import BlockMask, Span, block_args
+
+    mask = BlockMask(False, Span(*q_span), Span(*k_span), cu_seqlens)
+    args = block_args(q, k, k, mask, rope=rope, q_positions=q_positions, k_positions=k_positions)
+    return {"q_rope": rope_tables_for(rope, args.q_rope), "k_rope": rope_tables_for(rope, args.k_rope)}

@@ -112,6 +112,7 @@ def test_gpu_check_numerics_logic_passes_good_and_fails_bad_backends(monkeypatch
 
     class OffByOnePercent:
         name = "broken"
+        features = frozenset()
 
         def can_implement(self, *args):
             return True, ""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ringattn import RoPEConfig, attention_ref, merge_partials
-from ringattn.block import BlockMask, Span, block_backward, block_forward, select_backend
+from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward, select_backend
 from ringattn.merge import empty_partials
 
 
@@ -102,7 +102,7 @@ def test_inputs_are_not_modified():
 
 def test_default_backend_on_cpu_is_capable():
     q, k, v = _qkv(1, 4, 2, 2, 8, dtype=torch.bfloat16)
-    assert select_backend("auto", q, k, v, BlockMask(), None).name in ("cpu", "reference")
+    assert select_backend("auto", q, k, v, block_args(q, k, v)).name in ("cpu", "reference")
     out, lse = block_forward(q, k, v)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
 

@@ -3,7 +3,6 @@
 import itertools
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from kernel_checks import FAR, Case, check_case, make_inputs
 from ringattn import RoPEConfig, merge_partials
 from ringattn._extension import compiled
 from ringattn.backends import BACKENDS
-from ringattn.block import BlockMask, Span, block_backward, block_forward, select_backend
+from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward, select_backend
 
 pytestmark = pytest.mark.skipif(compiled() is None, reason="ringattn._C not built")
 
@@ -81,14 +80,16 @@ def test_cpu_backward_with_global_lse_and_delta_sums_over_blocks():
 
 def test_cpu_writes_every_output_element():
     # Call the kernels on NaN-filled buffers: every element, empty rows included, must be written.
-    from ringattn.backends.cpu import fill_params, mask_args, rope_kwargs
+    from ringattn.backends.compiled import fill_params, op_inputs
 
     module = compiled()
     case = Case(B=2, Sq=70, Sk=70, Hq=4, Hkv=2, cu_seqlens=[5, 30, 30, 60], rope=FAR_ROPE)
     q, k, v, dout = make_inputs(case, torch.bfloat16)
     pos = torch.arange(70)
-    kw = dict(**mask_args(case.mask(), "cpu"), softmax_scale=0.125, **rope_kwargs(case.rope, pos, pos, "cpu"))
-    p = fill_params(module, q, k, v, **kw)
+    args = block_args(
+        q, k, v, case.mask(), softmax_scale=0.125, rope=case.rope, q_positions=pos, k_positions=pos
+    )
+    p = fill_params(module, q, k, v, *op_inputs(args, q.device))
     out, lse = nan_filled(2, 70, 4, 64), nan_filled(2, 4, 70)
     p.out.ptr, p.out.sb, p.out.ss, p.out.sh = out.data_ptr(), *out.stride()[:3]
     p.out_dtype, p.lse = 0, lse.data_ptr()
@@ -126,12 +127,12 @@ def test_kernel_merge_matches_reference_merge():
 def test_dispatch_and_can_implement_reasons():
     cpu = BACKENDS["cpu"]
     q, k, v, _ = make_inputs(Case(Sq=8, Sk=8), torch.float32)
-    assert select_backend("auto", q, k, v, BlockMask(), None).name == "cpu"
-    assert select_backend("auto", q.bfloat16(), k.bfloat16(), v.bfloat16(), BlockMask(), None).name == "cpu"
-    assert select_backend("auto", q.double(), k.double(), v.double(), BlockMask(), None).name == "reference"
-    ok, reason = cpu.can_implement(q.half(), k.half(), v.half(), BlockMask(), None)
+    assert select_backend("auto", q, k, v, block_args(q, k, v)).name == "cpu"
+    assert select_backend("auto", q.bfloat16(), k.bfloat16(), v.bfloat16(), block_args(q, k, v)).name == "cpu"
+    assert select_backend("auto", q.double(), k.double(), v.double(), block_args(q, k, v)).name == "reference"
+    ok, reason = cpu.can_implement(q.half(), k.half(), v.half(), block_args(q, k, v))
     assert not ok and "float16" in reason
-    ok, reason = cpu.can_implement(q.double(), k.double(), v.double(), BlockMask(), None)
+    ok, reason = cpu.can_implement(q.double(), k.double(), v.double(), block_args(q, k, v))
     assert not ok and "reference" in reason
     with pytest.raises(ValueError, match="backend 'cpu' cannot run"):
         block_forward(q.half(), k.half(), v.half(), backend="cpu")
@@ -157,7 +158,7 @@ def test_custom_ops_have_fake_implementations():
     q, k, v, dout = make_inputs(Case(Sq=12, Sk=9, Hq=4, Hkv=2), torch.bfloat16)
     with FakeTensorMode() as mode:
         fq, fk, fv, fd = (mode.from_tensor(t) for t in (q, k, v, dout))
-        args = (True, 0, 1, 0, 1, None, 0.125, 0, 0, False, 1.0, None, None, None, None)
+        args = (None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0], [0.125, 1.0])
         out, lse = torch.ops.ringattn.cpu_block_forward(fq, fk, fv, *args, True)
         assert out.shape == (1, 12, 4, 64) and out.dtype == torch.float32 and lse.shape == (1, 4, 12)
         dq, dk, dv = torch.ops.ringattn.cpu_block_backward(fd, fq, fk, fv, lse, lse, *args, False)
@@ -165,16 +166,12 @@ def test_custom_ops_have_fake_implementations():
     torch.library.opcheck(torch.ops.ringattn.cpu_block_forward.default, (q, k, v, *args, True))
 
 
-TRITON = Path(__file__).resolve().parents[1] / "ringattn" / "backends" / "triton.py"
-
-
-@pytest.mark.skipif(not TRITON.exists(), reason="ringattn/backends/triton.py is not written yet")
 def test_cpu_and_triton_interpreter_agree():
     case = Case(Sq=40, Sk=40, Hq=4, Hkv=2, D=64, rope=FAR_ROPE, cu_seqlens=[0, 17, 40])
     q, k, v, dout = make_inputs(case, torch.float32)
-    triton = BACKENDS.get("triton")
-    if triton is None or not triton.can_implement(q, k, v, case.mask(), case.rope)[0]:
-        pytest.skip("the triton backend is not registered or cannot run here")
+    ok, reason = BACKENDS["triton"].can_implement(q, k, v, block_args(q, k, v, case.mask(), rope=case.rope))
+    if not ok:
+        pytest.skip(f"the triton backend cannot run here: {reason}")
     results = {}
     for name in ("cpu", "triton"):
         out, lse = block_forward(q, k, v, case.mask(), rope=case.rope, backend=name)

@@ -14,7 +14,7 @@ from kernel_checks import FAR, Case, check_case
 from ringattn import RoPEConfig, extension_status
 from ringattn._extension import compiled
 from ringattn.backends import BACKENDS
-from ringattn.block import BlockMask, Span
+from ringattn.block import Span, block_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SM89_SMEM_LIMIT = 101_376
@@ -84,13 +84,13 @@ def test_cuda_entries_without_gpu_raise_clear_errors():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             entry(module.AttnParams())
     q = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
-    ok, reason = BACKENDS["cuda"].can_implement(q, q, q, BlockMask(), None)
+    ok, reason = BACKENDS["cuda"].can_implement(q, q, q, block_args(q, q, q))
     assert not ok and "cpu" in reason
 
 
 def test_cuda_backend_rejects_unsupported_inputs_with_reasons():
     q = torch.zeros(1, 4, 2, 64)
-    ok, reason = BACKENDS["cuda"].can_implement(q, q, q, BlockMask(), None)
+    ok, reason = BACKENDS["cuda"].can_implement(q, q, q, block_args(q, q, q))
     assert not ok and reason
 
 
@@ -120,7 +120,7 @@ def test_cuda_custom_ops_have_fake_implementations():
     # Shapes and dtypes come from the fake implementations on meta tensors: no GPU needed.
     q = torch.empty(1, 12, 4, 64, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, 9, 2, 64, dtype=torch.bfloat16, device="meta")
-    args = (True, 0, 1, 0, 1, None, 0.125, 0, 0, False, 1.0, None, None, None, None)
+    args = (None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0], [0.125, 1.0])
     out, lse = torch.ops.ringattn.cuda_block_forward(q, k, k, *args, False)
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (1, 4, 12)
     dq, dk, dv = torch.ops.ringattn.cuda_block_backward(q, q, k, k, lse, lse, *args, True)

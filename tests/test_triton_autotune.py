@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import launcher_rope
 
 # importing test_triton_flash also installs the interpreter's bf16 rounding fix
 from test_triton_flash import R16, Case, _inputs, _reference, check_case
@@ -86,8 +87,9 @@ def test_launchers_tune_then_launch_the_choice(monkeypatch):
     tuner.choose = choose
     c = Case(40, causal=True, rope=R16, Hq=4, Hkv=2)
     q, k, v, dout = _inputs(c, seed=1)
-    out, lse = flash.flash_attn_fwd(q, k, v, causal=True, rope=R16, tuner=tuner)
-    dq, dk, dv = flash.flash_attn_bwd(dout, q, k, v, out, lse, causal=True, rope=R16, tuner=tuner)
+    rope = launcher_rope(q, k, R16)
+    out, lse = flash.flash_attn_fwd(q, k, v, causal=True, **rope, tuner=tuner)
+    dq, dk, dv = flash.flash_attn_bwd(dout, q, k, v, out, lse, causal=True, **rope, tuner=tuner)
     assert seen == [("fwd", C), ("bwd_dq", C), ("bwd_dkdv", C)]
     assert timer.calls == [A, C] * 3
     ref = _reference(c, q, k, v, dout)

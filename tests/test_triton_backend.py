@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import GRAD_FACTOR, assert_within_peer_error
+from harness import GRAD_FACTOR, assert_within_peer_error, launcher_rope
 
-# importing test_triton_flash also installs the interpreter's bf16 rounding fix
+# shared cases and peer; the interpreter's bf16 rounding fix is installed by tests/conftest.py
 from test_triton_flash import Case, _inputs, _peer
 
 from ringattn import RoPEConfig, attention_ref, merge_partials
 from ringattn.backends import BACKENDS
-from ringattn.block import BlockMask, Span, block_backward, block_forward
+from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward
 from ringattn.merge import empty_partials
 from ringattn.reference import attention_backward_ref
 
@@ -26,14 +26,14 @@ def _qkv(B, S, Hq, Hkv, D, seed=0, dtype=torch.float32):
 def test_registered_and_can_implement_reasons(monkeypatch):
     backend = BACKENDS["triton"]
     q, k, v = _qkv(1, 4, 2, 1, 16)
-    assert backend.can_implement(q, k, v, BlockMask(), None) == (True, "")
-    ok, reason = backend.can_implement(q.double(), k.double(), v.double(), BlockMask(), None)
+    assert backend.can_implement(q, k, v, block_args(q, k, v)) == (True, "")
+    ok, reason = backend.can_implement(q.double(), k.double(), v.double(), block_args(q, k, v))
     assert not ok and "float64" in reason
     big = torch.zeros(1, 4, 1, 512)
-    ok, reason = backend.can_implement(big, big, big, BlockMask(), None)
+    ok, reason = backend.can_implement(big, big, big, block_args(big, big, big))
     assert not ok and "head dim" in reason
     monkeypatch.delenv("TRITON_INTERPRET")
-    ok, reason = backend.can_implement(q, k, v, BlockMask(), None)
+    ok, reason = backend.can_implement(q, k, v, block_args(q, k, v))
     assert not ok and "TRITON_INTERPRET" in reason
 
 
@@ -99,7 +99,8 @@ def test_launchers_allocate_no_score_matrix_or_rotated_copies():
     B, S, H, D = 1, 512, 2, 64
     q, k, v = _qkv(B, S, H, H, D, dtype=torch.bfloat16)
     dout = torch.randn_like(q)
-    kw = dict(causal=True, cu_seqlens=torch.tensor([0, 200, 512]), rope=RoPEConfig(D, 1e4))
+    cu = torch.tensor([0, 200, 512])
+    kw = dict(causal=True, cu_seqlens=cu, **launcher_rope(q, k, RoPEConfig(D, 1e4), cu_seqlens=cu))
     cfg = KernelConfig(64, 64, 4, 1)
     out, lse = flash_attn_fwd(q, k, v, config=cfg, **kw)
     assert torch.isfinite(out.float()).all()

@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from harness import GRAD_FACTOR, OUTPUT_FACTOR, assert_within_peer_error, contract_floor, nan_filled
+from harness import (
+    GRAD_FACTOR,
+    OUTPUT_FACTOR,
+    assert_within_peer_error,
+    contract_floor,
+    launcher_rope,
+    nan_filled,
+)
 
 from ringattn import RoPEConfig
+from ringattn.block import block_args, block_forward
 from ringattn.indexing import default_positions
 from ringattn.reference import attention_backward_ref, attention_ref, visible_mask
 from ringattn.rope import cos_sin
@@ -139,14 +147,10 @@ def _reference(c: Case, q, k, v, dout):
 
 def _ours(c: Case, q, k, v, dout):
     qp, kp = _positions(c)
-    kw = dict(
-        causal=c.causal,
-        q_span=c.q_span,
-        k_span=c.k_span,
-        cu_seqlens=None if c.cu_seqlens is None else torch.tensor(c.cu_seqlens),
-        rope=c.rope,
-        q_positions=qp,
-        k_positions=kp,
+    cu = None if c.cu_seqlens is None else torch.tensor(c.cu_seqlens)
+    kw = dict(causal=c.causal, q_span=c.q_span, k_span=c.k_span, cu_seqlens=cu)
+    kw |= launcher_rope(
+        q, k, c.rope, q_positions=qp, k_positions=kp, q_span=c.q_span, k_span=c.k_span, cu_seqlens=cu
     )
     cfg = KernelConfig(c.block, c.block_n or c.block, 4, 1)
     out = nan_filled(*q.shape, dtype=q.dtype)
@@ -299,8 +303,8 @@ def test_global_lse_and_delta_from_outside():
     for lo, hi in ((0, 17), (17, 40)):
         parts.append(
             flash_attn_bwd(
-                dout, q, k[:, lo:hi], v[:, lo:hi], None, lse, delta, causal=True, k_span=(lo, 1), rope=R16,
-                q_positions=torch.arange(40), k_positions=torch.arange(lo, hi), grad_dtype=torch.float32,
+                dout, q, k[:, lo:hi], v[:, lo:hi], None, lse, delta, causal=True, k_span=(lo, 1),
+                **launcher_rope(q, k[:, lo:hi], R16, k_span=(lo, 1)), grad_dtype=torch.float32,
                 config_dq=cfg, config_dkdv=cfg,
             )
         )  # fmt: skip
@@ -321,7 +325,8 @@ def test_strided_inputs_and_fp32_out():
     q, k, v, dout = _inputs(c, seed=5)
     qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not qs.is_contiguous()
-    kw = dict(causal=True, q_span=(10, 1), rope=R16, config=KernelConfig(16, 16, 4, 1))
+    kw = dict(causal=True, q_span=(10, 1), config=KernelConfig(16, 16, 4, 1))
+    kw |= launcher_rope(q, k, R16, q_span=(10, 1))
     out_c, lse_c = flash_attn_fwd(q, k, v, **kw)
     out_s, lse_s = flash_attn_fwd(qs, ks, vs, out_dtype=torch.float32, **kw)
     assert out_s.dtype == torch.float32
@@ -332,9 +337,11 @@ def test_strided_inputs_and_fp32_out():
 def test_bad_inputs_raise_naming_the_argument():
     q, k, v, dout = _inputs(Case(8, Hq=2, Hkv=2))
     with pytest.raises(ValueError, match="q_positions"):
-        flash_attn_fwd(q, k, v, rope=R16, q_positions=torch.full((8,), -1), k_positions=torch.arange(8))
+        block_forward(q, k, v, rope=R16, q_positions=torch.full((8,), -1), backend="triton")
     with pytest.raises(TypeError, match="q_positions"):
-        flash_attn_fwd(q, k, v, rope=R16, q_positions=torch.zeros(8), k_positions=torch.arange(8))
+        block_forward(q, k, v, rope=R16, q_positions=torch.zeros(8), backend="triton")
+    with pytest.raises(ValueError, match="q_rope and k_rope"):
+        flash_attn_fwd(q, k, v, q_rope=launcher_rope(q, k, R16)["q_rope"])
     with pytest.raises(TypeError, match="q must be"):
         flash_attn_fwd(q.double(), k.double(), v.double())
     with pytest.raises(ValueError, match="lse"):
@@ -348,30 +355,46 @@ def test_bad_inputs_raise_naming_the_argument():
 def test_position_checks_do_not_read_device_tensors_on_the_host():
     # On an accelerator the range check is a device-side assert, not a host sync per call (the ring
     # launches every hop). Meta tensors refuse host reads, so this fails if the check syncs.
-    from tritonkernels.flash import rope_args
-
-    meta = torch.device("meta")
-    args = rope_args(R16, torch.arange(8, device=meta), 8, 1, meta, "q_positions")
-    assert args.positions.device == meta and args.positions.dtype == torch.int32
+    q = torch.empty(1, 8, 2, 16, device="meta")
+    args = block_args(q, q, q, rope=R16, q_positions=torch.arange(8, device="meta"))
+    assert args.q_rope.positions.device.type == "meta" and args.q_rope.positions.dtype == torch.int32
     dynamic = RoPEConfig(16, 1e4, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 4})
     with pytest.raises(RuntimeError, match="meta"):  # dynamic scaling needs the maximum on the host
-        rope_args(dynamic, torch.arange(8, device=meta), 8, 1, meta, "q_positions")
+        block_args(q, q, q, rope=dynamic)
 
 
 def test_empty_query_or_key_blocks():
     # Sk = 0: every row sees nothing (lse -inf, zero output, zero dq); Sq = 0: dk = dv = 0.
     q, k, v, dout = _inputs(Case(5, 3, Hq=2, Hkv=1, rope=R16))
     cfg = KernelConfig(16, 16, 4, 1)
-    out, lse = flash_attn_fwd(q, k[:, :0], v[:, :0], causal=True, rope=R16, config=cfg)
+    out, lse = flash_attn_fwd(
+        q, k[:, :0], v[:, :0], causal=True, **launcher_rope(q, k[:, :0], R16), config=cfg
+    )
     assert (out == 0).all() and torch.isneginf(lse).all()
     dq, dk, dv = flash_attn_bwd(
-        dout, q, k[:, :0], v[:, :0], out, lse, rope=R16, config_dq=cfg, config_dkdv=cfg
+        dout,
+        q,
+        k[:, :0],
+        v[:, :0],
+        out,
+        lse,
+        **launcher_rope(q, k[:, :0], R16),
+        config_dq=cfg,
+        config_dkdv=cfg,
     )
     assert (dq == 0).all() and dk.shape == (1, 0, 1, 16)
     empty_q = q[:, :0]
-    out0, lse0 = flash_attn_fwd(empty_q, k, v, rope=R16, config=cfg)
+    out0, lse0 = flash_attn_fwd(empty_q, k, v, **launcher_rope(empty_q, k, R16), config=cfg)
     assert out0.shape == (1, 0, 2, 16) and lse0.shape == (1, 2, 0)
     dq0, dk0, dv0 = flash_attn_bwd(
-        dout[:, :0], empty_q, k, v, out0, lse0, rope=R16, config_dq=cfg, config_dkdv=cfg
+        dout[:, :0],
+        empty_q,
+        k,
+        v,
+        out0,
+        lse0,
+        **launcher_rope(empty_q, k, R16),
+        config_dq=cfg,
+        config_dkdv=cfg,
     )
     assert dq0.shape == (1, 0, 2, 16) and (dk0 == 0).all() and (dv0 == 0).all()

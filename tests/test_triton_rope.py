@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import test_triton_flash  # noqa: F401  (installs the interpreter bf16 rounding fix)
+import test_triton_flash  # noqa: F401  (not needed for the bf16 fix: tests/conftest.py installs it)
 import torch
-from harness import assert_within_peer_error, nan_filled
+from harness import assert_within_peer_error, launcher_rope, nan_filled
 
 from ringattn import RoPEConfig
 from ringattn.rope import apply_rope, cos_sin
@@ -18,6 +18,11 @@ CONFIGS = {
         80, 1e6, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, precision="hf"
     ),
 }
+
+
+def _tables(x, positions, rope):
+    """The kernel's RopeTables for a RoPEConfig, as the Triton backend builds them."""
+    return launcher_rope(x, x, rope, q_positions=positions, k_positions=positions)["q_rope"]
 
 
 def _peer(x, positions, rope, transpose):
@@ -47,7 +52,9 @@ def test_rope_kernel_matches_reference(rope, dtype, transpose):
     positions = torch.randint(0, 2**31 - 1, (B, S), generator=gen, dtype=torch.int64)
     positions[0] = torch.arange(4_194_000, 4_194_000 + S)
     before = x_view.clone()
-    out = rope_apply(x_view, positions, rope, transpose=transpose, out=nan_filled(*x.shape, dtype=dtype))
+    out = rope_apply(
+        x_view, _tables(x, positions, rope), transpose=transpose, out=nan_filled(*x.shape, dtype=dtype)
+    )
     assert torch.equal(x_view, before), "input must not be modified"
     ref = apply_rope(x, positions, rope, transpose=transpose)
     assert_within_peer_error(out, ref, _peer(x, positions, rope, transpose), name="rope")
@@ -60,20 +67,23 @@ def test_rope_backward_is_the_transpose():
     x = torch.randn(1, 20, 2, 32, generator=gen)
     g = torch.randn(1, 20, 2, 32, generator=gen)
     pos = torch.arange(1000, 1020, dtype=torch.int32)
-    lhs = (rope_apply(x, pos, rope).double() * g.double()).sum()
-    rhs = (x.double() * rope_apply(g, pos, rope, transpose=True).double()).sum()
+    lhs = (rope_apply(x, _tables(x, pos, rope)).double() * g.double()).sum()
+    rhs = (x.double() * rope_apply(g, _tables(g, pos, rope), transpose=True).double()).sum()
     assert abs(lhs - rhs) <= 1e-4 * float(x.abs().sum())
 
 
 def test_rope_bad_inputs():
     rope = RoPEConfig(16)
     x = torch.randn(1, 4, 1, 16)
+    tables = _tables(x, torch.arange(4), rope)
     with pytest.raises(ValueError, match="positions"):
-        rope_apply(x, torch.arange(5), rope)
-    with pytest.raises(ValueError, match="rope.dim"):
-        rope_apply(torch.randn(1, 4, 1, 32), torch.arange(4), rope)
+        rope_apply(torch.randn(1, 5, 1, 16), tables)
+    with pytest.raises(ValueError, match="rot_dim"):
+        rope_apply(torch.randn(1, 4, 1, 8), tables)
     with pytest.raises(TypeError, match="x must be"):
-        rope_apply(x.double(), torch.arange(4), rope)
+        rope_apply(x.double(), tables)
+    with pytest.raises(TypeError, match="tables"):
+        rope_apply(x, rope)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +95,7 @@ def test_exact_phase_at_extreme_positions(positions):
     pos = torch.arange(*positions, dtype=torch.int64)
     x = torch.zeros(1, len(pos), 1, 128)
     x[..., :64] = 1.0  # NeoX pairs (x[j], x[j + 64]) = (1, 0)
-    y = rope_apply(x, pos, rope).double()
+    y = rope_apply(x, _tables(x, pos, rope)).double()
     ours = torch.atan2(y[..., 64:], y[..., :64])[0, :, 0]
     truth = pos.double().unsqueeze(-1) * rope.inv_freq(torch.float64)
     err = (torch.remainder(ours - truth + torch.pi, 2 * torch.pi) - torch.pi).abs().max().item()
@@ -108,7 +118,7 @@ def test_hf_mode_matches_transformers_fp32_angles_at_any_position(positions):
     pos = torch.arange(*positions, dtype=torch.int64)
     x = torch.zeros(1, len(pos), 1, 128)
     x[..., :64] = 1.0  # NeoX pairs (x[j], x[j + 64]) = (1, 0): the output is (cos, sin)
-    y = rope_apply(x, pos, rope)[0, :, 0]
+    y = rope_apply(x, _tables(x, pos, rope))[0, :, 0]
     angle32 = pos.float().unsqueeze(-1) * rope.inv_freq(torch.float32)
     truth = torch.cat((torch.cos(angle32.double()), torch.sin(angle32.double())), -1)
     peer = torch.cat((torch.cos(angle32), torch.sin(angle32)), -1)

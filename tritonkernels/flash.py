@@ -7,111 +7,20 @@ RoPE frequency tables (rotary_dim / 2 entries).
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
-
-from ringattn.reference import default_positions, document_ids
-from ringattn.rope import TWO_PI, RoPEConfig
+import triton
 
 from . import flash_kernels as fk
-from ._rope_tile import HF_MAX_EXPONENT, HF_MIN_EXPONENT
 from .autotune import TUNER, TuneKey, Tuner, size_bucket
 from .configs import KernelConfig, aux_rows, block_d, get_configs, rope_pads
+from .rope_tables import RopeTables
 
-__all__ = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_bwd_delta", "RopeArgs", "rope_args"]
+__all__ = ["flash_attn_fwd", "flash_attn_bwd", "flash_attn_bwd_delta"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_MAX_POSITION = 2**31 - 1
-_TABLE_CACHE: dict = {}
-
-
-@dataclass(frozen=True)
-class RopeArgs:
-    """What a kernel needs for RoPE: positions (int32, (1 or B, S)), tables and constexprs."""
-
-    positions: torch.Tensor
-    tab_a: torch.Tensor  # exact: r_hi (int32 bits of the uint32 half); hf: inv_freq fp32
-    tab_b: torch.Tensor  # exact: r_lo (int32 bits); hf: the fp32 angle's reduction table (int32)
-    exact: bool
-    rot_dim: int
-    interleaved: bool
-    attn_factor: float
-
-    @property
-    def stride_b(self) -> int:
-        return self.positions.stride(0) if self.positions.shape[0] > 1 else 0
-
-
-def _tables(rope: RoPEConfig, seq_len: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (rope, seq_len, str(device))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        return hit
-    if rope.precision == "exact":
-        turns = rope.turns_fixed(seq_len)  # int64 two's complement of the uint64 constant
-        # the two 32-bit halves, stored as int32 bit patterns
-        hi = ((turns >> 32) & 0xFFFFFFFF).to(torch.int64)
-        lo = (turns & 0xFFFFFFFF).to(torch.int64)
-        hi, lo = (torch.where(h >= 2**31, h - 2**32, h).to(torch.int32) for h in (hi, lo))
-        tabs = hi.to(device), lo.to(device)
-    else:
-        tabs = rope.inv_freq(torch.float32, seq_len).to(device), _hf_reduction_table().to(device)
-    if len(_TABLE_CACHE) > 256:
-        _TABLE_CACHE.clear()
-    _TABLE_CACHE[key] = tabs
-    return tabs
-
-
-@functools.lru_cache(maxsize=1)
-def _hf_reduction_table() -> torch.Tensor:
-    """int32 (2 * 73,): high and low halves of W(E) = round(2^(64+E) / 2pi) mod 2^64, E = -64 .. 8
-    (the kernels' HF_MIN_EXPONENT .. HF_MAX_EXPONENT).
-
-    An fp32 angle mant * 2^E is mant * W(E) / 2^64 turns mod 1 (see ``_rope_tile``): exact rationals.
-    """
-    words = []
-    for exponent in range(HF_MIN_EXPONENT.value, HF_MAX_EXPONENT.value + 1):
-        w = round(Fraction(2 ** (64 + exponent)) / TWO_PI) % 2**64
-        words += [w >> 32, w & 0xFFFFFFFF]
-    return torch.tensor([x - 2**32 if x >= 2**31 else x for x in words], dtype=torch.int32)
-
-
-def rope_args(
-    rope: RoPEConfig, positions: torch.Tensor, length: int, batch: int, device, name: str
-) -> RopeArgs:
-    """Validate positions ((S,) or (B, S), int32/int64, in [0, 2^31 - 1]) and build kernel arguments.
-
-    The range is checked on the host for CPU tensors (and for dynamic scaling, which needs the
-    maximum), by a device-side assert otherwise.
-    """
-    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(
-            f"{name} must be an int32/int64 tensor, got {getattr(positions, 'dtype', type(positions))}"
-        )
-    if positions.shape not in ((length,), (batch, length)):
-        raise ValueError(f"{name} must be ({length},) or ({batch}, {length}), got {tuple(positions.shape)}")
-    seq_len = None
-    if positions.numel() and (positions.device.type == "cpu" or rope.rope_type == "dynamic"):
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi > _MAX_POSITION:
-            raise ValueError(f"{name} must lie in [0, 2^31 - 1], got [{lo}, {hi}]")
-        seq_len = hi + 1 if rope.rope_type == "dynamic" else None  # as ringattn.rope.apply_rope
-    elif positions.numel():
-        # No host sync on an accelerator (a ring calls this every hop): a device-side assert.
-        in_range = ((positions >= 0) & (positions <= _MAX_POSITION)).all()
-        torch._assert_async(in_range, f"{name} must lie in [0, 2^31 - 1]")
-    if length:
-        pos = positions.to(device=device, dtype=torch.int32).reshape(-1, length).contiguous()
-    else:  # no rows: a dummy the kernels never read
-        pos = torch.zeros(1, 1, dtype=torch.int32, device=device)
-    tab_a, tab_b = _tables(rope, seq_len, device)
-    return RopeArgs(
-        pos, tab_a, tab_b, rope.precision == "exact", rope.rotary_dim, rope.interleaved, rope.attention_factor
-    )
+_MAX_INDEX = 2**31 - 1
 
 
 def _span(span, name: str) -> tuple[int, int]:
@@ -187,12 +96,31 @@ def _check_seq_major(t, name):
         raise ValueError(f"{name} must have unit stride along S (B, H, S), got strides {t.stride()}")
 
 
-class _Common:
-    """Arguments shared by the forward and both backward kernels."""
+def _document_ids(index: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """int32 document of each global index (-1 outside every document)."""
+    doc = torch.searchsorted(cu, index.contiguous(), right=True) - 1
+    return torch.where((index < cu[0]) | (index >= cu[-1]), -1, doc).to(torch.int32).contiguous()
 
-    def __init__(
-        self, q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions
-    ):
+
+def _with_rows(tables: RopeTables, device) -> RopeTables:
+    """``tables`` on ``device``; positions of a side without rows become a dummy the kernels never read."""
+    pos = tables.positions
+    pos = pos.to(device) if pos.shape[-1] else torch.zeros(1, 1, dtype=torch.int32, device=device)
+    return RopeTables(
+        pos,
+        tables.tab_a.to(device),
+        tables.tab_b.to(device),
+        tables.exact,
+        tables.rot_dim,
+        tables.interleaved,
+        tables.attn_factor,
+    )
+
+
+class _LaunchArgs:
+    """What the forward and both backward kernels share: sizes, spans, documents, RoPE, tile choice."""
+
+    def __init__(self, q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope):
         B, Sq, Hq, D = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
         self.B, self.Sq, self.Sk, self.Hq, self.Hkv, self.D = B, Sq, Sk, Hq, Hkv, D
@@ -200,40 +128,49 @@ class _Common:
         self.causal = bool(causal)
         self.q_start, self.q_stride = _span(q_span, "q_span")
         self.k_start, self.k_stride = _span(k_span, "k_span")
-        if self.q_start + self.q_stride * max(Sq, 1) > _MAX_POSITION or (
-            self.k_start + self.k_stride * max(Sk, 1) > _MAX_POSITION
+        if self.q_start + self.q_stride * max(Sq, 1) > _MAX_INDEX or (
+            self.k_start + self.k_stride * max(Sk, 1) > _MAX_INDEX
         ):
             raise ValueError("global token indices must stay below 2^31")
         dev = q.device
-        q_index = torch.arange(Sq, device=dev) * self.q_stride + self.q_start
-        k_index = torch.arange(Sk, device=dev) * self.k_stride + self.k_start
         self.cu = cu_seqlens
         if cu_seqlens is not None:
             if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
                 raise ValueError("cu_seqlens must be a 1-D int tensor of document boundaries (n_docs + 1,)")
             if cu_seqlens.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"cu_seqlens must be int32/int64, got {cu_seqlens.dtype}")
-            self.q_index, self.k_index = q_index, k_index
-            self.q_doc = document_ids(q_index, cu_seqlens).to(torch.int32).contiguous()
-            self.k_doc = document_ids(k_index, cu_seqlens).to(torch.int32).contiguous()
+            self.cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+            self.q_index = torch.arange(Sq, device=dev) * self.q_stride + self.q_start
+            self.k_index = torch.arange(Sk, device=dev) * self.k_stride + self.k_start
+            self.q_doc = _document_ids(self.q_index, self.cu)
+            self.k_doc = _document_ids(self.k_index, self.cu)
         else:
             self.q_doc = self.k_doc = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.rope = rope
-        if rope is not None:
-            if not isinstance(rope, RoPEConfig):
-                raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
-            if rope.dim != D:
-                raise ValueError(f"rope.dim {rope.dim} must equal the head dim {D}")
-            if q_positions is None:
-                q_positions = default_positions(q_index, cu_seqlens)
-            if k_positions is None:
-                k_positions = default_positions(k_index, cu_seqlens)
-            self.qr = rope_args(rope, q_positions, Sq, B, dev, "q_positions")
-            self.kr = rope_args(rope, k_positions, Sk, B, dev, "k_positions")
+        if (q_rope is None) != (k_rope is None):
+            raise ValueError("q_rope and k_rope must be given together")
+        self.rope = q_rope is not None
+        if self.rope:
+            for name, tables, length in (("q_rope", q_rope, Sq), ("k_rope", k_rope, Sk)):
+                if not isinstance(tables, RopeTables):
+                    raise TypeError(f"{name} must be a RopeTables, got {type(tables).__name__}")
+                if tables.positions.shape[-1] != length or tables.positions.shape[0] not in (1, B):
+                    raise ValueError(
+                        f"{name}.positions must be (1, {length}) or ({B}, {length}), got {tuple(tables.positions.shape)}"
+                    )
+            if (q_rope.exact, q_rope.rot_dim, q_rope.interleaved) != (
+                k_rope.exact,
+                k_rope.rot_dim,
+                k_rope.interleaved,
+            ):
+                raise ValueError("q_rope and k_rope must share mode, rot_dim and interleaving")
+            if q_rope.rot_dim > D:
+                raise ValueError(f"rot_dim {q_rope.rot_dim} must not exceed the head dim {D}")
+            # a side without rows gets a dummy the kernels never read
+            self.qr, self.kr = (_with_rows(r, dev) for r in (q_rope, k_rope))
         else:
             dummy_i = torch.zeros(1, 1, dtype=torch.int32, device=dev)
             dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
-            self.qr = self.kr = RopeArgs(dummy_i, dummy_t, dummy_t, True, 2, False, 1.0)
+            self.qr = self.kr = RopeTables(dummy_i, dummy_t, dummy_t, True, 2, False, 1.0)
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
         self.device = dev
         self.capability = _capability(dev)
@@ -260,7 +197,7 @@ class _Common:
         )
 
     def constexprs(self, cfg: KernelConfig):
-        r = self.rope is not None
+        r = self.rope
         half_pad, pass_pad = rope_pads(self.D, self.qr.rot_dim if r else None)
         return dict(
             GROUP=self.Hq // self.Hkv,
@@ -287,7 +224,7 @@ class _Common:
         if given is not None:
             return given
         candidates = get_configs(kernel, self.D, self.capability, dtype.itemsize)
-        rope = "none" if self.rope is None else f"{self.rope.precision}/{self.qr.rot_dim}"
+        rope = f"{'exact' if self.qr.exact else 'hf'}/{self.qr.rot_dim}" if self.rope else "none"
         key = TuneKey(
             kernel, self.device, dtype, self.D, self.Hq // self.Hkv, self.causal, self.cu is not None, rope,
             size_bucket(self.Sq), size_bucket(self.Sk), size_bucket(self.B * self.Hq),
@@ -305,9 +242,8 @@ def flash_attn_fwd(
     q_span=(0, 1),
     k_span=(0, 1),
     cu_seqlens: torch.Tensor | None = None,
-    rope: RoPEConfig | None = None,
-    q_positions: torch.Tensor | None = None,
-    k_positions: torch.Tensor | None = None,
+    q_rope: RopeTables | None = None,
+    k_rope: RopeTables | None = None,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -317,12 +253,14 @@ def flash_attn_fwd(
     """Attention forward with RoPE fused into the tile loads; returns out (B, Sq, Hq, D), lse (B, Hq, Sq).
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), any strides. ``q_span``/``k_span``: (start, stride) of
-    the rows' global token indices (or ``ringattn.block.Span``). ``out``/``lse`` may be given to
-    write into. ``config`` overrides the shipped tile configs; without it a GPU launch autotunes
+    the rows' global token indices (any object with ``start`` and ``stride``). ``cu_seqlens``: int
+    (n_docs + 1,) document boundaries over global indices. ``q_rope``/``k_rope`` (both or neither):
+    ``rope_tables.RopeTables`` of each side, positions already range-checked by the caller.
+    ``out``/``lse`` may be given to write into. ``config`` overrides the shipped tile configs; without it a GPU launch autotunes
     among them with ``tuner`` (default: the process-wide ``autotune.TUNER``).
     """
     _check_qkv(q, k, v)
-    c = _Common(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions)
+    c = _LaunchArgs(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope)
     out_dtype = q.dtype if out_dtype is None else out_dtype
     if out_dtype not in (q.dtype, torch.float32):
         raise TypeError(f"out_dtype must be q's dtype or float32, got {out_dtype}")
@@ -338,7 +276,7 @@ def flash_attn_fwd(
         return out, lse
 
     def launch(cfg: KernelConfig):
-        fk.flash_fwd_kernel[(triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+        fk.flash_fwd_kernel[(triton.cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
             q, k, v, out, lse,
             *c.rope_pointer_args(),
             c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
@@ -351,10 +289,6 @@ def flash_attn_fwd(
 
     launch(c.config("fwd", config, tuner, q.dtype, launch))
     return out, lse
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def flash_attn_bwd_delta(
@@ -374,7 +308,7 @@ def flash_attn_bwd_delta(
     if delta.numel() == 0:
         return delta
     block_m = aux_rows("delta", D)
-    fk.flash_bwd_delta_kernel[(triton_cdiv(S, block_m), B * H)](
+    fk.flash_bwd_delta_kernel[(triton.cdiv(S, block_m), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), S, H,
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,
     )  # fmt: skip
@@ -395,9 +329,8 @@ def flash_attn_bwd(
     q_span=(0, 1),
     k_span=(0, 1),
     cu_seqlens: torch.Tensor | None = None,
-    rope: RoPEConfig | None = None,
-    q_positions: torch.Tensor | None = None,
-    k_positions: torch.Tensor | None = None,
+    q_rope: RopeTables | None = None,
+    k_rope: RopeTables | None = None,
     grad_dtype: torch.dtype | None = None,
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
@@ -415,7 +348,7 @@ def flash_attn_bwd(
     _check_qkv(q, k, v)
     if not isinstance(dout, torch.Tensor) or dout.shape != q.shape or dout.dtype != q.dtype:
         raise ValueError(f"dout must be a {q.dtype} tensor of q's shape {tuple(q.shape)}")
-    c = _Common(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, rope, q_positions, k_positions)
+    c = _LaunchArgs(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope)
     _check_out(lse, "lse", (c.B, c.Hq, c.Sq), torch.float32, q.device)
     _check_seq_major(lse, "lse")
     if delta is None:
@@ -441,7 +374,7 @@ def flash_attn_bwd(
     if c.Sq:
 
         def launch_dq(cfg: KernelConfig):
-            fk.flash_bwd_dq_kernel[(triton_cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+            fk.flash_bwd_dq_kernel[(triton.cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
                 q, k, v, dout, lse, delta, dq,
                 *c.rope_pointer_args(),
                 c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
@@ -455,7 +388,7 @@ def flash_attn_bwd(
     if c.Sk:
 
         def launch_dkdv(cfg: KernelConfig):
-            fk.flash_bwd_dkdv_kernel[(triton_cdiv(c.Sk, cfg.block_n), c.B * c.Hkv)](
+            fk.flash_bwd_dkdv_kernel[(triton.cdiv(c.Sk, cfg.block_n), c.B * c.Hkv)](
                 q, k, v, dout, lse, delta, dk, dv,
                 *c.rope_pointer_args(),
                 c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False),

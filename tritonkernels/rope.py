@@ -1,6 +1,6 @@
 """Standalone Triton RoPE (forward and backward) for paths that do not fuse it into attention.
 
-``rope_apply(x, positions, rope)`` returns the rotated copy of x (B, S, H, D), any strides, in x's
+``rope_apply(x, tables)`` returns the rotated copy of x (B, S, H, D), any strides, in x's
 dtype (or ``out_dtype``); ``transpose=True`` is the RoPE backward (rotation by -angle, same
 attention factor), which takes gradients w.r.t. rotated x back to x. Same angle arithmetic as the
 fused attention kernels (exact-phase fixed point or hf fp32), see ``_rope_tile``.
@@ -12,11 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ringattn.rope import RoPEConfig
-
 from ._rope_tile import load_parts, load_raw_parts, rotate_back, store_parts
 from .configs import aux_rows, rope_pads
-from .flash import rope_args
+from .rope_tables import RopeTables
 
 __all__ = ["rope_apply", "rope_kernel"]
 
@@ -75,15 +73,15 @@ def rope_kernel(
 
 def rope_apply(
     x: torch.Tensor,
-    positions: torch.Tensor,
-    rope: RoPEConfig,
+    tables: RopeTables,
     *,
     transpose: bool = False,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     block_s: int | None = None,
 ) -> torch.Tensor:
-    """RoPE of x (B, S, H, D) at int positions (S,) or (B, S); never modifies x.
+    """RoPE of x (B, S, H, D) at ``tables`` (``rope_tables.rope_tables``: positions (1 or B, S)); never
+    modifies x.
 
     ``transpose`` applies the inverse rotation (the backward); ``block_s`` overrides the shipped rows per
     program (``configs.aux_rows``).
@@ -92,12 +90,15 @@ def rope_apply(
         raise ValueError(f"x must be a (B, S, H, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
-    if not isinstance(rope, RoPEConfig):
-        raise TypeError(f"rope must be a RoPEConfig, got {type(rope).__name__}")
+    if not isinstance(tables, RopeTables):
+        raise TypeError(f"tables must be a RopeTables, got {type(tables).__name__}")
     B, S, H, D = x.shape
-    if rope.dim != D:
-        raise ValueError(f"rope.dim {rope.dim} must equal x's head dim {D}")
-    ra = rope_args(rope, positions, S, B, x.device, "positions")
+    if tables.rot_dim > D:
+        raise ValueError(f"tables.rot_dim {tables.rot_dim} must not exceed x's head dim {D}")
+    if tables.positions.shape[-1] != S or tables.positions.shape[0] not in (1, B):
+        raise ValueError(
+            f"tables.positions must be (1, {S}) or ({B}, {S}), got {tuple(tables.positions.shape)}"
+        )
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -105,12 +106,13 @@ def rope_apply(
         raise ValueError(f"out must be {tuple(x.shape)} {out_dtype} on {x.device}")
     if x.numel() == 0:
         return out
-    half_pad, pass_pad = rope_pads(D, rope.rotary_dim)
+    t = tables
+    half_pad, pass_pad = rope_pads(D, t.rot_dim)
     block_s = block_s or aux_rows("rope", D)
     rope_kernel[(triton.cdiv(S, block_s), B * H)](
-        x, out, ra.positions, ra.tab_a, ra.tab_b,
-        *x.stride(), *out.stride(), ra.stride_b, S, H, ra.attn_factor,
-        HEAD_DIM=D, EXACT=ra.exact, ROT_DIM=ra.rot_dim, INTERLEAVED=ra.interleaved,
+        x, out, t.positions, t.tab_a, t.tab_b,
+        *x.stride(), *out.stride(), t.stride_b, S, H, t.attn_factor,
+        HEAD_DIM=D, EXACT=t.exact, ROT_DIM=t.rot_dim, INTERLEAVED=t.interleaved,
         HALF_PAD=half_pad, PASS_PAD=pass_pad, TRANSPOSE=transpose, BLOCK_S=block_s,
     )  # fmt: skip
     return out

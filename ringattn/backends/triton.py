@@ -2,30 +2,79 @@
 
 Runs CUDA tensors (sm_80 or newer), and CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``, set before triton is imported), which is how it is tested without a GPU.
+``tritonkernels`` is imported on first use, not with ringattn: importing triton is slow, and the
+interpreter switch must be set before it happens.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from functools import lru_cache
 
 import torch
 
+from ..rope import kernel_frequencies
+
+__all__ = ["TritonBackend", "rope_tables_for"]
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256
+
+
+@lru_cache(maxsize=64)
+def _frequency_tables(rope, seq_len: int | None, device: str):
+    from tritonkernels.rope_tables import frequency_tables
+
+    return frequency_tables(kernel_frequencies(rope, seq_len, device), rope.precision == "exact")
+
+
+def rope_tables_for(rope, side):
+    """``tritonkernels.rope_tables.RopeTables`` for a ``RoPEConfig`` and one side's resolved positions
+    (``ringattn.block.RotaryPositions``)."""
+    from tritonkernels.rope_tables import rope_tables
+
+    tables = _frequency_tables(rope, side.seq_len, str(side.positions.device))
+    return rope_tables(
+        side.positions,
+        tables,
+        exact=rope.precision == "exact",
+        rot_dim=rope.rotary_dim,
+        interleaved=rope.interleaved,
+        attn_factor=rope.attention_factor,
+    )
+
+
+def _launch_kwargs(args) -> dict:
+    mask, rope = args.mask, args.rope
+    return {
+        "softmax_scale": args.scale,
+        "causal": mask.causal,
+        "q_span": (mask.q_span.start, mask.q_span.stride),
+        "k_span": (mask.k_span.start, mask.k_span.stride),
+        "cu_seqlens": mask.cu_seqlens,
+        "q_rope": None if rope is None else rope_tables_for(rope, args.q_rope),
+        "k_rope": None if rope is None else rope_tables_for(rope, args.k_rope),
+    }
+
+
+def _seq_major(t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class TritonBackend:
     name = "triton"
+    features = frozenset()
 
-    def can_implement(self, q, k, v, mask, rope) -> tuple[bool, str]:
+    def can_implement(self, q, k, v, args) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
         if q.dtype not in _DTYPES:
             return False, f"dtype {q.dtype} is not supported (bf16, fp16, fp32)"
         head_dim = q.shape[-1]
-        if head_dim > _MAX_HEAD_DIM:
-            return False, f"head dim {head_dim} is above {_MAX_HEAD_DIM}"
+        if head_dim > MAX_HEAD_DIM:
+            return False, f"head dim {head_dim} is above {MAX_HEAD_DIM}"
         device = q.device
         if device.type == "cuda":
             if torch.cuda.get_device_capability(device) < (8, 0):
@@ -37,73 +86,27 @@ class TritonBackend:
             return False, f"device {device.type} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
         return True, ""
 
-    def forward(self, q, k, v, mask, *, softmax_scale, rope, q_positions, k_positions, out_dtype):
+    def forward(self, q, k, v, args, out_dtype):
         from tritonkernels.flash import flash_attn_fwd
 
-        if out_dtype == torch.float64:
-            out, lse = self.forward(
-                q, k, v, mask, softmax_scale=softmax_scale, rope=rope, q_positions=q_positions,
-                k_positions=k_positions, out_dtype=torch.float32,
-            )  # fmt: skip
-            return out.double(), lse
-        return flash_attn_fwd(
-            q,
-            k,
-            v,
-            softmax_scale=softmax_scale,
-            causal=mask.causal,
-            q_span=mask.q_span,
-            k_span=mask.k_span,
-            cu_seqlens=mask.cu_seqlens,
-            rope=rope,
-            q_positions=q_positions,
-            k_positions=k_positions,
-            out_dtype=out_dtype,
-        )
+        kernel_dtype = torch.float32 if out_dtype == torch.float64 else out_dtype
+        out, lse = flash_attn_fwd(q, k, v, out_dtype=kernel_dtype, **_launch_kwargs(args))
+        return out.to(out_dtype), lse
 
-    def backward(
-        self,
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        delta,
-        mask,
-        *,
-        softmax_scale,
-        rope,
-        q_positions,
-        k_positions,
-        grad_dtype,
-    ):
+    def backward(self, dout, q, k, v, out, lse, delta, args, grad_dtype):
         from tritonkernels.flash import flash_attn_bwd
 
-        wide = grad_dtype == torch.float64
-        if delta is not None:
-            delta = delta.float()
-            delta = delta if delta.stride(-1) == 1 else delta.contiguous()
-        lse = lse.float()
-        lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+        kernel_dtype = torch.float32 if grad_dtype == torch.float64 else grad_dtype
+        delta = None if delta is None else _seq_major(delta)  # None: the Triton delta kernel computes it
         dq, dk, dv = flash_attn_bwd(
             dout.to(q.dtype),
             q,
             k,
             v,
             out,
-            lse,
+            _seq_major(lse),
             delta,
-            softmax_scale=softmax_scale,
-            causal=mask.causal,
-            q_span=mask.q_span,
-            k_span=mask.k_span,
-            cu_seqlens=mask.cu_seqlens,
-            rope=rope,
-            q_positions=q_positions,
-            k_positions=k_positions,
-            grad_dtype=torch.float32 if wide else grad_dtype,
+            grad_dtype=kernel_dtype,
+            **_launch_kwargs(args),
         )
-        if wide:
-            return dq.double(), dk.double(), dv.double()
-        return dq, dk, dv
+        return dq.to(grad_dtype), dk.to(grad_dtype), dv.to(grad_dtype)
