@@ -28,42 +28,41 @@ def _rope_from_json(text: str) -> RoPEConfig | None:
     return RoPEConfig.from_json(text) if text else None
 
 
-@torch.library.custom_op("ringattn::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    q_start: int,
-    q_stride: int,
-    k_start: int,
-    k_stride: int,
-    cu_seqlens: torch.Tensor | None,
-    rope_json: str,
-    q_positions: torch.Tensor | None,
-    k_positions: torch.Tensor | None,
-    softmax_scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = BlockMask(causal, Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens)
-    out, lse = block_forward(
-        q,
-        k,
-        v,
-        mask,
+def _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend) -> dict:
+    """``block_forward``/``block_backward`` keywords from the ops' plain arguments.
+
+    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride).
+    """
+    causal, q_start, q_stride, k_start, k_stride = mask_ints
+    return dict(
+        mask=BlockMask(bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens),
         softmax_scale=softmax_scale,
         rope=_rope_from_json(rope_json),
         q_positions=q_positions,
         k_positions=k_positions,
         backend=backend,
     )
-    return out, lse
+
+
+@torch.library.custom_op("ringattn::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    k_positions: torch.Tensor | None,
+    mask_ints: list[int],
+    softmax_scale: float,
+    rope_json: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kw = _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend)
+    return block_forward(q, k, v, **kw)
 
 
 @_attention_fwd.register_fake
-def _(
-    q, k, v, causal, q_start, q_stride, k_start, k_stride, cu_seqlens, rope_json, q_pos, k_pos, scale, backend
-):
+def _(q, k, v, *options):
     B, S, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32)
 
@@ -76,37 +75,20 @@ def _attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    causal: bool,
-    q_start: int,
-    q_stride: int,
-    k_start: int,
-    k_stride: int,
     cu_seqlens: torch.Tensor | None,
-    rope_json: str,
     q_positions: torch.Tensor | None,
     k_positions: torch.Tensor | None,
+    mask_ints: list[int],
     softmax_scale: float,
+    rope_json: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mask = BlockMask(causal, Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens)
-    return block_backward(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        mask,
-        softmax_scale=softmax_scale,
-        rope=_rope_from_json(rope_json),
-        q_positions=q_positions,
-        k_positions=k_positions,
-        backend=backend,
-    )
+    kw = _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend)
+    return block_backward(dout, q, k, v, out, lse, **kw)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, *args):
+def _(dout, q, k, v, out, lse, *options):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -147,19 +129,7 @@ def attention(
     """
     q_span, k_span = q_span or Span(), k_span or Span()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    mask_ints = [int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride]
     return _attention_fwd(
-        q,
-        k,
-        v,
-        causal,
-        q_span.start,
-        q_span.stride,
-        k_span.start,
-        k_span.stride,
-        cu_seqlens,
-        rope_to_json(rope),
-        q_positions,
-        k_positions,
-        scale,
-        backend,
+        q, k, v, cu_seqlens, q_positions, k_positions, mask_ints, scale, rope_to_json(rope), backend
     )

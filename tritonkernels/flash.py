@@ -61,25 +61,18 @@ def _capability(device: torch.device):
 
 
 def _check_qkv(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (B, S, H, D), got shape {tuple(t.shape)}")
-        if t.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"{name} must be bf16, fp16 or fp32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
-    if q.shape[3] > 256:
-        raise ValueError(f"head dim must be <= 256, got {q.shape[3]}")
+    """Invariants the kernels rely on (user input is validated with full messages by the caller)."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise ValueError("q, k, v must be (B, S, H, D) tensors")
+    if q.dtype not in _KERNEL_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a bf16, fp16 or fp32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device) or k.shape != v.shape:
+        raise ValueError("k and v must have one shape, and q, k, v one device")
+    B, _, Hq, D = q.shape
+    if (k.shape[0], k.shape[3]) != (B, D) or k.shape[2] == 0 or Hq % k.shape[2] or D > 256:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)}: need equal B and D <= 256, query heads a multiple of KV heads"
+        )
 
 
 def _check_out(t, name, shape, dtype, device):
