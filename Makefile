@@ -12,13 +12,21 @@ else
 PYTHON := $(VENV)/bin/python
 endif
 
+# The editable install is redone only when what it builds from changes (Python edits need none).
+ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
+STAMP := $(ENV_DIR)/.ringattn-installed
+BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+
 .PHONY: setup test lint demo bench clean
 
-setup:
+setup: $(STAMP)
+	@$(PYTHON) -c "import ringattn; print('ringattn extension:', ringattn.extension_status())"
+
+$(STAMP): $(BUILD_INPUTS)
 	@if [ -z "$$VIRTUAL_ENV" ] && [ ! -x $(VENV)/bin/python ]; then python3 -m venv $(VENV); fi
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[test,bench]"
-	@$(PYTHON) -c "import ringattn; print('ringattn extension:', ringattn.extension_status())"
+	@touch $@
 
 lint:
 	$(PYTHON) -m ruff check .
@@ -35,4 +43,4 @@ bench: setup
 	$(PYTHON) -m bench all
 
 clean:
-	rm -rf build dist *.egg-info ringattn/_C*.so ringattn/_C_status.json
+	rm -rf build dist *.egg-info ringattn/_C*.so ringattn/_C_status.json $(STAMP)
