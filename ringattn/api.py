@@ -54,8 +54,11 @@ def flash_attn_func(
     Sq > Sk the first Sq - Sk rows see no key and are zero). ``rope``
     rotates q and k inside the kernel at ``positions`` ((Sk,) or (B, Sk), default 0..Sk-1; queries
     use the last Sq). With ``group`` set, q/k/v are this rank's shard in ``layout`` and the call runs
-    ring attention over the group. ``return_lse`` adds lse (B, Hq, Sq) fp32. Every backend's backward
-    is deterministic today (no atomics), so ``deterministic`` needs no switch yet.
+    ring attention over the group. ``return_lse`` adds lse (B, Hq, Sq) fp32. ``deterministic`` is
+    accepted for compatibility and switches nothing: the backward of the "reference", "cpu" (for a
+    fixed thread count) and "triton" (for a fixed tile choice) backends is deterministic, but the
+    "cuda" backend's is not: it accumulates dQ with atomicAdd (``csrc/attn_cuda.cu``). Pass
+    ``backend="triton"`` on a GPU when runs must repeat bit for bit; "auto" tries "cuda" first.
     """
     _no_dropout(dropout_p)
     if group is not None:

@@ -2,7 +2,7 @@
 
 |ours - ref64| <= factor * |peer - ref64| + eps, in max norm, where the peer is plain torch in the
 dtype under test: a kernel is held to the accuracy its dtype allows, never to a hand-picked tolerance.
-DESIGN.md fixes factor 2 for outputs and 3 for gradients.
+The project fixes factor 2 for outputs and 3 for gradients (docs/design.md, Conventions).
 """
 
 from __future__ import annotations

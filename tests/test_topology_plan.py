@@ -1,7 +1,8 @@
 """The cost model against hand-computed cases, the ring simulator, and the CLI.
 
-Expected values are worked out here from the formulas (FACTS.md overlap arithmetic, DESIGN.md FLOP
-formula), written as literals or arithmetic on literals, never by calling the code under test.
+Expected values are worked out here from the formulas (the per-hop overlap arithmetic: compute
+4·c²·d·Hq·m / (η·362e12) s against K and V on the wire 4·c·d·Hkv / 25e9 s; the FLOP formula of
+docs/design.md), written as literals or arithmetic on literals, never by calling the code under test.
 """
 
 import subprocess
@@ -50,8 +51,9 @@ def test_hop_times_hand_case():
 
 
 def test_crossover_matches_facts():
-    # FACTS.md: compute 0.5*4*c^2*d*Hq/(eta*362e12) equals the wire 4*c*d*Hkv/25e9 at
-    # c = Hkv*eta*362e12 / (0.5*Hq*25e9) = 8 * 181e12 / 400e9 = 3620 tokens (in its 1.8K-4.5K range)
+    # L40S: 362e12 bf16 FLOP/s dense, ~25 GB/s over PCIe. Compute 0.5*4*c^2*d*Hq/(eta*362e12) equals
+    # the wire 4*c*d*Hkv/25e9 at c = Hkv*eta*362e12 / (0.5*Hq*25e9) = 8 * 181e12 / 400e9 = 3620 tokens
+    # (inside the 1.8K-4.5K tokens per rank where compute starts to hide the wire, eta 0.5)
     hop = hop_times(LLAMA, Hardware(efficiency=0.5), 3620)
     assert hop.compute_fwd == pytest.approx(hop.bytes_fwd / 25e9, rel=1e-9)
 

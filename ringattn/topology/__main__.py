@@ -30,7 +30,7 @@ def _ring_text(topo, order) -> str:
     names = " -> ".join(topo.gpus[g] for g in order)
     if not hops:
         return names
-    worst = max(hops, key=lambda link: link.rank)
+    worst = max(hops, key=lambda link: link.sort_key)
     return f"{names} (ring closes; worst hop {worst}, used {count_hops(topo, order, worst.kind)} time(s))"
 
 

@@ -54,8 +54,8 @@ class Link:
         return LINK_CLASSES[self.level]
 
     @property
-    def rank(self) -> tuple[int, int]:
-        # more bonded NVLinks are better, hence the minus sign
+    def sort_key(self) -> tuple[int, int]:
+        """Link quality as a sort key, smaller is better; more bonded NVLinks are better, hence the minus."""
         return (self.level, -self.nvlinks)
 
     @classmethod
@@ -71,7 +71,7 @@ class Link:
         return cls(LINK_CLASSES.index(token))
 
     def __lt__(self, other: Link) -> bool:
-        return self.rank < other.rank
+        return self.sort_key < other.sort_key
 
     def __str__(self) -> str:
         return f"NV{self.nvlinks}" if self.level == 0 else self.kind

@@ -50,8 +50,8 @@ def cycle_links(topo: Topology, group: list[int]) -> list[Link]:
 
 
 def ring_cost(topo: Topology, order) -> tuple:
-    """Sort key of a ring: hop ranks worst first (smaller is a better ring)."""
-    return tuple(sorted((link.rank for link in ring_hops(topo, order)), reverse=True))
+    """Sort key of a ring: its hops' link sort keys, worst first (smaller is a better ring)."""
+    return tuple(sorted((link.sort_key for link in ring_hops(topo, order)), reverse=True))
 
 
 def count_hops(topo: Topology, order, kind: str) -> int:
@@ -69,7 +69,7 @@ def _best_cycle(topo: Topology, members: list[int]) -> list[int]:
         if others.index(rest[0]) > others.index(rest[-1]):
             continue  # the same ring walked backwards
         cycle = [first, *rest]
-        cost = tuple(sorted((link.rank for link in cycle_links(topo, cycle)), reverse=True))
+        cost = tuple(sorted((link.sort_key for link in cycle_links(topo, cycle)), reverse=True))
         if best_cost is None or cost < best_cost:
             best, best_cost = cycle, cost
     return best

@@ -2,7 +2,7 @@
 
 Per layer, one sequence of S tokens on a ring of W ranks, c = S / W tokens per rank, batch 1:
     attention forward FLOPs per hop  F = 4·c²·d·Hq · m       m = 1/2 causal (zigzag), 1 otherwise
-    compute per hop                   t = F / (η · peak);  backward 2.5·t   (DESIGN.md FLOP formula)
+    compute per hop                   t = F / (η · peak);  backward 2.5·t   (docs/design.md FLOP formula)
     bytes per hop, forward            K and V in bf16:      2·c·Hkv·d·2
     bytes per hop, backward           K, V plus dK, dV:     2·c·Hkv·d·(2 + grad_bytes)
     ring pass                         (W-1)·(max(t, wire) + o) + t + o    o = per-hop overhead, not hidden
@@ -75,9 +75,10 @@ MODELS = {
     "llama3-70b": ModelShape("llama3-70b", 80, 8192, 64, 8, 128, 28672, 128256, 70.55e9),
 }
 
-# Effective GB/s per direction of one ring hop by link class. PIX/PXB: ≈24 GB/s NCCL measured on
-# PCIe Gen4 x16 (FACTS.md). PHB/NODE/SYS are assumptions: P2P through the host bridge a little slower,
-# and across sockets NCCL usually stages through host memory. NV is per bonded NVLink.
+# Effective GB/s per direction of one ring hop by link class. PIX/PXB: PCIe Gen4 x16 carries ≈32 GB/s
+# each way nominal, ≈24 GB/s measured with NCCL in public reports. PHB/NODE/SYS are assumptions: P2P
+# through the host bridge a little slower, and across sockets NCCL usually stages through host memory.
+# NV is per bonded NVLink.
 DEFAULT_LINK_GBS = {"NV": 20.0, "PIX": 24.0, "PXB": 24.0, "PHB": 20.0, "NODE": 20.0, "SYS": 12.0}
 
 
@@ -227,7 +228,7 @@ def _ring_sizes(gpus_per_node: int, nodes: int) -> list[int]:
 
 
 def _worst(links) -> Link | None:
-    return max(links, key=lambda link: link.rank, default=None)
+    return max(links, key=lambda link: link.sort_key, default=None)
 
 
 def plan(
@@ -306,21 +307,21 @@ def plan(
         for scheme, inner, bw, net_s, pass_s in schemes:
             candidates.append(
                 _candidate(
-                    model,
-                    hw,
-                    hop,
-                    c,
-                    scheme,
-                    w,
-                    inner,
-                    total,
-                    bw,
-                    net_s,
-                    pass_s,
-                    recompute,
-                    grad_bytes,
+                    model=model,
+                    hw=hw,
+                    hop=hop,
+                    tokens_per_rank=c,
+                    scheme=scheme,
+                    ring_size=w,
+                    inner=inner,
+                    total_gpus=total,
+                    bw=bw,
+                    net_s=net_s,
+                    pass_s=pass_s,
+                    recompute=recompute,
+                    grad_bytes=grad_bytes,
                     gathered=seq_len if scheme == "all-gather" else 0,
-                    limit=limit,
+                    memory_limit=limit,
                     local_order=tuple(local),
                 )
             )
@@ -349,23 +350,25 @@ def _gather(compute, nbytes, *, bw, world, overhead):
 
 
 def _candidate(
-    model,
-    hw,
-    hop,
-    c,
-    scheme,
-    w,
-    inner,
-    total,
-    bw,
-    net_s,
-    pass_s,
-    recompute,
-    grad_bytes,
-    gathered,
-    limit,
-    local_order,
-):
+    *,
+    model: ModelShape,
+    hw: Hardware,
+    hop: HopTimes,
+    tokens_per_rank: int,
+    scheme: str,
+    ring_size: int,
+    inner: int,  # ranks per inner ring (== ring_size for one-level schemes)
+    total_gpus: int,
+    bw: float,  # bytes/s of the slowest ring hop
+    net_s: float,  # network seconds per outer step (two-level) or per hop (flat); 0 inside a node
+    pass_s,  # (compute_s, bytes) -> seconds of one attention pass of the scheme
+    recompute: bool,
+    grad_bytes: int,
+    gathered: int,  # sequence length whose K/V all-gather buffers count in memory, 0 if none
+    memory_limit: float,
+    local_order: tuple[int, ...],
+) -> Candidate:
+    c, w = tokens_per_rank, ring_size
     mult = 1 + int(recompute)  # the attention forward runs again when activations are recomputed
     non_attn = c * (6 + 2 * int(recompute)) * model.params / hw.flops
     attn = pass_s(hop.compute_fwd, hop.bytes_fwd) * mult + pass_s(hop.compute_bwd, hop.bytes_bwd)
@@ -375,7 +378,7 @@ def _candidate(
         ring_size=w,
         inner=inner,
         outer=w // inner,
-        data_parallel=total // w,
+        data_parallel=total_gpus // w,
         tokens_per_rank=c,
         hop=hop,
         wire_fwd_s=hop.bytes_fwd / bw,
@@ -383,8 +386,8 @@ def _candidate(
         net_fwd_s=net_s,
         step_s=model.layers * attn + non_attn,
         compute_s=compute,
-        memory=memory_bytes(model, c, total, grad_bytes, gathered),
-        memory_limit=limit,
+        memory=memory_bytes(model, c, total_gpus, grad_bytes, gathered),
+        memory_limit=memory_limit,
         local_order=local_order,
     )
 
