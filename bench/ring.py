@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 
 from ringattn import RoPEConfig
 from ringattn.ops import attention
-from ringattn.ring import ring_attn_func, shard
-from ringattn.ring.comm import Pending, RingComm, ring_comm
+from ringattn.ring import ring_attn_func, ring_comm, shard
+from ringattn.ring.comm import Pending, RingComm
 
 from .common import Results, plot
 

@@ -28,7 +28,8 @@ from ringattn.ring import (
     shard_indices,
     unshard,
 )
-from ringattn.ring.comm import HopRecord, _check_order
+from ringattn.ring.comm import HopRecord
+from ringattn.ring.dist_comm import _check_order
 from ringattn.topology import ring_groups
 
 DOCS = torch.tensor([0, 5, 5, 12, 21, 29])

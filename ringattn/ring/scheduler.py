@@ -4,18 +4,11 @@ Every rank holds its shard of Q, K and V (a layout of the global sequence: conti
 stripe). At step s rank r holds the K/V shard of rank (r - s) mod W, so after W steps (W - 1 hops)
 every query has met every key. Math goes only through the block contract (``block_forward``,
 ``block_backward``) and the guarded ``merge_partials``; which backend runs a block is not known here.
+What the ranks agree on before K/V move, how a shard splits into pieces and blocks, and the wire
+buffer layout are in ``handshake``; this module walks the ring and computes the blocks, skipping
+those the plan proves fully masked.
 
-Shards as runs. A rank's shard is one run of tokens (contiguous, stripe) or two (zigzag), each an
-arithmetic progression of global indices, i.e. a ``Span``. Each (query run, key run) pair is one
-block with an exact ``BlockMask``; a block that is provably fully masked (causal order or disjoint
-documents) is skipped in forward and backward alike.
-
-Any length. When the global length S does not divide into the layout's chunks, runs differ by one
-token and some may be empty. K/V travel in a fixed-size buffer of ``pieces x capacity`` rows (the
-padding rows are zero and never computed on: each block slices out exactly its real rows), so the
-wire carries equal-size messages and the math never sees a padding token.
-
-Per step (the same order on every rank; see ``comm`` for the message order):
+Per step (the same order on every rank; see ``dist_comm`` for the message order):
 
     forward:  post kv(s+1) | compute blocks of step s, merge in fp32 | wait kv(s+1)
     backward: post kv(s+1) | compute block grads of step s | wait dkv(s) and add | post dkv(s+1)
@@ -36,250 +29,18 @@ way home. Shards, masks and pieces are those of the flat ring of N ranks.
 
 from __future__ import annotations
 
-import bisect
 import math
-import struct
-from dataclasses import dataclass
 
 import torch
 
-from ..block import DTYPES, BlockMask, Span, block_backward, block_forward, check_inputs
-from ..layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
+from ..block import block_backward, block_forward
 from ..merge import merge_partials
 from ..rope import RoPEConfig
-from .comm import RingComm, TwoLevelComm, _timeout_seconds, nvtx_range, ring_comm
+from .comm import nvtx_range
+from .dist_comm import ring_comm
+from .handshake import _check_local, _Options, _pack_kv, _Plan, _plan, _unpack
 
 __all__ = ["ring_attn_func"]
-
-# Fields every rank must agree on (checked in one all_gather before any K/V moves).
-_META = ("B", "S_local", "Hq", "Hkv", "D", "dtype", "causal", "layout", "rope", "positions", "cu_seqlens",
-         "softmax_scale", "dkv_dtype", "inner_size", "position", "outer_key", "inner_key")  # fmt: skip
-_PER_RANK = ("S_local", "position", "outer_key", "inner_key")
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A run of a rank's shard: its global indices, length and where it sits locally and on the wire."""
-
-    span: Span
-    length: int
-    local: slice  # rows of the rank's own (unpadded) shard
-    wire: slice  # rows of the fixed-size K/V buffer
-
-
-@dataclass
-class _Plan:
-    comm: RingComm | TwoLevelComm
-    causal: bool
-    scale: float | None
-    rope: RoPEConfig | None
-    backend: str
-    cu_seqlens: torch.Tensor | None
-    cu_list: list[int] | None
-    pieces: list[list[_Piece]]  # per rank
-    rows: int  # rows of a K/V wire buffer
-    positions: torch.Tensor | None  # (W, [B,] rows) every rank's positions laid out like the wire
-    timeout: float | None
-
-    def mask(self, qp: _Piece, kp: _Piece) -> BlockMask | None:
-        """The block's mask, or None when no (query, key) pair of it can attend."""
-        mask = BlockMask(self.causal, qp.span, kp.span, self.cu_seqlens)
-        if mask.is_empty(qp.length, kp.length):
-            return None
-        if self.cu_list is not None:
-            # Document ids grow with the index, so runs whose id ranges do not overlap share none.
-            q_first, q_last = self._doc(qp.span.start), self._doc(qp.span.last(qp.length))
-            k_first, k_last = self._doc(kp.span.start), self._doc(kp.span.last(kp.length))
-            if q_last < k_first or k_last < q_first:
-                return None
-        return mask
-
-    def _doc(self, index: int) -> int:
-        return bisect.bisect_right(self.cu_list, index) - 1
-
-    def block_positions(self, rank: int, piece: _Piece) -> torch.Tensor | None:
-        return None if self.positions is None else self.positions[rank][..., piece.wire]
-
-    @property
-    def levels(self) -> tuple[RingComm, ...]:
-        return self.comm.levels
-
-    def coords(self) -> tuple[int, ...]:
-        """This rank's position in each level's ring, outermost first."""
-        return tuple(c.rank for c in self.levels)
-
-    def flat(self, coords: tuple[int, ...]) -> int:
-        """The shard index of the rank at ``coords``: positions read as mixed-radix digits."""
-        index = 0
-        for c, level in zip(coords, self.levels, strict=True):
-            index = index * level.world_size + c
-        return index
-
-
-def _pieces(seq_len: int, world_size: int, layout: str) -> tuple[list[list[_Piece]], int]:
-    capacity = -(-seq_len // chunk_count(world_size, layout))
-    plan = []
-    for runs in shard_pieces(seq_len, world_size, layout):
-        pieces, local = [], 0
-        for i, (start, stride, length) in enumerate(runs):
-            pieces.append(
-                _Piece(
-                    Span(start, stride),
-                    length,
-                    slice(local, local + length),
-                    slice(i * capacity, i * capacity + length),
-                )
-            )
-            local += length
-        plan.append(pieces)
-    return plan, capacity * len(plan[0])
-
-
-def _check_local(q, k, v, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
-                 deterministic, return_lse):  # fmt: skip
-    """Every check that needs no other rank: raised before any communication."""
-    check_inputs(q, k, v, rope)
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in S_local (self-attention shards)"
-        )
-    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if softmax_scale is not None and (
-        isinstance(softmax_scale, bool)
-        or not isinstance(softmax_scale, (int, float))
-        or not math.isfinite(softmax_scale)
-        or softmax_scale <= 0
-    ):
-        raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
-    if dkv_dtype is not None and dkv_dtype not in (k.dtype, torch.float32, torch.float64):
-        raise TypeError(f"dkv_dtype must be None, k's dtype, float32 or float64, got {dkv_dtype}")
-    B, S_local = q.shape[:2]
-    if positions is not None:
-        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-            raise TypeError("positions must be an int32/int64 tensor of this rank's shard (or None)")
-        if positions.shape not in ((S_local,), (B, S_local)):
-            raise ValueError(
-                f"positions must be ({S_local},) or ({B}, {S_local}) (this rank's shard), "
-                f"got {tuple(positions.shape)}"
-            )
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError("cu_seqlens must be an int32/int64 tensor over the global sequence (or None)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
-            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
-
-
-def _float_bits(x: float | None) -> int:
-    return -1 if x is None else struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def _dtype_code(dtype) -> int:
-    return -1 if dtype is None else DTYPES.index(dtype)
-
-
-def _handshake(comm, meta: list[int], timeout: float | None) -> list[list[int]]:
-    """Every rank's metadata; raises the same error on every rank when they disagree."""
-    table = comm.all_gather(torch.tensor(meta, dtype=torch.int64), timeout).tolist()
-    for j, row in enumerate(table):
-        for name, mine, theirs in zip(_META, table[0], row, strict=True):
-            if name not in _PER_RANK and mine != theirs:
-                raise ValueError(
-                    f"ranks disagree on {name}: rank 0 has {mine}, rank {j} has {theirs} "
-                    "(every rank must call ring_attn_func with matching shapes and options)"
-                )
-    # Row j must come from the rank at position j, and the members of one ring must agree on its order
-    # (the inner ring is a node: rows j // inner alike; the outer ring an inner position: rows
-    # j % inner alike; a flat ring has inner == W), or K/V would reach ranks that do not expect them.
-    claimed = [row[_META.index("position")] for row in table]
-    inner = table[0][_META.index("inner_size")]
-    inner_col, outer_col = _META.index("inner_key"), _META.index("outer_key")
-    agree = all(
-        row[inner_col] == table[j - j % inner][inner_col] and row[outer_col] == table[j % inner][outer_col]
-        for j, row in enumerate(table)
-    )
-    if claimed != list(range(len(table))) or not agree:
-        raise ValueError(
-            f"ranks disagree on the ring order: the ranks gathered in ring order claim positions {claimed}"
-            f"{'' if agree else ' and members of one ring were given different orders'} (give every rank "
-            "of a ring the same order; inner and outer rings must form a grid)"
-        )
-    return table
-
-
-def _wire_layout(x: torch.Tensor, pieces: list[_Piece], rows: int, dim: int) -> torch.Tensor:
-    """``x`` with its runs placed at their wire rows along ``dim`` (zeros in between)."""
-    shape = list(x.shape)
-    shape[dim] = rows
-    out = x.new_zeros(shape)
-    for p in pieces:
-        out.narrow(dim, p.wire.start, p.length).copy_(x.narrow(dim, p.local.start, p.length))
-    return out
-
-
-def _plan(q, k, v, comm, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
-          timeout) -> _Plan:  # fmt: skip
-    B, S_local, Hq, D = q.shape
-    W, rank = comm.world_size, comm.rank
-    cu_list = None if cu_seqlens is None else cu_seqlens.tolist()
-    if cu_list is not None:
-        # cu_seqlens claims the global length: a shard that cannot belong to it fails before any wire.
-        expected = shard_lengths(cu_list[-1], W, layout)[rank]
-        if expected != S_local:
-            raise ValueError(
-                f"cu_seqlens ends at {cu_list[-1]}, so rank {rank} of {W} ({layout}) should hold {expected} "
-                f"tokens, but q has S_local={S_local}: cu_seqlens must end at the global sequence length"
-            )
-    pos_mode = 0 if positions is None else positions.dim()
-    cu_code = -1 if cu_list is None else hash(tuple(cu_list)) & (2**62 - 1)
-    meta = [B, S_local, Hq, k.shape[2], D, _dtype_code(q.dtype), int(causal), LAYOUTS.index(layout),
-            int(rope is not None), pos_mode, cu_code, _float_bits(softmax_scale), _dtype_code(dkv_dtype),
-            comm.levels[-1].world_size, rank, comm.levels[0].ring_key, comm.levels[-1].ring_key]  # fmt: skip
-    table = _handshake(comm, meta, timeout) if W > 1 else [meta]
-    lengths = [row[1] for row in table]
-    seq_len = sum(lengths)
-    expected = shard_lengths(seq_len, W, layout)
-    if lengths != expected:
-        raise ValueError(
-            f"shard lengths {lengths} are not a {layout} split of a global length {seq_len} over {W} ranks "
-            f"(expected {expected}); shard the sequence with ringattn.shard"
-        )
-    if cu_list is not None and cu_list[-1] != seq_len:
-        raise ValueError(f"cu_seqlens must end at the global sequence length {seq_len}, got {cu_list[-1]}")
-    pieces, rows = _pieces(seq_len, W, layout)
-    gathered = None
-    if positions is not None:
-        wire = _wire_layout(
-            positions.to(device=q.device, dtype=torch.int64), pieces[rank], rows, positions.dim() - 1
-        )
-        gathered = comm.all_gather(wire, timeout).to(q.device) if W > 1 else wire.unsqueeze(0)
-    return _Plan(
-        comm=comm,
-        causal=causal,
-        scale=softmax_scale,
-        rope=rope,
-        backend=backend,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device),
-        cu_list=cu_list,
-        pieces=pieces,
-        rows=rows,
-        positions=gathered,
-        timeout=timeout,
-    )
-
-
-def _pack_kv(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(2, B, rows, Hkv, D): this rank's K and V as one wire message."""
-    mine = plan.pieces[plan.comm.rank]
-    return torch.stack((_wire_layout(k, mine, plan.rows, 1), _wire_layout(v, mine, plan.rows, 1)))
 
 
 def _shifted(coords: tuple[int, ...], level: int, position: int) -> tuple[int, ...]:
@@ -431,14 +192,6 @@ def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
     return dq, dkv
 
 
-def _unpack(buf: torch.Tensor, pieces: list[_Piece], length: int, dtype) -> torch.Tensor:
-    B, _, H, D = buf.shape
-    out = torch.empty(B, length, H, D, dtype=dtype, device=buf.device)
-    for p in pieces:
-        out[:, p.local] = buf[:, p.wire]
-    return out
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, dkv_dtype):
@@ -513,13 +266,20 @@ def ring_attn_func(
     Returns:
         out (B, S_local, Hq, D) in q's dtype, and lse when ``return_lse``.
     """
-    _check_local(q, k, v, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend, dkv_dtype,
-                 deterministic, return_lse)  # fmt: skip
-    timeout = _timeout_seconds(timeout)
-    dkv_dtype = k.dtype if dkv_dtype is None else dkv_dtype
-    positions = positions if rope is not None else None  # positions only feed RoPE: nothing to gather
-    comm = ring_comm(group)
-    plan = _plan(q, k, v, comm, causal, layout, rope, positions, cu_seqlens, softmax_scale, backend,
-                 dkv_dtype, timeout)  # fmt: skip
-    out, lse = _RingAttention.apply(q, k, v, plan, dkv_dtype)
+    options = _Options(
+        causal=causal,
+        layout=layout,
+        rope=rope,
+        positions=positions,
+        cu_seqlens=cu_seqlens,
+        softmax_scale=softmax_scale,
+        deterministic=deterministic,
+        return_lse=return_lse,
+        backend=backend,
+        dkv_dtype=dkv_dtype,
+        timeout=timeout,
+    )
+    options = _check_local(q, k, v, options)
+    plan = _plan(q, k, ring_comm(group), options)
+    out, lse = _RingAttention.apply(q, k, v, plan, options.dkv_dtype)
     return (out, lse) if return_lse else out

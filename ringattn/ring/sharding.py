@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..layouts import LAYOUTS, shard_indices, shard_lengths
-from .comm import ring_comm
+from .dist_comm import ring_comm
 
 __all__ = ["shard", "unshard"]
 

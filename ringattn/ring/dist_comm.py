@@ -1,0 +1,282 @@
+"""The ring over torch.distributed: ``DistRingComm``, the factory ``ring_comm`` and ``comm_from_rings``.
+
+Message order (the same on every rank, so no rank can wait on a message its peer has not posted):
+each exchange posts its sends to ``next`` in list order, then its receives from ``prev`` in list
+order, as one ``batch_isend_irecv`` (grouped under NCCL, independent async work handles under gloo),
+and exchanges are posted in the scheduler's fixed per-step order. Every rank runs the same code
+with the same list lengths, so the k-th message a rank sends to ``next`` is the k-th message
+``next`` receives from it.
+
+Ring order. By default the order is the group's own rank order; ``DistRingComm(group, order=[...])``
+(or ``ring_comm(group, order=...)``) takes the group's global ranks in the ring order a topology chose
+(``dist.new_group`` sorts its ranks, so the order has to be given explicitly). Pass that communicator
+as ``group`` to ``shard``, ``unshard`` and ``ring_attn_func`` so all three agree on it.
+
+``ring_comm(group)`` is how the rest of the library turns a ``group`` argument into a communicator: it
+returns a given ``RingComm``/``TwoLevelComm`` as is and caches one ``DistRingComm`` per (process group,
+order, timeout).
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+
+from ..topology.order import split_two_level
+from .comm import HopRecord, Pending, RingComm, TwoLevelComm, _timeout_seconds, nvtx_range
+
+__all__ = ["DistRingComm", "ring_comm", "comm_from_rings"]
+
+
+class _DistPending(Pending):
+    def __init__(self, comm, record, works, timeout, stream):
+        super().__init__(comm, record)
+        self.works, self.timeout, self.stream = works, timeout, stream
+
+    def _wait(self) -> None:
+        comm = self.comm
+        deadline = time.monotonic() + (self.timeout or comm.default_timeout)  # one budget for the exchange
+        for i, (work, direction, peer) in enumerate(self.works):
+            try:
+                if self.stream is None:  # gloo: a wait with a timeout raises when it expires
+                    work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+                else:
+                    with torch.cuda.stream(self.stream):
+                        # NCCL: a timeout blocks the CPU until done; without one the group's
+                        # watchdog enforces its timeout and only the streams are ordered.
+                        work.wait(timedelta(seconds=self.timeout)) if self.timeout else work.wait()
+            except Exception as exc:  # the backend's error types vary; name the peer and hop
+                self.works = self.works[i + 1 :]
+                raise comm._error(
+                    self.record, direction, peer, self.timeout or comm.default_timeout, exc
+                ) from exc
+        if self.stream is not None:
+            done = torch.cuda.Event()
+            done.record(self.stream)
+            torch.cuda.current_stream(self.stream.device).wait_event(done)
+
+
+class DistRingComm(RingComm):
+    """The ring over a torch.distributed process group (gloo for CPU tensors, NCCL for CUDA tensors).
+
+    ``order``: the group's global ranks in ring order (default: the group's rank order). This rank's
+    ``rank`` is its position in ``order``, which is also its shard index; messages go to the next
+    position and come from the previous one; ``all_gather`` returns rows in ring order.
+
+    On CUDA the exchange is posted on a dedicated stream that first waits (event) for the compute
+    stream, and the compute stream waits (event) for the exchange in ``wait()``.
+    """
+
+    def __init__(self, group=None, timeout=None, order=None):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("group=None needs torch.distributed to be initialised (init_process_group)")
+        pg = _as_process_group(group)
+        self.pg = pg
+        self._dist = dist
+        if dist.get_rank(pg) < 0:
+            raise ValueError("this process is not a member of the given group")
+        members = dist.get_process_group_ranks(pg)  # global ranks in group-rank order
+        self.order = _check_order(order, members)
+        super().__init__(self.order.index(dist.get_rank()), len(members), timeout)
+        self.default_timeout = _group_timeout(pg)
+        self._next_global = self.order[self.next_rank]
+        self._prev_global = self.order[self.prev_rank]
+        self._gather_rows = [members.index(g) for g in self.order]  # group rank at each ring position
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def ring_key(self) -> int:
+        return hash(self.order) & (2**62 - 1)  # int tuples hash the same in every process
+
+    def _name(self, position: int) -> str:
+        # Positions are what the ring knows; the global rank is what finds the process.
+        name = f"rank {position}"
+        return name if self.order[position] == position else f"{name} (global rank {self.order[position]})"
+
+    def _stream_for(self, device: torch.device):
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _exchange(self, sends, recvs, record, timeout):
+        dist = self._dist
+        device = (sends or recvs)[0].device
+        stream = self._stream_for(device)
+        ops = [dist.P2POp(dist.isend, t, self._next_global, self.pg) for t in sends]
+        ops += [dist.P2POp(dist.irecv, t, self._prev_global, self.pg) for t in recvs]
+        peers = [("send to", self.next_rank)] * len(sends) + [("receive from", self.prev_rank)] * len(recvs)
+        with nvtx_range(f"ring post {record.label} hop {record.hop}"):
+            try:
+                if stream is None:
+                    works = dist.batch_isend_irecv(ops)
+                else:
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(device))
+                    stream.wait_event(ready)
+                    with torch.cuda.stream(stream):
+                        works = dist.batch_isend_irecv(ops)
+                    for t in (*sends, *recvs):
+                        t.record_stream(stream)  # the allocator must not reuse them before the wire is done
+            except Exception as exc:
+                raise self._error(record, "post an exchange with", self.next_rank, timeout, exc) from exc
+        # NCCL returns one work for the whole group; gloo one per op.
+        if len(works) != len(ops):
+            pairs = [(work, "exchange with", self.next_rank) for work in works]
+        else:
+            pairs = [(work, d, p) for work, (d, p) in zip(works, peers, strict=True)]
+        return _DistPending(self, record, pairs, timeout, stream)
+
+    def all_gather(self, t: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        dist = self._dist
+        if self.world_size == 1:
+            return t.unsqueeze(0).clone()
+        if dist.get_backend(self.pg) == "nccl" and t.device.type != "cuda":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        work = dist.all_gather(out, t.contiguous(), group=self.pg, async_op=True)
+        timeout = timeout or self.timeout or self.default_timeout
+        try:
+            work.wait(timedelta(seconds=timeout))
+        except Exception as exc:
+            record = HopRecord("collective", 0, t.numel() * t.element_size(), 0)
+            raise self._error(record, "all_gather with every rank", None, timeout, exc) from exc
+        return torch.stack([out[i] for i in self._gather_rows])
+
+
+def _check_order(order, members: list[int]) -> tuple[int, ...]:
+    if order is None:
+        return tuple(members)
+    if isinstance(order, torch.Tensor) or not isinstance(order, Sequence):
+        raise TypeError(f"order must be a sequence of global ranks or None, got {type(order).__name__}")
+    if any(isinstance(r, bool) or not isinstance(r, int) for r in order) or sorted(order) != sorted(members):
+        raise ValueError(
+            f"order must list the group's global ranks {sorted(members)} once each, in ring order; "
+            f"got {list(order)}"
+        )
+    return tuple(order)
+
+
+def _mesh_class():
+    import torch.distributed as dist
+
+    return getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
+
+
+def _as_process_group(group):
+    import torch.distributed as dist
+
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    mesh_cls = _mesh_class()
+    if mesh_cls is not None and isinstance(group, mesh_cls):
+        if group.ndim != 1:
+            raise ValueError(f"group must be a 1-D DeviceMesh, got {group.ndim}-D")
+        return group.get_group()
+    raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh, a RingComm or None, got {type(group)}")
+
+
+def _group_timeout(pg) -> float:
+    from torch.distributed import distributed_c10d as c10d
+
+    for device in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except Exception:  # the backend for that device may not exist; private API may move
+            continue
+    return c10d._get_default_timeout(c10d.get_backend(pg)).total_seconds()
+
+
+# One DistRingComm per (group, order, timeout): ring_attn_func(group=g) and ring_comm(g) share one
+# communicator (and its stats), and a different timeout or order gets its own instead of a stale one.
+_COMMS: dict = {}
+# Drop the cached communicators, and with them our references to process groups, while the
+# interpreter is still alive: a gloo group destroyed during interpreter finalization can abort the
+# process (its worker threads free tensors, which needs the GIL).
+atexit.register(_COMMS.clear)
+
+
+def ring_comm(group=None, timeout=None, order=None) -> RingComm | TwoLevelComm:
+    """The communicator for ``group``.
+
+    ``group``: None (the default group), a ProcessGroup or 1-D DeviceMesh (a flat ring; ``order`` its
+    global ranks in ring order, default the group's order), a 2-D DeviceMesh of shape (nodes,
+    ranks per node) (a two-level ring: dim 1 inner, dim 0 outer), a pair ``(inner, outer)`` of any of
+    those or of RingComms (a two-level ring), or a RingComm / TwoLevelComm (returned as is).
+    ``timeout`` (seconds) bounds each wait of a newly built communicator.
+    """
+    if isinstance(group, (RingComm, TwoLevelComm)):
+        if order is not None or timeout is not None:
+            raise ValueError("order and timeout belong to a process group; this communicator has its own")
+        return group
+    if isinstance(group, (tuple, list)):
+        if len(group) != 2:
+            raise ValueError(f"a two-level group must be a pair (inner, outer), got {len(group)} entries")
+        if order is not None:
+            raise ValueError(
+                "order of a two-level ring: pass (ring_comm(inner, order=...), ring_comm(outer, ...))"
+            )
+        inner, outer = (ring_comm(g, timeout) for g in group)
+        if not (isinstance(inner, RingComm) and isinstance(outer, RingComm)):
+            raise TypeError("the inner and outer groups of a two-level ring must each be one ring")
+        return TwoLevelComm(inner, outer)
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group=None needs torch.distributed to be initialised (init_process_group)")
+    mesh_cls = _mesh_class()
+    if mesh_cls is not None and isinstance(group, mesh_cls) and group.ndim == 2:
+        if order is not None:
+            raise ValueError("order cannot be combined with a 2-D DeviceMesh (its layout is the order)")
+        return ring_comm((group.get_group(1), group.get_group(0)), timeout)
+    pg = _as_process_group(group)
+    members = dist.get_process_group_ranks(pg)
+    order = _check_order(order, members)
+    key = (pg, None if list(order) == members else order, _timeout_seconds(timeout))
+    comm = _COMMS.get(key)
+    if comm is None:
+        comm = _COMMS[key] = DistRingComm(pg, timeout, order)
+    return comm
+
+
+def comm_from_rings(rings, inner: int | None = None, timeout=None) -> RingComm | TwoLevelComm:
+    """This process's communicator for context-parallel rings listed as global ranks in ring order
+    (e.g. ``ringattn.topology.ring_groups(ring_order(topo), ...)``): a flat ring in that order, or with
+    ``inner`` a two-level ring whose inner rings are runs of ``inner`` consecutive ranks of it (a node's
+    run of the order) and whose outer rings join the ranks at the same inner position
+    (``ringattn.topology.split_two_level``). Creating process groups is collective: every process
+    calls this with the same ``rings``, and each process must be in exactly one of them.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("comm_from_rings needs torch.distributed to be initialised (init_process_group)")
+    rings = [list(ring) for ring in rings]
+    me = dist.get_rank()
+    mine = [ring for ring in rings if me in ring]
+    if len(mine) != 1:
+        raise ValueError(f"rings must hold global rank {me} exactly once, got {rings}")
+    if inner is None:
+        stages = [rings]
+    else:  # every inner ring, then every outer ring
+        split = [split_two_level(ring, inner) for ring in rings]
+        stages = [
+            [r for inner_rings, _ in split for r in inner_rings],
+            [r for _, outer in split for r in outer],
+        ]
+    comms = []
+    for stage in stages:  # the same new_group calls in the same order on every process
+        for ranks in stage:
+            pg = dist.new_group(sorted(ranks))
+            if me in ranks:
+                comms.append(ring_comm(pg, timeout, order=ranks))
+    return comms[0] if inner is None else TwoLevelComm(*comms)

@@ -1,0 +1,180 @@
+"""The in-process fake ring: W virtual ranks in one process, one thread each, for tests.
+
+``fake_ring(W)`` (or ``fake_two_level(I, O)``) builds the ranks and ``run_fake_ring(fn, comms)`` runs
+``fn(comm)`` on each at once. The fake is stricter than a real wire, so a test on it proves:
+
+* message order: every post is logged (``FakeRingComm.log``) and each receive is checked against the
+  hop, label, shape and dtype its sender posted, so a schedule whose k-th send to ``next`` is not the
+  k-th receive there fails at that receive's ``wait()``, naming both sides;
+* buffer discipline: receive buffers are poisoned with NaN when an exchange is posted (reading one
+  before ``wait()`` shows up in the result), and a send buffer written before ``wait()`` raises;
+* scale: mailboxes are in-process queues, so W=64 rings (and 8 x 8 two-level rings) run in seconds;
+* failure handling: when one rank raises, the others' waits raise instead of hanging.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .comm import HopRecord, Pending, RingComm, RingError, TwoLevelComm
+
+__all__ = ["FakeRingComm", "fake_ring", "fake_two_level", "run_fake_ring"]
+
+
+class _FakeHub:
+    """Mailboxes between W virtual ranks living in one process (one thread each)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.boxes = {(src, (src + 1) % world_size): queue.Queue() for src in range(world_size)}
+        self.lock = threading.Lock()
+        self.gather_slots: list = [None] * world_size
+        self.barrier = threading.Barrier(world_size)
+        self.failed: str | None = None
+        self.logs: list[list[tuple]] = [[] for _ in range(world_size)]
+
+    def fail(self, why: str) -> None:
+        with self.lock:
+            if self.failed is None:
+                self.failed = why
+        self.barrier.abort()
+
+
+class _FakePending(Pending):
+    def __init__(self, comm, record, sends, recvs, timeout):
+        super().__init__(comm, record)
+        self.sends, self.recvs, self.timeout = sends, recvs, timeout
+
+    def _wait(self) -> None:
+        comm, hub = self.comm, self.comm.hub
+        for t, snapshot in self.sends:
+            if not torch.equal(t.view(torch.uint8), snapshot.view(torch.uint8)):
+                raise RingError(
+                    f"rank {comm.rank}: a send buffer of hop {self.record.hop} ({self.record.label}) "
+                    "was written while in flight"
+                )
+        deadline = time.monotonic() + (self.timeout or math.inf)
+        box = hub.boxes[(comm.prev_rank, comm.rank)]
+        for t in self.recvs:
+            while True:
+                if hub.failed:
+                    raise comm._error(self.record, "receive from", comm.prev_rank, None, hub.failed)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise comm._error(
+                        self.record, "receive from", comm.prev_rank, self.timeout, TimeoutError("timed out")
+                    )
+                try:
+                    hop, label, data = box.get(timeout=min(left, 0.05))
+                    break
+                except queue.Empty:
+                    continue
+            if (hop, label, data.shape, data.dtype) != (self.record.hop, self.record.label, t.shape, t.dtype):
+                raise RingError(
+                    f"rank {comm.rank}: schedule mismatch on hop {self.record.hop} ({self.record.label}): "
+                    f"rank {comm.prev_rank} sent hop {hop} ({label}) {tuple(data.shape)} {data.dtype}, "
+                    f"expected {tuple(t.shape)} {t.dtype}"
+                )
+            t.copy_(data)
+
+
+class FakeRingComm(RingComm):
+    """One of W virtual ranks in this process (see ``fake_ring``/``run_fake_ring``).
+
+    Stricter than a real wire: receive buffers are poisoned with NaN when an exchange is posted
+    (reading one early shows up), a send buffer written before ``wait()`` raises, each receive is
+    checked against the sender's hop, label, shape and dtype, and every post is logged in ``log``.
+    """
+
+    def __init__(self, hub: _FakeHub, rank: int, timeout: float | None):
+        super().__init__(rank, hub.world_size, timeout)
+        self.hub = hub
+
+    @property
+    def ring_key(self) -> int:
+        return id(self.hub) & (2**62 - 1)
+
+    @property
+    def log(self) -> list[tuple]:
+        return self.hub.logs[self.rank]
+
+    def _exchange(self, sends, recvs, record, timeout):
+        box = self.hub.boxes[(self.rank, self.next_rank)] if self.world_size > 1 else None
+        snapshots = []
+        for t in sends:
+            self.log.append(("send", self.next_rank, record.hop, record.label, tuple(t.shape), t.dtype))
+            snapshots.append((t, t.clone()))
+            box.put((record.hop, record.label, t.clone()))
+        for t in recvs:
+            self.log.append(("recv", self.prev_rank, record.hop, record.label, tuple(t.shape), t.dtype))
+            if t.is_floating_point():
+                t.fill_(math.nan)
+        return _FakePending(self, record, snapshots, recvs, timeout)
+
+    def all_gather(self, t: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        hub, timeout = self.hub, timeout or self.timeout
+        self.log.append(("all_gather", None, 0, "all_gather", tuple(t.shape), t.dtype))
+        hub.gather_slots[self.rank] = t.clone()
+        try:
+            hub.barrier.wait(timeout)
+            out = torch.stack(hub.gather_slots)
+            hub.barrier.wait(timeout)  # nobody overwrites a slot before everyone has read them
+        except threading.BrokenBarrierError as exc:
+            record = HopRecord("collective", 0, 0, 0)
+            raise self._error(record, "all_gather with every rank", None, timeout, hub.failed or exc) from exc
+        return out
+
+
+def fake_ring(world_size: int, timeout: float | None = 60.0) -> list[FakeRingComm]:
+    """W connected virtual ranks; drive each from its own thread (``run_fake_ring`` does this)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    hub = _FakeHub(world_size)
+    return [FakeRingComm(hub, rank, timeout) for rank in range(world_size)]
+
+
+def fake_two_level(inner_size: int, outer_size: int, timeout: float | None = 60.0) -> list[TwoLevelComm]:
+    """``outer_size`` nodes of ``inner_size`` virtual ranks as two-level rings, in position order
+    (``comms[o * inner_size + i]`` is inner position i of node o); drive them with ``run_fake_ring``."""
+    for name, size in (("inner_size", inner_size), ("outer_size", outer_size)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    inner = [fake_ring(inner_size, timeout) for _ in range(outer_size)]  # one ring per node
+    outer = [fake_ring(outer_size, timeout) for _ in range(inner_size)]  # one ring per inner position
+    return [TwoLevelComm(inner[o][i], outer[i][o]) for o in range(outer_size) for i in range(inner_size)]
+
+
+def run_fake_ring(fn: Callable, comms: Sequence[FakeRingComm | TwoLevelComm]) -> list:
+    """Run ``fn(comm)`` for every virtual rank at once (one thread each); results in ``comms`` order.
+
+    If any rank raises, the others are released (their waits raise) and the first error is re-raised.
+    """
+    results: list = [None] * len(comms)
+    errors: list = [None] * len(comms)
+    hubs = list({id(c.hub): c.hub for comm in comms for c in comm.levels}.values())
+    lock, first = threading.Lock(), []  # the index whose error started a cascade
+
+    def body(index, comm):
+        try:
+            results[index] = fn(comm)
+        except BaseException as exc:
+            errors[index] = exc
+            with lock:
+                first.append(index)  # before any hub fails: a released rank's error comes later
+            for hub in hubs:
+                hub.fail(f"rank {comm.rank} raised {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=body, args=(i, c), daemon=True) for i, c in enumerate(comms)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if first:
+        raise errors[first[0]]
+    return results
