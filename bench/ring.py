@@ -96,13 +96,13 @@ def _worker(rank, world_size, port, cfg, out_path):
                 out.backward(torch.ones_like(out))
 
         kv = torch.cat((k, v), dim=2).contiguous()
-        recv = torch.empty_like(kv)
+        # one receive buffer per message: two receives into one buffer in one NCCL group is undefined
+        recvs = [torch.empty_like(kv) for _ in range(2)]
 
         def wire(backward):
+            n = 2 if backward else 1
             for hop in range(world_size - 1):
-                comm.exchange(
-                    [kv] * (2 if backward else 1), [recv] * (2 if backward else 1), hop=hop, label="wire"
-                ).wait()
+                comm.exchange([kv] * n, recvs[:n], hop=hop, label="wire").wait()
 
         rows = {}
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):

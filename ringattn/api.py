@@ -54,11 +54,10 @@ def flash_attn_func(
     Sq > Sk the first Sq - Sk rows see no key and are zero). ``rope``
     rotates q and k inside the kernel at ``positions`` ((Sk,) or (B, Sk), default 0..Sk-1; queries
     use the last Sq). With ``group`` set, q/k/v are this rank's shard in ``layout`` and the call runs
-    ring attention over the group. ``return_lse`` adds lse (B, Hq, Sq) fp32. ``deterministic`` is
-    accepted for compatibility and switches nothing: the backward of the "reference", "cpu" (for a
-    fixed thread count) and "triton" (for a fixed tile choice) backends is deterministic, but the
-    "cuda" backend's is not: it accumulates dQ with atomicAdd (``csrc/attn_cuda.cu``). Pass
-    ``backend="triton"`` on a GPU when runs must repeat bit for bit; "auto" tries "cuda" first.
+    ring attention over the group. ``return_lse`` adds lse (B, Hq, Sq) fp32. ``deterministic=True``
+    runs only backends whose results repeat bit for bit: "reference", "cpu" (for a fixed thread
+    count) and "triton" (for a fixed tile choice), not "cuda", whose backward accumulates dQ with
+    atomicAdd (``csrc/attn_cuda.cu``). "auto" tries "triton" first on a GPU.
     """
     _no_dropout(dropout_p)
     if group is not None:
@@ -93,6 +92,7 @@ def flash_attn_func(
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        deterministic=deterministic,
         backend=backend,
     )
     return (out, lse) if return_lse else out
@@ -121,7 +121,8 @@ def flash_attn_varlen_func(
     Documents are given by ``cu_seqlens_q`` (int32/int64, (n_docs + 1,), starting at 0); packed
     self-attention needs ``cu_seqlens_k`` equal to it. RoPE positions default to the index within each
     document; ``positions`` (total,) overrides. Returns out (total, Hq, D) [and lse (Hq, total)].
-    ``max_seqlen_*`` are accepted for compatibility; they are not needed.
+    ``max_seqlen_*`` are accepted for compatibility; they are not needed. ``deterministic`` as in
+    ``flash_attn_func``.
     """
     _no_dropout(dropout_p)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -148,6 +149,7 @@ def flash_attn_varlen_func(
         rope=rope,
         q_positions=positions,
         k_positions=positions,
+        deterministic=deterministic,
         backend=backend,
     )
     return (out[0], lse[0]) if return_lse else out[0]

@@ -117,6 +117,7 @@ class BlockArgs:
     softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap); 0: off
     alibi_slopes: torch.Tensor | None = None  # fp32 (Hq,) or (B, Hq)
     dropout_p: float = 0.0
+    deterministic: bool = False  # bitwise-repeatable results for the same inputs and settings
 
     def unsupported(self, supported: frozenset[str] = frozenset()) -> str:
         """The first feature in use that is not in ``supported``, as the user's argument name; "" if none."""
@@ -125,6 +126,7 @@ class BlockArgs:
             "softcap": self.softcap != 0.0,
             "alibi_slopes": self.alibi_slopes is not None,
             "dropout_p": self.dropout_p != 0.0,
+            "deterministic": self.deterministic,
         }
         return next((name for name, used in in_use.items() if used and name not in supported), "")
 
@@ -141,8 +143,10 @@ class Backend(Protocol):
 
 
 # Tried in order by backend="auto". The fp64 reference is a CPU fallback only: on a GPU, silently
-# running it would be a surprise, so a GPU block no fast backend supports is an error.
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton")}
+# running it would be a surprise, so a GPU block no fast backend supports is an error. On a GPU the
+# Triton kernels come first: they carry the most evidence (interpreter vs fp64 and AOT checks) until
+# a GPU run has measured the CUDA kernels.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda")}
 
 
 def _why_not(backend: Backend, q, k, v, args: BlockArgs) -> str:
@@ -243,6 +247,7 @@ def block_args(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> BlockArgs:
     """Validate a block's inputs and build its ``BlockArgs`` (what ``block_forward`` does first)."""
     check_inputs(q, k, v, rope)
@@ -261,10 +266,10 @@ def block_args(
             raise TypeError(f"mask.cu_seqlens must be int32/int64, got {cu.dtype}")
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if rope is None:
-        return BlockArgs(mask, scale)
+        return BlockArgs(mask, scale, deterministic=bool(deterministic))
     q_rope = _rotary_positions(q_positions, mask.q_span, Sq, B, mask, rope, q.device, "q_positions")
     k_rope = _rotary_positions(k_positions, mask.k_span, Sk, B, mask, rope, q.device, "k_positions")
-    return BlockArgs(mask, scale, rope, q_rope, k_rope)
+    return BlockArgs(mask, scale, rope, q_rope, k_rope, deterministic=bool(deterministic))
 
 
 def block_forward(
@@ -278,13 +283,15 @@ def block_forward(
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of attention with fused RoPE; returns out (B, Sq, Hq, D) and lse (B, Hq, Sq) fp32.
 
     ``out_dtype`` defaults to q's dtype; ``torch.float32`` keeps ring partials unrounded. Positions
     ((Sq,)/(B, Sq) and (Sk,)/(B, Sk) ints) default to the global index (index within the document
-    when ``mask.cu_seqlens`` is given). Inputs are never modified.
+    when ``mask.cu_seqlens`` is given). ``deterministic`` selects only a backend whose results repeat
+    bit for bit (not ``cuda``, whose backward sums dQ with atomics). Inputs are never modified.
     """
     args = block_args(
         q,
@@ -295,6 +302,7 @@ def block_forward(
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        deterministic=deterministic,
     )
     out_dtype = q.dtype if out_dtype is None else out_dtype
     if out_dtype not in (q.dtype, torch.float32, torch.float64):
@@ -317,6 +325,7 @@ def block_backward(
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
     grad_dtype: torch.dtype | None = None,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block, normalised by ``lse`` (B, Hq, Sq), which may be the global one.
@@ -334,6 +343,7 @@ def block_backward(
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        deterministic=deterministic,
     )
     B, Sq, Hq, _ = q.shape
     if not isinstance(dout, torch.Tensor) or dout.shape != q.shape:

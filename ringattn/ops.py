@@ -31,15 +31,16 @@ def _rope_from_json(text: str) -> RoPEConfig | None:
 def _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend) -> dict:
     """``block_forward``/``block_backward`` keywords from the ops' plain arguments.
 
-    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride).
+    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride, deterministic).
     """
-    causal, q_start, q_stride, k_start, k_stride = mask_ints
+    causal, q_start, q_stride, k_start, k_stride, deterministic = mask_ints
     return dict(
         mask=BlockMask(bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens),
         softmax_scale=softmax_scale,
         rope=_rope_from_json(rope_json),
         q_positions=q_positions,
         k_positions=k_positions,
+        deterministic=bool(deterministic),
         backend=backend,
     )
 
@@ -121,6 +122,7 @@ def attention(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable, compile-safe block attention: out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32.
@@ -129,7 +131,7 @@ def attention(
     """
     q_span, k_span = q_span or Span(), k_span or Span()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    mask_ints = [int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride]
+    mask_ints = [int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride, int(deterministic)]
     return _attention_fwd(
         q, k, v, cu_seqlens, q_positions, k_positions, mask_ints, scale, rope_to_json(rope), backend
     )

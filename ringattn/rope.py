@@ -305,15 +305,23 @@ def cos_sin(
 
     turns = rope.turns_fixed(seq_len).to(positions.device)
     module = compiled()
-    use_compiled = impl == "compiled" or (impl == "auto" and module is not None)
-    if use_compiled:
+    if impl == "compiled":
         if module is None:
             raise RuntimeError(
                 "impl='compiled' requested but ringattn._C is not built; see extension_status()"
             )
         return _cos_sin_compiled(module, turns, positions, scale)
+    if impl == "auto" and _compiled_runs_on(module, positions.device):
+        return _cos_sin_compiled(module, turns, positions, scale)
     angles = _exact_angles_torch(turns, positions)
     return angles.cos() * scale, angles.sin() * scale
+
+
+def _compiled_runs_on(module, device: torch.device) -> bool:
+    """Whether ``impl="auto"`` may use the compiled cos/sin for tensors on ``device``."""
+    if module is None:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and bool(module.with_cuda))
 
 
 def _cos_sin_compiled(module, turns: torch.Tensor, positions: torch.Tensor, scale: float):

@@ -7,6 +7,7 @@ RoPE frequency tables (rotary_dim / 2 entries).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -54,6 +55,11 @@ def _doc_tile_ranges(row_index, row_doc, cu, col_start, col_stride, col_len, blo
     lo = torch.nn.functional.pad(lo, (0, pad), value=col_len).view(n_tiles, block).amin(1)
     hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(n_tiles, block).amax(1)
     return torch.stack((lo, hi), 1).to(torch.int32).contiguous()
+
+
+def _device_guard(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device, which may be another one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _capability(device: torch.device):
@@ -280,7 +286,8 @@ def flash_attn_fwd(
             **c.constexprs(cfg), **c.launch_options(cfg),
         )  # fmt: skip
 
-    launch(c.config("fwd", config, tuner, q.dtype, launch))
+    with _device_guard(q.device):
+        launch(c.config("fwd", config, tuner, q.dtype, launch))
     return out, lse
 
 
@@ -301,10 +308,11 @@ def flash_attn_bwd_delta(
     if delta.numel() == 0:
         return delta
     block_m = aux_rows("delta", D)
-    fk.flash_bwd_delta_kernel[(triton.cdiv(S, block_m), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), S, H,
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,
-    )  # fmt: skip
+    with _device_guard(out.device):
+        fk.flash_bwd_delta_kernel[(triton.cdiv(S, block_m), B * H)](
+            out, dout, delta, *out.stride(), *dout.stride(), S, H,
+            HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,
+        )  # fmt: skip
     return delta
 
 
@@ -377,7 +385,8 @@ def flash_attn_bwd(
                 **c.constexprs(cfg), **c.launch_options(cfg),
             )  # fmt: skip
 
-        launch_dq(c.config("bwd_dq", config_dq, tuner, q.dtype, launch_dq))
+        with _device_guard(q.device):
+            launch_dq(c.config("bwd_dq", config_dq, tuner, q.dtype, launch_dq))
     if c.Sk:
 
         def launch_dkdv(cfg: KernelConfig):
@@ -391,5 +400,6 @@ def flash_attn_bwd(
                 **c.constexprs(cfg), **c.launch_options(cfg),
             )  # fmt: skip
 
-        launch_dkdv(c.config("bwd_dkdv", config_dkdv, tuner, q.dtype, launch_dkdv))
+        with _device_guard(q.device):
+            launch_dkdv(c.config("bwd_dkdv", config_dkdv, tuner, q.dtype, launch_dkdv))
     return dq, dk, dv

@@ -8,6 +8,8 @@ fused attention kernels (exact-phase fixed point or hf fp32), see ``_rope_tile``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -109,10 +111,12 @@ def rope_apply(
     t = tables
     half_pad, pass_pad = rope_pads(D, t.rot_dim)
     block_s = block_s or aux_rows("rope", D)
-    rope_kernel[(triton.cdiv(S, block_s), B * H)](
-        x, out, t.positions, t.tab_a, t.tab_b,
-        *x.stride(), *out.stride(), t.stride_b, S, H, t.attn_factor,
-        HEAD_DIM=D, EXACT=t.exact, ROT_DIM=t.rot_dim, INTERLEAVED=t.interleaved,
-        HALF_PAD=half_pad, PASS_PAD=pass_pad, TRANSPOSE=transpose, BLOCK_S=block_s,
-    )  # fmt: skip
+    # launch on x's device, not whichever CUDA device is current
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        rope_kernel[(triton.cdiv(S, block_s), B * H)](
+            x, out, t.positions, t.tab_a, t.tab_b,
+            *x.stride(), *out.stride(), t.stride_b, S, H, t.attn_factor,
+            HEAD_DIM=D, EXACT=t.exact, ROT_DIM=t.rot_dim, INTERLEAVED=t.interleaved,
+            HALF_PAD=half_pad, PASS_PAD=pass_pad, TRANSPOSE=transpose, BLOCK_S=block_s,
+        )  # fmt: skip
     return out

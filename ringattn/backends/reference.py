@@ -5,7 +5,7 @@ from ..reference import attention_backward_ref, attention_ref
 
 class ReferenceBackend:
     name = "reference"
-    features = frozenset()
+    features = frozenset({"deterministic"})
 
     def can_implement(self, q, k, v, args):
         return True, ""

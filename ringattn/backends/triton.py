@@ -65,7 +65,7 @@ def _seq_major(t: torch.Tensor) -> torch.Tensor:
 
 class TritonBackend:
     name = "triton"
-    features = frozenset()
+    features = frozenset({"deterministic"})  # two-pass backward, no atomics; fixed per tile choice
 
     def can_implement(self, q, k, v, args) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
