@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from harness import HAS_GPU, assert_within_peer_error, interpreter_without_bf16_fix, nan_filled
+from harness import (
+    HAS_GPU,
+    assert_within_peer_error,
+    interpreter_without_bf16_fix,
+    nan_filled,
+    nan_poisoning_installed,
+)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -76,3 +82,67 @@ def test_tolerance_rule_rejects_unwritten_nan_outputs():
     ours[:3] = 0.0  # one element never written
     with pytest.raises(AssertionError, match="non-finite"):
         assert_within_peer_error(ours, ref, ref.float())
+
+
+def _allocations_from(module_name):
+    """Allocations made by code whose module is ``module_name`` (as the poisoning sees its caller)."""
+    namespace = {"__name__": module_name, "torch": torch}
+    exec(
+        "def allocate(like):\n"
+        "    return {\n"
+        "        'empty': torch.empty(3, 5, dtype=like.dtype, device=like.device),\n"
+        "        'empty_like': torch.empty_like(like),\n"
+        "        'empty_strided': torch.empty_strided((3, 5), (1, 3), dtype=like.dtype, device=like.device),\n"
+        "        'new_empty': like.new_empty((2, 7)),\n"
+        "    }\n",
+        namespace,
+    )
+    return namespace["allocate"]
+
+
+@pytest.mark.parametrize("package", ["ringattn.backends.probe", "tritonkernels.probe"])
+def test_nan_poisoning_is_active_for_the_packages(package):
+    # conftest installs it for the whole session: floats NaN, signed ints their minimum.
+    assert nan_poisoning_installed()
+    allocate = _allocations_from(package)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for name, t in allocate(torch.zeros(4, 2, dtype=dtype)).items():
+            assert t.dtype == dtype and torch.isnan(t).all(), (name, dtype)
+    for name, t in allocate(torch.zeros(4, 2, dtype=torch.int32)).items():
+        assert (t == torch.iinfo(torch.int32).min).all(), name
+    assert allocate(torch.zeros(2, dtype=torch.bool))["empty"].dtype == torch.bool  # left as allocated
+    grad = torch.zeros(2, requires_grad=True)
+    assert torch.isnan(_allocations_from(package)(grad)["empty_like"]).all()
+
+
+def test_nan_poisoning_reaches_a_real_backend_allocation():
+    from ringattn.backends.compiled import _forward_outputs, _gradients
+
+    q = torch.zeros(1, 5, 2, 8, dtype=torch.bfloat16)
+    assert all(torch.isnan(t).all() for t in (*_forward_outputs(q, False), *_gradients(q, q, True)))
+
+
+def test_nan_poisoning_leaves_meta_and_fake_tensors_alone():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    allocate = _allocations_from("ringattn.probe")
+    for t in allocate(torch.zeros(4, 2, device="meta")).values():
+        assert t.is_meta
+    with FakeTensorMode() as mode:
+        fakes = allocate(mode.from_tensor(torch.zeros(4, 2)))
+    assert all(isinstance(t, FakeTensor) for t in fakes.values())
+
+
+def test_nan_poisoning_traces_under_torch_compile():
+    # dynamo inlines ringattn code that calls the patched torch.empty: the fill must neither break
+    # the graph (fullgraph=True raises on a break) nor enter it.
+    from ringattn.backends.compiled import _forward_outputs
+
+    def fn(x):
+        out, lse = _forward_outputs(x, False)
+        return out.shape[1] + lse.shape[1] + x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    x = torch.ones(1, 3, 2, 4)
+    torch.testing.assert_close(compiled(x), x + 5)
