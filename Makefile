@@ -17,7 +17,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
 STAMP := $(ENV_DIR)/.ringattn-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench gpu-check clean
 
 setup: $(STAMP)
 	@$(PYTHON) -c "import ringattn; print('ringattn extension:', ringattn.extension_status())"
@@ -41,6 +41,12 @@ demo: setup
 
 bench: setup
 	$(PYTHON) -m bench all
+
+# On a one-GPU machine with torch, triton, nvcc, cmake, ninja and pybind11 preinstalled (no network):
+# build for the local arch, GPU tests, compute-sanitizer, GPU benchmarks; results and logs in $(OUT).
+OUT ?= gpu_results
+gpu-check:
+	PYTHON=$(if $(VIRTUAL_ENV),python,python3) bash bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build dist *.egg-info ringattn/_C*.so ringattn/_C_status.json $(STAMP)

@@ -137,7 +137,7 @@ def run(quick: bool, out_dir) -> Results:
         out_dir,
         device="cuda",
         dtypes=(torch.bfloat16,),
-        seq_lens=(2048,) if quick else (4096, 8192, 16384),
+        seq_lens=(2048,) if quick else (4096, 16384, 32768),
         head_dims=(64, 128),
         suite="gpu-kernels",
     )
