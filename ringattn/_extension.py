@@ -2,10 +2,14 @@
 
 import importlib
 import json
+import threading
+import warnings
 from functools import cache
 from pathlib import Path
 
 _STATUS_FILE = Path(__file__).with_name("_C_status.json")
+_warned = False
+_warn_lock = threading.Lock()
 
 
 @cache
@@ -17,8 +21,31 @@ def _load():
 
 
 def compiled():
-    """The ``ringattn._C`` module, or None when it is not built."""
-    return _load()[0]
+    """The ``ringattn._C`` module, or None when it is not built (then warns once per process: the
+    backends ask for it when they choose how to run, so a missing module means a slow fallback)."""
+    module = _load()[0]
+    if module is None:
+        _warn_missing()
+    return module
+
+
+def _warn_missing() -> None:
+    """One RuntimeWarning per process: without ``ringattn._C`` CPU attention falls back to the fp64
+    reference backend, which is correct but much slower."""
+    global _warned
+    with _warn_lock:
+        if _warned:
+            return
+        _warned = True
+    reason = next(iter(extension_status()["reason"].splitlines()), "reason unknown")
+    warnings.warn(
+        f"ringattn._C is not built ({reason}): the compiled CPU and CUDA kernels are unavailable, so "
+        "attention on CPU tensors in fp32 or bf16 runs on the fp64 reference backend, which is much "
+        "slower. Reinstall ringattn with cmake, ninja and a C++17 compiler (ringattn.extension_status() "
+        "has the full reason).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def extension_status() -> dict:

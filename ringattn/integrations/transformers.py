@@ -79,14 +79,59 @@ def ringattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atte
 
 
 def _documents_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """cu_seqlens for packed positions (S,) that restart at 0 per document; None if no restart."""
+    """cu_seqlens for packed positions (S,): a document starts at index 0 and wherever the position
+    restarts at 0; None when there is no restart (the row is one sequence).
+
+    The row's first run is a document even when it does not start at 0 (``[5, 6, 7, 0, 1, ...]``: a
+    document continued from the previous batch keeps its positions 5, 6, 7 for RoPE)."""
     if position_ids.dim() != 1:
         return None  # several rows: each row is one sequence
-    starts = torch.nonzero(position_ids == 0).flatten()
-    if starts.numel() <= 1:
+    restarts = torch.nonzero(position_ids[1:] == 0).flatten() + 1
+    if restarts.numel() == 0:
         return None
-    end = torch.tensor([position_ids.shape[0]], device=starts.device)
-    return torch.cat((starts, end)).to(torch.int32)
+    first = restarts.new_zeros(1)
+    end = restarts.new_full((1,), position_ids.shape[0])
+    return torch.cat((first, restarts, end)).to(torch.int32)
+
+
+def _check_cu_seqlens(name: str, cu: object, total: int | None) -> None:
+    """``cu_seq_lens_q``/``cu_seq_lens_k`` as passed to the model: int boundaries 0 = c0 <= c1 <= ...
+    ending at ``total`` tokens (None: the global length, which the ring checks itself)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of int32/int64 document boundaries, got {type(cu).__name__}"
+        )
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64 document boundaries, got dtype {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(cu.shape)}")
+    values = cu.tolist()
+    if values[0] != 0 or any(b < a for a, b in zip(values[:-1], values[1:], strict=True)):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values}")
+    if total is not None and values[-1] != total:
+        raise ValueError(
+            f"{name} must end at the number of tokens in a row ({total}), got {values[-1]} "
+            "(packed batches are one row: input_ids of shape (1, total))"
+        )
+
+
+def _ring(state: LayerState):
+    """The communicator of a layer's ring group (None without one)."""
+    if state.group is None:
+        return None
+    from ..ring import ring_comm
+
+    return ring_comm(state.group)
+
+
+def _documents(position_ids: torch.Tensor, comm, layout: str) -> torch.Tensor | None:
+    """Documents implied by packed positions. In a ring each rank holds a shard, so the positions of the
+    full sequence are gathered first (a collective every rank runs): every rank derives the same."""
+    if comm is not None and position_ids.dim() == 1:
+        from ..ring import unshard
+
+        position_ids = unshard(position_ids, 0, comm, layout)
+    return _documents_from_position_ids(position_ids)
 
 
 def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -100,11 +145,12 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if kwargs.get("softcap") is not None:
         raise NotImplementedError(f"softcap={kwargs['softcap']} is not supported by ringattn")
     state = getattr(module, "ringattn_state", None) or LayerState(None, None, "zigzag")
+    comm = _ring(state)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     Sq, Sk = q.shape[1], k.shape[1]
     # A sliding window at least as long as the whole sequence never masks anything (Mistral's default).
     window = kwargs.get("sliding_window")
-    seq_len = Sk * (1 if state.group is None else torch.distributed.get_world_size(state.group))
+    seq_len = Sk * (1 if comm is None else comm.world_size)
     if window is not None and window < seq_len:
         raise NotImplementedError(
             f"sliding_window={window} shorter than the sequence ({seq_len}) is not supported"
@@ -112,12 +158,22 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     position_ids = kwargs.get("position_ids")
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None and not torch.equal(cu_seqlens, kwargs.get("cu_seq_lens_k", cu_seqlens)):
-        raise NotImplementedError("cu_seq_lens_k different from cu_seq_lens_q is not supported")
+    cu_k = kwargs.get("cu_seq_lens_k")
+    # Without a ring a row holds every token; in a ring the global length is checked by ring_attn_func.
+    total = Sk if comm is None else None
+    for name, cu in (("cu_seq_lens_q", cu_seqlens), ("cu_seq_lens_k", cu_k)):
+        if cu is not None:
+            _check_cu_seqlens(name, cu, total)
+    if cu_k is not None and (
+        cu_seqlens is None or not torch.equal(cu_seqlens.long(), cu_k.to(cu_seqlens.device).long())
+    ):
+        raise NotImplementedError(
+            "cu_seq_lens_k different from cu_seq_lens_q (or without it) is not supported"
+        )
     if position_ids is not None and position_ids.shape[0] == 1:
         position_ids = position_ids[0]  # (1, S) is shared by every row of the batch
     if cu_seqlens is None and position_ids is not None:
-        cu_seqlens = _documents_from_position_ids(position_ids)
+        cu_seqlens = _documents(position_ids, comm, state.layout)
     if state.rope is not None:
         if Sq != Sk:
             raise NotImplementedError(
@@ -125,14 +181,14 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
             )
         if position_ids is None:
             raise ValueError("fused RoPE needs position_ids in the attention kwargs")
-    if state.group is not None:
+    if comm is not None:
         from ..ring import ring_attn_func
 
         out = ring_attn_func(
             q,
             k,
             v,
-            group=state.group,
+            group=comm,
             causal=causal,
             layout=state.layout,
             rope=state.rope,
@@ -174,28 +230,60 @@ def _attention_modules(model):
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "is_causal")]
 
 
+def _check_group(group) -> None:
+    """``apply``'s ``group``, checked now rather than at the first forward."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    from ..ring import RingComm, TwoLevelComm, ring_comm
+
+    mesh = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
+    kinds = (RingComm, TwoLevelComm, tuple, list)
+    kinds += (dist.ProcessGroup,) if dist.is_available() else ()
+    kinds += (mesh,) if mesh is not None else ()
+    if not isinstance(group, kinds):
+        raise TypeError(
+            "apply(group=...) must be None, a ProcessGroup, a DeviceMesh, an (inner, outer) pair, a RingComm "
+            f"or a TwoLevelComm, got {type(group).__name__}"
+        )
+    ring_comm(group)  # the rest of the checks (a pair's members, an initialised process group)
+
+
 def apply(
     model, group=None, fuse_rope: bool = True, *, layout: str = "zigzag", rope_precision: str = "exact"
 ):
     """Switch ``model`` to ringattn attention; fuse RoPE into the kernel where the family allows.
 
-    ``group``: a ProcessGroup to run ring attention over (inputs then are this rank's shards, see
-    ``shard_batch``). ``rope_precision``: "exact" (default) or "hf" (transformers' fp32 angles,
-    bit-for-bit parity with the unfused model). Returns the model.
+    ``group``: the ring to run ring attention over (inputs then are this rank's shards, see
+    ``shard_batch``): a ProcessGroup, a DeviceMesh, an (inner, outer) pair, or a communicator
+    (``ringattn.ring.ring_comm``, a ``RingComm`` or ``TwoLevelComm``). ``rope_precision``: "exact"
+    (default) or "hf" (transformers' fp32 angles, bit-for-bit parity with the unfused model).
+    Applying again replaces the earlier settings (as if ``remove`` ran first); ``remove`` then
+    restores the model as it was before the first ``apply``. Returns the model.
     """
+    from ..layouts import LAYOUTS
+
     register()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_group(group)
     family = model.config.model_type
     rope = None
     if fuse_rope and family in FUSED_ROPE_FAMILIES:
         rope = RoPEConfig.from_hf(model.config, precision=rope_precision)
-        for rotary in _rotary_modules(model):
-            rotary.forward = types.MethodType(_identity_rotary_forward, rotary)
     elif fuse_rope:
         warnings.warn(
             f"ringattn: model family {family!r} keeps its own RoPE (fused RoPE is implemented for "
             f"{', '.join(FUSED_ROPE_FAMILIES)}, whose rotary step is known to be a plain rotate-half)",
             stacklevel=2,
         )
+    remove(model)  # a second apply starts from the original model, not from the first apply's state
+    if rope is not None:
+        for rotary in _rotary_modules(model):
+            # Keep an instance-level forward someone else installed (e.g. an accelerate hook).
+            rotary.ringattn_saved_forward = rotary.__dict__.get("forward")
+            rotary.forward = types.MethodType(_identity_rotary_forward, rotary)
     state = LayerState(rope, group, layout)
     for module in _attention_modules(model):
         module.ringattn_state = state
@@ -205,9 +293,14 @@ def apply(
 
 
 def remove(model):
-    """Undo ``apply``: the model's own RoPE and its previous attention implementation come back."""
+    """Undo ``apply`` (any number of them): the model's own RoPE and the attention implementation it
+    had before the first ``apply`` come back. A model ``apply`` never touched is returned unchanged."""
     for rotary in _rotary_modules(model):
-        rotary.__dict__.pop("forward", None)
+        if "ringattn_saved_forward" in rotary.__dict__:
+            saved = rotary.__dict__.pop("ringattn_saved_forward")
+            rotary.__dict__.pop("forward", None)
+            if saved is not None:
+                rotary.forward = saved
     for module in _attention_modules(model):
         module.__dict__.pop("ringattn_state", None)
     previous = model.__dict__.pop("ringattn_previous_attn", None)
@@ -221,7 +314,9 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag", ignore_index: i
 
     ``batch`` holds ``input_ids`` (B, S) and optionally ``labels`` (default: the input ids),
     ``position_ids`` (default: the index within each document when ``cu_seq_lens_q`` is given, else
-    0..S-1) and ``cu_seq_lens_q``/``cu_seq_lens_k`` (global; passed through unchanged). Labels are
+    0..S-1) and ``cu_seq_lens_q``/``cu_seq_lens_k`` (global; passed through unchanged; when absent,
+    the documents of a single row's ``position_ids`` are derived here, from the full sequence, and
+    passed as ``cu_seq_lens_q``/``cu_seq_lens_k`` so the ranks need not gather positions). Labels are
     shifted on the full sequence *before* sharding, so a shard's last token still predicts its
     global successor; they come back as ``shift_labels`` (and as ``labels``, which the model needs
     to compute a loss at all). Pass ``num_items_in_batch`` = the global count of predicted tokens
@@ -251,6 +346,10 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag", ignore_index: i
     for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
         if name in batch:
             local[name] = batch[name]
+    if cu is None and "position_ids" in batch and position_ids.shape[0] == 1:
+        derived = _documents_from_position_ids(position_ids.reshape(-1))
+        if derived is not None:
+            local["cu_seq_lens_q"] = local["cu_seq_lens_k"] = derived
     return local
 
 
