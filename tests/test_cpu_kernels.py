@@ -1,13 +1,15 @@
-"""The compiled CPU backend ("cpu") against the fp64 reference: forward, lse and all gradients."""
+"""The compiled CPU backend ("cpu"): global lse over blocks, every element written, the merge kernel,
+dispatch answers, errors, fake implementations, agreement with Triton.
 
-import itertools
+Its correctness over the shared cases (and the slow sweep) is in test_attention.py.
+"""
+
 import math
-from dataclasses import replace
 
 import pytest
 import torch
+from attention_checks import Case, make_inputs
 from harness import nan_filled
-from kernel_checks import FAR, Case, check_case, make_inputs
 
 from ringattn import RoPEConfig, merge_partials
 from ringattn._extension import compiled
@@ -17,45 +19,11 @@ from ringattn.block import BlockMask, Span, block_args, block_backward, block_fo
 pytestmark = pytest.mark.skipif(compiled() is None, reason="ringattn._C not built")
 
 FAR_ROPE = RoPEConfig(64, theta=45.2e9)
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-
-CASES = {
-    "len1": Case(Sq=1, Sk=1),
-    "len63-causal-mha": Case(Sq=63, Sk=63, Hq=2, Hkv=2),
-    "len127-full-gqa4": Case(Sq=127, Sk=127, Hq=4, Hkv=1, causal=False),
-    "len257-causal-gqa8-d128": Case(Sq=257, Sk=257, Hq=8, Hkv=1, D=128),
-    "sq63-sk257-suffix-causal": Case(Sq=63, Sk=257, q_span=Span(194)),
-    "sq257-sk63-full": Case(Sq=257, Sk=63, causal=False, Hq=2, Hkv=1),
-    "d80-rope-far": Case(Sq=70, Sk=70, D=80, rope=RoPEConfig(80, theta=45.2e9), position_offset=FAR),
-    "d96-rope-interleaved-partial": Case(
-        Sq=65, Sk=65, D=96, rope=RoPEConfig(96, interleaved=True, partial_rotary_factor=0.5)
-    ),
-    "d256-rope-hf": Case(Sq=40, Sk=40, Hq=2, Hkv=1, D=256, rope=RoPEConfig(256, theta=5e5, precision="hf")),
-    "docs-empty-doc-outside": Case(Sq=127, Sk=127, cu_seqlens=[3, 40, 40, 100, 120], rope=FAR_ROPE),
-    "docs-full-mask": Case(Sq=80, Sk=80, causal=False, cu_seqlens=[0, 30, 30, 80]),
-    "zigzag-stride-spans-rope": Case(Sq=33, Sk=40, q_span=Span(5, 2), k_span=Span(0, 3), rope=FAR_ROPE),
-    "far-positions-batched": Case(
-        B=2, Sq=50, Sk=50, rope=FAR_ROPE, position_offset=FAR, batched_positions=True, transposed=True
-    ),
-    "yarn-attention-factor": Case(Sq=48, Sk=48, rope=RoPEConfig(64, theta=1e4, scaling=YARN)),
-    "fully-masked-block": Case(Sq=16, Sk=16, q_span=Span(0), k_span=Span(100)),
-    "transposed-views": Case(Sq=70, Sk=70, transposed=True, rope=RoPEConfig(64)),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_cpu_matches_reference(case, dtype):
-    check_case(case, dtype, "cpu")
-
-
-def test_cpu_fp32_partials_for_bf16_inputs():
-    check_case(Case(Sq=70, Sk=70, rope=FAR_ROPE, position_offset=FAR), torch.bfloat16, "cpu", out_fp32=True)
 
 
 def test_cpu_backward_with_global_lse_and_delta_sums_over_blocks():
     # The ring's use: each key block's backward takes the global lse and delta; the sum is the full grad.
-    case = Case(Sq=90, Sk=90, Hq=4, Hkv=2, rope=FAR_ROPE, cu_seqlens=[0, 50, 90])
+    case = Case(90, Hq=4, Hkv=2, D=64, causal=True, rope=FAR_ROPE, cu_seqlens=(0, 50, 90))
     q, k, v, dout = make_inputs(case, torch.float32, seed=3)
     mask = case.mask()
     out, lse = block_forward(q, k, v, mask, rope=case.rope, backend="cpu")
@@ -83,7 +51,7 @@ def test_cpu_writes_every_output_element():
     from ringattn.backends.compiled import fill_params, op_inputs
 
     module = compiled()
-    case = Case(B=2, Sq=70, Sk=70, Hq=4, Hkv=2, cu_seqlens=[5, 30, 30, 60], rope=FAR_ROPE)
+    case = Case(70, B=2, Hq=4, Hkv=2, D=64, causal=True, cu_seqlens=(5, 30, 30, 60), rope=FAR_ROPE)
     q, k, v, dout = make_inputs(case, torch.bfloat16)
     pos = torch.arange(70)
     args = block_args(
@@ -126,7 +94,7 @@ def test_kernel_merge_matches_reference_merge():
 
 def test_dispatch_and_can_implement_reasons():
     cpu = BACKENDS["cpu"]
-    q, k, v, _ = make_inputs(Case(Sq=8, Sk=8), torch.float32)
+    q, k, v, _ = make_inputs(Case(8, Hq=4, Hkv=2, D=64), torch.float32)
     assert select_backend("auto", q, k, v, block_args(q, k, v)).name == "cpu"
     assert select_backend("auto", q.bfloat16(), k.bfloat16(), v.bfloat16(), block_args(q, k, v)).name == "cpu"
     assert select_backend("auto", q.double(), k.double(), v.double(), block_args(q, k, v)).name == "reference"
@@ -139,13 +107,13 @@ def test_dispatch_and_can_implement_reasons():
 
 
 def test_negative_positions_are_rejected():
-    q, k, v, _ = make_inputs(Case(Sq=4, Sk=4), torch.float32)
+    q, k, v, _ = make_inputs(Case(4, Hq=4, Hkv=2, D=64), torch.float32)
     with pytest.raises(ValueError, match="k_positions"):
         block_forward(q, k, v, rope=RoPEConfig(64), k_positions=torch.tensor([0, 1, -2, 3]), backend="cpu")
 
 
 def test_fp64_outputs_requested_from_fp32_inputs():
-    q, k, v, dout = make_inputs(Case(Sq=20, Sk=20), torch.float32)
+    q, k, v, dout = make_inputs(Case(20, Hq=4, Hkv=2, D=64), torch.float32)
     out, lse = block_forward(q, k, v, BlockMask(True), out_dtype=torch.float64, backend="cpu")
     assert out.dtype == torch.float64
     grads = block_backward(dout, q, k, v, out, lse, BlockMask(True), grad_dtype=torch.float64, backend="cpu")
@@ -155,7 +123,7 @@ def test_fp64_outputs_requested_from_fp32_inputs():
 def test_custom_ops_have_fake_implementations():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    q, k, v, dout = make_inputs(Case(Sq=12, Sk=9, Hq=4, Hkv=2), torch.bfloat16)
+    q, k, v, dout = make_inputs(Case(12, 9, Hq=4, Hkv=2, D=64), torch.bfloat16)
     with FakeTensorMode() as mode:
         fq, fk, fv, fd = (mode.from_tensor(t) for t in (q, k, v, dout))
         args = (None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0], [0.125, 1.0])
@@ -167,7 +135,7 @@ def test_custom_ops_have_fake_implementations():
 
 
 def test_cpu_and_triton_interpreter_agree():
-    case = Case(Sq=40, Sk=40, Hq=4, Hkv=2, D=64, rope=FAR_ROPE, cu_seqlens=[0, 17, 40])
+    case = Case(40, Hq=4, Hkv=2, D=64, causal=True, rope=FAR_ROPE, cu_seqlens=(0, 17, 40))
     q, k, v, dout = make_inputs(case, torch.float32)
     ok, reason = BACKENDS["triton"].can_implement(q, k, v, block_args(q, k, v, case.mask(), rope=case.rope))
     if not ok:
@@ -179,28 +147,3 @@ def test_cpu_and_triton_interpreter_agree():
         results[name] = (out, lse, *grads)
     for a, b in zip(results["cpu"], results["triton"], strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-
-
-SWEEP = list(
-    itertools.product(
-        (1, 63, 127, 257),  # length
-        ((1, 1), (4, 1), (8, 1)),  # (Hq, Hkv): GQA 1, 4, 8
-        (64, 80, 96, 128, 256),  # head dim
-        (False, True),  # causal
-    )
-)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "S,heads,D,causal", SWEEP, ids=[f"S{s}-H{h[0]}x{h[1]}-D{d}-c{int(c)}" for s, h, d, c in SWEEP]
-)
-def test_cpu_sweep(S, heads, D, causal, dtype):
-    case = Case(B=2, Sq=S, Sk=S, Hq=heads[0], Hkv=heads[1], D=D, causal=causal)
-    check_case(case, dtype, "cpu")
-    rope = RoPEConfig(D, theta=45.2e9)
-    check_case(replace(case, rope=rope, position_offset=FAR, B=1), dtype, "cpu")
-    if S > 2:
-        docs = replace(case, B=1, cu_seqlens=[0, S // 3, S // 3, S - 1], rope=rope)
-        check_case(docs, dtype, "cpu")

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_checks import Case, backend_device, check_triton_launchers, make_inputs, reference_results
 from harness import launcher_rope
 
-# importing test_triton_flash also installs the interpreter's bf16 rounding fix
-from test_triton_flash import R16, Case, _inputs, _reference, check_case
-
+from ringattn import RoPEConfig
 from tritonkernels import flash
 from tritonkernels.autotune import Tuner, size_bucket
 from tritonkernels.configs import CONFIGS, KERNELS, KernelConfig, get_configs
 
 A, B, C = KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 1), KernelConfig(16, 16, 4, 1)
+R16 = RoPEConfig(16, theta=1e4)
+DEVICE = backend_device("triton")
 
 
 class FakeTimer:
@@ -86,15 +87,15 @@ def test_launchers_tune_then_launch_the_choice(monkeypatch):
 
     tuner.choose = choose
     c = Case(40, causal=True, rope=R16, Hq=4, Hkv=2)
-    q, k, v, dout = _inputs(c, seed=1)
+    q, k, v, dout = make_inputs(c, torch.float32, seed=1, device=DEVICE)
     rope = launcher_rope(q, k, R16)
     out, lse = flash.flash_attn_fwd(q, k, v, causal=True, **rope, tuner=tuner)
     dq, dk, dv = flash.flash_attn_bwd(dout, q, k, v, out, lse, causal=True, **rope, tuner=tuner)
     assert seen == [("fwd", C), ("bwd_dq", C), ("bwd_dkdv", C)]
     assert timer.calls == [A, C] * 3
-    ref = _reference(c, q, k, v, dout)
-    for ours, r in zip((out, dq, dk, dv), (ref[0], *ref[2:]), strict=True):
-        torch.testing.assert_close(ours.double(), r, rtol=0, atol=1e-5)
+    ref = reference_results(q, k, v, dout, **c.spec_kwargs(DEVICE))
+    for ours, name in zip((out, dq, dk, dv), ("out", "dq", "dk", "dv"), strict=True):
+        torch.testing.assert_close(ours.double(), ref[name], rtol=0, atol=1e-5)
 
 
 def _shipped_tiles():
@@ -111,4 +112,5 @@ def _shipped_tiles():
 def test_every_shipped_tile_shape_is_correct(tile):
     # Documents (one empty), causal, RoPE, GQA, a length no tile divides: every masking path.
     m, n = tile
-    check_case(Case(70, Hq=4, Hkv=2, causal=True, rope=R16, cu_seqlens=[0, 30, 30, 70], block=m, block_n=n))
+    case = Case(70, Hq=4, Hkv=2, causal=True, rope=R16, cu_seqlens=(0, 30, 30, 70))
+    check_triton_launchers(case, torch.float32, KernelConfig(m, n, 4, 1), DEVICE)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import GRAD_FACTOR, assert_within_peer_error, launcher_rope
-
-# shared cases and peer; the interpreter's bf16 rounding fix is installed by tests/conftest.py
-from test_triton_flash import Case, _inputs, _peer
+from attention_checks import Case, backend_device, make_inputs, peer_results
+from harness import GRAD_FACTOR, HAS_GPU, assert_within_peer_error, launcher_rope
 
 from ringattn import RoPEConfig, attention_ref, merge_partials
 from ringattn.backends import BACKENDS
@@ -16,23 +14,19 @@ from ringattn.merge import empty_partials
 from ringattn.reference import attention_backward_ref
 
 ROPE = RoPEConfig(16, theta=45.2e9)
-
-
-def _qkv(B, S, Hq, Hkv, D, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, S, h, D, generator=gen).to(dtype) for h in (Hq, Hkv, Hkv))
+DEVICE = backend_device("triton")
 
 
 def test_registered_and_can_implement_reasons(monkeypatch):
     backend = BACKENDS["triton"]
-    q, k, v = _qkv(1, 4, 2, 1, 16)
+    q, k, v, _ = make_inputs(Case(4, Hq=2, Hkv=1), torch.float32)
     assert backend.can_implement(q, k, v, block_args(q, k, v)) == (True, "")
     ok, reason = backend.can_implement(q.double(), k.double(), v.double(), block_args(q, k, v))
     assert not ok and "float64" in reason
     big = torch.zeros(1, 4, 1, 512)
     ok, reason = backend.can_implement(big, big, big, block_args(big, big, big))
     assert not ok and "head dim" in reason
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors without the interpreter
     ok, reason = backend.can_implement(q, k, v, block_args(q, k, v))
     assert not ok and "TRITON_INTERPRET" in reason
 
@@ -40,11 +34,12 @@ def test_registered_and_can_implement_reasons(monkeypatch):
 def test_stripes_merge_to_full_attention():
     # Even/odd query stripes against even/odd key stripes, merged in fp32: the full attention.
     # Peer: plain fp32 torch attention over the whole sequence.
-    case = Case(40, Hq=4, Hkv=2, causal=True, rope=ROPE, cu_seqlens=[0, 13, 13, 31, 40])
-    q, k, v, dout = _inputs(case)
-    docs = torch.tensor(case.cu_seqlens)
+    case = Case(40, Hq=4, Hkv=2, causal=True, rope=ROPE, cu_seqlens=(0, 13, 13, 31, 40))
+    q, k, v, dout = make_inputs(case, torch.float32, device=DEVICE)
+    docs = case.cu(DEVICE)
     full_out, full_lse = attention_ref(q, k, v, causal=True, cu_seqlens=docs, rope=ROPE)
-    peer_out, peer_lse = _peer(case, q, k, v, dout)[:2]
+    peer = peer_results(q, k, v, dout, **case.spec_kwargs(DEVICE))
+    peer_out, peer_lse = peer["out"], peer["lse"]
     for parity in (0, 1):
         acc = empty_partials(q[:, parity::2])
         for k_parity in (0, 1):
@@ -59,19 +54,20 @@ def test_stripes_merge_to_full_attention():
         lse_ref = full_lse[..., parity::2]
         assert torch.equal(torch.isinf(acc[1]), torch.isinf(lse_ref))
         finite = torch.isfinite(lse_ref)
-        peer = peer_lse[..., parity::2]
-        assert_within_peer_error(acc[1][finite], lse_ref[finite], peer[finite], name="lse")
+        lse_peer = peer_lse[..., parity::2]
+        assert_within_peer_error(acc[1][finite], lse_ref[finite], lse_peer[finite], name="lse")
 
 
 def test_block_backward_with_global_lse_sums_to_full_gradients():
     # Two key blocks through block_backward with the full attention's lse and out (delta from
     # them): the blocks' gradients sum to the full gradients. Peer: fp32 torch autograd.
     case = Case(30, Hq=4, Hkv=2, causal=True, rope=ROPE)
-    q, k, v, dout = _inputs(case, seed=1)
+    q, k, v, dout = make_inputs(case, torch.float32, seed=1, device=DEVICE)
     kw = dict(causal=True, rope=ROPE)
     out, lse = attention_ref(q, k, v, **kw)
     ref = attention_backward_ref(dout, q, k, v, lse, out=out, **kw)
-    peer = _peer(case, q, k, v, dout)[2:]
+    peer_grads = peer_results(q, k, v, dout, **case.spec_kwargs(DEVICE))
+    peer = [peer_grads[name] for name in ("dq", "dk", "dv")]
     dq = torch.zeros_like(q)
     dks, dvs = [], []
     for start, stop in ((0, 13), (13, 30)):
@@ -88,6 +84,7 @@ def test_block_backward_with_global_lse_sums_to_full_gradients():
         assert_within_peer_error(o, r, p, factor=GRAD_FACTOR, name=name)
 
 
+@pytest.mark.skipif(HAS_GPU, reason="measures the launchers' host allocations under the interpreter")
 def test_launchers_allocate_no_score_matrix_or_rotated_copies():
     # Every torch allocation the launchers make is either an output (out; dq, dk, dv) or O(S)
     # bookkeeping (positions, doc ids, tile ranges: at most 16 bytes per token). A score matrix
@@ -97,8 +94,7 @@ def test_launchers_allocate_no_score_matrix_or_rotated_copies():
     from tritonkernels.flash import flash_attn_bwd, flash_attn_fwd
 
     B, S, H, D = 1, 512, 2, 64
-    q, k, v = _qkv(B, S, H, H, D, dtype=torch.bfloat16)
-    dout = torch.randn_like(q)
+    q, k, v, dout = make_inputs(Case(S, B=B, Hq=H, Hkv=H, D=D), torch.bfloat16)
     cu = torch.tensor([0, 200, 512])
     kw = dict(causal=True, cu_seqlens=cu, **launcher_rope(q, k, RoPEConfig(D, 1e4), cu_seqlens=cu))
     cfg = KernelConfig(64, 64, 4, 1)

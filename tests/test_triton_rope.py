@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import test_triton_flash  # noqa: F401  (not needed for the bf16 fix: tests/conftest.py installs it)
 import torch
+from attention_checks import rotate_in_dtype
 from harness import assert_within_peer_error, launcher_rope, nan_filled
 
 from ringattn import RoPEConfig
-from ringattn.rope import apply_rope, cos_sin
+from ringattn.rope import apply_rope
 from tritonkernels.rope import rope_apply
 
 CONFIGS = {
@@ -23,22 +23,6 @@ CONFIGS = {
 def _tables(x, positions, rope):
     """The kernel's RopeTables for a RoPEConfig, as the Triton backend builds them."""
     return launcher_rope(x, x, rope, q_positions=positions, k_positions=positions)["q_rope"]
-
-
-def _peer(x, positions, rope, transpose):
-    """transformers-style rotation in x's dtype (fp32 cos/sin cast to the dtype)."""
-    cos, sin = cos_sin(rope, positions)
-    cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
-    sin = -sin if transpose else sin
-    r = rope.rotary_dim
-    rot, rest = x[..., :r], x[..., r:]
-    if rope.interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((out, rest), dim=-1)
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
@@ -57,7 +41,8 @@ def test_rope_kernel_matches_reference(rope, dtype, transpose):
     )
     assert torch.equal(x_view, before), "input must not be modified"
     ref = apply_rope(x, positions, rope, transpose=transpose)
-    assert_within_peer_error(out, ref, _peer(x, positions, rope, transpose), name="rope")
+    peer = rotate_in_dtype(x, positions, rope, transpose=transpose)
+    assert_within_peer_error(out, ref, peer, name="rope")
 
 
 def test_rope_backward_is_the_transpose():
