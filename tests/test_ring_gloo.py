@@ -6,78 +6,19 @@ Process start-up is the slow part, so one job runs many checks: 4 processes carr
 
 import math
 import os
-import pickle
 import re
-import socket
-import tempfile
 import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_ring_fake import NAMES, check_against, local_run, make_inputs, peer, reference
+from ring_checks import NAMES, check_against, launch, local_run, make_inputs, peer, reference
 from torch.distributed.device_mesh import init_device_mesh
 
 from ringattn import RoPEConfig
 from ringattn.ring import DistRingComm, RingError, RingTimeoutError, ring_attn_func, ring_comm, unshard
 
 LAYOUTS = ("zigzag", "stripe", "contiguous")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(target, rank, world_size, port, out_dir, args):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=60),
-        )  # fmt: skip
-        result = target(rank, world_size, *args)
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    os._exit(0)  # skip teardown: a group whose peers died can block in destroy
-
-
-def launch(target, world_size, *args, timeout=150.0):
-    """Run ``target(rank, world_size, *args)`` in ``world_size`` spawned processes; results by rank.
-
-    Processes still running after ``timeout`` seconds are killed and the test fails.
-    """
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as out_dir:
-        procs = [
-            ctx.Process(target=_entry, args=(target, r, world_size, port, out_dir, args), daemon=True)
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for r in hung:
-            procs[r].kill()
-            procs[r].join()
-        assert not hung, f"ranks {hung} still running after the hard timeout of {timeout:g} s"
-        results = []
-        for r in range(world_size):
-            path = os.path.join(out_dir, f"rank{r}.pkl")
-            results.append(pickle.load(open(path, "rb")) if os.path.exists(path) else None)
-    for r, res in enumerate(results):
-        assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
-    return results
 
 
 # ------------------------------------------------------------------------------------------ correctness

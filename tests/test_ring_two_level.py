@@ -10,8 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from test_ring_fake import NAMES, assemble, check_against, local_run, make_inputs, peer, reference
-from test_ring_gloo import launch
+from ring_checks import NAMES, assemble, check_against, launch, local_run, make_inputs, peer, reference
 
 import ringattn.ring.scheduler as scheduler
 from ringattn import RoPEConfig
