@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .block import Span
+from .block import Span, check_devices, check_softmax_scale
+from .layouts import LAYOUTS
 from .ops import attention
 from .rope import RoPEConfig
 
@@ -21,8 +22,29 @@ def _no_dropout(dropout_p: float) -> None:
         raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not supported (use 0.0)")
 
 
+def _check_tensors(**tensors) -> None:
+    """Each argument must be a torch.Tensor (None where allowed is not passed here)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_positions(positions) -> None:
+    if positions is not None and (
+        not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64)
+    ):
+        got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise TypeError(f"positions must be an int32/int64 tensor or None, got {got}")
+
+
 def _split_positions(positions, Sq: int, Sk: int, name: str = "positions"):
     """Key positions (.., Sk) as given; queries take the last Sq of them (bottom-right alignment)."""
+    _check_positions(positions)
     if positions is None:
         return None, None
     if Sq > Sk:
@@ -60,6 +82,11 @@ def flash_attn_func(
     atomicAdd (``csrc/attn_cuda.cu``). "auto" tries "triton" first on a GPU.
     """
     _no_dropout(dropout_p)
+    _check_tensors(q=q, k=k, v=v)
+    _check_flag("causal", causal)
+    _check_positions(positions)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if group is not None:
         from .ring import ring_attn_func
 
@@ -77,6 +104,7 @@ def flash_attn_func(
             return_lse=return_lse,
             backend=backend,
         )
+    check_devices(q, positions=positions)
     Sq, Sk = q.shape[1], k.shape[1]
     q_positions, k_positions = _split_positions(positions, Sq, Sk)
     # Bottom-right alignment as global indices: the last query and the last key share an index.
@@ -125,6 +153,13 @@ def flash_attn_varlen_func(
     ``flash_attn_func``.
     """
     _no_dropout(dropout_p)
+    _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_flag("causal", causal)
+    _check_positions(positions)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32/int64, got {cu.dtype}")
+    check_devices(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, positions=positions)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must be 1-D, start at 0 and be non-decreasing, got {cu.tolist()}")
@@ -179,6 +214,15 @@ def scaled_dot_product_attention(
         raise NotImplementedError(
             "attn_mask: dense masks are not supported; use is_causal or documents (varlen)"
         )
+    _check_tensors(query=query, key=key, value=value)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, S, D), got shape {tuple(t.shape)}")
+    _check_flag("is_causal", is_causal)
+    _check_flag("enable_gqa", enable_gqa)
+    _check_positions(positions)
+    check_devices(query, key=key, value=value, positions=positions)
+    check_softmax_scale(scale, "scale")
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(
             f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for GQA"

@@ -22,6 +22,7 @@ never knows which backend ran.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,7 +40,11 @@ __all__ = [
     "block_args",
     "block_forward",
     "block_backward",
+    "check_block",
+    "check_devices",
+    "check_grad_inputs",
     "check_inputs",
+    "check_softmax_scale",
     "select_backend",
 ]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -186,6 +191,32 @@ def select_backend(name: str, q, k, v, args: BlockArgs) -> Backend:
     )
 
 
+def check_softmax_scale(scale, name: str = "softmax_scale") -> float | None:
+    """The one check of a softmax scale (every API and the ring call it): a positive finite real
+    number, or None for the default 1 / sqrt(D). Returns it as a float (or None); raises a
+    TypeError/ValueError naming ``name`` (the caller's argument name) and the value."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite float or None, got {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name} must be a positive finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_devices(q: torch.Tensor, **tensors) -> None:
+    """Every tensor given by keyword (None: absent) must be on q's device; raise a ValueError naming it.
+
+    A meta tensor among real ones would otherwise send a custom op to its fake (shape-only)
+    implementation, which returns uninitialised memory.
+    """
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}: all tensors of a call must share a device"
+            )
+
+
 def check_inputs(q, k, v, rope=None) -> None:
     """Validate q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) and rope; raise TypeError/ValueError naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -203,7 +234,11 @@ def check_inputs(q, k, v, rope=None) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+    if q.shape[3] == 0:
+        raise ValueError(f"the head dim D of q, k and v must be > 0, got q shape {tuple(q.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError(f"k and v need at least one head (Hkv > 0), got k shape {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a positive multiple of KV heads {k.shape[2]}")
     if rope is not None and not isinstance(rope, RoPEConfig):
         raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
@@ -219,10 +254,6 @@ def _rotary_positions(positions, span: Span, length: int, batch: int, mask: Bloc
     """
     if positions is None:
         positions = default_positions(span.indices(length, device), mask.cu_seqlens)
-    elif not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32/int64 tensor, got {getattr(positions, 'dtype', positions)}")
-    elif positions.shape not in ((length,), (batch, length)):
-        raise ValueError(f"{name} must be ({length},) or ({batch}, {length}), got {tuple(positions.shape)}")
     seq_len = None
     if positions.numel() and (positions.device.type == "cpu" or rope.rope_type == "dynamic"):
         lo, hi = int(positions.min()), int(positions.max())
@@ -235,6 +266,47 @@ def _rotary_positions(positions, span: Span, length: int, batch: int, mask: Bloc
     rows = positions.shape[0] if positions.dim() == 2 else 1
     resolved = positions.to(device=device, dtype=torch.int32).reshape(rows, length).contiguous()
     return RotaryPositions(resolved, seq_len)
+
+
+def check_block(
+    q, k, v, mask=None, *, softmax_scale=None, rope=None, q_positions=None, k_positions=None
+) -> tuple[BlockMask, float]:
+    """The checks of ``block_args`` that read no tensor data, so they also run on meta and fake
+    tensors (the custom ops' fake implementations call them): types, dtypes, shapes, devices and the
+    scale. Returns the mask (default: no mask) and the scale (default: 1 / sqrt(D))."""
+    check_inputs(q, k, v, rope)
+    mask = BlockMask() if mask is None else mask
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
+    if not isinstance(mask.causal, bool):
+        raise TypeError(f"causal must be a bool, got {mask.causal!r}")
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    for name, span, length in (("q", mask.q_span, Sq), ("k", mask.k_span, Sk)):
+        if span.start + span.stride * max(length, 1) > MAX_POSITION:
+            raise ValueError(f"global token indices of {name} must stay below 2^31 (mask.{name}_span)")
+    cu = mask.cu_seqlens
+    if cu is not None:
+        if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {_describe(cu)}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(
+                f"cu_seqlens must be 1-D document boundaries (n_docs + 1,), got shape {tuple(cu.shape)}"
+            )
+    for name, positions, length in (("q_positions", q_positions, Sq), ("k_positions", k_positions, Sk)):
+        if positions is None:
+            continue
+        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32/int64 tensor, got {_describe(positions)}")
+        if rope is not None and positions.shape not in ((length,), (B, length)):
+            raise ValueError(f"{name} must be ({length},) or ({B}, {length}), got {tuple(positions.shape)}")
+    check_devices(q, cu_seqlens=cu, q_positions=q_positions, k_positions=k_positions)
+    scale = check_softmax_scale(softmax_scale)
+    return mask, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+
+
+def _describe(x) -> str:
+    """A value for an error message: a tensor's dtype, else the type name."""
+    return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def block_args(
@@ -250,21 +322,17 @@ def block_args(
     deterministic: bool = False,
 ) -> BlockArgs:
     """Validate a block's inputs and build its ``BlockArgs`` (what ``block_forward`` does first)."""
-    check_inputs(q, k, v, rope)
-    mask = BlockMask() if mask is None else mask
-    if not isinstance(mask, BlockMask):
-        raise TypeError(f"mask must be a BlockMask, got {type(mask).__name__}")
+    mask, scale = check_block(
+        q,
+        k,
+        v,
+        mask,
+        softmax_scale=softmax_scale,
+        rope=rope,
+        q_positions=q_positions,
+        k_positions=k_positions,
+    )
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-    for name, span, length in (("q", mask.q_span, Sq), ("k", mask.k_span, Sk)):
-        if span.start + span.stride * max(length, 1) > MAX_POSITION:
-            raise ValueError(f"global token indices of {name} must stay below 2^31 (mask.{name}_span)")
-    if mask.cu_seqlens is not None:
-        cu = mask.cu_seqlens
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError("mask.cu_seqlens must be a 1-D int tensor of document boundaries (n_docs + 1,)")
-        if cu.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"mask.cu_seqlens must be int32/int64, got {cu.dtype}")
-    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if rope is None:
         return BlockArgs(mask, scale, deterministic=bool(deterministic))
     q_rope = _rotary_positions(q_positions, mask.q_span, Sq, B, mask, rope, q.device, "q_positions")
@@ -310,6 +378,27 @@ def block_forward(
     return select_backend(backend, q, k, v, args).forward(q, k, v, args, out_dtype)
 
 
+def check_grad_inputs(q, dout, out, lse, delta) -> None:
+    """The backward's own tensors (beyond ``check_block``'s): dout and out (may be None when delta is
+    given) of q's shape, lse and delta (may be None) (B, Hq, Sq), all tensors on q's device."""
+    B, Sq, Hq, _ = q.shape
+    for name, t, shape in (
+        ("dout", dout, q.shape),
+        ("out", out, q.shape),
+        ("lse", lse, (B, Hq, Sq)),
+        ("delta", delta, (B, Hq, Sq)),
+    ):
+        if t is None and name in ("dout", "lse"):
+            raise TypeError(f"{name} must be a torch.Tensor, got None")
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if out is None and delta is None:
+        raise ValueError("block_backward needs out or delta")
+    check_devices(q, dout=dout, out=out, lse=lse, delta=delta)
+
+
 def block_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -345,20 +434,7 @@ def block_backward(
         k_positions=k_positions,
         deterministic=deterministic,
     )
-    B, Sq, Hq, _ = q.shape
-    if not isinstance(dout, torch.Tensor) or dout.shape != q.shape:
-        raise ValueError(
-            f"dout must have q's shape {tuple(q.shape)}, got {tuple(getattr(dout, 'shape', ()))}"
-        )
-    if lse.shape != (B, Hq, Sq):
-        raise ValueError(f"lse must be (B, Hq, Sq) = {(B, Hq, Sq)}, got {tuple(lse.shape)}")
-    if delta is None:
-        if out is None:
-            raise ValueError("block_backward needs out or delta")
-        if out.shape != q.shape:
-            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    elif delta.shape != (B, Hq, Sq):
-        raise ValueError(f"delta must be (B, Hq, Sq) = {(B, Hq, Sq)}, got {tuple(delta.shape)}")
+    check_grad_inputs(q, dout, out, lse, delta)
     grad_dtype = q.dtype if grad_dtype is None else grad_dtype
     if grad_dtype not in (q.dtype, torch.float32, torch.float64):
         raise TypeError(f"grad_dtype must be the input dtype, float32 or float64, got {grad_dtype}")

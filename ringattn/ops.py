@@ -13,13 +13,15 @@ import functools
 
 import torch
 
-from .block import BlockMask, Span, block_backward, block_forward
+from .block import BlockMask, Span, block_backward, block_forward, check_block, check_grad_inputs
 from .rope import RoPEConfig
 
 __all__ = ["attention", "rope_to_json"]
 
 
 def rope_to_json(rope: RoPEConfig | None) -> str:
+    if rope is not None and not isinstance(rope, RoPEConfig):
+        raise TypeError(f"rope must be a RoPEConfig or None, got {type(rope).__name__}")
     return "" if rope is None else rope.to_json()
 
 
@@ -62,8 +64,28 @@ def _attention_fwd(
     return block_forward(q, k, v, **kw)
 
 
+def _check_op_call(
+    q, k, v, cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend
+):
+    """The fakes' validation: what ``block_args`` checks without reading tensor data. The dispatcher
+    runs a fake on real tensors too when one input is a meta tensor, so a fake must refuse what the
+    real op would (mixed devices above all) instead of returning uninitialised memory."""
+    kw = _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend)
+    check_block(
+        q,
+        k,
+        v,
+        kw["mask"],
+        softmax_scale=softmax_scale,
+        rope=kw["rope"],
+        q_positions=q_positions,
+        k_positions=k_positions,
+    )
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, *options):
+    _check_op_call(q, k, v, *options)
     B, S, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32)
 
@@ -90,6 +112,8 @@ def _attention_bwd(
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, *options):
+    _check_op_call(q, k, v, *options)
+    check_grad_inputs(q, dout, out, lse, None)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -130,6 +154,18 @@ def attention(
     Arguments as ``ringattn.block.block_forward``; gradients flow to q, k and v (not through lse).
     """
     q_span, k_span = q_span or Span(), k_span or Span()
+    # Everything that needs no tensor data is checked here, before the op: a meta tensor among real
+    # ones would send the op to its fake, and errors name the user's arguments.
+    check_block(
+        q,
+        k,
+        v,
+        BlockMask(causal, q_span, k_span, cu_seqlens),
+        softmax_scale=softmax_scale,
+        rope=rope,
+        q_positions=q_positions,
+        k_positions=k_positions,
+    )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     mask_ints = [int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride, int(deterministic)]
     return _attention_fwd(

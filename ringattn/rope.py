@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
@@ -40,6 +42,52 @@ _REQUIRED_KEYS = {
 # 2*pi to 50 significant digits: turns = f / 2pi is then exact to far below 2^-64 per position.
 TWO_PI = Fraction("6.2831853071795864769252867665590057683943387987502")
 _MAX_POSITION = 2**31 - 1
+# Numeric rope parameters that must be finite and > 0 (or >= 0: 0 means "use the default" there).
+_POSITIVE_KEYS = (
+    "factor",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "attention_factor",
+)
+_NON_NEGATIVE_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+class FrozenScaling(Mapping):
+    """``RoPEConfig.scaling``: a read-only copy of the rope parameters dict (reads like the dict,
+    compares equal to it; hashable and picklable). The config is frozen and its JSON (what the
+    kernels receive) is computed once, so the parameters must not change after construction."""
+
+    __slots__ = ("_params",)
+
+    def __init__(self, params: Mapping[str, Any] = ()):
+        object.__setattr__(self, "_params", dict(params))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("RoPEConfig.scaling is read-only; build a new RoPEConfig instead")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._params[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __repr__(self) -> str:
+        return repr(self._params)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._params, sort_keys=True, default=repr))
+
+    def __reduce__(self):
+        return type(self), (self._params,)
 
 
 @dataclass(frozen=True)
@@ -50,8 +98,9 @@ class RoPEConfig:
         dim: head dimension D of the tensors being rotated.
         theta: RoPE base.
         scaling: transformers' rope parameters dict (``{"rope_type": "yarn", "factor": 4.0, ...}``),
-            or None for plain RoPE. ``dynamic`` needs ``max_position_embeddings`` in this dict (the
-            model config's value; ``from_hf`` fills it in); ``yarn`` reads it when ``factor`` is absent.
+            or None for plain RoPE; kept as a read-only copy (``FrozenScaling``). ``dynamic`` needs
+            ``max_position_embeddings`` in this dict (the model config's value; ``from_hf`` fills it
+            in); ``yarn`` reads it when ``factor`` is absent. Numeric parameters must be finite and > 0.
         partial_rotary_factor: fraction of ``dim`` that is rotated; the rest passes through.
         interleaved: GPT-J layout (pairs ``(x[2i], x[2i+1])``) instead of NeoX rotate-half.
         precision: ``"exact"`` or ``"hf"`` (see module docstring).
@@ -59,7 +108,7 @@ class RoPEConfig:
 
     dim: int
     theta: float = 10000.0
-    scaling: dict[str, Any] | None = field(default=None, hash=False)
+    scaling: Mapping[str, Any] | None = field(default=None, hash=False)
     partial_rotary_factor: float = 1.0
     interleaved: bool = False
     precision: str = "exact"
@@ -67,9 +116,9 @@ class RoPEConfig:
     def __post_init__(self):
         if not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"dim must be a positive int, got {self.dim!r}")
-        if not self.theta > 0:
-            raise ValueError(f"theta must be > 0, got {self.theta!r}")
-        if not 0 < self.partial_rotary_factor <= 1:
+        if not _is_real(self.theta) or not (0 < self.theta < math.inf):
+            raise ValueError(f"theta must be a finite number > 0, got {self.theta!r}")
+        if not _is_real(self.partial_rotary_factor) or not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ValueError(
@@ -78,12 +127,16 @@ class RoPEConfig:
             )
         if self.precision not in ("exact", "hf"):
             raise ValueError(f"precision must be 'exact' or 'hf', got {self.precision!r}")
-        # Serialised once here: custom ops take it as a plain string, and json is not traceable.
-        object.__setattr__(self, "_json", json.dumps(dataclasses.asdict(self), sort_keys=True))
         if self.scaling is not None:
-            if not isinstance(self.scaling, dict):
+            if not isinstance(self.scaling, Mapping):
                 raise TypeError(f"scaling must be a dict or None, got {type(self.scaling).__name__}")
-            object.__setattr__(self, "scaling", dict(self.scaling))  # own a copy: the config is frozen
+            # A read-only copy: the config is frozen, and the kernels get the JSON made below.
+            object.__setattr__(self, "scaling", FrozenScaling(self.scaling))
+        # Serialised once here: custom ops take it as a plain string, and json is not traceable.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["scaling"] = None if self.scaling is None else dict(self.scaling)
+        object.__setattr__(self, "_json", json.dumps(fields, sort_keys=True))
+        if self.scaling is not None:
             rope_type = self.rope_type
             if rope_type not in _ROPE_TYPES:
                 raise ValueError(f"scaling['rope_type'] must be one of {_ROPE_TYPES}, got {rope_type!r}")
@@ -95,6 +148,21 @@ class RoPEConfig:
                 missing.append("factor")
             if missing:
                 raise ValueError(f"scaling for rope_type {rope_type!r} is missing {missing}")
+            for key in _POSITIVE_KEYS + _NON_NEGATIVE_KEYS:
+                value = self.scaling.get(key)
+                if value is None:
+                    continue
+                bound = ">= 0" if key in _NON_NEGATIVE_KEYS else "> 0"
+                if (
+                    not _is_real(value)
+                    or not math.isfinite(value)
+                    or not (value >= 0 if bound == ">= 0" else value > 0)
+                ):
+                    raise ValueError(f"scaling[{key!r}] must be a finite number {bound}, got {value!r}")
+            if rope_type == "dynamic" and self.rotary_dim <= 2:
+                raise ValueError(
+                    f"dynamic scaling needs a rotary dim > 2 (exponent d / (d - 2)), got {self.rotary_dim}"
+                )
 
     def to_json(self) -> str:
         return self._json

@@ -21,7 +21,14 @@ import torch
 from .._extension import compiled, extension_status
 from ..rope import kernel_frequencies
 
-__all__ = ["CompiledBackend", "define_block_ops", "fill_params", "op_inputs", "rowsum_delta"]
+__all__ = [
+    "CompiledBackend",
+    "check_op_inputs",
+    "define_block_ops",
+    "fill_params",
+    "op_inputs",
+    "rowsum_delta",
+]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ROPE_MODES = {"exact": 1, "hf": 2}
@@ -90,6 +97,53 @@ def fill_params(module, q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, int
     return p
 
 
+def check_op_inputs(
+    q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, dout=None, lse=None, delta=None
+) -> None:
+    """What the block ops need of their arguments, checked without reading tensor data, so the real
+    ops (whose kernels take raw addresses) and their fakes (which the dispatcher also runs on real
+    tensors when one input is a meta tensor) refuse the same calls with a ValueError/TypeError
+    naming the argument. ``dout``, ``lse`` and ``delta`` are the backward's."""
+    from ..block import check_devices, check_inputs  # ringattn.block imports the backends
+
+    check_inputs(q, k, v)
+    if len(ints) != len(INT_FIELDS) or len(floats) != len(FLOAT_FIELDS):
+        raise ValueError(
+            f"ints must have {len(INT_FIELDS)} entries {INT_FIELDS} and floats {len(FLOAT_FIELDS)} "
+            f"{FLOAT_FIELDS}, got {len(ints)} and {len(floats)}"
+        )
+    B, Sq, Hq, _ = q.shape
+    Sk = k.shape[1]
+    if cu_seqlens is not None and (cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int64 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    if ints[INT_FIELDS.index("rope_mode")]:
+        for name, t, length in (("q_pos", q_pos, Sq), ("k_pos", k_pos, Sk)):
+            if t is None or t.dtype != torch.int32 or tuple(t.shape) not in ((1, length), (B, length)):
+                raise ValueError(
+                    f"{name} must be int32 (1, {length}) or ({B}, {length}) with RoPE, "
+                    f"got {None if t is None else (t.dtype, tuple(t.shape))}"
+                )
+        for name, t in (("q_freqs", q_freqs), ("k_freqs", k_freqs)):
+            if t is None or t.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D frequency table with RoPE")
+    for name, t, shape in (("dout", dout, q.shape), ("lse", lse, (B, Hq, Sq)), ("delta", delta, (B, Hq, Sq))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    check_devices(
+        q,
+        cu_seqlens=cu_seqlens,
+        q_freqs=q_freqs,
+        k_freqs=k_freqs,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        dout=dout,
+        lse=lse,
+        delta=delta,
+    )
+
+
 def define_block_ops(device_type: str, run_forward, run_backward):
     """Define ``ringattn::{device_type}_block_forward`` and ``_backward`` (signatures in the module doc).
 
@@ -111,6 +165,7 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         floats: list[float],
         out_fp32: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
         module = compiled()
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         out, lse = _forward_outputs(q, out_fp32)
@@ -121,6 +176,7 @@ def define_block_ops(device_type: str, run_forward, run_backward):
 
     @forward_op.register_fake
     def _(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, out_fp32):
+        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
         return _forward_outputs(q, out_fp32)
 
     @torch.library.custom_op(f"ringattn::{device_type}_block_backward", mutates_args=())
@@ -140,6 +196,7 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         floats: list[float],
         grad_fp32: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, dout, lse, delta)
         module = compiled()
         q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
         lse, delta = lse.float().contiguous(), delta.float().contiguous()
@@ -153,6 +210,7 @@ def define_block_ops(device_type: str, run_forward, run_backward):
 
     @backward_op.register_fake
     def _(dout, q, k, v, lse, delta, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, grad_fp32):
+        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, dout, lse, delta)
         return _gradients(q, k, grad_fp32)
 
     return forward_op, backward_op

@@ -26,13 +26,12 @@ turns a rank's (outer, inner) ring positions into its shard index.
 from __future__ import annotations
 
 import bisect
-import math
 import struct
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..block import DTYPES, BlockMask, Span, check_inputs
+from ..block import DTYPES, BlockMask, Span, check_inputs, check_softmax_scale
 from ..layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds
@@ -154,14 +153,7 @@ def _check_local(q, k, v, options: _Options) -> _Options:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {options.layout!r}")
     if not isinstance(options.backend, str):
         raise TypeError(f"backend must be a str, got {type(options.backend).__name__}")
-    scale = options.softmax_scale
-    if scale is not None and (
-        isinstance(scale, bool)
-        or not isinstance(scale, (int, float))
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise ValueError(f"softmax_scale must be a positive finite float or None, got {scale!r}")
+    check_softmax_scale(options.softmax_scale)
     dkv_dtype = options.dkv_dtype
     if dkv_dtype is not None and dkv_dtype not in (k.dtype, torch.float32, torch.float64):
         raise TypeError(f"dkv_dtype must be None, k's dtype, float32 or float64, got {dkv_dtype}")
