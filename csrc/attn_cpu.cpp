@@ -88,11 +88,12 @@ void store_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int
   }
 }
 
-// In place 2^x for a run of floats; x < -126 (including -inf) gives exactly 0. Range-reduced to
-// |f| <= 1/2 and a degree-7 Taylor polynomial: relative error below 1e-7, vectorisable.
+// In place 2^x for a run of floats; x < -126 (including -inf) gives exactly 0 and NaN stays NaN.
+// Range-reduced to |f| <= 1/2 and a degree-7 Taylor polynomial: relative error below 1e-7,
+// vectorisable.
 void exp2_inplace(float* x, int n) {
   for (int i = 0; i < n; ++i) {
-    const float xi = std::min(std::max(x[i], -127.0f), 127.0f);
+    const float xi = std::min(std::max(x[i], -127.0f), 127.0f);  // NaN stays NaN (so do f and poly)
     const float k = std::nearbyint(xi);
     const float f = (xi - k) * kLn2;
     float poly = 1.0f / 5040.0f;
@@ -103,7 +104,8 @@ void exp2_inplace(float* x, int n) {
     poly = poly * f + 0.5f;
     poly = poly * f + 1.0f;
     poly = poly * f + 1.0f;
-    const float two_k = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23);
+    const float k_int = k == k ? k : 0.0f;  // converting NaN to int is undefined
+    const float two_k = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k_int) + 127) << 23);
     x[i] = x[i] < -126.0f ? 0.0f : poly * two_k;
   }
 }
@@ -299,7 +301,10 @@ void check_params(const AttnParams& p) {
     require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
     require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
             "rotary_dim must be even, >= 2 and <= head_dim");
-    require(p.rope_freqs != 0 && p.q_positions != 0 && p.k_positions != 0, "rope needs freqs and positions");
+    // An empty side has no rows to rotate, and its (empty) positions tensor may have no address.
+    const bool q_rows = p.batch > 0 && p.seqlen_q > 0, k_rows = p.batch > 0 && p.seqlen_k > 0;
+    require(p.rope_freqs != 0 && (p.q_positions != 0 || !q_rows) && (p.k_positions != 0 || !k_rows),
+            "rope needs freqs and positions");
   }
 }
 
@@ -441,7 +446,13 @@ void attn_forward_cpu(const AttnParams& p) {
         float* si = s.data() + i * kBlockK;
         float row_max = -RA_INF;
         for (int j = 0; j < kBlockK; ++j) row_max = std::max(row_max, si[j]);
-        const float m_new = std::max(m[i], row_max);
+        float m_new = std::max(m[i], row_max);
+        // std::max drops NaN. A NaN score (NaN in q or in a visible key) with a finite maximum
+        // makes exp and the sums below NaN; with no finite one the row would look empty, so look
+        // for a NaN before taking it for empty: NaN in, NaN out, as in the reference.
+        if (m_new == -RA_INF) {
+          for (int j = 0; j < kBlockK; ++j) m_new = si[j] != si[j] ? si[j] : m_new;
+        }
         if (m_new == -RA_INF) {  // nothing visible yet: this tile adds zeros
           std::fill(si, si + kBlockK, 0.0f);
           continue;

@@ -269,18 +269,18 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
         const int r = r_lo + (e >> 1) * 8, c = nt * 8 + 2 * t + (e & 1);
         const bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
         s[nt][e] = ok ? s[nt][e] * p.softmax_scale : -RA_INF;
-        row_max[e >> 1] = fmaxf(row_max[e >> 1], s[nt][e]);
+        row_max[e >> 1] = max_nan(row_max[e >> 1], s[nt][e]);  // fmaxf would drop a NaN score
       }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
-      row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
+      row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
+      row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
     }
     float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const float m_new = fmaxf(m[i], row_max[i]);
+      const float m_new = max_nan(m[i], row_max[i]);
       alpha[i] = online_rescale(m[i], m_new);
       m[i] = m_new;
       l[i] *= alpha[i];
@@ -583,7 +583,11 @@ void check_params(const AttnParams& p, bool backward) {
     require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
             "rotary_dim must be even, >= 2 and <= head_dim");
   }
-  if (backward) require(p.dq_accum != 0 && p.dk_accum != 0, "backward needs dq_accum and dk_accum");
+  // An empty workspace (no query or no key rows) may have no address.
+  const bool q_rows = p.batch * p.seqlen_q * p.heads_q > 0, k_rows = p.batch * p.seqlen_k * p.heads_kv > 0;
+  if (backward) {
+    require((p.dq_accum != 0 || !q_rows) && (p.dk_accum != 0 || !k_rows), "backward needs dq_accum and dk_accum");
+  }
 }
 
 template <class Kernel>

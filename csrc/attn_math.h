@@ -103,6 +103,10 @@ RA_HOST_DEVICE bool visible(int64_t q_index, int64_t k_index, int64_t q_doc, int
 
 // ---- online softmax and merge ----------------------------------------------------------------
 
+// max(a, b) that propagates NaN (std::max and fmaxf drop it): a NaN score or query must make its row
+// NaN, as in the fp64 reference, not look like a masked (empty) row.
+RA_HOST_DEVICE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // Softmax weight exp(s - m) of a score given the row's running max (natural units). The difference
 // is taken first, so a score equal to the max gives exactly 1; s = -inf (masked) gives 0.
 RA_HOST_DEVICE float softmax_weight(float s, float m) {
@@ -120,8 +124,9 @@ RA_HOST_DEVICE float online_rescale(float m_old, float m_new) {
   return softmax_weight(m_old, m_new);
 }
 
-// lse of a finished row from its max and sum of weights; -inf for an empty row.
+// lse of a finished row from its max and sum of weights; -inf for an empty row, NaN for a NaN row.
 RA_HOST_DEVICE float finish_lse(float m, float l) {
+  if (m != m || l != l) return m + l;  // NaN
   if (!(l > 0.0f)) return -RA_INF;
 #if defined(__CUDA_ARCH__)
   return m + logf(l);
@@ -135,8 +140,13 @@ RA_HOST_DEVICE float finish_lse(float m, float l) {
 RA_HOST_DEVICE float backward_lse(float lse) { return lse == -RA_INF ? RA_INF : lse; }
 
 // Stable merge of two partials (natural log): returns l and sets the weights w1, w2 with
-// o = w1 o1 + w2 o2. -inf with x gives x; -inf with -inf gives (-inf, 0, 0), never NaN.
+// o = w1 o1 + w2 o2. -inf with x gives x; -inf with -inf gives (-inf, 0, 0), never NaN; NaN with
+// anything gives (NaN, NaN, NaN).
 RA_HOST_DEVICE float merge_lse(float l1, float l2, float* w1, float* w2) {
+  if (l1 != l1 || l2 != l2) {
+    *w1 = *w2 = l1 + l2;  // NaN
+    return l1 + l2;
+  }
   const float m = l1 > l2 ? l1 : l2;
   if (m == -RA_INF) {
     *w1 = 0.0f;

@@ -27,15 +27,16 @@ def merge_partials(
 
     out (B, S, H, D), lse (B, H, S). l = m + log(e^(l1-m) + e^(l2-m)) with m = max(l1, l2), and
     o = e^(l1-l) o1 + e^(l2-l) o2. Guards: -inf merged with x gives x; -inf with -inf gives
-    (0, -inf), never NaN. Computed in the inputs' dtype (keep partials in fp32 or wider).
+    (0, -inf), never NaN. A NaN lse (a NaN input reached the row) makes the merged row NaN, lse
+    and out alike. Computed in the inputs' dtype (keep partials in fp32 or wider).
     """
-    m = torch.maximum(lse1, lse2)
+    m = torch.maximum(lse1, lse2)  # NaN if either is NaN
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w1, w2 = torch.exp(lse1 - m_safe), torch.exp(lse2 - m_safe)
     total = w1 + w2
-    nonempty = total > 0
-    total_safe = torch.where(nonempty, total, torch.ones_like(total))
-    lse = torch.where(nonempty, m_safe + torch.log(total_safe), torch.full_like(m, -math.inf))
+    empty = total == 0
+    total_safe = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(m, -math.inf), m_safe + torch.log(total_safe))
     c1 = (w1 / total_safe).transpose(1, 2).unsqueeze(-1)  # (B, H, S) -> (B, S, H, 1)
     c2 = (w2 / total_safe).transpose(1, 2).unsqueeze(-1)
     return c1 * out1 + c2 * out2, lse

@@ -31,6 +31,10 @@ def _check_qkv(q, k, v):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B and D")
+    if q.shape[3] == 0:
+        raise ValueError(f"the head dim D of q, k and v must be > 0, got q shape {tuple(q.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError(f"k and v need at least one head (Hkv > 0), got k shape {tuple(k.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
 
@@ -114,14 +118,18 @@ def attention_ref(
         q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions
     )
     scores = _grouped_scores(q, k, visible_mask(q_index, k_index, causal, cu_seqlens), scale)
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if scores.shape[-1]:
+        row_max = scores.amax(dim=-1, keepdim=True)  # NaN when a visible score is NaN
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    else:  # no keys: every row is empty (amax of nothing is an error)
+        row_max = scores.new_zeros(scores.shape[:-1] + (1,))
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    # Empty rows (denom 0) give out 0 and lse -inf; a NaN score makes denom, out and lse NaN.
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     out = torch.einsum("bhgqk,bkhd->bqhgd", p / denom_safe, v).reshape(B, Sq, Hq, D)
-    lse = torch.where(nonempty, row_max + torch.log(denom_safe), -math.inf)
+    lse = torch.where(empty, -math.inf, row_max + torch.log(denom_safe))
     return out, lse.squeeze(-1).reshape(B, Hq, Sq)
 
 
@@ -170,8 +178,9 @@ def attention_backward_ref(
     )
     scores = _grouped_scores(rq, rk, visible_mask(q_index, k_index, causal, cu_seqlens), scale)
     lse_g = lse.double().reshape(B, Hkv, Hq // Hkv, Sq, 1)
-    # Rows with lse = -inf saw no key: their probabilities are zero, not exp(-inf + inf).
-    p = torch.where(torch.isfinite(lse_g), torch.exp(scores - lse_g), torch.zeros_like(scores))
+    # Rows with lse = -inf saw no key: their probabilities are zero, not exp(-inf + inf). A NaN lse
+    # stays NaN.
+    p = torch.where(lse_g == -math.inf, torch.zeros_like(scores), torch.exp(scores - lse_g))
     dout_g = dout.double().reshape(B, Sq, Hkv, Hq // Hkv, D)
     dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dout_g)
     dp = torch.einsum("bqhgd,bkhd->bhgqk", dout_g, v)

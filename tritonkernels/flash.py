@@ -91,7 +91,8 @@ def _check_out(t, name, shape, dtype, device):
 
 
 def _check_seq_major(t, name):
-    if t.stride(-1) != 1:
+    # A dim of size 1 has no meaningful stride (torch keeps any value there, e.g. after a transpose).
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must have unit stride along S (B, H, S), got strides {t.stride()}")
 
 
