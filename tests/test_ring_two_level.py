@@ -1,7 +1,8 @@
 """Two-level ring (inner ring per node, outer ring across nodes) and ring order, vs the fp64 reference.
 
-The in-process fake runs 8 nodes x 8 ranks (64 virtual ranks) in one process; gloo runs 4 spawned
-processes as 2 x 2 and checks that a topology-chosen ring order is honoured.
+The in-process fake runs 8 nodes x 8 ranks (64 virtual ranks, slow tier; 2 x 4 by default) in one
+process; gloo runs 4 spawned processes as 2 x 2 and checks that a topology-chosen ring order is
+honoured.
 """
 
 import threading
@@ -50,22 +51,32 @@ def _check_case(inner, outer, layout, S, Hq, Hkv, dtype, seed=0, **case):
     assert all(torch.equal(t, b) for t, b in zip((q, k, v, dout), before, strict=True)), "inputs changed"
 
 
-# ----------------------------------------------------------------------------------- 8 x 8, fake
+# ------------------------------------------------------------------------- 8 x 8 (2 x 4 by default), fake
+
+# 8 x 8 runs 64 virtual ranks (4096 blocks per pass, 10-15 s each here): slow tier. 2 x 4 runs the
+# same checks on the same lengths, which do not divide into its chunks either, by default.
+GRIDS = [(2, 4), pytest.param((8, 8), marks=pytest.mark.slow)]
 
 
+def _grid_id(grid):
+    return f"{grid[0]}x{grid[1]}"
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=_grid_id)
 @pytest.mark.parametrize(
     "layout,causal,S",
     [("zigzag", True, 2 * 64 + 37), ("stripe", False, 64 + 29)],
     ids=["zigzag-causal-S165", "stripe-full-S93"],
 )
-def test_8x8_fake_forward_backward_match_fp64(layout, causal, S):
+def test_fake_grid_forward_backward_match_fp64(layout, causal, S, grid):
     # Lengths that do not divide into the chunks: some ranks hold one token fewer than others.
-    _check_case(8, 8, layout, S, 4, 2, torch.float32, causal=causal, backend="reference")
+    _check_case(*grid, layout, S, 4, 2, torch.float32, causal=causal, backend="reference")
 
 
-def test_8x8_fake_bf16_rope_docs_with_fp32_dkv():
+@pytest.mark.parametrize("grid", GRIDS, ids=_grid_id)
+def test_fake_grid_bf16_rope_docs_with_fp32_dkv(grid):
     cu = torch.tensor([0, 40, 41, 100, 131])
-    _check_case(8, 8, "zigzag", 131, 4, 2, torch.bfloat16, causal=True, rope=RoPEConfig(16, theta=5e5),
+    _check_case(*grid, "zigzag", 131, 4, 2, torch.bfloat16, causal=True, rope=RoPEConfig(16, theta=5e5),
                 cu_seqlens=cu, backend="reference", dkv_dtype=torch.float32)  # fmt: skip
 
 
