@@ -11,9 +11,13 @@
 // Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts), worst case
 // head dim 256: forward (64 + 2 * 32) * 264 * 2 = 67,584 B; backward (2 * 32 + 2 * 32) * 264 * 2 +
 // 32 * 40 * 2 + row data = 71,424 B: within sm_89's 101,376 B.
+#if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#define RA_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 #include <algorithm>
 #include <stdexcept>
@@ -75,17 +79,25 @@ __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpre
 template <int DT>
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   if constexpr (DT == kBFloat16) {
+#if defined(RINGATTN_CUDA_EMULATION)
+    ::ringattn_emu::mma_sync("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   } else {
+#if defined(RINGATTN_CUDA_EMULATION)
+    ::ringattn_emu::mma_sync("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 }
 
@@ -603,8 +615,8 @@ void launch_forward(const AttnParams& p) {
                   static_cast<unsigned>(p.batch * p.heads_q));
   auto kernel = attn_forward_kernel<DT, DMAX>;
   set_smem(kernel, Tiles::kSmem);
-  kernel<<<grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream)>>>(p, q_side(p),
-                                                                                                k_side(p));
+  RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
+      p, q_side(p), k_side(p));
   check(cudaGetLastError(), "attn_forward_kernel launch");
 }
 
@@ -617,7 +629,7 @@ void launch_backward(const AttnParams& p) {
                     static_cast<unsigned>(p.batch * p.heads_kv), Tiles::kSplit);
     auto kernel = attn_backward_kernel<DT, DMAX>;
     set_smem(kernel, Tiles::kSmem);
-    kernel<<<grid, Tiles::kWarps * 32, Tiles::kSmem, stream>>>(p, q_side(p), k_side(p));
+    RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(p, q_side(p), k_side(p));
     check(cudaGetLastError(), "attn_backward_kernel launch");
   }
   const int D = static_cast<int>(p.head_dim);
@@ -625,7 +637,7 @@ void launch_backward(const AttnParams& p) {
     const int64_t pairs = p.batch * S * H * (D / 2);
     if (pairs == 0) return;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65535));
-    finish_grad_kernel<DT><<<blocks, 256, 0, stream>>>(accum, out, p.grad_dtype, p.batch, S, H, D, p, side);
+    RA_LAUNCH(finish_grad_kernel<DT>, blocks, 256, 0, stream)(accum, out, p.grad_dtype, p.batch, S, H, D, p, side);
     check(cudaGetLastError(), "finish_grad_kernel launch");
   };
   finish(reinterpret_cast<const float*>(p.dq_accum), p.dq, p.seqlen_q, p.heads_q, q_side(p));
