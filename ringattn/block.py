@@ -250,16 +250,19 @@ def _rotary_positions(positions, span: Span, length: int, batch: int, mask: Bloc
     """Validate one side's positions (default: index within the document) and resolve them.
 
     The range check runs on the host for CPU tensors and as a device-side assert elsewhere, so a ring
-    hop on a GPU never waits for the host; dynamic NTK needs the maximum on the host by definition.
+    hop on a GPU never waits for the host; dynamic NTK needs the maximum on the host by definition,
+    unless the config pins the sequence's length (``RoPEConfig.at_seq_len``, as the ring does).
     """
     if positions is None:
         positions = default_positions(span.indices(length, device), mask.cu_seqlens)
-    seq_len = None
-    if positions.numel() and (positions.device.type == "cpu" or rope.rope_type == "dynamic"):
+    dynamic = rope.rope_type == "dynamic"
+    seq_len = rope.dynamic_seq_len if dynamic else None
+    if positions.numel() and (positions.device.type == "cpu" or (dynamic and seq_len is None)):
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi > MAX_POSITION:
             raise ValueError(f"{name} must lie in [0, 2^31 - 1], got [{lo}, {hi}]")
-        seq_len = hi + 1 if rope.rope_type == "dynamic" else None  # transformers: max(position_ids) + 1
+        if dynamic and seq_len is None:
+            seq_len = hi + 1  # transformers: max(position_ids) + 1
     elif positions.numel() and positions.device.type != "meta":
         in_range = ((positions >= 0) & (positions <= MAX_POSITION)).all()
         torch._assert_async(in_range, f"{name} must lie in [0, 2^31 - 1]")

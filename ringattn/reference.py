@@ -18,7 +18,7 @@ import torch
 from .indexing import default_positions, document_ids
 from .layouts import shard_indices
 from .merge import empty_partials, merge_partials
-from .rope import RoPEConfig, apply_rope
+from .rope import RoPEConfig, _dynamic_seq_len, apply_rope
 
 __all__ = ["attention_ref", "attention_backward_ref", "visible_mask", "ring_attention_ref"]
 
@@ -220,6 +220,10 @@ def ring_attention_ref(
     shards = shard_indices(S, world_size, layout, device=q.device)
     if positions is None and rope is not None:
         positions = default_positions(torch.arange(S, device=q.device), cu_seqlens)
+    if rope is not None:
+        # Dynamic NTK scales by the whole sequence's length: pinned once, not per block.
+        seq_len = _dynamic_seq_len(rope, positions, None)
+        rope = rope if seq_len is None else rope.at_seq_len(seq_len)
     out = torch.zeros(B, S, Hq, D, dtype=torch.float64, device=q.device)
     lse = torch.full((B, Hq, S), -math.inf, dtype=torch.float64, device=q.device)
     for rank in range(world_size):

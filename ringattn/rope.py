@@ -104,6 +104,8 @@ class RoPEConfig:
         partial_rotary_factor: fraction of ``dim`` that is rotated; the rest passes through.
         interleaved: GPT-J layout (pairs ``(x[2i], x[2i+1])``) instead of NeoX rotate-half.
         precision: ``"exact"`` or ``"hf"`` (see module docstring).
+        dynamic_seq_len: ``dynamic`` only: the sequence length its frequencies use, pinned (see
+            ``at_seq_len``); None (default): each call uses ``max(positions) + 1`` of its positions.
     """
 
     dim: int
@@ -112,6 +114,7 @@ class RoPEConfig:
     partial_rotary_factor: float = 1.0
     interleaved: bool = False
     precision: str = "exact"
+    dynamic_seq_len: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.dim, int) or self.dim <= 0:
@@ -127,6 +130,9 @@ class RoPEConfig:
             )
         if self.precision not in ("exact", "hf"):
             raise ValueError(f"precision must be 'exact' or 'hf', got {self.precision!r}")
+        n = self.dynamic_seq_len
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= 2**31):
+            raise ValueError(f"dynamic_seq_len must be None or an int in [1, 2^31], got {n!r}")
         if self.scaling is not None:
             if not isinstance(self.scaling, Mapping):
                 raise TypeError(f"scaling must be a dict or None, got {type(self.scaling).__name__}")
@@ -166,6 +172,19 @@ class RoPEConfig:
 
     def to_json(self) -> str:
         return self._json
+
+    def at_seq_len(self, seq_len: int) -> RoPEConfig:
+        """This config with ``dynamic`` frequencies pinned to a sequence of ``seq_len`` tokens (``self``
+        for the other rope types, whose frequencies do not depend on the length).
+
+        Dynamic NTK scaling is a property of the whole sequence (transformers: ``max(position_ids) +
+        1``), but a block sees only some of its positions: whoever splits a sequence into blocks (the
+        ring, ``ring_attention_ref``) pins the sequence's length once, and every block then rotates
+        with the same frequencies.
+        """
+        if self.rope_type != "dynamic":
+            return self
+        return replace(self, dynamic_seq_len=seq_len)
 
     @classmethod
     def from_json(cls, text: str) -> RoPEConfig:
@@ -207,13 +226,15 @@ class RoPEConfig:
 
         The operations follow transformers' definitions step by step, so ``dtype=torch.float32``
         gives its fp32 values and ``torch.float64`` the same formula without fp32 rounding.
-        ``seq_len`` only matters for ``dynamic`` (transformers uses ``max(position_ids) + 1``).
+        ``seq_len`` only matters for ``dynamic`` (transformers uses ``max(position_ids) + 1``);
+        default: the pinned ``dynamic_seq_len``.
         """
         dim, base, s = self.rotary_dim, self.theta, self.scaling or {}
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim
         rope_type = self.rope_type
         if rope_type == "dynamic":
             max_pos = s["max_position_embeddings"]
+            seq_len = self.dynamic_seq_len if seq_len is None else seq_len
             seq_len = max_pos if seq_len is None else max(seq_len, max_pos)
             factor = s["factor"]
             base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
@@ -326,9 +347,13 @@ def _check_positions(positions: torch.Tensor) -> None:
 
 
 def _dynamic_seq_len(rope: RoPEConfig, positions: torch.Tensor, seq_len: int | None) -> int | None:
-    if rope.rope_type == "dynamic" and seq_len is None and positions.numel():
+    if rope.rope_type != "dynamic" or seq_len is not None:
+        return seq_len
+    if rope.dynamic_seq_len is not None:
+        return rope.dynamic_seq_len  # pinned for the whole sequence (``at_seq_len``)
+    if positions.numel():
         return int(positions.max()) + 1  # transformers' choice: max(position_ids) + 1
-    return seq_len
+    return None
 
 
 def _exact_angles_torch(turns_fixed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ __all__ = [
     "RingError",
     "RingTimeoutError",
     "HopRecord",
+    "HopTotal",
     "RingStats",
     "RingComm",
     "TwoLevelComm",
@@ -63,7 +64,12 @@ class RingError(RuntimeError):
 
 
 class RingTimeoutError(RingError, TimeoutError):
-    """A ring exchange did not complete within the timeout."""
+    """A ring exchange did not complete within the timeout.
+
+    Over torch.distributed the process group is unusable afterwards (its pending operations were
+    abandoned, and gloo closes the connections involved): the communicator refuses later calls, the
+    process can still exit at once, and continuing needs a new group (destroy this one first).
+    """
 
 
 @dataclass
@@ -78,30 +84,59 @@ class HopRecord:
 
 
 @dataclass
+class HopTotal:
+    """Every exchange of one (label, hop) since the last ``clear()``, summed."""
+
+    count: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    wait_s: float = 0.0
+
+
+@dataclass
 class RingStats:
     """Per-exchange accounting kept by a communicator (for the bench suite); ``clear()`` between runs.
 
-    Only the latest ``MAX_RECORDS`` exchanges are kept, so a long training run does not grow it.
-    ``wait_s`` is host time spent in ``wait()``: on CUDA without an explicit timeout that is only the
-    time to order the streams; the NVTX ranges show the device-side wait in a profiler.
+    ``totals`` sums every exchange per (label, hop) since the last ``clear()`` (what ``bytes_per_hop``
+    and ``wait_seconds`` read); ``records`` keeps only the latest ``MAX_RECORDS`` exchanges one by one.
+    Both are bounded (labels and hops are few), so a communicator's memory does not grow with the
+    number of calls. ``wait_s`` is host time spent in ``wait()``: on CUDA without an explicit timeout
+    that is only the time to order the streams; the NVTX ranges show the device-side wait in a profiler.
     """
 
-    MAX_RECORDS = 100_000
+    MAX_RECORDS = 256
     records: deque[HopRecord] = field(default_factory=lambda: deque(maxlen=RingStats.MAX_RECORDS))
+    totals: dict[tuple[str, int], HopTotal] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.records.clear()
+        self.totals.clear()
+
+    def add(self, record: HopRecord) -> None:
+        """Account for a posted exchange."""
+        self.records.append(record)
+        total = self.totals.setdefault((record.label, record.hop), HopTotal())
+        total.count += 1
+        total.bytes_sent += record.bytes_sent
+        total.bytes_received += record.bytes_received
+
+    def waited(self, record: HopRecord, seconds: float) -> None:
+        """Account for time spent waiting on ``record``'s exchange."""
+        record.wait_s += seconds
+        total = self.totals.get((record.label, record.hop))
+        if total is not None:  # None: cleared while the exchange was in flight
+            total.wait_s += seconds
 
     def bytes_per_hop(self, label_prefix: str = "") -> dict[int, int]:
         """Bytes this rank sent on each hop, over the exchanges whose label starts with the prefix."""
         out: dict[int, int] = {}
-        for rec in self.records:
-            if rec.label.startswith(label_prefix):
-                out[rec.hop] = out.get(rec.hop, 0) + rec.bytes_sent
-        return out
+        for (label, hop), total in self.totals.items():
+            if label.startswith(label_prefix):
+                out[hop] = out.get(hop, 0) + total.bytes_sent
+        return dict(sorted(out.items()))
 
     def wait_seconds(self, label_prefix: str = "") -> float:
-        return sum(rec.wait_s for rec in self.records if rec.label.startswith(label_prefix))
+        return sum(t.wait_s for (label, _), t in self.totals.items() if label.startswith(label_prefix))
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -129,7 +164,7 @@ class Pending(ABC):
         start = time.perf_counter()
         with nvtx_range(f"ring wait {self.record.label} hop {self.record.hop}"):
             self._wait()
-        self.record.wait_s += time.perf_counter() - start
+        self.comm.stats.waited(self.record, time.perf_counter() - start)
         self.done = True
 
     @abstractmethod
@@ -179,7 +214,7 @@ class RingComm(ABC):
         Send buffers must not be written and receive buffers not read until ``wait()`` returns.
         """
         record = HopRecord(label, hop, _nbytes(sends), _nbytes(recvs))
-        self.stats.records.append(record)
+        self.stats.add(record)
         return self._exchange(list(sends), list(recvs), record, _timeout_seconds(timeout) or self.timeout)
 
     @abstractmethod
@@ -189,10 +224,13 @@ class RingComm(ABC):
     def all_gather(self, t: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         """(world_size, *t.shape): every rank's ``t``, in rank order."""
 
-    def _error(self, record: HopRecord, direction: str, peer: int, timeout, cause) -> RingError:
-        cls = RingTimeoutError if isinstance(cause, TimeoutError) or "imed out" in str(cause) else RingError
-        within = "" if timeout is None else f" within {timeout:g} s"
+    def _error(self, record: HopRecord, direction: str, peer: int | None, timeout, cause) -> RingError:
+        """The error for a failed wire operation: who failed to do what with whom, on which hop, and
+        why; a ``RingTimeoutError`` (saying how long it waited) when ``cause`` is a timeout."""
+        timed_out = isinstance(cause, TimeoutError) or "imed out" in str(cause)
+        within = f" within {timeout:g} s" if timed_out and timeout is not None else ""
         what = f"{direction} {self._name(peer)} on hop {record.hop}" if peer is not None else direction
+        cls = RingTimeoutError if timed_out else RingError
         return cls(
             f"ring attention: {self._name(self.rank)} of {self.world_size} failed to {what} ({record.label})"
             f"{within}: {cause}"

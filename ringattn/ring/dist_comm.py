@@ -15,6 +15,15 @@ as ``group`` to ``shard``, ``unshard`` and ``ring_attn_func`` so all three agree
 ``ring_comm(group)`` is how the rest of the library turns a ``group`` argument into a communicator: it
 returns a given ``RingComm``/``TwoLevelComm`` as is and caches one ``DistRingComm`` per (process group,
 order, timeout).
+
+Failures. A wire error names the peer of the operation that failed: under gloo every send and receive
+is posted and waited on by itself, so a dead previous rank is named as such even when the post fails.
+A timeout (``RingTimeoutError``) leaves the process group unusable: gloo closes the connections of an
+operation that timed out, and a peer that is only late would now be out of step. The communicator
+refuses every later call at once (``RingError``), and the process can still exit at once (under gloo,
+``all_gather`` passes the timeout to the collective itself, so no worker thread stays blocked on a
+silent peer until the group's own timeout); to continue, destroy the group
+(``torch.distributed.destroy_process_group``) and create a new one.
 """
 
 from __future__ import annotations
@@ -27,7 +36,16 @@ from datetime import timedelta
 import torch
 
 from ..topology.order import split_two_level
-from .comm import HopRecord, Pending, RingComm, TwoLevelComm, _timeout_seconds, nvtx_range
+from .comm import (
+    HopRecord,
+    Pending,
+    RingComm,
+    RingError,
+    RingTimeoutError,
+    TwoLevelComm,
+    _timeout_seconds,
+    nvtx_range,
+)
 
 __all__ = ["DistRingComm", "ring_comm", "comm_from_rings"]
 
@@ -69,6 +87,9 @@ class DistRingComm(RingComm):
 
     On CUDA the exchange is posted on a dedicated stream that first waits (event) for the compute
     stream, and the compute stream waits (event) for the exchange in ``wait()``.
+
+    After a ``RingTimeoutError`` the group is unusable (see the module docstring): every later call on
+    this communicator raises ``RingError`` at once; destroy the group and create a new one.
     """
 
     def __init__(self, group=None, timeout=None, order=None):
@@ -89,6 +110,7 @@ class DistRingComm(RingComm):
         self._prev_global = self.order[self.prev_rank]
         self._gather_rows = [members.index(g) for g in self.order]  # group rank at each ring position
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.broken: str | None = None  # the timeout that made the group unusable, once one happened
 
     @property
     def ring_key(self) -> int:
@@ -99,6 +121,31 @@ class DistRingComm(RingComm):
         name = f"rank {position}"
         return name if self.order[position] == position else f"{name} (global rank {self.order[position]})"
 
+    def _error(self, record, direction, peer, timeout, cause):
+        err = super()._error(record, direction, peer, timeout, cause)
+        if isinstance(err, RingTimeoutError):
+            self.broken = str(err)
+            return RingTimeoutError(
+                f"{str(err).rstrip('.!')}. The process group is unusable now: its pending operations "
+                "were abandoned (and gloo closes the connections of an operation that timed out); "
+                "destroy it (torch.distributed.destroy_process_group) and create a new one to continue"
+            )
+        if peer is not None:
+            name = self._name(peer)
+            err = RingError(
+                f"{err} ({name} exited or its link failed; if {name} raised a ring error too, the rank "
+                "that failed first is named there)"
+            )
+        return err
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise RingError(
+                f"ring attention: {self._name(self.rank)} of {self.world_size}: this ring's process group "
+                f"is unusable after an earlier timeout ({self.broken.split(': ', 1)[-1]}); destroy it "
+                "(torch.distributed.destroy_process_group) and create a new one"
+            )
+
     def _stream_for(self, device: torch.device):
         if device.type != "cuda":
             return None
@@ -107,17 +154,26 @@ class DistRingComm(RingComm):
         return self._streams[device]
 
     def _exchange(self, sends, recvs, record, timeout):
+        self._check_usable()
         dist = self._dist
         device = (sends or recvs)[0].device
         stream = self._stream_for(device)
         ops = [dist.P2POp(dist.isend, t, self._next_global, self.pg) for t in sends]
         ops += [dist.P2POp(dist.irecv, t, self._prev_global, self.pg) for t in recvs]
         peers = [("send to", self.next_rank)] * len(sends) + [("receive from", self.prev_rank)] * len(recvs)
+        both = f"exchange with {self._name(self.next_rank)} and {self._name(self.prev_rank)}"
         with nvtx_range(f"ring post {record.label} hop {record.hop}"):
-            try:
-                if stream is None:
-                    works = dist.batch_isend_irecv(ops)
-                else:
+            if stream is None:
+                # gloo: each op is posted by itself anyway (batch_isend_irecv loops over them), so a
+                # failed post names its own peer (a dead previous rank fails the receive's post).
+                works = []
+                for op, (direction, peer) in zip(ops, peers, strict=True):
+                    try:
+                        works += dist.batch_isend_irecv([op])
+                    except Exception as exc:
+                        raise self._error(record, f"post the {direction}", peer, None, exc) from exc
+            else:
+                try:
                     ready = torch.cuda.Event()
                     ready.record(torch.cuda.current_stream(device))
                     stream.wait_event(ready)
@@ -125,11 +181,13 @@ class DistRingComm(RingComm):
                         works = dist.batch_isend_irecv(ops)
                     for t in (*sends, *recvs):
                         t.record_stream(stream)  # the allocator must not reuse them before the wire is done
-            except Exception as exc:
-                raise self._error(record, "post an exchange with", self.next_rank, timeout, exc) from exc
+                except Exception as exc:  # one grouped launch: the failing peer is not known
+                    raise self._error(
+                        record, f"post the {both} on hop {record.hop}", None, None, exc
+                    ) from exc
         # NCCL returns one work for the whole group; gloo one per op.
         if len(works) != len(ops):
-            pairs = [(work, "exchange with", self.next_rank) for work in works]
+            pairs = [(work, f"complete the {both} on hop {record.hop}", None) for work in works]
         else:
             pairs = [(work, d, p) for work, (d, p) in zip(works, peers, strict=True)]
         return _DistPending(self, record, pairs, timeout, stream)
@@ -140,12 +198,28 @@ class DistRingComm(RingComm):
             return t.unsqueeze(0).clone()
         if dist.get_backend(self.pg) == "nccl" and t.device.type != "cuda":
             t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        self._check_usable()
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        work = dist.all_gather(out, t.contiguous(), group=self.pg, async_op=True)
         timeout = timeout or self.timeout or self.default_timeout
+        if t.device.type == "cpu":
+            # The collective itself gets the timeout: under gloo it runs on a worker thread, which
+            # would otherwise stay blocked on a silent peer (and keep the process from exiting)
+            # until the group's own timeout, long after our wait has given up.
+            from torch._C._distributed_c10d import AllgatherOptions
+
+            opts = AllgatherOptions()
+            opts.asyncOp = True
+            opts.timeout = timedelta(seconds=timeout)
+            work = self.pg.allgather([out], [t.contiguous()], opts)
+        else:
+            work = dist.all_gather(out, t.contiguous(), group=self.pg, async_op=True)
         try:
             work.wait(timedelta(seconds=timeout))
         except Exception as exc:
+            if t.device.type == "cpu":  # the collective's own timeout fires about now: let it finish
+                settle = time.monotonic() + 5.0
+                while not work.is_completed() and time.monotonic() < settle:
+                    time.sleep(0.005)
             record = HopRecord("collective", 0, t.numel() * t.element_size(), 0)
             raise self._error(record, "all_gather with every rank", None, timeout, exc) from exc
         return torch.stack([out[i] for i in self._gather_rows])

@@ -3,9 +3,10 @@
 ``fake_ring(W)`` (or ``fake_two_level(I, O)``) builds the ranks and ``run_fake_ring(fn, comms)`` runs
 ``fn(comm)`` on each at once. The fake is stricter than a real wire, so a test on it proves:
 
-* message order: every post is logged (``FakeRingComm.log``) and each receive is checked against the
-  hop, label, shape and dtype its sender posted, so a schedule whose k-th send to ``next`` is not the
-  k-th receive there fails at that receive's ``wait()``, naming both sides;
+* message order: every post is logged (``FakeRingComm.log``: the latest ``LOG_LIMIT`` posts or more,
+  so a long run does not grow it) and each receive is checked against the hop, label, shape and dtype
+  its sender posted, so a schedule whose k-th send to ``next`` is not the k-th receive there fails at
+  that receive's ``wait()``, naming both sides;
 * buffer discipline: receive buffers are poisoned with NaN when an exchange is posted (reading one
   before ``wait()`` shows up in the result), and a send buffer written before ``wait()`` raises;
 * scale: mailboxes are in-process queues, so W=64 rings (and 8 x 8 two-level rings) run in seconds;
@@ -25,6 +26,8 @@ import torch
 from .comm import HopRecord, Pending, RingComm, RingError, TwoLevelComm
 
 __all__ = ["FakeRingComm", "fake_ring", "fake_two_level", "run_fake_ring"]
+
+LOG_LIMIT = 4096  # posts kept per rank: at least the latest LOG_LIMIT, at most twice as many
 
 
 class _FakeHub:
@@ -89,7 +92,8 @@ class FakeRingComm(RingComm):
 
     Stricter than a real wire: receive buffers are poisoned with NaN when an exchange is posted
     (reading one early shows up), a send buffer written before ``wait()`` raises, each receive is
-    checked against the sender's hop, label, shape and dtype, and every post is logged in ``log``.
+    checked against the sender's hop, label, shape and dtype, and every post is logged in ``log``
+    (the latest ``LOG_LIMIT`` posts at least: older ones are dropped in bulk, so memory stays bounded).
     """
 
     def __init__(self, hub: _FakeHub, rank: int, timeout: float | None):
@@ -104,22 +108,28 @@ class FakeRingComm(RingComm):
     def log(self) -> list[tuple]:
         return self.hub.logs[self.rank]
 
+    def _log(self, entry: tuple) -> None:
+        log = self.log
+        log.append(entry)
+        if len(log) >= 2 * LOG_LIMIT:
+            del log[:-LOG_LIMIT]
+
     def _exchange(self, sends, recvs, record, timeout):
         box = self.hub.boxes[(self.rank, self.next_rank)] if self.world_size > 1 else None
         snapshots = []
         for t in sends:
-            self.log.append(("send", self.next_rank, record.hop, record.label, tuple(t.shape), t.dtype))
+            self._log(("send", self.next_rank, record.hop, record.label, tuple(t.shape), t.dtype))
             snapshots.append((t, t.clone()))
             box.put((record.hop, record.label, t.clone()))
         for t in recvs:
-            self.log.append(("recv", self.prev_rank, record.hop, record.label, tuple(t.shape), t.dtype))
+            self._log(("recv", self.prev_rank, record.hop, record.label, tuple(t.shape), t.dtype))
             if t.is_floating_point():
                 t.fill_(math.nan)
         return _FakePending(self, record, snapshots, recvs, timeout)
 
     def all_gather(self, t: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         hub, timeout = self.hub, timeout or self.timeout
-        self.log.append(("all_gather", None, 0, "all_gather", tuple(t.shape), t.dtype))
+        self._log(("all_gather", None, 0, "all_gather", tuple(t.shape), t.dtype))
         hub.gather_slots[self.rank] = t.clone()
         try:
             hub.barrier.wait(timeout)

@@ -4,10 +4,15 @@
 returns the per-call ``_Plan`` the scheduler walks: every rank's pieces, the wire buffer size, the
 masks, and (with explicit RoPE positions) every rank's positions.
 
-Agreement. Each rank describes its call as a dict of ints keyed by field name (shapes, dtypes, options,
-its ring position and its rings' keys); one ``all_gather`` exchanges them, in the dict's key order, and
-every field but the per-rank ones (``_PER_RANK``) must be equal on every rank. Any disagreement raises
-the same error on every rank before K/V move, so no rank waits on a message another will never post.
+Agreement. Each rank describes its call in the user's terms (``_agreement``: shapes, dtypes, documents
+and every option that changes the numbers, RoPE field by field) and sends a digest of it, with its shard
+length, ring position and rings' keys, in one ``all_gather`` of ints. When the digests differ, a second
+``all_gather`` carries the descriptions themselves, so the error names the option, the rank and both
+values. Any disagreement raises the same error on every rank before K/V move, so no rank waits on a
+message another will never post.
+
+Dynamic NTK. Its frequencies depend on the whole sequence's length (max position + 1), which no block
+sees: ``_sequence_rope`` pins it once per call from every rank's positions (the same on every rank).
 
 Shards as runs. A rank's shard is one run of tokens (contiguous, stripe) or two (zigzag), each an
 arithmetic progression of global indices, i.e. a ``Span``. Each (query run, key run) pair is one
@@ -26,18 +31,16 @@ turns a rank's (outer, inner) ring positions into its shard index.
 from __future__ import annotations
 
 import bisect
-import struct
+import hashlib
+import json
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..block import DTYPES, BlockMask, Span, check_inputs, check_softmax_scale
+from ..block import BlockMask, Span, block_args, check_inputs, check_softmax_scale, select_backend
 from ..layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds
-
-# Metadata fields that differ between ranks; every other field must be equal on every rank.
-_PER_RANK = ("S_local", "position", "outer_key", "inner_key")
 
 
 @dataclass(frozen=True)
@@ -184,50 +187,108 @@ def _check_local(q, k, v, options: _Options) -> _Options:
     )
 
 
-def _float_bits(x: float | None) -> int:
-    return -1 if x is None else struct.unpack("<q", struct.pack("<d", float(x)))[0]
+def _agreement(q, k, options: _Options, cu_list: list[int] | None) -> dict:
+    """What every rank must agree on, in the user's terms: argument name -> value as given (resolved
+    where the default depends on the rank: ``dkv_dtype``, and the backend that ``backend="auto"`` runs
+    here). Every option that changes the numbers is here, RoPE field by field; JSON-ready."""
+    B, _, Hq, D = q.shape
+    backend = repr(options.backend)
+    if options.backend == "auto":
+        try:
+            args = block_args(q, k, k, BlockMask(options.causal))  # k for v: same shape, dtype, device
+            backend += f" (runs {select_backend('auto', q, k, k, args).name!r})"
+        except Exception:  # no backend runs here: this rank's first block raises
+            backend += " (runs none)"
+    positions = options.positions
+    described = {
+        "B": str(B),
+        "Hq": str(Hq),
+        "Hkv": str(k.shape[2]),
+        "D": str(D),
+        "dtype": str(q.dtype),
+        "causal": str(options.causal),
+        "layout": repr(options.layout),
+        "softmax_scale": repr(options.softmax_scale),
+        "deterministic": str(options.deterministic),
+        "backend": backend,
+        "dkv_dtype": str(options.dkv_dtype),
+        "cu_seqlens": cu_list,
+        "positions": "None" if positions is None else ("(S_local,)", "(B, S_local)")[positions.dim() - 1],
+        "rope": "None" if options.rope is None else "a RoPEConfig",
+    }
+    if options.rope is not None:
+        for name, value in json.loads(options.rope.to_json()).items():
+            described[f"rope.{name}"] = json.dumps(value) if isinstance(value, dict) else repr(value)
+    return described
 
 
-def _dtype_code(dtype) -> int:
-    return -1 if dtype is None else DTYPES.index(dtype)
+def _digest(text: str) -> int:
+    """63 bits of a hash that is the same in every process (``hash`` of a str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _metadata(q, k, comm, options: _Options, cu_list: list[int] | None) -> dict[str, int]:
-    """This rank's description of the call, as ints keyed by field name."""
-    B, S_local, Hq, D = q.shape
-    return {
-        "B": B,
-        "S_local": S_local,
-        "Hq": Hq,
-        "Hkv": k.shape[2],
-        "D": D,
-        "dtype": _dtype_code(q.dtype),
-        "causal": int(options.causal),
-        "layout": LAYOUTS.index(options.layout),
-        "rope": int(options.rope is not None),
-        "positions": 0 if options.positions is None else options.positions.dim(),
-        "cu_seqlens": -1 if cu_list is None else hash(tuple(cu_list)) & (2**62 - 1),
-        "softmax_scale": _float_bits(options.softmax_scale),
-        "dkv_dtype": _dtype_code(options.dkv_dtype),
+def _metadata(q, k, comm, options: _Options, cu_list: list[int] | None) -> tuple[dict[str, int], str]:
+    """This rank's description of the call: the ints the handshake gathers (its shard length, ring
+    position, rings' keys and a digest of its agreement) and the agreement itself as JSON."""
+    agreement = json.dumps(_agreement(q, k, options, cu_list))
+    meta = {
+        "S_local": q.shape[1],
         "inner_size": comm.levels[-1].world_size,
         "position": comm.rank,
         "outer_key": comm.levels[0].ring_key,
         "inner_key": comm.levels[-1].ring_key,
+        "agreement": _digest(agreement),
+        "agreement_bytes": len(agreement.encode()),
     }
+    return meta, agreement
 
 
-def _handshake(comm, meta: dict[str, int], timeout: float | None) -> list[dict[str, int]]:
-    """Every rank's metadata, in ring order; raises the same error on every rank when they disagree."""
+def _shown(value) -> str:
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{', '.join(map(str, value[:4]))}, ..., {value[-1]}] ({len(value)} entries)"
+    return "nothing (an older ringattn?)" if value is None else str(value)
+
+
+def _disagreement(name: str, first, theirs, rank: int) -> ValueError:
+    """The error for rank ``rank`` disagreeing with rank 0 on ``name`` (both values as described)."""
+    text = f"ranks disagree on {name}: rank 0 has {_shown(first)}, rank {rank} has {_shown(theirs)}"
+    if isinstance(first, list) and isinstance(theirs, list):
+        pairs = enumerate(zip(first, theirs, strict=False))
+        at = next((i for i, (a, b) in pairs if a != b), min(len(first), len(theirs)))
+        text += f" (they first differ at entry {at})"
+    return ValueError(text + " (every rank must call ring_attn_func with matching shapes and options)")
+
+
+def _gather_text(comm, text: str, longest: int, timeout: float | None) -> list[str]:
+    """Every rank's ``text`` (at most ``longest`` bytes of UTF-8), in ring order: one all_gather."""
+    data = text.encode()
+    buf = torch.zeros(longest, dtype=torch.uint8)
+    buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return [bytes(row).rstrip(b"\0").decode() for row in comm.all_gather(buf, timeout).cpu().tolist()]
+
+
+def _handshake(comm, meta: dict[str, int], agreement: str, timeout: float | None) -> list[dict[str, int]]:
+    """Every rank's metadata, in ring order; raises the same error on every rank when they disagree.
+
+    One all_gather of ints carries each rank's digest of its agreement. Only when the digests differ
+    (every rank sees that, so all of them take part) does a second one carry the agreements themselves,
+    to name the option, the rank and both values.
+    """
     names = list(meta)  # the wire order: every rank builds ``meta`` with the same code
     rows = comm.all_gather(torch.tensor([meta[name] for name in names], dtype=torch.int64), timeout)
     table = [dict(zip(names, row, strict=True)) for row in rows.tolist()]
+    if any(row["agreement"] != table[0]["agreement"] for row in table):
+        longest = max(row["agreement_bytes"] for row in table)
+        described = [json.loads(text) for text in _gather_text(comm, agreement, longest, timeout)]
+        first = described[0]
+        for j, theirs in enumerate(described):
+            for name in [*first, *(n for n in theirs if n not in first)]:
+                if first.get(name) != theirs.get(name):
+                    raise _disagreement(name, first.get(name), theirs.get(name), j)
+        raise ValueError("ranks disagree on the call's options (their digests differ, their values do not)")
     for j, row in enumerate(table):
-        for name in names:
-            if name not in _PER_RANK and row[name] != table[0][name]:
-                raise ValueError(
-                    f"ranks disagree on {name}: rank 0 has {table[0][name]}, rank {j} has {row[name]} "
-                    "(every rank must call ring_attn_func with matching shapes and options)"
-                )
+        if row["inner_size"] != table[0]["inner_size"]:
+            raise _disagreement("the inner ring size", table[0]["inner_size"], row["inner_size"], j)
     # Row j must come from the rank at position j, and the members of one ring must agree on its order
     # (the inner ring is a node: rows j // inner alike; the outer ring an inner position: rows
     # j % inner alike; a flat ring has inner == W), or K/V would reach ranks that do not expect them.
@@ -257,6 +318,21 @@ def _wire_layout(x: torch.Tensor, pieces: list[_Piece], rows: int, dim: int) -> 
     return out
 
 
+def _sequence_rope(rope: RoPEConfig | None, gathered, cu_list: list[int] | None, seq_len: int):
+    """``rope`` with dynamic NTK pinned to the whole sequence's length, ``max(positions) + 1`` over
+    every rank's positions (as one call on the whole sequence computes it), so that every block of every
+    rank rotates with the same frequencies. The inputs are the same on every rank (gathered positions,
+    or the agreed cu_seqlens and length), so every rank pins the same length."""
+    if rope is None or rope.rope_type != "dynamic" or rope.dynamic_seq_len is not None or seq_len == 0:
+        return rope
+    if gathered is not None:  # the wire's padding rows hold 0, which never raises the maximum
+        n = int(gathered.max()) + 1
+        return rope.at_seq_len(n) if 0 < n <= 2**31 else rope  # out of range: the blocks say so
+    if cu_list is not None:  # default positions restart at 0 in each document
+        return rope.at_seq_len(max(b - a for a, b in zip(cu_list[:-1], cu_list[1:], strict=True)))
+    return rope.at_seq_len(seq_len)  # default positions: the global index
+
+
 def _plan(q, k, comm, options: _Options) -> _Plan:
     """The handshake and this call's plan; ``options`` as resolved by ``_check_local``."""
     S_local = q.shape[1]
@@ -271,8 +347,8 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
                 f"cu_seqlens ends at {cu_list[-1]}, so rank {rank} of {W} ({layout}) should hold {expected} "
                 f"tokens, but q has S_local={S_local}: cu_seqlens must end at the global sequence length"
             )
-    meta = _metadata(q, k, comm, options, cu_list)
-    table = _handshake(comm, meta, timeout) if W > 1 else [meta]
+    meta, agreement = _metadata(q, k, comm, options, cu_list)
+    table = _handshake(comm, meta, agreement, timeout) if W > 1 else [meta]
     lengths = [row["S_local"] for row in table]
     seq_len = sum(lengths)
     expected = shard_lengths(seq_len, W, layout)
@@ -295,7 +371,7 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         comm=comm,
         causal=options.causal,
         scale=options.softmax_scale,
-        rope=options.rope,
+        rope=_sequence_rope(options.rope, gathered, cu_list, seq_len),
         backend=options.backend,
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(q.device),
         cu_list=cu_list,
