@@ -238,8 +238,10 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
   int64_t* k_doc = k_index + BK;
 
   const int D = static_cast<int>(p.head_dim);
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * BQ;
-  const int64_t bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
+  // grid.x enumerates (batch * head, query tile) with tiles fastest: a head's tiles share its K/V in L2
+  const unsigned n_tiles = static_cast<unsigned>((p.seqlen_q + BQ - 1) / BQ);  // grid_x: < 2^31 blocks
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x % n_tiles) * BQ;
+  const int64_t bh = blockIdx.x / n_tiles, b = bh / p.heads_q, h = bh % p.heads_q;
   const int64_t hk = h / (p.heads_q / p.heads_kv);
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
   const bool rope = p.rope_mode != kRopeNone;
@@ -393,8 +395,9 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   int64_t* k_doc = k_index + BK;
 
   const int D = static_cast<int>(p.head_dim);
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BK;
-  const int64_t bkv = blockIdx.y, b = bkv / p.heads_kv, hk = bkv % p.heads_kv;
+  // grid: x = batch * KV head (up to 2^31 - 1), y = key tile; no division (this kernel is at 255 registers)
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * BK;
+  const int64_t bkv = blockIdx.x, b = bkv / p.heads_kv, hk = bkv % p.heads_kv;
   const int col0 = blockIdx.z * COLS;
   const int64_t G = p.heads_q / p.heads_kv;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
@@ -608,11 +611,20 @@ void set_smem(Kernel kernel, size_t bytes) {
         "cudaFuncSetAttribute");
 }
 
+// Blocks of one launch along grid.x (up to 2^31 - 1; grid.y would cap batch * heads at 65535).
+unsigned grid_x(int64_t rows, int64_t block_rows, int64_t batch_heads) {
+  const int64_t blocks = (rows + block_rows - 1) / block_rows * batch_heads;
+  if (blocks > 2147483647) {
+    throw std::invalid_argument("ringattn: " + std::to_string(blocks) +
+                                " thread blocks (tiles x batch x heads) exceed CUDA's 2^31 - 1 grid limit");
+  }
+  return static_cast<unsigned>(blocks);
+}
+
 template <int DT, int DMAX>
 void launch_forward(const AttnParams& p) {
   using Tiles = FwdTiles<DMAX>;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Tiles::kBlockQ - 1) / Tiles::kBlockQ),
-                  static_cast<unsigned>(p.batch * p.heads_q));
+  const dim3 grid(grid_x(p.seqlen_q, Tiles::kBlockQ, p.batch * p.heads_q));
   auto kernel = attn_forward_kernel<DT, DMAX>;
   set_smem(kernel, Tiles::kSmem);
   RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
@@ -625,8 +637,13 @@ void launch_backward(const AttnParams& p) {
   using Tiles = BwdTiles<DMAX>;
   const auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   if (p.seqlen_k > 0 && p.batch * p.heads_kv > 0) {  // an empty grid is a launch error
-    const dim3 grid(static_cast<unsigned>((p.seqlen_k + Tiles::kBlockK - 1) / Tiles::kBlockK),
-                    static_cast<unsigned>(p.batch * p.heads_kv), Tiles::kSplit);
+    const int64_t key_tiles = (p.seqlen_k + Tiles::kBlockK - 1) / Tiles::kBlockK;
+    if (key_tiles > 65535 || p.batch * p.heads_kv > 2147483647) {
+      throw std::invalid_argument("ringattn cuda backward: " + std::to_string(p.seqlen_k) + " keys (" +
+                                  std::to_string(key_tiles) + " tiles of " + std::to_string(Tiles::kBlockK) +
+                                  ") exceed CUDA's 65535 grid rows; split the keys into smaller blocks");
+    }
+    const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(key_tiles), Tiles::kSplit);
     auto kernel = attn_backward_kernel<DT, DMAX>;
     set_smem(kernel, Tiles::kSmem);
     RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(p, q_side(p), k_side(p));
