@@ -36,7 +36,7 @@ PYENV
 arch=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
 step build 120 env RINGATTN_CUDA_ARCHS="$arch" "$PY" -m pip install --no-build-isolation --no-deps -e .
 "$PY" -c "import ringattn, json; print(json.dumps(ringattn.extension_status()))" >> "$OUT/build.log" 2>&1
-step pytest-gpu 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
+step pytest-gpu 100 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m bench.sanitize_cases
   step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" -m bench.sanitize_cases

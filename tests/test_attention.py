@@ -169,6 +169,8 @@ def _params():
         for name, (case, dtypes) in CASES.items():
             for index, dtype in enumerate(dtypes):
                 marks = [pytest.mark.slow] if _slow(backend, name, case, index) else []
+                if backend in ("cuda", "triton"):
+                    marks.append(pytest.mark.gpu)
                 if (backend, dtype, name) in KNOWN_FAILURES:
                     marks.append(pytest.mark.xfail(reason=KNOWN_FAILURES[backend, dtype, name], strict=False))
                 yield pytest.param(

@@ -69,3 +69,52 @@ def test_cuda_backend_call_path_reads_nothing_on_the_host():
     assert out.shape == q.shape and out.dtype == torch.float32 and lse.shape == (2, 4, 40)
     dq, dk, dv = torch.ops.ringattn.cuda_block_backward(q, q, k, k, lse, lse, *inputs, False)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+
+
+_PRETEND_GPU = """
+import json, os, sys, torch
+torch.cuda.is_available = lambda: True  # what a GPU host reports, before conftest reads it
+import pytest
+
+class Probe:
+    def pytest_collection_finish(self, session):
+        devices = {item.module.__name__: getattr(item.module, "DEVICE", None) for item in session.items}
+        gpu = {item.nodeid for item in session.items if item.get_closest_marker("gpu")}
+        probe = {"interpret": os.environ.get("TRITON_INTERPRET"), "devices": devices, "gpu": len(gpu)}
+        print("PROBE " + json.dumps(probe))
+
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *sys.argv[1:]], plugins=[Probe()]))
+"""
+
+
+def test_on_a_gpu_host_triton_tests_use_cuda_tensors_without_the_interpreter(tmp_path):
+    # A collection run that pretends a GPU is present: conftest must leave the interpreter off and
+    # the Triton test modules must put their tensors on CUDA (CPU tensors fail a compiled launch).
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    files = [
+        "test_triton_flash.py",
+        "test_triton_rope.py",
+        "test_triton_autotune.py",
+        "test_triton_backend.py",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _PRETEND_GPU, *(str(tests / f) for f in files)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tests.parent,
+        timeout=300,
+    )
+    probe = next((line for line in run.stdout.splitlines() if line.startswith("PROBE")), None)
+    assert probe is not None, run.stdout[-2000:] + run.stderr[-2000:]
+    found = json.loads(probe.removeprefix("PROBE "))
+    assert found["interpret"] is None, "conftest turned the Triton interpreter on although a GPU is present"
+    assert found["devices"] and set(found["devices"].values()) == {"cuda"}, found["devices"]
+    assert found["gpu"] > 0, "the Triton tests carry the gpu marker that make gpu-check selects"

@@ -15,6 +15,7 @@ from tritonkernels.configs import CONFIGS, KERNELS, KernelConfig, get_configs
 
 A, B, C = KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 1), KernelConfig(16, 16, 4, 1)
 R16 = RoPEConfig(16, theta=1e4)
+pytestmark = pytest.mark.gpu  # CUDA tensors on a GPU machine, the interpreter elsewhere
 DEVICE = backend_device("triton")
 
 

@@ -14,6 +14,7 @@ from ringattn.merge import empty_partials
 from ringattn.reference import attention_backward_ref
 
 ROPE = RoPEConfig(16, theta=45.2e9)
+pytestmark = pytest.mark.gpu  # CUDA tensors on a GPU machine, the interpreter elsewhere
 DEVICE = backend_device("triton")
 
 

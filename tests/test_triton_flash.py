@@ -27,6 +27,7 @@ from tritonkernels.configs import KernelConfig
 from tritonkernels.flash import flash_attn_bwd, flash_attn_fwd
 
 R16 = RoPEConfig(16, theta=1e4)
+pytestmark = pytest.mark.gpu  # CUDA tensors on a GPU machine, the interpreter elsewhere
 DEVICE = backend_device("triton")
 TILE16 = KernelConfig(16, 16, 4, 1)
 

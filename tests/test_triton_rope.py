@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_checks import rotate_in_dtype
+from attention_checks import backend_device, rotate_in_dtype
 from harness import assert_within_peer_error, launcher_rope, nan_filled
 
 from ringattn import RoPEConfig
@@ -20,9 +20,19 @@ CONFIGS = {
 }
 
 
+pytestmark = pytest.mark.gpu  # CUDA tensors on a GPU machine, the interpreter elsewhere
+DEVICE = backend_device("triton")
+
+
 def _tables(x, positions, rope):
     """The kernel's RopeTables for a RoPEConfig, as the Triton backend builds them."""
     return launcher_rope(x, x, rope, q_positions=positions, k_positions=positions)["q_rope"]
+
+
+def _rotate(x, positions, rope, **kw):
+    """The kernel's rotation of CPU ``x`` at ``positions``, run where Triton runs here; on the CPU."""
+    x = x.to(DEVICE)
+    return rope_apply(x, _tables(x, positions.to(DEVICE), rope), **kw).cpu()
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["forward", "backward"])
@@ -32,13 +42,16 @@ def test_rope_kernel_matches_reference(rope, dtype, transpose):
     gen = torch.Generator().manual_seed(0)
     B, S, H = 2, 37, 3
     x = torch.randn(B, S, H, rope.dim, generator=gen).to(dtype)
-    x_view = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous (B, S, H, D) view
+    x_view = x.to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous (B, S, H, D) view
     positions = torch.randint(0, 2**31 - 1, (B, S), generator=gen, dtype=torch.int64)
     positions[0] = torch.arange(4_194_000, 4_194_000 + S)
     before = x_view.clone()
     out = rope_apply(
-        x_view, _tables(x, positions, rope), transpose=transpose, out=nan_filled(*x.shape, dtype=dtype)
-    )
+        x_view,
+        _tables(x_view, positions.to(DEVICE), rope),
+        transpose=transpose,
+        out=nan_filled(*x.shape, dtype=dtype, device=DEVICE),
+    ).cpu()
     assert torch.equal(x_view, before), "input must not be modified"
     ref = apply_rope(x, positions, rope, transpose=transpose)
     peer = rotate_in_dtype(x, positions, rope, transpose=transpose)
@@ -52,8 +65,8 @@ def test_rope_backward_is_the_transpose():
     x = torch.randn(1, 20, 2, 32, generator=gen)
     g = torch.randn(1, 20, 2, 32, generator=gen)
     pos = torch.arange(1000, 1020, dtype=torch.int32)
-    lhs = (rope_apply(x, _tables(x, pos, rope)).double() * g.double()).sum()
-    rhs = (x.double() * rope_apply(g, _tables(g, pos, rope), transpose=True).double()).sum()
+    lhs = (_rotate(x, pos, rope).double() * g.double()).sum()
+    rhs = (x.double() * _rotate(g, pos, rope, transpose=True).double()).sum()
     assert abs(lhs - rhs) <= 1e-4 * float(x.abs().sum())
 
 
@@ -80,7 +93,7 @@ def test_exact_phase_at_extreme_positions(positions):
     pos = torch.arange(*positions, dtype=torch.int64)
     x = torch.zeros(1, len(pos), 1, 128)
     x[..., :64] = 1.0  # NeoX pairs (x[j], x[j + 64]) = (1, 0)
-    y = rope_apply(x, _tables(x, pos, rope)).double()
+    y = _rotate(x, pos, rope).double()
     ours = torch.atan2(y[..., 64:], y[..., :64])[0, :, 0]
     truth = pos.double().unsqueeze(-1) * rope.inv_freq(torch.float64)
     err = (torch.remainder(ours - truth + torch.pi, 2 * torch.pi) - torch.pi).abs().max().item()
@@ -103,7 +116,7 @@ def test_hf_mode_matches_transformers_fp32_angles_at_any_position(positions):
     pos = torch.arange(*positions, dtype=torch.int64)
     x = torch.zeros(1, len(pos), 1, 128)
     x[..., :64] = 1.0  # NeoX pairs (x[j], x[j + 64]) = (1, 0): the output is (cos, sin)
-    y = rope_apply(x, _tables(x, pos, rope))[0, :, 0]
+    y = _rotate(x, pos, rope)[0, :, 0]
     angle32 = pos.float().unsqueeze(-1) * rope.inv_freq(torch.float32)
     truth = torch.cat((torch.cos(angle32.double()), torch.sin(angle32.double())), -1)
     peer = torch.cat((torch.cos(angle32), torch.sin(angle32)), -1)
