@@ -218,7 +218,11 @@ class CMakeBuild(build_ext):
                     _write_record(build_dir, fingerprint, configured=True)
         if not target.exists():
             raise RuntimeError(f"CMake finished but {target.name} was not produced")
-        return {"cuda": with_cuda, "cuda_archs": archs if with_cuda else ""}
+        text = (
+            subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout if with_cuda else ""
+        )
+        release = next((line.strip() for line in text.splitlines() if "release" in line), "")
+        return {"cuda": with_cuda, "cuda_archs": archs if with_cuda else "", "nvcc_version": release}
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers

@@ -146,6 +146,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = true;
   m.attr("cuda_archs") = RINGATTN_CUDA_ARCHS_STR;
   m.def("cuda_device_count", []() { return ringattn::cuda_device_count(nullptr); });
+  m.def(
+      "cuda_device_status",
+      []() {
+        std::string reason;
+        const int count = ringattn::cuda_device_count(&reason);
+        return std::make_tuple(count, reason);
+      },
+      "(device count, the runtime's error when it is 0) of the statically linked CUDA runtime.");
   m.def("rope_cos_sin_cuda", &rope_cos_sin_cuda, "Exact-phase RoPE cos/sin on a CUDA device.");
   m.def("attn_forward_cuda", &attn_forward_cuda, "Block attention forward on a CUDA device.");
   m.def("attn_backward_cuda", &attn_backward_cuda, "Block attention backward on a CUDA device.");

@@ -49,10 +49,13 @@ def _warn_missing() -> None:
 
 
 def extension_status() -> dict:
-    """What was built: ``{"available", "cuda", "cuda_archs", "reason", "build_seconds"}``.
+    """What was built: ``{"available", "cuda", "cuda_archs", "nvcc_version", "reason", "build_seconds"}``.
 
-    ``reason`` explains an unavailable extension (skipped with RINGATTN_SKIP_EXT=1, the build
-    failed, or the import failed); it is empty when the extension loaded.
+    ``nvcc_version`` is the CUDA release the kernels were compiled with (nvcc's ``release`` line; the
+    statically linked runtime needs a driver that supports that CUDA version: R580+ for CUDA 13),
+    "" without CUDA or for builds that did not record it. ``reason`` explains an unavailable
+    extension (skipped with RINGATTN_SKIP_EXT=1, the build failed, or the import failed); it is
+    empty when the extension loaded.
     """
     recorded = json.loads(_STATUS_FILE.read_text()) if _STATUS_FILE.exists() else {}
     module, error = _load()
@@ -60,6 +63,7 @@ def extension_status() -> dict:
         "available": module is not None,
         "cuda": bool(getattr(module, "with_cuda", False)),
         "cuda_archs": getattr(module, "cuda_archs", ""),
+        "nvcc_version": recorded.get("nvcc_version", "") if module is not None else "",
         "reason": "",
         "build_seconds": recorded.get("build_seconds"),
     }
