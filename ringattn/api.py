@@ -83,7 +83,8 @@ def flash_attn_func(
     """
     _no_dropout(dropout_p)
     _check_tensors(q=q, k=k, v=v)
-    _check_flag("causal", causal)
+    for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
+        _check_flag(name, flag)
     _check_positions(positions)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -154,7 +155,8 @@ def flash_attn_varlen_func(
     """
     _no_dropout(dropout_p)
     _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    _check_flag("causal", causal)
+    for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
+        _check_flag(name, flag)
     _check_positions(positions)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype not in (torch.int32, torch.int64):

@@ -312,6 +312,18 @@ def _describe(x) -> str:
     return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def _check_boundaries(cu: torch.Tensor | None) -> None:
+    """Document boundaries must be >= 0 and non-decreasing: checked on the host for CPU tensors, by
+    a device-side assert elsewhere (no host sync per block)."""
+    if cu is None or cu.numel() == 0 or cu.device.type == "meta":
+        return
+    ok = (cu[0] >= 0) & (cu[1:] >= cu[:-1]).all()
+    if cu.device.type != "cpu":
+        torch._assert_async(ok, "cu_seqlens must be >= 0 and non-decreasing")
+    elif not bool(ok):
+        raise ValueError(f"cu_seqlens must be >= 0 and non-decreasing, got {cu.tolist()}")
+
+
 def block_args(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -335,11 +347,22 @@ def block_args(
         q_positions=q_positions,
         k_positions=k_positions,
     )
+    _check_boundaries(mask.cu_seqlens)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     if rope is None:
         return BlockArgs(mask, scale, deterministic=bool(deterministic))
     q_rope = _rotary_positions(q_positions, mask.q_span, Sq, B, mask, rope, q.device, "q_positions")
     k_rope = _rotary_positions(k_positions, mask.k_span, Sk, B, mask, rope, q.device, "k_positions")
+    if rope.rope_type == "dynamic" and rope.dynamic_seq_len is None:
+        # Dynamic NTK is a property of the whole sequence: one length (max position + 1 over q and
+        # k) for both sides, pinned so every backend, the spec included, uses the same frequencies.
+        seq_len = max(q_rope.seq_len or 0, k_rope.seq_len or 0)
+        if seq_len:
+            rope = rope.at_seq_len(seq_len)
+            q_rope, k_rope = (
+                RotaryPositions(q_rope.positions, seq_len),
+                RotaryPositions(k_rope.positions, seq_len),
+            )
     return BlockArgs(mask, scale, rope, q_rope, k_rope, deterministic=bool(deterministic))
 
 

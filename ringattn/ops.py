@@ -166,6 +166,10 @@ def attention(
         q_positions=q_positions,
         k_positions=k_positions,
     )
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or a backend name), got {backend!r}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     mask_ints = [int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride, int(deterministic)]
     return _attention_fwd(

@@ -128,6 +128,8 @@ class RoPEConfig:
                 f"rotary dim int(dim * partial_rotary_factor) must be even and >= 2, got {self.rotary_dim} "
                 f"(dim={self.dim}, partial_rotary_factor={self.partial_rotary_factor})"
             )
+        if not isinstance(self.interleaved, bool):
+            raise TypeError(f"interleaved must be a bool, got {self.interleaved!r}")
         if self.precision not in ("exact", "hf"):
             raise ValueError(f"precision must be 'exact' or 'hf', got {self.precision!r}")
         n = self.dynamic_seq_len
@@ -382,6 +384,8 @@ def cos_sin(
         seq_len: sequence length for ``dynamic`` scaling (default ``max(positions) + 1``).
         impl: ``"auto"`` (compiled core for exact mode when built, else torch), ``"compiled"`` or ``"torch"``.
     """
+    if not isinstance(rope, RoPEConfig):
+        raise TypeError(f"rope must be a RoPEConfig, got {type(rope).__name__}")
     _check_positions(positions)
     if impl not in ("auto", "compiled", "torch"):
         raise ValueError(f"impl must be 'auto', 'compiled' or 'torch', got {impl!r}")

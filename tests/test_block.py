@@ -138,3 +138,21 @@ def test_errors_name_the_argument(call, error, match):
     q, k, v = _qkv(1, 6, 4, 2, 16)
     with pytest.raises(error, match=match):
         call(q, k, v)
+
+
+def test_dynamic_ntk_uses_one_sequence_length_for_queries_and_keys():
+    # Dynamic NTK frequencies follow the sequence's largest position: with Sq != Sk (or positions
+    # whose query part misses the maximum) q and k must still rotate with the same frequencies.
+    import ringattn
+
+    rope = RoPEConfig(16, scaling={"rope_type": "dynamic", "factor": 4.0, "max_position_embeddings": 8})
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 16, generator=gen)
+    k, v = (torch.randn(1, 32, 1, 16, generator=gen) for _ in range(2))
+    pinned = rope.at_seq_len(32)
+    ours = ringattn.flash_attn_func(q, k, v, rope=rope)
+    torch.testing.assert_close(ours, ringattn.flash_attn_func(q, k, v, rope=pinned), rtol=0, atol=1e-6)
+    positions = torch.cat((torch.arange(4, 32), torch.arange(4)))  # the queries' last 4 miss the max
+    ours = ringattn.flash_attn_func(q, k, v, rope=rope, positions=positions)
+    want = ringattn.flash_attn_func(q, k, v, rope=pinned, positions=positions)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-6)

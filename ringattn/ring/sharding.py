@@ -17,7 +17,7 @@ __all__ = ["shard", "unshard"]
 def _check(x, dim, layout, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
         raise ValueError(
             f"dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-D tensor, got {dim!r}"
         )
