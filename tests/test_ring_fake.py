@@ -383,3 +383,30 @@ def test_strided_views_as_attention_integrations_pass_them():
 
     ours = assemble(run_fake_ring(fn, fake_ring(3)), 19, "zigzag")
     check_against(ours, reference(q, k, v, dout, causal=True), peer(q, k, v, dout, causal=True))
+
+
+# ------------------------------------------------------------------------ on one GPU (make gpu-check)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_ring_on_one_gpu_orders_side_streams_with_events(dtype):
+    """The in-process ring on CUDA tensors: every hop is a real copy on each rank's side stream, ordered
+    against the compute stream and the sender's stream by events only (no host sync), as DistRingComm
+    does under NCCL. A missing event shows up as NaN (receive buffers are poisoned on the side stream)
+    or stale K/V, i.e. a mismatch with the fp64 reference."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    W, S = 4, 29
+    case = dict(causal=True, rope=RoPEConfig(16), cu_seqlens=DOCS)
+    q, k, v, dout = make_inputs(2, S, 4, 2, 16, dtype)
+    comms = fake_ring(W, timeout=20.0)
+
+    def rank_fn(comm):
+        torch.cuda.set_device(device)
+        res = local_run(comm, *(t.to(device) for t in (q, k, v, dout)), "zigzag", backend="reference", **case)
+        return {name: t.cpu() for name, t in res.items()}
+
+    ours = assemble(run_fake_ring(rank_fn, comms), S, "zigzag")
+    check_against(ours, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
+    assert all(comm._streams and all(s.device == device for s in comm._streams.values()) for comm in comms)

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -208,3 +209,43 @@ def test_gloo_silent_peer_times_out_naming_peer_and_hop(tmp_path):
                      res["message"]), res["message"]  # fmt: skip
     assert timeout <= res["elapsed"] < timeout + 10
     assert math.isfinite(res["elapsed"])
+
+
+# ----------------------------------------------------------------- NCCL on one GPU (make gpu-check)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not dist.is_nccl_available(), reason="needs NCCL")
+def test_nccl_group_of_one_matches_fp64_reference(tmp_path):
+    """ring_attn_func over a real NCCL process group of one (FileStore): the communicator, the device
+    check and the collective path on CUDA tensors, vs the fp64 reference."""
+    import ringattn.ring.dist_comm as dist_comm
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        comm = ring_comm()
+        assert isinstance(comm, DistRingComm) and comm.backend == "nccl" and comm.world_size == 1
+        comm._check_device(device)  # the current device passes
+        if torch.cuda.device_count() > 1:
+            other = torch.device("cuda", (device.index + 1) % torch.cuda.device_count())
+            with pytest.raises(ValueError, match="torch.cuda.set_device"):
+                comm._check_device(other)
+        gathered = comm.all_gather(torch.arange(3, device=device))
+        assert gathered.device == device and gathered.cpu().tolist() == [[0, 1, 2]]
+        case = dict(causal=True, rope=RoPEConfig(16))
+        q, k, v, dout = make_inputs(2, 37, 4, 2, 16, torch.float32)
+        ours = local_run(
+            comm, *(t.to(device) for t in (q, k, v, dout)), "zigzag", backend="reference", **case
+        )
+        ours = {name: t.cpu() for name, t in ours.items()}
+        check_against(ours, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
+    finally:
+        for key in [key for key in dist_comm._COMMS if key[0] is dist.group.WORLD]:
+            del dist_comm._COMMS[key]
+        dist.destroy_process_group()

@@ -31,11 +31,14 @@ from ringattn.ring import (
     RingError,
     RingStats,
     RingTimeoutError,
+    handshake,
     ring_attn_func,
+    ring_comm,
     shard,
     unshard,
 )
-from ringattn.ring.fake_comm import fake_ring, run_fake_ring
+from ringattn.ring.dist_comm import _check_nccl_device
+from ringattn.ring.fake_comm import FakeRingComm, fake_ring, run_fake_ring
 
 SCALINGS = {
     "default": None,
@@ -234,6 +237,134 @@ def test_agreeing_ranks_need_one_small_all_gather():
     for comm in comms:
         gathers = [entry for entry in comm.log if entry[0] == "all_gather"]
         assert len(gathers) == 1 and gathers[0][4] == (7,)  # seven ints, whatever the options
+
+
+# ------------------------------------------------------------------- agreement once per communicator
+
+
+def _gathers(comms) -> list[int]:
+    return [sum(entry[0] == "all_gather" for entry in comm.log) for comm in comms]
+
+
+def test_agreement_is_cached_per_communicator_and_redone_when_the_call_changes(monkeypatch):
+    """Before: every call ran one all_gather (a barrier) and a .tolist() (a host sync) to agree.
+    Now: the first call with given shapes and options agrees; identical calls after it do no collective
+    and skip the handshake (its host sync) entirely; a changed option or shape agrees again."""
+    handshakes = []
+    real = handshake._handshake
+    monkeypatch.setattr(handshake, "_handshake", lambda *a, **kw: handshakes.append(1) or real(*a, **kw))
+    q, k, v, _ = _inputs(1, 8, 2, 1, 16)
+    comms = fake_ring(3)
+
+    def call(q=q, k=k, v=v, **options):
+        before = _gathers(comms), len(handshakes)
+        run_fake_ring(lambda c: ring_attn_func(q, k, v, group=c, rope=RoPEConfig(16), **options), comms)
+        after = _gathers(comms)
+        return [a - b for a, b in zip(after, before[0], strict=True)], len(handshakes) - before[1]
+
+    assert call() == ([1, 1, 1], 3)  # first call: one all_gather per rank
+    for _ in range(3):
+        assert call() == ([0, 0, 0], 0)  # steady state: no collective, no handshake
+    assert call(softmax_scale=0.3) == ([1, 1, 1], 3)  # a changed option re-agrees
+    assert call(softmax_scale=0.3) == ([0, 0, 0], 0)
+    assert call(causal=False, softmax_scale=0.3) == ([1, 1, 1], 3)
+    assert call(q=q[:, :5], k=k[:, :5], v=v[:, :5]) == ([1, 1, 1], 3)  # a changed shape too
+    assert call(q=q[:, :5], k=k[:, :5], v=v[:, :5]) == ([0, 0, 0], 0)
+    docs = torch.tensor([0, 9, 24])
+    assert call(cu_seqlens=docs) == ([1, 1, 1], 3)
+    assert call(cu_seqlens=torch.tensor([0, 9, 24])) == ([0, 0, 0], 0)  # by value
+    assert call(cu_seqlens=torch.tensor([0, 10, 24])) == ([1, 1, 1], 3)
+    # Explicit positions are data: gathered on every call, the agreement itself still cached.
+    positions = torch.arange(8) * 2
+    assert call(positions=positions) == ([2, 2, 2], 3)
+    assert call(positions=positions + 1) == ([1, 1, 1], 0)
+    monkeypatch.setenv("RINGATTN_RING_DEBUG", "1")  # debug mode: agree on every call
+    assert call() == ([1, 1, 1], 3)
+    assert call() == ([1, 1, 1], 3)
+
+
+def test_cached_agreement_gives_the_same_numbers():
+    q, k, v, dout = _inputs(1, 8, 2, 1, 16)
+    comms = fake_ring(3)
+
+    def rank_fn(comm):
+        q_l, k_l, v_l = (shard(t, 1, comm).requires_grad_() for t in (q, k, v))
+        out = ring_attn_func(q_l, k_l, v_l, group=comm, rope=RoPEConfig(16))
+        out.backward(shard(dout, 1, comm))
+        return [t.detach().clone() for t in (out, q_l.grad, k_l.grad, v_l.grad)]
+
+    first = run_fake_ring(rank_fn, comms)
+    again = run_fake_ring(rank_fn, comms)
+    assert all(comm._agreed is not None for comm in comms)
+    for mine, theirs in zip(first, again, strict=True):
+        for a, b in zip(mine, theirs, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_lone_rank_changing_its_call_after_agreement_fails_instead_of_mixing_calls(monkeypatch):
+    """After an agreement, a rank that alone changes its call misses the cache and runs the handshake
+    while the others move K/V: the ring fails (it never runs with mixed calls). In debug mode every
+    call agrees, so the error is the readable disagreement."""
+    q, k, v, _ = _inputs(1, 8, 2, 1, 16)
+    comms = fake_ring(2, timeout=3.0)
+    run_fake_ring(lambda c: ring_attn_func(q, k, v, group=c), comms)
+
+    def lone(comm):
+        ring_attn_func(q, k, v, group=comm, softmax_scale=0.3 if comm.rank == 1 else None)
+
+    with pytest.raises((RingError, ValueError)):
+        run_fake_ring(lone, comms)
+    comms = fake_ring(2, timeout=3.0)
+    run_fake_ring(lambda c: ring_attn_func(q, k, v, group=c), comms)
+    monkeypatch.setenv("RINGATTN_RING_DEBUG", "1")
+    with pytest.raises(ValueError, match="ranks disagree on softmax_scale: rank 0 has None, rank 1 has 0.3"):
+        run_fake_ring(lone, comms)
+
+
+def test_two_level_pair_groups_share_one_communicator_and_its_agreement():
+    inner, outer = fake_ring(2), fake_ring(2)
+    first = ring_comm((inner[0], outer[0]))
+    assert ring_comm((inner[0], outer[0])) is first and ring_comm([inner[0], outer[0]]) is first
+    assert first.overlap is False and first._agreed is None
+
+
+# ------------------------------------------------------------------------------------- NCCL devices
+
+
+def test_nccl_device_check_names_both_devices_and_the_fix():
+    cuda = torch.device
+    _check_nccl_device("nccl", cuda("cuda", 0), 0)
+    _check_nccl_device("nccl", cuda("cuda", 3), 3)
+    _check_nccl_device("gloo", cuda("cpu"), None)  # other backends are not checked
+    _check_nccl_device("gloo", cuda("cuda", 1), 0)
+    for device, current, shown in (
+        (cuda("cuda", 1), 0, "cuda:0"),
+        (cuda("cuda", 0), 5, "cuda:5"),
+        (cuda("cpu"), 0, "cuda:0"),
+        (cuda("cuda", 0), None, "none"),
+    ):
+        with pytest.raises(ValueError) as info:
+            _check_nccl_device("nccl", device, current)
+        message = str(info.value)
+        assert f"tensors are on {device}" in message and f"current CUDA device is {shown}" in message
+        assert "torch.cuda.set_device(local_rank)" in message
+
+
+def test_handshake_gathers_on_the_inputs_device(monkeypatch):
+    """The agreement's tensors go to the call's tensors' device (not torch.cuda.current_device())."""
+    devices = []
+    real = FakeRingComm.all_gather
+
+    def all_gather(self, t, timeout=None):
+        devices.append(t.device)
+        return real(self, t, timeout)
+
+    monkeypatch.setattr(FakeRingComm, "all_gather", all_gather)
+    q, k, v, _ = _inputs(1, 8, 2, 1, 16)
+    comms = fake_ring(2)
+    with pytest.raises(ValueError, match="ranks disagree on softmax_scale"):
+        run_fake_ring(lambda c: ring_attn_func(q, k, v, group=c, softmax_scale=0.2 + 0.1 * c.rank), comms)
+    assert len(devices) >= 4 and set(devices) == {q.device}  # ints, then the descriptions (mismatch)
 
 
 # ------------------------------------------------------------------------------ gloo jobs, exit time

@@ -155,6 +155,77 @@ def test_outer_exchange_is_posted_before_the_inner_ring_computes(monkeypatch):
         assert events[ident] == expected, (o, i)
 
 
+def _in_flight_trace(comms):
+    """Wrap every level's posts and waits: per thread, the ordered ("post"|"wait", level) events."""
+    events: dict[int, list] = {}
+    for comm in comms:
+        for name, level in (("outer", comm.outer), ("inner", comm.inner)):
+            original = level._exchange
+
+            def post(sends, recvs, record, timeout, name=name, original=original):
+                mine = events.setdefault(threading.get_ident(), [])
+                mine.append(("post", name))
+                pending = original(sends, recvs, record, timeout)
+                wait = pending._wait
+
+                def waited():
+                    wait()
+                    mine.append(("wait", name))  # Pending.wait runs _wait once per exchange
+
+                pending._wait = waited
+                return pending
+
+            level._exchange = post
+    return events
+
+
+def _levels_in_flight_at_once(trace) -> bool:
+    flying = {"outer": 0, "inner": 0}
+    for kind, level in trace:
+        flying[level] += 1 if kind == "post" else -1
+        assert flying[level] >= 0
+        if flying["outer"] and flying["inner"]:
+            return True
+    assert flying == {"outer": 0, "inner": 0}  # every exchange was waited for
+    return False
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_two_levels_are_never_in_flight_at_once_unless_overlap_is_asked_for(overlap):
+    """NCCL documents concurrent P2P on two communicators as deadlock-prone: by default no message of
+    one level is posted while the other level's is in flight; ``overlap=True`` is the old schedule
+    (the outer exchange in flight across the inner ring). Both give bitwise the same results."""
+    inner, outer = 2, 3
+    q, k, v, dout = make_inputs(1, 24, 2, 1, 16, torch.float32)
+    results = {}
+    for mode in (False, True):
+        comms = fake_two_level(inner, outer, overlap=mode)
+        assert all(comm.overlap is mode for comm in comms)
+        events = _in_flight_trace(comms) if mode is overlap else None
+        per_rank = run_fake_ring(
+            lambda c: (threading.get_ident(), local_run(c, q, k, v, dout, "zigzag", rope=RoPEConfig(16))),
+            comms,
+        )
+        results[mode] = [res for _, res in per_rank]
+        if events is not None:
+            for ident, _ in per_rank:
+                trace = events[ident]
+                assert trace.count(("post", "outer")) == 2 * (outer - 1) + outer  # fwd kv, bwd kv, bwd dkv
+                assert _levels_in_flight_at_once(trace) is overlap
+    for ours, theirs in zip(results[False], results[True], strict=True):
+        for name in (*NAMES, "lse"):
+            assert torch.equal(ours[name], theirs[name]), name
+    full = assemble(results[False], 24, "zigzag")
+    spec = dict(causal=True, rope=RoPEConfig(16))
+    check_against(full, reference(q, k, v, dout, **spec), peer(q, k, v, dout, **spec))
+
+
+def test_two_level_overlap_must_be_a_bool():
+    a, b = fake_ring(2), fake_ring(2)
+    with pytest.raises(TypeError, match="overlap must be a bool"):
+        TwoLevelComm(a[0], b[0], overlap="yes")
+
+
 def test_messages_go_to_grid_neighbours_and_pair_up():
     inner, outer = 4, 3
     q, k, v, dout = make_inputs(1, 24, 2, 1, 16, torch.float32)

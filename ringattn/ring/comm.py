@@ -5,7 +5,9 @@ The scheduler only ever asks a communicator for two things:
 * ``exchange(sends, recvs, hop=, label=)``: post every tensor of ``sends`` to the next rank and receive
   every tensor of ``recvs`` from the previous rank; returns a handle whose ``wait()`` blocks until all
   of them completed (or raises ``RingError`` naming the peer and the hop).
-* ``all_gather(t)``: a small collective used once per call to check that ranks agree.
+* ``all_gather(t)``: a small collective, used to check that ranks agree (on the first call with given
+  shapes and options; later identical calls reuse that agreement, see ``handshake``) and to gather
+  explicit RoPE positions.
 
 Message order. Every rank posts the same exchanges, with the same list lengths, in the scheduler's
 fixed per-step order; an implementation must deliver them in posting order, so the k-th message a rank
@@ -26,6 +28,7 @@ Implementations: ``dist_comm.DistRingComm`` (torch.distributed, with the factory
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -49,7 +52,18 @@ __all__ = [
     "RingComm",
     "TwoLevelComm",
     "nvtx_range",
+    "debug_enabled",
 ]
+
+DEBUG_ENV = "RINGATTN_RING_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """``RINGATTN_RING_DEBUG=1`` (read per call): every ``ring_attn_func`` call runs the agreement
+    handshake (a collective and a host sync) instead of reusing its communicator's cached one, and on
+    CUDA every wait with a ``timeout`` blocks the host until that hop completes (a hop that does not
+    complete in time raises ``RingTimeoutError`` naming the peer and the hop)."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
 def nvtx_range(message: str):
@@ -181,6 +195,7 @@ class RingComm(ABC):
         self.rank, self.world_size = rank, world_size
         self.timeout = _timeout_seconds(timeout)
         self.stats = RingStats()
+        self._agreed = None  # (key, handshake table) of the latest agreement (handshake._plan)
 
     @property
     def next_rank(self) -> int:
@@ -251,15 +266,27 @@ class TwoLevelComm:
     (a super-block, spread over that node's ranks) one node further while the inner ring computes on
     the current one. ``all_gather`` returns rows in position order. The ranks must form a grid:
     ``ring_attn_func`` checks that every position is held by exactly one rank before K/V move.
+
+    ``overlap``: with False (the default) the two levels never have messages in flight at once: each
+    outer exchange is waited for right after it is posted, before the inner ring moves, so the outer
+    hops' time is exposed. NCCL documents concurrent point-to-point traffic on two communicators as
+    deadlock-prone, and no multi-GPU run has shown the overlapped schedule safe yet. With True the
+    outer exchange of the next super-block stays in flight while the inner ring runs on the current
+    one (hiding the outer hop behind the inner ring's compute); opt in with
+    ``TwoLevelComm(ring_comm(inner), ring_comm(outer), overlap=True)`` (or
+    ``comm_from_rings(..., overlap=True)``) and pass that as ``group``.
     """
 
-    def __init__(self, inner: RingComm, outer: RingComm):
+    def __init__(self, inner: RingComm, outer: RingComm, overlap: bool = False):
         for name, comm in (("inner", inner), ("outer", outer)):
             if not isinstance(comm, RingComm):
                 raise TypeError(f"{name} must be a RingComm, got {type(comm).__name__}")
         if inner is outer:
             raise ValueError("inner and outer must be different rings")
-        self.inner, self.outer = inner, outer
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+        self.inner, self.outer, self.overlap = inner, outer, overlap
+        self._agreed = None  # (key, handshake table) of the latest agreement (handshake._plan)
         self.rank = outer.rank * inner.world_size + inner.rank
         self.world_size = inner.world_size * outer.world_size
 

@@ -14,7 +14,12 @@ as ``group`` to ``shard``, ``unshard`` and ``ring_attn_func`` so all three agree
 
 ``ring_comm(group)`` is how the rest of the library turns a ``group`` argument into a communicator: it
 returns a given ``RingComm``/``TwoLevelComm`` as is and caches one ``DistRingComm`` per (process group,
-order, timeout).
+order, timeout) and one ``TwoLevelComm`` per pair of them, so a communicator's cached agreement
+(``handshake``) serves every later call with the same ``group``.
+
+Devices. Collectives and exchanges run on the call's tensors' device; under NCCL that must be the
+current CUDA device (``torch.cuda.set_device(local_rank)`` before ``init_process_group``), which is
+checked before anything is posted.
 
 Failures. A wire error names the peer of the operation that failed: under gloo every send and receive
 is posted and waited on by itself, so a dead previous rank is named as such even when the post fails.
@@ -44,10 +49,26 @@ from .comm import (
     RingTimeoutError,
     TwoLevelComm,
     _timeout_seconds,
+    debug_enabled,
     nvtx_range,
 )
 
 __all__ = ["DistRingComm", "ring_comm", "comm_from_rings"]
+
+
+def _check_nccl_device(backend: str, device: torch.device, current: int | None) -> None:
+    """Under NCCL a collective or P2P runs on the communicator of the *current* CUDA device, so the
+    tensors must live there: raise when ``device`` (a tensor's) is not ``cuda:current``. ``current``
+    is ``torch.cuda.current_device()`` (None when CUDA is unavailable). Other backends pass."""
+    if backend != "nccl":
+        return
+    if device.type != "cuda" or current is None or device.index not in (None, current):
+        raise ValueError(
+            f"ring attention over NCCL: the tensors are on {device} but the current CUDA device is "
+            f"{'none' if current is None else f'cuda:{current}'}; call torch.cuda.set_device(local_rank) "
+            "(e.g. int(os.environ['LOCAL_RANK']) under torchrun) before init_process_group and create the "
+            "tensors on that device, so that every rank uses its own GPU"
+        )
 
 
 class _DistPending(Pending):
@@ -64,9 +85,12 @@ class _DistPending(Pending):
                     work.wait(timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
                 else:
                     with torch.cuda.stream(self.stream):
-                        # NCCL: a timeout blocks the CPU until done; without one the group's
-                        # watchdog enforces its timeout and only the streams are ordered.
-                        work.wait(timedelta(seconds=self.timeout)) if self.timeout else work.wait()
+                        # NCCL: only the streams are ordered (no host sync), and the group's watchdog
+                        # enforces its own timeout; in debug mode a timeout blocks the host per hop.
+                        if self.timeout and debug_enabled():
+                            work.wait(timedelta(seconds=self.timeout))
+                        else:
+                            work.wait()
             except Exception as exc:  # the backend's error types vary; name the peer and hop
                 self.works = self.works[i + 1 :]
                 raise comm._error(
@@ -86,7 +110,10 @@ class DistRingComm(RingComm):
     position and come from the previous one; ``all_gather`` returns rows in ring order.
 
     On CUDA the exchange is posted on a dedicated stream that first waits (event) for the compute
-    stream, and the compute stream waits (event) for the exchange in ``wait()``.
+    stream, and the compute stream waits (event) for the exchange in ``wait()``: no host sync. Under
+    NCCL the tensors must be on the current CUDA device (``torch.cuda.set_device(local_rank)``), or
+    the call raises naming both devices. A ``timeout`` blocks the host per hop only in debug mode
+    (``RINGATTN_RING_DEBUG=1``); otherwise NCCL's watchdog enforces the process group's timeout.
 
     After a ``RingTimeoutError`` the group is unusable (see the module docstring): every later call on
     this communicator raises ``RingError`` at once; destroy the group and create a new one.
@@ -111,6 +138,7 @@ class DistRingComm(RingComm):
         self._gather_rows = [members.index(g) for g in self.order]  # group rank at each ring position
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.broken: str | None = None  # the timeout that made the group unusable, once one happened
+        self.backend = str(dist.get_backend(pg))
 
     @property
     def ring_key(self) -> int:
@@ -153,10 +181,16 @@ class DistRingComm(RingComm):
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def _check_device(self, device: torch.device) -> None:
+        if self.backend == "nccl":
+            available = torch.cuda.is_available()
+            _check_nccl_device(self.backend, device, torch.cuda.current_device() if available else None)
+
     def _exchange(self, sends, recvs, record, timeout):
         self._check_usable()
         dist = self._dist
         device = (sends or recvs)[0].device
+        self._check_device(device)
         stream = self._stream_for(device)
         ops = [dist.P2POp(dist.isend, t, self._next_global, self.pg) for t in sends]
         ops += [dist.P2POp(dist.irecv, t, self._prev_global, self.pg) for t in recvs]
@@ -196,8 +230,9 @@ class DistRingComm(RingComm):
         dist = self._dist
         if self.world_size == 1:
             return t.unsqueeze(0).clone()
-        if dist.get_backend(self.pg) == "nccl" and t.device.type != "cuda":
-            t = t.to(torch.device("cuda", torch.cuda.current_device()))
+        if self.backend == "nccl" and t.device.type != "cuda" and torch.cuda.is_available():
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))  # a CPU tensor from a caller
+        self._check_device(t.device)
         self._check_usable()
         out = [torch.empty_like(t) for _ in range(self.world_size)]
         timeout = timeout or self.timeout or self.default_timeout
@@ -302,7 +337,11 @@ def ring_comm(group=None, timeout=None, order=None) -> RingComm | TwoLevelComm:
         inner, outer = (ring_comm(g, timeout) for g in group)
         if not (isinstance(inner, RingComm) and isinstance(outer, RingComm)):
             raise TypeError("the inner and outer groups of a two-level ring must each be one ring")
-        return TwoLevelComm(inner, outer)
+        key = ("two-level", inner, outer)  # one per pair: it keeps the agreement (handshake)
+        comm = _COMMS.get(key)
+        if comm is None:
+            comm = _COMMS[key] = TwoLevelComm(inner, outer)
+        return comm
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
@@ -322,12 +361,15 @@ def ring_comm(group=None, timeout=None, order=None) -> RingComm | TwoLevelComm:
     return comm
 
 
-def comm_from_rings(rings, inner: int | None = None, timeout=None) -> RingComm | TwoLevelComm:
+def comm_from_rings(
+    rings, inner: int | None = None, timeout=None, overlap: bool = False
+) -> RingComm | TwoLevelComm:
     """This process's communicator for context-parallel rings listed as global ranks in ring order
     (e.g. ``ringattn.topology.ring_groups(ring_order(topo), ...)``): a flat ring in that order, or with
     ``inner`` a two-level ring whose inner rings are runs of ``inner`` consecutive ranks of it (a node's
     run of the order) and whose outer rings join the ranks at the same inner position
-    (``ringattn.topology.split_two_level``). Creating process groups is collective: every process
+    (``ringattn.topology.split_two_level``; ``overlap`` as in ``TwoLevelComm``, off by default).
+    Creating process groups is collective: every process
     calls this with the same ``rings``, and each process must be in exactly one of them.
     """
     import torch.distributed as dist
@@ -353,4 +395,4 @@ def comm_from_rings(rings, inner: int | None = None, timeout=None) -> RingComm |
             pg = dist.new_group(sorted(ranks))
             if me in ranks:
                 comms.append(ring_comm(pg, timeout, order=ranks))
-    return comms[0] if inner is None else TwoLevelComm(*comms)
+    return comms[0] if inner is None else TwoLevelComm(*comms, overlap=overlap)

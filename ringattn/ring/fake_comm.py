@@ -11,10 +11,17 @@
   before ``wait()`` shows up in the result), and a send buffer written before ``wait()`` raises;
 * scale: mailboxes are in-process queues, so W=64 rings (and 8 x 8 two-level rings) run in seconds;
 * failure handling: when one rank raises, the others' waits raise instead of hanging.
+
+CUDA tensors move the way ``DistRingComm`` moves them under NCCL: each rank posts on its own side
+stream that first waits (event) for the rank's current stream; a message carries an event recorded
+after its copy, which the receiver's side stream waits on before copying it into the receive buffer;
+and ``wait()`` makes the current stream wait (event) for the side stream. So a fake ring on one GPU
+exercises the scheduler's CUDA stream ordering with real copies on real streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -49,19 +56,38 @@ class _FakeHub:
         self.barrier.abort()
 
 
+def _on(stream):
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
 class _FakePending(Pending):
-    def __init__(self, comm, record, sends, recvs, timeout):
+    def __init__(self, comm, record, sends, recvs, timeout, stream=None):
         super().__init__(comm, record)
-        self.sends, self.recvs, self.timeout = sends, recvs, timeout
+        self.sends, self.recvs, self.timeout, self.stream = sends, recvs, timeout, stream
 
     def _wait(self) -> None:
-        comm, hub = self.comm, self.comm.hub
+        stream = self.stream
+        if stream is not None:  # see the current stream's writes to the send buffers, and order after them
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with _on(stream):
+            self._check_sends()
+            self._receive()
+        if stream is not None:
+            done = torch.cuda.Event()
+            done.record(stream)
+            torch.cuda.current_stream(stream.device).wait_event(done)
+
+    def _check_sends(self) -> None:
+        comm = self.comm
         for t, snapshot in self.sends:
             if not torch.equal(t.view(torch.uint8), snapshot.view(torch.uint8)):
                 raise RingError(
                     f"rank {comm.rank}: a send buffer of hop {self.record.hop} ({self.record.label}) "
                     "was written while in flight"
                 )
+
+    def _receive(self) -> None:
+        comm, hub, stream = self.comm, self.comm.hub, self.stream
         deadline = time.monotonic() + (self.timeout or math.inf)
         box = hub.boxes[(comm.prev_rank, comm.rank)]
         for t in self.recvs:
@@ -74,7 +100,7 @@ class _FakePending(Pending):
                         self.record, "receive from", comm.prev_rank, self.timeout, TimeoutError("timed out")
                     )
                 try:
-                    hop, label, data = box.get(timeout=min(left, 0.05))
+                    hop, label, data, copied = box.get(timeout=min(left, 0.05))
                     break
                 except queue.Empty:
                     continue
@@ -84,6 +110,9 @@ class _FakePending(Pending):
                     f"rank {comm.prev_rank} sent hop {hop} ({label}) {tuple(data.shape)} {data.dtype}, "
                     f"expected {tuple(t.shape)} {t.dtype}"
                 )
+            if copied is not None:  # the sender's copy into the message is done on its side stream
+                stream.wait_event(copied)
+                data.record_stream(stream)  # allocated on the sender's stream, read on ours
             t.copy_(data)
 
 
@@ -99,6 +128,15 @@ class FakeRingComm(RingComm):
     def __init__(self, hub: _FakeHub, rank: int, timeout: float | None):
         super().__init__(rank, hub.world_size, timeout)
         self.hub = hub
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _stream_for(self, device: torch.device):
+        """This rank's side stream on a CUDA device (None for CPU tensors), as ``DistRingComm``'s."""
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
 
     @property
     def ring_key(self) -> int:
@@ -116,16 +154,29 @@ class FakeRingComm(RingComm):
 
     def _exchange(self, sends, recvs, record, timeout):
         box = self.hub.boxes[(self.rank, self.next_rank)] if self.world_size > 1 else None
+        stream = self._stream_for((sends or recvs)[0].device) if (sends or recvs) else None
+        if stream is not None:  # as DistRingComm: the side stream waits for the compute stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(stream.device))
+            stream.wait_event(ready)
         snapshots = []
-        for t in sends:
-            self._log(("send", self.next_rank, record.hop, record.label, tuple(t.shape), t.dtype))
-            snapshots.append((t, t.clone()))
-            box.put((record.hop, record.label, t.clone()))
-        for t in recvs:
-            self._log(("recv", self.prev_rank, record.hop, record.label, tuple(t.shape), t.dtype))
-            if t.is_floating_point():
-                t.fill_(math.nan)
-        return _FakePending(self, record, snapshots, recvs, timeout)
+        with _on(stream):
+            for t in sends:
+                self._log(("send", self.next_rank, record.hop, record.label, tuple(t.shape), t.dtype))
+                snapshots.append((t, t.clone()))
+                message, copied = t.clone(), None
+                if stream is not None:
+                    copied = torch.cuda.Event()
+                    copied.record(stream)
+                box.put((record.hop, record.label, message, copied))
+            for t in recvs:
+                self._log(("recv", self.prev_rank, record.hop, record.label, tuple(t.shape), t.dtype))
+                if t.is_floating_point():
+                    t.fill_(math.nan)
+        if stream is not None:
+            for t in (*sends, *recvs):
+                t.record_stream(stream)  # the allocator must not reuse them before the side stream is done
+        return _FakePending(self, record, snapshots, recvs, timeout, stream)
 
     def all_gather(self, t: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         hub, timeout = self.hub, timeout or self.timeout
@@ -149,15 +200,22 @@ def fake_ring(world_size: int, timeout: float | None = 60.0) -> list[FakeRingCom
     return [FakeRingComm(hub, rank, timeout) for rank in range(world_size)]
 
 
-def fake_two_level(inner_size: int, outer_size: int, timeout: float | None = 60.0) -> list[TwoLevelComm]:
+def fake_two_level(
+    inner_size: int, outer_size: int, timeout: float | None = 60.0, overlap: bool = False
+) -> list[TwoLevelComm]:
     """``outer_size`` nodes of ``inner_size`` virtual ranks as two-level rings, in position order
-    (``comms[o * inner_size + i]`` is inner position i of node o); drive them with ``run_fake_ring``."""
+    (``comms[o * inner_size + i]`` is inner position i of node o); drive them with ``run_fake_ring``.
+    ``overlap`` as in ``TwoLevelComm`` (off by default)."""
     for name, size in (("inner_size", inner_size), ("outer_size", outer_size)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     inner = [fake_ring(inner_size, timeout) for _ in range(outer_size)]  # one ring per node
     outer = [fake_ring(outer_size, timeout) for _ in range(inner_size)]  # one ring per inner position
-    return [TwoLevelComm(inner[o][i], outer[i][o]) for o in range(outer_size) for i in range(inner_size)]
+    return [
+        TwoLevelComm(inner[o][i], outer[i][o], overlap=overlap)
+        for o in range(outer_size)
+        for i in range(inner_size)
+    ]
 
 
 def run_fake_ring(fn: Callable, comms: Sequence[FakeRingComm | TwoLevelComm]) -> list:

@@ -25,6 +25,12 @@ the next super-block share, and runs the whole inner ring over the current super
 for it. In backward the inner ring brings each share's dk/dv (this node's queries) back to the rank
 that holds the share, and that sum is what the outer accumulator, one outer hop behind, adds on its
 way home. Shards, masks and pieces are those of the flat ring of N ranks.
+
+By default (``TwoLevelComm(..., overlap=False)``) the two levels never have messages in flight at
+once: every outer exchange is waited for right after it is posted, before the inner ring (or the next
+outer exchange) moves, since NCCL documents concurrent point-to-point traffic on two communicators as
+deadlock-prone. ``overlap=True`` keeps the outer exchange in flight across the inner ring's walk, as
+described above.
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ def _receive_buffers(kv: torch.Tensor, level: int, ring: bool) -> tuple[torch.Te
     return (torch.empty_like(kv), kv) if level == 0 else (torch.empty_like(kv), torch.empty_like(kv))
 
 
+def _serial(plan: _Plan, level: int) -> bool:
+    """Whether this level's exchanges are waited for as soon as they are posted: the outer levels of a
+    two-level ring unless it opted into overlap, so no two levels ever have messages in flight at once."""
+    return level + 1 < len(plan.levels) and not getattr(plan.comm, "overlap", True)
+
+
 def _walk_forward(plan: _Plan, level: int, kv: torch.Tensor, owner: tuple[int, ...], compute) -> None:
     """Bring every K/V shard of this level's ring past this rank, starting from ``kv`` (the shard of the
     rank at ``owner``), and ``compute(src, buffer)`` on each at the innermost level."""
@@ -68,6 +80,8 @@ def _walk_forward(plan: _Plan, level: int, kv: torch.Tensor, owner: tuple[int, .
         if ring and step < W - 1:
             recv = bufs[step % 2]
             pending = comm.exchange([cur], [recv], hop=step + 1, label="forward kv", timeout=plan.timeout)
+            if _serial(plan, level):
+                pending.wait()  # done before the inner ring posts anything
         src = _shifted(owner, level, (owner[level] - step) % W)
         if level + 1 < len(plan.levels):
             _walk_forward(plan, level + 1, cur, src, compute)
@@ -96,6 +110,8 @@ def _walk_backward(plan, level, kv, owner, compute, acc, dkv_dtype) -> torch.Ten
         if ring and step < W - 1:
             recv = kv_bufs[step % 2]
             pending_kv = comm.exchange([cur], [recv], hop=step + 1, label="backward kv", timeout=plan.timeout)
+            if _serial(plan, level):
+                pending_kv.wait()
         src = _shifted(owner, level, (owner[level] - step) % W)
         if innermost:
             local.zero_()
@@ -112,6 +128,8 @@ def _walk_backward(plan, level, kv, owner, compute, acc, dkv_dtype) -> torch.Ten
         if ring:
             pending_dkv = comm.exchange([travelling], [dkv_bufs[(step + 1) % 2]], hop=step + 1,
                                         label="backward dkv", timeout=plan.timeout)  # fmt: skip
+            if _serial(plan, level):
+                pending_dkv.wait()
         if pending_kv is not None:
             pending_kv.wait()
             cur = recv
@@ -261,7 +279,14 @@ def ring_attn_func(
         backend: block backend name, or "auto".
         dkv_dtype: dtype of the dk/dv accumulators on the wire in backward (default: k's dtype;
             torch.float32 avoids one rounding per hop at twice the bf16 bytes).
-        timeout: seconds (or timedelta) for each wait on the wire; default the group's timeout.
+        timeout: seconds (or timedelta) for each wait on the wire; default the group's timeout. On
+            CUDA (NCCL) waits only order streams and the group's own timeout applies, unless
+            ``RINGATTN_RING_DEBUG=1``, where each hop blocks the host for at most ``timeout``.
+
+    The ranks agree on shapes and options on the first call with them (one small all_gather and a
+    host sync); the communicator keeps that agreement, so later identical calls do neither
+    (``RINGATTN_RING_DEBUG=1`` agrees on every call). A two-level ring never has both levels'
+    messages in flight at once unless its ``TwoLevelComm`` was built with ``overlap=True``.
 
     Returns:
         out (B, S_local, Hq, D) in q's dtype, and lse when ``return_lse``.
