@@ -67,7 +67,10 @@ def test_global_lse_and_delta_from_outside():
 def test_strided_inputs_and_fp32_out():
     # q/k/v as (B, H, S, D) tensors viewed as (B, S, H, D): non-contiguous, handled by strides.
     c = Case(37, 29, Hq=4, Hkv=2, causal=True, rope=R16, q_span=Span(10))
-    q, k, v, _ = make_inputs(c, torch.float32, seed=5, device=DEVICE)
+    # Each launch is held to the fp64 rule, not to the other launch: Triton specialises on unit
+    # strides and on divisibility by 16, so the two launches are different compiled kernels, which on
+    # a GPU may contract multiply-adds differently and differ in the last bits.
+    q, k, v, dout = make_inputs(c, torch.float32, seed=5, device=DEVICE)
     qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not qs.is_contiguous()
     kw = dict(causal=True, q_span=(10, 1), config=TILE16)
@@ -75,8 +78,15 @@ def test_strided_inputs_and_fp32_out():
     out_c, lse_c = flash_attn_fwd(q, k, v, **kw)
     out_s, lse_s = flash_attn_fwd(qs, ks, vs, out_dtype=torch.float32, **kw)
     assert out_s.dtype == torch.float32
-    torch.testing.assert_close(out_s, out_c, rtol=0, atol=0)
-    torch.testing.assert_close(lse_s, lse_c, rtol=0, atol=0)
+    spec = c.spec_kwargs(DEVICE)
+    ref = reference_results(q, k, v, dout, **spec)
+    peer = peer_results(q, k, v, dout, **spec)
+    for layout, (out, lse) in (("contiguous", (out_c, lse_c)), ("strided", (out_s, lse_s))):
+        assert_within_peer_error(out, ref["out"], peer["out"], name=f"{layout} out")
+        assert_within_peer_error(lse, ref["lse"], peer["lse"], name=f"{layout} lse")
+    # the same launch again is the same compiled variant: bitwise equal
+    again, _ = flash_attn_fwd(qs, ks, vs, out_dtype=torch.float32, **kw)
+    assert torch.equal(again, out_s)
 
 
 def test_bad_inputs_raise_naming_the_argument():
