@@ -109,8 +109,9 @@ class RotaryPositions:
 class BlockArgs:
     """Everything about one block call besides its tensors, validated once by the contract.
 
-    A feature that changes what a block computes is a field here: a backend that does not implement
-    a field's non-default value declines it in ``can_implement``.
+    A feature that changes what a block computes is a field here; a backend lists the features it
+    implements in its ``features`` set, and ``select_backend`` passes over a backend that lacks one in
+    use (see ``unsupported``) before asking its ``can_implement``.
     """
 
     mask: BlockMask
