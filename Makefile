@@ -17,7 +17,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
 STAMP := $(ENV_DIR)/.ringattn-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: setup test lint demo bench gpu-check clean
+.PHONY: setup test lint demo bench gpu-check compat clean
 
 setup: $(STAMP)
 	@$(PYTHON) -c "import ringattn; print('ringattn extension:', ringattn.extension_status())"
@@ -47,6 +47,23 @@ bench: setup
 OUT ?= gpu_results
 gpu-check:
 	PYTHON=$(if $(VIRTUAL_ENV),python,python3) bash bench/gpu_check.sh $(OUT)
+
+# Version ranges: GPU images ship Triton 3.6 (and torch 2.11), so every shipped Triton config must also
+# AOT-compile under Triton 3.6. A separate venv ($(COMPAT_VENV)) gets COMPAT_TRITON and COMPAT_TORCH
+# (torch 2.11 has no CPU wheel on PyPI, only the CUDA one with GBs of nvidia-* wheels: the default is
+# the CPU torch of TORCH_SPEC) and ringattn installed, not editable, without the extension; pytest
+# runs from inside that venv so the installed copy is imported. COMPAT_PYTEST picks the tests (absolute
+# paths; default the AOT checks, slow tier included: every arch, head dim, dtype and variant). Not part of `make test`.
+COMPAT_VENV ?= build/venv-compat
+COMPAT_TRITON ?= triton==3.6.*
+COMPAT_TORCH ?= $(TORCH_SPEC)
+COMPAT_PYTEST ?= $(CURDIR)/tests/test_triton_aot.py -m "slow or not slow"
+compat:
+	@test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(COMPAT_TORCH)" "$(COMPAT_TRITON)" "setuptools>=77" wheel numpy pytest
+	RINGATTN_SKIP_EXT=1 $(COMPAT_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+	@$(COMPAT_VENV)/bin/python -c "import torch, triton; print('compat: torch', torch.__version__, 'triton', triton.__version__)"
+	cd $(COMPAT_VENV) && env -u TRITON_INTERPRET bin/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(COMPAT_PYTEST)
 
 clean:
 	rm -rf build dist *.egg-info ringattn/_C*.so ringattn/_C_status.json $(STAMP)
