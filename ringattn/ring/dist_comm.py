@@ -344,9 +344,15 @@ def ring_comm(group=None, timeout=None, order=None) -> RingComm | TwoLevelComm:
         return comm
     import torch.distributed as dist
 
+    mesh_cls = _mesh_class()
+    known = (dist.ProcessGroup,) + (() if mesh_cls is None else (mesh_cls,)) if dist.is_available() else ()
+    if group is not None and not isinstance(group, known):
+        raise TypeError(
+            "group must be None, a ProcessGroup, a DeviceMesh, a RingComm or an (inner, outer) pair, "
+            f"got {group!r} ({type(group).__name__})"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group=None needs torch.distributed to be initialised (init_process_group)")
-    mesh_cls = _mesh_class()
     if mesh_cls is not None and isinstance(group, mesh_cls) and group.ndim == 2:
         if order is not None:
             raise ValueError("order cannot be combined with a 2-D DeviceMesh (its layout is the order)")

@@ -186,6 +186,12 @@ def _check_local(q, k, v, options: _Options) -> _Options:
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError("cu_seqlens must be an int32/int64 tensor over the global sequence (or None)")
+        if cu_seqlens.device.type == "meta" or (
+            cu_seqlens.device != q.device and cu_seqlens.device.type != "cpu"
+        ):
+            raise ValueError(
+                f"cu_seqlens must be on q's device {q.device} or the CPU, got {cu_seqlens.device}"
+            )
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D with >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.tolist()

@@ -20,14 +20,6 @@ KNOWN: dict[str, str] = {
         "tritonkernels/flash_kernels.py _attn_fwd takes a row with l_i = NaN for an empty row "
         "(nonempty = l_i > 0.0): a NaN query gives out 0, lse -inf (the cpu and reference backends give NaN)"
     ),
-    "ring-group-str": (
-        "ringattn/ring/dist_comm.py:ring_comm lets any unknown group (here the str 'world') fall through to "
-        "'group=None needs torch.distributed to be initialised': the message names neither the value nor its type"
-    ),
-    "ring-cu-meta": (
-        "ringattn/ring/handshake.py:_check_local/_plan: no device check for cu_seqlens; cu_seqlens.tolist() on "
-        "a meta tensor raises torch's 'Cannot copy out of meta tensor; no data!'"
-    ),
 }
 
 
