@@ -13,5 +13,7 @@ Modules (imported on use, so ``import tritonkernels`` does not import triton):
   TRITON_INTERPRET unset).
 
 Kernels use plain pointer arithmetic (no block pointers) and keep every shipped tile config within
-the per-block shared-memory budget of sm_80, sm_89 (101,376 B) and sm_90, without register spills.
+the per-block shared-memory budget of sm_80, sm_89 (101,376 B) and sm_90, with no register spills in
+an attention kernel's hot loop, at most 64 B outside it, and none in the loop-free delta and RoPE
+kernels (``tests/test_triton_aot.py``).
 """

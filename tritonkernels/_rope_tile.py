@@ -16,7 +16,8 @@ Angles never go through tl.dot.
 hf mode: fp32 ``pos * inv_freq`` exactly as transformers computes it, then that fp32 angle reduced
 exactly the same way: angle = mant * 2^E (24-bit mantissa, E <= 8 below 2^31), and the turn fraction's
 top 32 bits are mant * W(E) mod 2^64, W(E) = round(2^(64+E) / 2pi) mod 2^64 from a host table
-(``HF_EXPONENTS`` entries). No libdevice sin/cos, whose large-argument path costs ~3x the loop.
+(one row per E from ``HF_MIN_EXPONENT`` to ``HF_MAX_EXPONENT``). No libdevice sin/cos, whose
+large-argument path costs ~3x the loop.
 """
 
 from __future__ import annotations

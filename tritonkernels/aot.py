@@ -26,8 +26,9 @@ from .configs import AUX_KERNELS, CONFIGS, KERNELS, SHARED_LIMIT, KernelConfig
 
 __all__ = ["compile_kernel", "occupancy", "hot_loop_mix", "main"]
 
-# L40S: 362e12 bf16 FLOP/s over 142 SMs x 4 sub-partitions at 2.52 GHz = 126.5 MAC per cycle per
-# sub-partition (FACTS.md); one m16n8k16 MMA is 2048 MACs.
+# L40S: 362e12 bf16 FLOP/s (the datasheet's dense bf16 tensor rate, fp32 accumulate) over 142 SMs x 4
+# sub-partitions at the 2.52 GHz boost clock = 126.5 MAC per cycle per sub-partition; one m16n8k16
+# MMA is 2048 MACs.
 MMA_CYCLES_SM89 = 2048 / (362e12 / 2 / (142 * 4 * 2.52e9))
 
 _DT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}

@@ -19,8 +19,54 @@ import triton.language as tl
 
 from ._rope_tile import load_parts, rotate_back, store_parts
 
-LOG2E = 1.4426950408889634  # host-side value (launchers)
+LOG2E = 1.4426950408889634  # log2(e) as a host float: the launchers pass scale * LOG2E
+LOG2E_K = tl.constexpr(LOG2E)  # the same inside the kernels (their globals must be constexpr)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _check_tiles(
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+):
+    """Compile-time checks of the tile relations the attention kernels rely on.
+
+    Every tile extent is a tl.arange length (a power of two) and a tl.dot dimension (>= 16); the D
+    axis is masked, never looped, so one tile covers the head.
+    """
+    tl.static_assert(BLOCK_M >= 16 and (BLOCK_M & (BLOCK_M - 1)) == 0, "BLOCK_M: a power of 2, >= 16")
+    tl.static_assert(BLOCK_N >= 16 and (BLOCK_N & (BLOCK_N - 1)) == 0, "BLOCK_N: a power of 2, >= 16")
+    tl.static_assert(BLOCK_D >= 16 and (BLOCK_D & (BLOCK_D - 1)) == 0, "BLOCK_D: a power of 2, >= 16")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
+    if ROPE:
+        # parts a, b: the ROT_DIM / 2 rotary pairs; part c: the HEAD_DIM - ROT_DIM pass-through columns
+        tl.static_assert(ROT_DIM % 2 == 0 and ROT_DIM <= HEAD_DIM, "ROT_DIM: even, at most HEAD_DIM")
+        tl.static_assert(HALF_PAD >= 16 and (HALF_PAD & (HALF_PAD - 1)) == 0, "HALF_PAD: a power of 2, >= 16")
+        tl.static_assert(HALF_PAD >= ROT_DIM // 2, "HALF_PAD must cover the rotary pairs")
+        if ROT_DIM == HEAD_DIM:
+            tl.static_assert(PASS_PAD == 0, "PASS_PAD must be 0 without pass-through columns")
+        else:
+            tl.static_assert(
+                PASS_PAD >= 16 and (PASS_PAD & (PASS_PAD - 1)) == 0, "PASS_PAD: a power of 2, >= 16"
+            )
+            tl.static_assert(ROT_DIM + PASS_PAD >= HEAD_DIM, "PASS_PAD must cover the pass-through columns")
+    else:
+        tl.static_assert(HALF_PAD == BLOCK_D and PASS_PAD == 0, "without RoPE: one part of BLOCK_D")
+
+
+@triton.jit
+def _row_ptrs(base, b, h, offs, stride_b, stride_h, stride_s):
+    """Pointers to rows ``offs`` of head h of batch b, int64 offsets (tensors past 2^31 elements).
+
+    ``offs`` [rows] gives row pointers; a column ``offs[:, None]`` gives [rows, 1] to add D offsets to.
+    """
+    return base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs.to(tl.int64) * stride_s
 
 
 @triton.jit
@@ -38,13 +84,60 @@ def _causal_query_begin(k_first_row, q_start, q_stride, k_start, k_stride):
 
 
 @triton.jit
-def _visible(q_idx, k_idx, q_doc, k_doc, q_valid, k_valid, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """[rows, cols] visibility; with keys as rows, pass key vectors first and swap inside (KEYS_ROWS)."""
-    vis = q_valid[:, None] & k_valid[None, :]
+def _kv_bounds(
+    pid_m,
+    QDoc,
+    TileRange,
+    Sq,
+    Sk,
+    q_start,
+    q_stride,
+    k_start,
+    k_stride,
+    BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    """Key rows [n_lo, n_hi) query tile pid_m can see, and its rows' doc ids (zeros without documents)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_doc = tl.zeros([BLOCK_M], dtype=tl.int32)
+    n_lo = 0
+    n_hi = Sk
     if CAUSAL:
-        vis = vis & (q_idx[:, None] >= k_idx[None, :])
+        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq) - 1
+        n_hi = _causal_key_end(last, q_start, q_stride, k_start, k_stride, Sk)
     if HAS_DOCS:
-        vis = vis & (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] >= 0)
+        q_doc = tl.load(QDoc + offs_m, mask=offs_m < Sq, other=-1)
+        n_lo = tl.maximum(tl.load(TileRange + 2 * pid_m), 0)
+        n_hi = tl.minimum(tl.load(TileRange + 2 * pid_m + 1), n_hi)
+    return n_lo, n_hi, q_doc
+
+
+@triton.jit
+def _visible(
+    row_idx,
+    col_idx,
+    row_doc,
+    col_doc,
+    row_valid,
+    col_valid,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    KEYS_ROWS: tl.constexpr = False,
+):
+    """[rows, cols] visibility: rows are queries and columns keys, or the other way with KEYS_ROWS.
+
+    Arguments are the rows' and the columns' token indices, doc ids and validity.
+    """
+    vis = row_valid[:, None] & col_valid[None, :]
+    if CAUSAL:
+        if KEYS_ROWS:
+            vis = vis & (col_idx[None, :] >= row_idx[:, None])
+        else:
+            vis = vis & (row_idx[:, None] >= col_idx[None, :])
+    if HAS_DOCS:
+        q_doc = col_doc[None, :] if KEYS_ROWS else row_doc[:, None]
+        vis = vis & (row_doc[:, None] == col_doc[None, :]) & (q_doc >= 0)
     return vis
 
 
@@ -57,7 +150,6 @@ def _load_qk(
     TabA,
     TabB,
     attn_factor,
-    DTYPE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROPE: tl.constexpr,
     EXACT: tl.constexpr,
@@ -72,14 +164,26 @@ def _load_qk(
     """
     if ROPE:
         a, b, c = load_parts(
-            row_ptrs, row_mask, stride_d, pos, TabA, TabB, attn_factor,
-            HEAD_DIM, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-        )  # fmt: skip
-        a = a.to(DTYPE)
-        b = b.to(DTYPE)
-        c = c.to(DTYPE)
+            row_ptrs,
+            row_mask,
+            stride_d,
+            pos,
+            TabA,
+            TabB,
+            attn_factor,
+            HEAD_DIM,
+            EXACT,
+            ROT_DIM,
+            INTERLEAVED,
+            HALF_PAD,
+            PASS_PAD,
+        )
+        dtype = row_ptrs.dtype.element_ty
+        a = a.to(dtype)
+        b = b.to(dtype)
+        c = c.to(dtype)
     else:
-        offs_d = tl.arange(0, HALF_PAD)  # without RoPE the launcher sets HALF_PAD = BLOCK_D
+        offs_d = tl.arange(0, HALF_PAD)  # without RoPE HALF_PAD = BLOCK_D (_check_tiles)
         mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         a = tl.load(row_ptrs[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0)
         b = a
@@ -176,6 +280,97 @@ def _store_grad(
 
 
 @triton.jit
+def _attn_fwd_inner(
+    m_i,
+    l_i,
+    acc,
+    qa,
+    qb,
+    qc,
+    q_idx,
+    q_doc,
+    m_valid,
+    k_base,
+    v_base,
+    k_pos_base,
+    KTabA,
+    KTabB,
+    KDoc,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    n_lo,
+    n_hi,
+    k_start,
+    k_stride,
+    scale_log2,
+    attn_factor,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    ROPE: tl.constexpr,
+    EXACT: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    PASS_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """The forward's loop over key tiles [n_lo, n_hi): online softmax into (m_i, l_i, acc).
+
+    Per tile of BLOCK_N keys (rows at ``k_base``/``v_base``, positions at ``k_pos_base``): load K
+    with RoPE and V, scores q.k in log2 units, mask, rescale the running max m_i, sum l_i and the
+    unnormalized output acc [BLOCK_M, BLOCK_D], and add P.V. Returns the updated (m_i, l_i, acc).
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < n_hi
+        k_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
+        if ROPE:
+            k_pos = tl.load(k_pos_base + offs_n, mask=n_valid, other=0)
+        ka, kb, kc = _load_qk(
+            k_base + offs_n.to(tl.int64) * stride_ks,
+            n_valid,
+            stride_kd,
+            k_pos,
+            KTabA,
+            KTabB,
+            attn_factor,
+            HEAD_DIM,
+            ROPE,
+            EXACT,
+            ROT_DIM,
+            INTERLEAVED,
+            HALF_PAD,
+            PASS_PAD,
+        )
+        v = tl.load(
+            v_base + offs_n.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            mask=n_valid[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
+        k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
+        if HAS_DOCS:
+            k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-2)
+        vis = _visible(q_idx, k_start + k_stride * offs_n, q_doc, k_doc, m_valid, n_valid, CAUSAL, HAS_DOCS)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps -inf - -inf out of exp2
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v_base.dtype.element_ty), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def flash_fwd_kernel(
     Q,
     K,
@@ -233,6 +428,23 @@ def flash_fwd_kernel(
     PASS_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    """Attention output and lse for one query tile of one head.
+
+    Grid (cdiv(Sq, BLOCK_M), B * Hq): program (pid_m, pid_bh) takes query rows
+    [pid_m * BLOCK_M, +BLOCK_M) of query head h = pid_bh % Hq of batch b = pid_bh // Hq, rotates them
+    on load, and runs the online softmax (``_attn_fwd_inner``) over the key tiles of KV head
+    h // GROUP it can see: keys [n_lo, n_hi) from the causal bound and the tile's document range.
+
+    Inputs: Q (B, Sq, Hq, HEAD_DIM), K and V (B, Sk, Hq // GROUP, HEAD_DIM), any strides; with ROPE
+    the int32 positions QPos (B or 1, Sq) and KPos (B or 1, Sk) (batch strides stride_pos_qb/kb) and
+    the frequency tables QTabA/QTabB, KTabA/KTabB (``_rope_tile.rope_cos_sin``); with HAS_DOCS the
+    int32 doc ids QDoc (Sq,) and KDoc (Sk,) and TileRange (cdiv(Sq, BLOCK_M), 2) int32, each query
+    tile's [lo, hi) key rows. scale_log2 = softmax scale * log2(e); attn_factor scales cos and sin.
+    Outputs: Out (B, Sq, Hq, HEAD_DIM), normalized, in Out's dtype; Lse (B, Hq, Sq) fp32 contiguous,
+    the natural-log logsumexp of the scaled scores per row (-inf, with zero output, for rows that
+    see no key).
+    """
+    _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -247,66 +459,76 @@ def flash_fwd_kernel(
     if ROPE:
         q_pos = tl.load(QPos + b.to(tl.int64) * stride_pos_qb + offs_m, mask=m_valid, other=0)
     qa, qb, qc = _load_qk(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m.to(tl.int64) * stride_qs, m_valid, stride_qd, q_pos, QTabA, QTabB,
-        attn_factor, Q.dtype.element_ty, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-    )  # fmt: skip
+        _row_ptrs(Q, b, h, offs_m, stride_qb, stride_qh, stride_qs),
+        m_valid,
+        stride_qd,
+        q_pos,
+        QTabA,
+        QTabB,
+        attn_factor,
+        HEAD_DIM,
+        ROPE,
+        EXACT,
+        ROT_DIM,
+        INTERLEAVED,
+        HALF_PAD,
+        PASS_PAD,
+    )
 
     q_idx = q_start + q_stride * offs_m
-    q_doc = tl.zeros([BLOCK_M], dtype=tl.int32)
-    n_lo = 0
-    n_hi = Sk
-    if CAUSAL:
-        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq) - 1
-        n_hi = _causal_key_end(last, q_start, q_stride, k_start, k_stride, Sk)
-    if HAS_DOCS:
-        q_doc = tl.load(QDoc + offs_m, mask=m_valid, other=-1)
-        n_lo = tl.maximum(tl.load(TileRange + 2 * pid_m), 0)
-        n_hi = tl.minimum(tl.load(TileRange + 2 * pid_m + 1), n_hi)
+    n_lo, n_hi, q_doc = _kv_bounds(
+        pid_m, QDoc, TileRange, Sq, Sk, q_start, q_stride, k_start, k_stride, BLOCK_M, CAUSAL, HAS_DOCS
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < n_hi
-        k_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
-        if ROPE:
-            k_pos = tl.load(KPos + b.to(tl.int64) * stride_pos_kb + offs_n, mask=n_valid, other=0)
-        ka, kb, kc = _load_qk(
-            k_base + offs_n.to(tl.int64) * stride_ks, n_valid, stride_kd, k_pos, KTabA, KTabB, attn_factor,
-            K.dtype.element_ty, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-        )  # fmt: skip
-        v = tl.load(
-            v_base + offs_n.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=n_valid[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
-        k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
-        if HAS_DOCS:
-            k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-2)
-        vis = _visible(q_idx, k_start + k_stride * offs_n, q_doc, k_doc, m_valid, n_valid, CAUSAL, HAS_DOCS)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps -inf - -inf out of exp2
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    m_i, l_i, acc = _attn_fwd_inner(
+        m_i,
+        l_i,
+        acc,
+        qa,
+        qb,
+        qc,
+        q_idx,
+        q_doc,
+        m_valid,
+        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
+        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
+        KPos + b.to(tl.int64) * stride_pos_kb,
+        KTabA,
+        KTabB,
+        KDoc,
+        stride_ks,
+        stride_kd,
+        stride_vs,
+        stride_vd,
+        n_lo,
+        n_hi,
+        k_start,
+        k_stride,
+        scale_log2,
+        attn_factor,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        CAUSAL,
+        HAS_DOCS,
+        ROPE,
+        EXACT,
+        ROT_DIM,
+        INTERLEAVED,
+        HALF_PAD,
+        PASS_PAD,
+        DOT_PREC,
+    )
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
     out = tl.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     o_ptrs = (
-        Out
-        + b.to(tl.int64) * stride_ob
-        + h.to(tl.int64) * stride_oh
-        + offs_m.to(tl.int64)[:, None] * stride_os
-        + offs_d[None, :] * stride_od
+        _row_ptrs(Out, b, h, offs_m[:, None], stride_ob, stride_oh, stride_os) + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
     tl.store(Lse + pid_bh * Sq + offs_m, lse, mask=m_valid)
@@ -331,7 +553,11 @@ def flash_bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """delta[b, h, m] = sum_d dout * out in fp32, (B, H, S) contiguous."""
+    """delta[b, h, m] = sum_d dout * out in fp32, (B, H, S) contiguous.
+
+    Grid (cdiv(S, BLOCK_M), B * H): BLOCK_M rows of one head per program.
+    """
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -339,24 +565,14 @@ def flash_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        Out
-        + b.to(tl.int64) * stride_ob
-        + h.to(tl.int64) * stride_oh
-        + offs_m.to(tl.int64)[:, None] * stride_os
-        + offs_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
-    g = tl.load(
-        DOut
-        + b.to(tl.int64) * stride_gb
-        + h.to(tl.int64) * stride_gh
-        + offs_m.to(tl.int64)[:, None] * stride_gs
-        + offs_d[None, :] * stride_gd,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
+    o_ptrs = (
+        _row_ptrs(Out, b, h, offs_m[:, None], stride_ob, stride_oh, stride_os) + offs_d[None, :] * stride_od
+    )
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g_ptrs = (
+        _row_ptrs(DOut, b, h, offs_m[:, None], stride_gb, stride_gh, stride_gs) + offs_d[None, :] * stride_gd
+    )
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + pid_bh * S + offs_m, tl.sum(o * g, 1), mask=offs_m < S)
 
 
@@ -428,7 +644,19 @@ def flash_bwd_dq_kernel(
     PASS_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dq for one query tile of one head: a pass over its keys, no atomics (deterministic)."""
+    """dq for one query tile of one head: a pass over its keys, no atomics (deterministic).
+
+    Grid (cdiv(Sq, BLOCK_M), B * Hq) as flash_fwd_kernel's: program (pid_m, pid_bh) recomputes the
+    probabilities of query rows [pid_m * BLOCK_M, +BLOCK_M) of head h = pid_bh % Hq of batch
+    b = pid_bh // Hq from lse over the same key tiles [n_lo, n_hi) of KV head h // GROUP, and sums
+    dq = scale * sum_n p * (dO.v - delta) k in the rotated frame, rotated back on store.
+
+    Inputs as flash_fwd_kernel's (TileRange per query tile), plus DOut (B, Sq, Hq, HEAD_DIM); Lse
+    (natural log) and Delta (``flash_bwd_delta_kernel``), both (B, Hq, Sq) fp32 with unit stride
+    along Sq (batch/head strides stride_lb/lh, stride_db/dh); scale is the softmax scale (not in
+    log2 units). Output: DQ (B, Sq, Hq, HEAD_DIM) in DQ's dtype.
+    """
+    _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -443,15 +671,23 @@ def flash_bwd_dq_kernel(
     if ROPE:
         q_pos = tl.load(QPos + b.to(tl.int64) * stride_pos_qb + offs_m, mask=m_valid, other=0)
     qa, qb, qc = _load_qk(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m.to(tl.int64) * stride_qs, m_valid, stride_qd, q_pos, QTabA, QTabB,
-        attn_factor, Q.dtype.element_ty, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-    )  # fmt: skip
+        _row_ptrs(Q, b, h, offs_m, stride_qb, stride_qh, stride_qs),
+        m_valid,
+        stride_qd,
+        q_pos,
+        QTabA,
+        QTabB,
+        attn_factor,
+        HEAD_DIM,
+        ROPE,
+        EXACT,
+        ROT_DIM,
+        INTERLEAVED,
+        HALF_PAD,
+        PASS_PAD,
+    )
     do = tl.load(
-        DOut
-        + b.to(tl.int64) * stride_gb
-        + h.to(tl.int64) * stride_gh
-        + offs_m.to(tl.int64)[:, None] * stride_gs
-        + offs_d[None, :] * stride_gd,
+        _row_ptrs(DOut, b, h, offs_m[:, None], stride_gb, stride_gh, stride_gs) + offs_d[None, :] * stride_gd,
         mask=m_valid[:, None] & d_mask[None, :],
         other=0.0,
     )
@@ -464,20 +700,13 @@ def flash_bwd_dq_kernel(
         Delta + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m, mask=m_valid, other=0.0
     )
     # lse = -inf: the row saw no key; +inf makes every exp2 exactly 0 without -inf - -inf.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    scale_log2 = scale * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_K)
+    scale_log2 = scale * LOG2E_K
 
     q_idx = q_start + q_stride * offs_m
-    q_doc = tl.zeros([BLOCK_M], dtype=tl.int32)
-    n_lo = 0
-    n_hi = Sk
-    if CAUSAL:
-        last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq) - 1
-        n_hi = _causal_key_end(last, q_start, q_stride, k_start, k_stride, Sk)
-    if HAS_DOCS:
-        q_doc = tl.load(QDoc + offs_m, mask=m_valid, other=-1)
-        n_lo = tl.maximum(tl.load(TileRange + 2 * pid_m), 0)
-        n_hi = tl.minimum(tl.load(TileRange + 2 * pid_m + 1), n_hi)
+    n_lo, n_hi, q_doc = _kv_bounds(
+        pid_m, QDoc, TileRange, Sq, Sk, q_start, q_stride, k_start, k_stride, BLOCK_M, CAUSAL, HAS_DOCS
+    )
 
     dqa = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     dqb = dqa
@@ -495,9 +724,21 @@ def flash_bwd_dq_kernel(
         if ROPE:
             k_pos = tl.load(KPos + b.to(tl.int64) * stride_pos_kb + offs_n, mask=n_valid, other=0)
         ka, kb, kc = _load_qk(
-            k_base + offs_n.to(tl.int64) * stride_ks, n_valid, stride_kd, k_pos, KTabA, KTabB, attn_factor,
-            K.dtype.element_ty, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-        )  # fmt: skip
+            k_base + offs_n.to(tl.int64) * stride_ks,
+            n_valid,
+            stride_kd,
+            k_pos,
+            KTabA,
+            KTabB,
+            attn_factor,
+            HEAD_DIM,
+            ROPE,
+            EXACT,
+            ROT_DIM,
+            INTERLEAVED,
+            HALF_PAD,
+            PASS_PAD,
+        )
         v = tl.load(
             v_base + offs_n.to(tl.int64)[:, None] * stride_vs + offs_d[None, :] * stride_vd,
             mask=n_valid[:, None] & d_mask[None, :],
@@ -514,9 +755,25 @@ def flash_bwd_dq_kernel(
         dqa, dqb, dqc = _acc_parts(ds, ka, kb, kc, dqa, dqb, dqc, ROPE, PASS_PAD, DOT_PREC)
 
     _store_grad(
-        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m.to(tl.int64) * stride_dqs, m_valid, stride_dqd, dqa, dqb, dqc, scale,
-        q_pos, QTabA, QTabB, attn_factor, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-    )  # fmt: skip
+        _row_ptrs(DQ, b, h, offs_m, stride_dqb, stride_dqh, stride_dqs),
+        m_valid,
+        stride_dqd,
+        dqa,
+        dqb,
+        dqc,
+        scale,
+        q_pos,
+        QTabA,
+        QTabB,
+        attn_factor,
+        HEAD_DIM,
+        ROPE,
+        EXACT,
+        ROT_DIM,
+        INTERLEAVED,
+        HALF_PAD,
+        PASS_PAD,
+    )
 
 
 @triton.jit
@@ -594,8 +851,17 @@ def flash_bwd_dkdv_kernel(
 ):
     """dk, dv for one key tile of one KV head, summed over its GROUP query heads in registers.
 
-    Works transposed (keys as rows): sT = k q^T, so the per-query lse/delta broadcast along columns.
+    Grid (cdiv(Sk, BLOCK_N), B * Hkv): program (pid_n, pid_bh) keeps key rows
+    [pid_n * BLOCK_N, +BLOCK_N) of KV head hk = pid_bh % Hkv of batch b = pid_bh // Hkv (K rotated
+    on load, and V) and, for each query head hk * GROUP + g, steps BLOCK_M query rows at a time over
+    the rows [m_lo, m_hi) that can see them (causal bound, and the tile's document range). Works
+    transposed (keys as rows): sT = k q^T, so the per-query lse/delta broadcast along columns.
+
+    Inputs as flash_bwd_dq_kernel's, except that TileRange (cdiv(Sk, BLOCK_N), 2) int32 holds each
+    key tile's [lo, hi) query rows. Outputs, in their own dtypes: DK (B, Sk, Hkv, HEAD_DIM), scaled
+    by the softmax scale and rotated back (RoPE backward), and DV (B, Sk, Hkv, HEAD_DIM).
     """
+    _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -609,19 +875,27 @@ def flash_bwd_dkdv_kernel(
     if ROPE:
         k_pos = tl.load(KPos + b.to(tl.int64) * stride_pos_kb + offs_n, mask=n_valid, other=0)
     ka, kb, kc = _load_qk(
-        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n.to(tl.int64) * stride_ks, n_valid, stride_kd, k_pos, KTabA, KTabB,
-        attn_factor, K.dtype.element_ty, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-    )  # fmt: skip
+        _row_ptrs(K, b, hk, offs_n, stride_kb, stride_kh, stride_ks),
+        n_valid,
+        stride_kd,
+        k_pos,
+        KTabA,
+        KTabB,
+        attn_factor,
+        HEAD_DIM,
+        ROPE,
+        EXACT,
+        ROT_DIM,
+        INTERLEAVED,
+        HALF_PAD,
+        PASS_PAD,
+    )
     v = tl.load(
-        V
-        + b.to(tl.int64) * stride_vb
-        + hk.to(tl.int64) * stride_vh
-        + offs_n.to(tl.int64)[:, None] * stride_vs
-        + offs_d[None, :] * stride_vd,
+        _row_ptrs(V, b, hk, offs_n[:, None], stride_vb, stride_vh, stride_vs) + offs_d[None, :] * stride_vd,
         mask=n_valid[:, None] & d_mask[None, :],
         other=0.0,
     )
-    scale_log2 = scale * 1.4426950408889634
+    scale_log2 = scale * LOG2E_K
 
     k_idx = k_start + k_stride * offs_n
     k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -653,9 +927,21 @@ def flash_bwd_dkdv_kernel(
             if ROPE:
                 q_pos = tl.load(QPos + b.to(tl.int64) * stride_pos_qb + offs_m, mask=m_valid, other=0)
             qa, qb, qc = _load_qk(
-                q_base + offs_m.to(tl.int64) * stride_qs, m_valid, stride_qd, q_pos, QTabA, QTabB, attn_factor,
-                Q.dtype.element_ty, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-            )  # fmt: skip
+                q_base + offs_m.to(tl.int64) * stride_qs,
+                m_valid,
+                stride_qd,
+                q_pos,
+                QTabA,
+                QTabB,
+                attn_factor,
+                HEAD_DIM,
+                ROPE,
+                EXACT,
+                ROT_DIM,
+                INTERLEAVED,
+                HALF_PAD,
+                PASS_PAD,
+            )
             do = tl.load(
                 do_base + offs_m.to(tl.int64)[:, None] * stride_gs + offs_d[None, :] * stride_gd,
                 mask=m_valid[:, None] & d_mask[None, :],
@@ -671,14 +957,13 @@ def flash_bwd_dkdv_kernel(
                 mask=m_valid,
                 other=0.0,
             )
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            # visibility with keys as rows, built directly in [N, M] (no transpose of a mask).
-            vis_t = n_valid[:, None] & m_valid[None, :]
-            if CAUSAL:
-                vis_t = vis_t & ((q_start + q_stride * offs_m)[None, :] >= k_idx[:, None])
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_K)
+            q_doc = tl.zeros([BLOCK_M], dtype=tl.int32)
             if HAS_DOCS:
                 q_doc = tl.load(QDoc + offs_m, mask=m_valid, other=-1)
-                vis_t = vis_t & (k_doc[:, None] == q_doc[None, :]) & (q_doc[None, :] >= 0)
+            # [keys, queries], built directly (no transpose of a mask)
+            q_idx = q_start + q_stride * offs_m
+            vis_t = _visible(k_idx, q_idx, k_doc, q_doc, n_valid, m_valid, CAUSAL, HAS_DOCS, KEYS_ROWS=True)
             s_t = _scores(ka, kb, kc, qa, qb, qc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
             p_t = tl.where(vis_t, tl.exp2(s_t - lse2[None, :]), 0.0)
             dv = tl.dot(p_t.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
@@ -687,14 +972,27 @@ def flash_bwd_dkdv_kernel(
             dka, dkb, dkc = _acc_parts(ds_t, qa, qb, qc, dka, dkb, dkc, ROPE, PASS_PAD, DOT_PREC)
 
     _store_grad(
-        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n.to(tl.int64) * stride_dks, n_valid, stride_dkd, dka, dkb, dkc, scale,
-        k_pos, KTabA, KTabB, attn_factor, HEAD_DIM, ROPE, EXACT, ROT_DIM, INTERLEAVED, HALF_PAD, PASS_PAD,
-    )  # fmt: skip
+        _row_ptrs(DK, b, hk, offs_n, stride_dkb, stride_dkh, stride_dks),
+        n_valid,
+        stride_dkd,
+        dka,
+        dkb,
+        dkc,
+        scale,
+        k_pos,
+        KTabA,
+        KTabB,
+        attn_factor,
+        HEAD_DIM,
+        ROPE,
+        EXACT,
+        ROT_DIM,
+        INTERLEAVED,
+        HALF_PAD,
+        PASS_PAD,
+    )
     tl.store(
-        DV
-        + b.to(tl.int64) * stride_dvb
-        + hk.to(tl.int64) * stride_dvh
-        + offs_n.to(tl.int64)[:, None] * stride_dvs
+        _row_ptrs(DV, b, hk, offs_n[:, None], stride_dvb, stride_dvh, stride_dvs)
         + offs_d[None, :] * stride_dvd,
         dv.to(DV.dtype.element_ty),
         mask=n_valid[:, None] & d_mask[None, :],
