@@ -250,19 +250,12 @@ NAN_CASES = {
     "q-row-across-tiles": ("q", (0, 70, 1, 0), True, 80),  # NaN in every key tile the row visits
     "v-element": ("v", (0, 2, 0, 7), False, 8),
 }
-_TRITON_HIDES_NAN = (
-    "tritonkernels/flash_kernels.py _attn_fwd takes a row with l_i = NaN for empty "
-    "(nonempty = l_i > 0.0): out 0, lse -inf; not editable in this change"
-)
 
 
 def _nan_params():
     for backend in LOCAL_BACKENDS:
         for case in NAN_CASES:
-            marks = ()
-            if backend == "triton" and NAN_CASES[case][0] != "v":
-                marks = pytest.mark.xfail(strict=True, reason=_TRITON_HIDES_NAN)
-            yield pytest.param(backend, case, marks=marks, id=f"{backend}-{case}")
+            yield pytest.param(backend, case, id=f"{backend}-{case}")
 
 
 # The Triton interpreter's numpy warns on the all-NaN row.

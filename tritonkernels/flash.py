@@ -57,6 +57,14 @@ def _doc_tile_ranges(row_index, row_doc, cu, col_start, col_stride, col_len, blo
     return torch.stack((lo, hi), 1).to(torch.int32).contiguous()
 
 
+def _programs(rows: int, block: int, batch_heads: int) -> int:
+    """Programs of a 1-D launch grid: ``block``-row tiles of every (batch, head); at most 2^31 - 1."""
+    n = triton.cdiv(rows, block) * batch_heads
+    if n > _MAX_INDEX:
+        raise ValueError(f"{n} programs (row tiles x batch x heads) exceed the 2^31 - 1 grid limit")
+    return n
+
+
 def _device_guard(device: torch.device):
     """Launch on ``device`` (Triton launches on the current CUDA device, which may be another one)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -276,7 +284,7 @@ def flash_attn_fwd(
         return out, lse
 
     def launch(cfg: KernelConfig):
-        fk.flash_fwd_kernel[(triton.cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+        fk.flash_fwd_kernel[(_programs(c.Sq, cfg.block_m, c.B * c.Hq),)](
             q, k, v, out, lse,
             *c.rope_pointer_args(),
             c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
@@ -310,7 +318,7 @@ def flash_attn_bwd_delta(
         return delta
     block_m = aux_rows("delta", D)
     with _device_guard(out.device):
-        fk.flash_bwd_delta_kernel[(triton.cdiv(S, block_m), B * H)](
+        fk.flash_bwd_delta_kernel[(_programs(S, block_m, B * H),)](
             out, dout, delta, *out.stride(), *dout.stride(), S, H,
             HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,
         )  # fmt: skip
@@ -376,7 +384,7 @@ def flash_attn_bwd(
     if c.Sq:
 
         def launch_dq(cfg: KernelConfig):
-            fk.flash_bwd_dq_kernel[(triton.cdiv(c.Sq, cfg.block_m), c.B * c.Hq)](
+            fk.flash_bwd_dq_kernel[(_programs(c.Sq, cfg.block_m, c.B * c.Hq),)](
                 q, k, v, dout, lse, delta, dq,
                 *c.rope_pointer_args(),
                 c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
@@ -391,7 +399,7 @@ def flash_attn_bwd(
     if c.Sk:
 
         def launch_dkdv(cfg: KernelConfig):
-            fk.flash_bwd_dkdv_kernel[(triton.cdiv(c.Sk, cfg.block_n), c.B * c.Hkv)](
+            fk.flash_bwd_dkdv_kernel[(_programs(c.Sk, cfg.block_n, c.B * c.Hkv),)](
                 q, k, v, dout, lse, delta, dk, dv,
                 *c.rope_pointer_args(),
                 c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False),

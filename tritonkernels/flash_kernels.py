@@ -84,6 +84,15 @@ def _causal_query_begin(k_first_row, q_start, q_stride, k_start, k_stride):
 
 
 @triton.jit
+def _program_tile(rows, BLOCK: tl.constexpr):
+    """(row tile, batch * head) of this program. The grid is 1-D, a head's tiles fastest: grid axis 1
+    would cap batch x heads at 65535, axis 0 allows 2^31 - 1 programs."""
+    n_tiles = tl.cdiv(rows, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
 def _kv_bounds(
     pid_m,
     QDoc,
@@ -430,7 +439,7 @@ def flash_fwd_kernel(
 ):
     """Attention output and lse for one query tile of one head.
 
-    Grid (cdiv(Sq, BLOCK_M), B * Hq): program (pid_m, pid_bh) takes query rows
+    Grid (cdiv(Sq, BLOCK_M) * B * Hq,), see _program_tile: program (pid_m, pid_bh) takes query rows
     [pid_m * BLOCK_M, +BLOCK_M) of query head h = pid_bh % Hq of batch b = pid_bh // Hq, rotates them
     on load, and runs the online softmax (``_attn_fwd_inner``) over the key tiles of KV head
     h // GROUP it can see: keys [n_lo, n_hi) from the causal bound and the tile's document range.
@@ -445,8 +454,7 @@ def flash_fwd_kernel(
     see no key).
     """
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(Sq, BLOCK_M)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -523,15 +531,17 @@ def flash_fwd_kernel(
         DOT_PREC,
     )
 
-    nonempty = l_i > 0.0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    out = tl.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    # A row that saw no key has l_i == 0: out 0, lse -inf. A NaN score makes l_i NaN, which must
+    # reach out and lse (tl.max drops NaN, so m_i cannot carry it).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     o_ptrs = (
         _row_ptrs(Out, b, h, offs_m[:, None], stride_ob, stride_oh, stride_os) + offs_d[None, :] * stride_od
     )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
-    tl.store(Lse + pid_bh * Sq + offs_m, lse, mask=m_valid)
+    tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_valid)
 
 
 @triton.jit
@@ -555,11 +565,10 @@ def flash_bwd_delta_kernel(
 ):
     """delta[b, h, m] = sum_d dout * out in fp32, (B, H, S) contiguous.
 
-    Grid (cdiv(S, BLOCK_M), B * H): BLOCK_M rows of one head per program.
+    Grid (cdiv(S, BLOCK_M) * B * H,), see _program_tile: BLOCK_M rows of one head per program.
     """
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(S, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -573,7 +582,7 @@ def flash_bwd_delta_kernel(
         _row_ptrs(DOut, b, h, offs_m[:, None], stride_gb, stride_gh, stride_gs) + offs_d[None, :] * stride_gd
     )
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh * S + offs_m, tl.sum(o * g, 1), mask=offs_m < S)
+    tl.store(Delta + pid_bh.to(tl.int64) * S + offs_m, tl.sum(o * g, 1), mask=offs_m < S)
 
 
 @triton.jit
@@ -646,7 +655,7 @@ def flash_bwd_dq_kernel(
 ):
     """dq for one query tile of one head: a pass over its keys, no atomics (deterministic).
 
-    Grid (cdiv(Sq, BLOCK_M), B * Hq) as flash_fwd_kernel's: program (pid_m, pid_bh) recomputes the
+    Grid (cdiv(Sq, BLOCK_M) * B * Hq,) as flash_fwd_kernel's: program (pid_m, pid_bh) recomputes the
     probabilities of query rows [pid_m * BLOCK_M, +BLOCK_M) of head h = pid_bh % Hq of batch
     b = pid_bh // Hq from lse over the same key tiles [n_lo, n_hi) of KV head h // GROUP, and sums
     dq = scale * sum_n p * (dO.v - delta) k in the rotated frame, rotated back on store.
@@ -657,8 +666,7 @@ def flash_bwd_dq_kernel(
     log2 units). Output: DQ (B, Sq, Hq, HEAD_DIM) in DQ's dtype.
     """
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_tile(Sq, BLOCK_M)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
@@ -851,7 +859,7 @@ def flash_bwd_dkdv_kernel(
 ):
     """dk, dv for one key tile of one KV head, summed over its GROUP query heads in registers.
 
-    Grid (cdiv(Sk, BLOCK_N), B * Hkv): program (pid_n, pid_bh) keeps key rows
+    Grid (cdiv(Sk, BLOCK_N) * B * Hkv,): program (pid_n, pid_bh) keeps key rows
     [pid_n * BLOCK_N, +BLOCK_N) of KV head hk = pid_bh % Hkv of batch b = pid_bh // Hkv (K rotated
     on load, and V) and, for each query head hk * GROUP + g, steps BLOCK_M query rows at a time over
     the rows [m_lo, m_hi) that can see them (causal bound, and the tile's document range). Works
@@ -862,8 +870,7 @@ def flash_bwd_dkdv_kernel(
     by the softmax scale and rotated back (RoPE backward), and DV (B, Sk, Hkv, HEAD_DIM).
     """
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_tile(Sk, BLOCK_N)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -49,8 +49,9 @@ def rope_kernel(
     TRANSPOSE: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_tiles = tl.cdiv(S, BLOCK_S)  # 1-D grid, a head's tiles fastest (axis 1 caps at 65535)
+    pid_s = tl.program_id(0) % n_tiles
+    pid_bh = tl.program_id(0) // n_tiles
     b = pid_bh // H
     h = pid_bh % H
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -113,7 +114,7 @@ def rope_apply(
     block_s = block_s or aux_rows("rope", D)
     # launch on x's device, not whichever CUDA device is current
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        rope_kernel[(triton.cdiv(S, block_s), B * H)](
+        rope_kernel[(triton.cdiv(S, block_s) * B * H,)](
             x, out, t.positions, t.tab_a, t.tab_b,
             *x.stride(), *out.stride(), t.stride_b, S, H, t.attn_factor,
             HEAD_DIM=D, EXACT=t.exact, ROT_DIM=t.rot_dim, INTERLEAVED=t.interleaved,

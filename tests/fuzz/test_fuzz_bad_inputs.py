@@ -15,12 +15,7 @@ import pytest
 from fuzz_bad_table import CASES, run_in_child, verdict
 
 # Cases that fail today: name -> the defect (file:function, what happens).
-KNOWN: dict[str, str] = {
-    "nan-q-row-triton": (
-        "tritonkernels/flash_kernels.py _attn_fwd takes a row with l_i = NaN for an empty row "
-        "(nonempty = l_i > 0.0): a NaN query gives out 0, lse -inf (the cpu and reference backends give NaN)"
-    ),
-}
+KNOWN: dict[str, str] = {}
 
 
 def _params(selected):
