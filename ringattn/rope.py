@@ -29,7 +29,7 @@ import torch
 
 from ._extension import compiled
 
-__all__ = ["RoPEConfig", "cos_sin", "apply_rope", "reference_angles", "phase_error"]
+__all__ = ["RoPEConfig", "cos_sin", "apply_rope", "rotate", "reference_angles", "phase_error"]
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _REQUIRED_KEYS = {
@@ -471,13 +471,20 @@ def apply_rope(
         raise ValueError(
             f"positions must be (S,) or (B, S) = {tuple(x_BSHD.shape[:2])}, got {tuple(positions_BS.shape)}"
         )
-    x = x_BSHD.to(torch.float64)
-    angles = reference_angles(rope, positions_BS).unsqueeze(-2)  # (..., S, 1, r/2) broadcasts over heads
+    angles = reference_angles(rope, positions_BS)
     cos, sin = angles.cos() * rope.attention_factor, angles.sin() * rope.attention_factor
+    return rotate(x_BSHD.to(torch.float64), cos, sin, rope, transpose=transpose)
+
+
+def rotate(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RoPEConfig, *, transpose=False):
+    """The rotation itself, in the dtype of its inputs: ``x`` (B, S, H, D) by per-pair ``cos``/``sin``
+    ((S, r/2) or (B, S, r/2), attention factor included) in ``rope``'s layout; the features past
+    ``rope.rotary_dim`` pass through. ``transpose``: rotation by -angle (the RoPE backward)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., S, 1, r/2) broadcasts over heads
     if transpose:
         sin = -sin
     r = rope.rotary_dim
-    rot, rest = x[..., :r], x[..., r:]
+    rot, rest = x_BSHD[..., :r], x_BSHD[..., r:]
     if rope.interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

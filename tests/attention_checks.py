@@ -31,7 +31,7 @@ from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward
 from ringattn.indexing import default_positions
 from ringattn.reference import attention_backward_ref, attention_ref, visible_mask
-from ringattn.rope import cos_sin
+from ringattn.rope import cos_sin, rotate
 
 FAR = 4_190_000  # positions beyond 2^22, where fp32 angles pos * inv_freq are off by ~0.1 rad
 
@@ -129,18 +129,8 @@ def rotate_in_dtype(x: torch.Tensor, positions: torch.Tensor, rope: RoPEConfig, 
     casts its fp32 tables; the rotation then runs in that dtype. ``positions``: (S,) or (B, S).
     ``transpose``: the transposed rotation (by -angle), the RoPE backward.
     """
-    cos, sin = cos_sin(rope, positions.cpu())
-    cos, sin = (t.to(x.device, x.dtype).unsqueeze(-2) for t in (cos, sin))  # (..., S, 1, r/2)
-    sin = -sin if transpose else sin
-    r = rope.rotary_dim
-    rot, rest = x[..., :r], x[..., r:]
-    if rope.interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((rotated, rest), dim=-1)
+    cos, sin = (t.to(x.device, x.dtype) for t in cos_sin(rope, positions.cpu()))
+    return rotate(x, cos, sin, rope, transpose=transpose)
 
 
 def peer_attention(
