@@ -102,21 +102,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(target, rank, world_size, port, out_dir, args):
+def _entry(target, rank, world_size, port, out_dir, args, hard_exit=True, group_timeout=60):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     install_nan_poisoning()  # a spawned rank never runs conftest
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=60),
+            timeout=timedelta(seconds=group_timeout),
         )  # fmt: skip
         result = target(rank, world_size, *args)
     except BaseException:
         result = {"crash": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-    os._exit(0)  # skip teardown: a group whose peers died can block in destroy
+    if result is not None:
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+    if hard_exit:
+        os._exit(0)  # skip teardown: a group whose peers died can block in destroy
+    # Otherwise a normal interpreter exit (atexit, process group teardown): what a user's script gets.
+
+
+def _results(out_dir, world_size) -> list:
+    results = []
+    for r in range(world_size):
+        path = os.path.join(out_dir, f"rank{r}.pkl")
+        results.append(pickle.load(open(path, "rb")) if os.path.exists(path) else None)
+    for r, res in enumerate(results):
+        assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
+    return results
 
 
 def launch(target, world_size, *args, timeout=150.0):
@@ -141,10 +154,32 @@ def launch(target, world_size, *args, timeout=150.0):
             procs[r].kill()
             procs[r].join()
         assert not hung, f"ranks {hung} still running after the hard timeout of {timeout:g} s"
-        results = []
-        for r in range(world_size):
-            path = os.path.join(out_dir, f"rank{r}.pkl")
-            results.append(pickle.load(open(path, "rb")) if os.path.exists(path) else None)
-    for r, res in enumerate(results):
-        assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
-    return results
+        return _results(out_dir, world_size)
+
+
+def launch_watched(target, world_size, *args, watch, hard_exit=True, timeout=120.0):
+    """``launch`` for fault trials: (results by rank, exits). ``watch``: ranks whose exit
+    (``time.time()``, exit code) is recorded; once they have all exited the others are killed, and
+    every process still running after ``timeout`` seconds is. ``hard_exit=False``: ranks leave
+    through a normal interpreter exit (atexit, group teardown), as a user's script would."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    exits: dict[int, tuple[float, int]] = {}
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [
+            ctx.Process(target=_entry, args=(target, r, world_size, port, out_dir, args, hard_exit, 120), daemon=True)
+            for r in range(world_size)
+        ]  # fmt: skip
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(r not in exits for r in watch):
+            for r in watch:
+                if r not in exits and not procs[r].is_alive():
+                    exits[r] = (time.time(), procs[r].exitcode)
+            time.sleep(0.02)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        return _results(out_dir, world_size), exits

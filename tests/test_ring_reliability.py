@@ -7,20 +7,15 @@ the small launcher below (which lets a rank exit normally, so exit time can be m
 
 import gc
 import os
-import pickle
 import re
-import socket
 import sys
-import tempfile
 import time
-import traceback
 import types
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ring_checks import launch_watched
 
 import ringattn.ring.fake_comm as fake_comm
 from ringattn import RoPEConfig
@@ -370,67 +365,6 @@ def test_handshake_gathers_on_the_inputs_device(monkeypatch):
 # ------------------------------------------------------------------------------ gloo jobs, exit time
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(target, rank, world_size, port, out_dir, args, hard_exit):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=120),
-        )  # fmt: skip
-        result = target(rank, world_size, *args)
-    except BaseException:
-        result = {"crash": traceback.format_exc()}
-    if result is not None:
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(result, f)
-    if hard_exit:
-        os._exit(0)
-    # Otherwise a normal interpreter exit (atexit, process group teardown): what the user gets.
-
-
-def _launch(target, world_size, *args, watch=None, hard_exit=True, timeout=120.0):
-    """Run ``target(rank, world_size, *args)`` in spawned processes; (results by rank, exits).
-
-    ``watch``: ranks whose exit (``time.time()``, exit code) is recorded; once they have all exited the
-    others are killed. Every process still running after ``timeout`` seconds is killed.
-    """
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    watch = range(world_size) if watch is None else watch
-    exits: dict[int, tuple[float, int]] = {}
-    with tempfile.TemporaryDirectory() as out_dir:
-        procs = [
-            ctx.Process(target=_entry, args=(target, r, world_size, port, out_dir, args, hard_exit), daemon=True)
-            for r in range(world_size)
-        ]  # fmt: skip
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(r not in exits for r in watch):
-            for r in watch:
-                if r not in exits and not procs[r].is_alive():
-                    exits[r] = (time.time(), procs[r].exitcode)
-            time.sleep(0.02)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        results = []
-        for r in range(world_size):
-            path = os.path.join(out_dir, f"rank{r}.pkl")
-            results.append(pickle.load(open(path, "rb")) if os.path.exists(path) else None)
-    for r, res in enumerate(results):
-        assert not (isinstance(res, dict) and "crash" in res), f"rank {r} crashed:\n{res['crash']}"
-    return results, exits
-
-
 # ---------------------------------------------------------------------- 3. exiting after a timeout
 
 
@@ -458,7 +392,7 @@ def test_after_a_ring_timeout_the_process_exits_promptly():
     """Before the fix the survivor raised at the timeout, then could not exit until the silent peer
     did (here 100 s) or the group's own timeout (here 120 s; gloo's default is 30 min)."""
     timeout = 3.0
-    results, exits = _launch(_silent_peer_job, 2, timeout, watch=[0], hard_exit=False, timeout=60.0)
+    results, exits = launch_watched(_silent_peer_job, 2, timeout, watch=[0], hard_exit=False, timeout=60.0)
     res = results[0]
     assert res is not None and "error" in res, res
     elapsed, message = res["error"]
@@ -510,7 +444,7 @@ def _dead_peer_job(rank, world_size):
 def test_errors_after_a_kill_name_the_dead_rank():
     """Before the fix a failed post was blamed on the next rank: rank 2, whose previous rank died,
     said it failed to post an exchange with rank 0 (alive)."""
-    results, _ = _launch(_dead_peer_job, 3, timeout=120.0)
+    results, _ = launch_watched(_dead_peer_job, 3, watch=range(3), timeout=120.0)
     assert results[1] is None
     for rank in (0, 2):
         assert results[rank]["disagree"].startswith(
