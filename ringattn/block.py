@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from .backends import BACKENDS
-from .indexing import default_positions
+from .indexing import default_positions, default_query_positions
 from .rope import RoPEConfig
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "check_devices",
     "check_grad_inputs",
     "check_inputs",
+    "check_score_features",
     "check_softmax_scale",
     "select_backend",
 ]
@@ -75,20 +76,26 @@ class Span:
 class BlockMask:
     """Which (query, key) pairs of a block may attend.
 
-    causal: query index >= key index. cu_seqlens: int tensor (n_docs + 1,) of document boundaries
-    over global indices; pairs must share a document, and tokens outside every document see nothing.
+    causal: key index <= the query's aligned index (its global index, shifted per document when
+    ``k_cu_seqlens`` is given). cu_seqlens: int tensor (n_docs + 1,) of document boundaries over
+    global indices; pairs must share a document, and tokens outside every document see nothing.
+    k_cu_seqlens: the keys' own boundaries (cross-length varlen: document d's queries are
+    cu_seqlens[d]:cu_seqlens[d+1], its keys k_cu_seqlens[d]:k_cu_seqlens[d+1]; the last query of a
+    document aligns with its last key). None: the keys use ``cu_seqlens``.
     """
 
     causal: bool = False
     q_span: Span = field(default_factory=Span)
     k_span: Span = field(default_factory=Span)
     cu_seqlens: torch.Tensor | None = None
+    k_cu_seqlens: torch.Tensor | None = None
 
     def is_empty(self, q_len: int, k_len: int) -> bool:
         """True when no pair can attend, so the block may be skipped (a cheap, conservative test)."""
         if q_len == 0 or k_len == 0:
             return True
-        return self.causal and self.q_span.last(q_len) < self.k_span.start
+        # With key-side documents a query's aligned index may lie past its own: no causal shortcut.
+        return self.causal and self.k_cu_seqlens is None and self.q_span.last(q_len) < self.k_span.start
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,13 +128,14 @@ class BlockArgs:
     k_rope: RotaryPositions | None = None
     window: tuple[int, int] = (-1, -1)  # sliding window (left, right) in tokens; -1: unbounded
     softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap); 0: off
-    alibi_slopes: torch.Tensor | None = None  # fp32 (Hq,) or (B, Hq)
+    alibi_slopes: torch.Tensor | None = None  # fp32 (B, Hq) contiguous on the block's device
     dropout_p: float = 0.0
     deterministic: bool = False  # bitwise-repeatable results for the same inputs and settings
 
     def unsupported(self, supported: frozenset[str] = frozenset()) -> str:
         """The first feature in use that is not in ``supported``, as the user's argument name; "" if none."""
         in_use = {
+            "cu_seqlens_k": self.mask.k_cu_seqlens is not None,
             "window_size": self.window != (-1, -1),
             "softcap": self.softcap != 0.0,
             "alibi_slopes": self.alibi_slopes is not None,
@@ -254,8 +262,12 @@ def _rotary_positions(positions, span: Span, length: int, batch: int, mask: Bloc
     hop on a GPU never waits for the host; dynamic NTK needs the maximum on the host by definition,
     unless the config pins the sequence's length (``RoPEConfig.at_seq_len``, as the ring does).
     """
-    if positions is None:
-        positions = default_positions(span.indices(length, device), mask.cu_seqlens)
+    if positions is None and name == "q_positions":
+        index = span.indices(length, device)
+        positions = default_query_positions(index, mask.cu_seqlens, mask.k_cu_seqlens)
+    elif positions is None:
+        k_cu = mask.cu_seqlens if mask.k_cu_seqlens is None else mask.k_cu_seqlens
+        positions = default_positions(span.indices(length, device), k_cu)
     dynamic = rope.rope_type == "dynamic"
     seq_len = rope.dynamic_seq_len if dynamic else None
     if positions.numel() and (positions.device.type == "cpu" or (dynamic and seq_len is None)):
@@ -273,11 +285,23 @@ def _rotary_positions(positions, span: Span, length: int, batch: int, mask: Bloc
 
 
 def check_block(
-    q, k, v, mask=None, *, softmax_scale=None, rope=None, q_positions=None, k_positions=None
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    softmax_scale=None,
+    rope=None,
+    q_positions=None,
+    k_positions=None,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
 ) -> tuple[BlockMask, float]:
     """The checks of ``block_args`` that read no tensor data, so they also run on meta and fake
-    tensors (the custom ops' fake implementations call them): types, dtypes, shapes, devices and the
-    scale. Returns the mask (default: no mask) and the scale (default: 1 / sqrt(D))."""
+    tensors (the custom ops' fake implementations call them): types, dtypes, shapes, devices, the
+    scale and the score features. Returns the mask (default: no mask) and the scale (default:
+    1 / sqrt(D))."""
     check_inputs(q, k, v, rope)
     mask = BlockMask() if mask is None else mask
     if not isinstance(mask, BlockMask):
@@ -288,14 +312,17 @@ def check_block(
     for name, span, length in (("q", mask.q_span, Sq), ("k", mask.k_span, Sk)):
         if span.start + span.stride * max(length, 1) > MAX_POSITION:
             raise ValueError(f"global token indices of {name} must stay below 2^31 (mask.{name}_span)")
-    cu = mask.cu_seqlens
-    if cu is not None:
+    for name, cu in (("cu_seqlens", mask.cu_seqlens), ("cu_seqlens_k", mask.k_cu_seqlens)):
+        if cu is None:
+            continue
         if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {_describe(cu)}")
+            raise TypeError(f"{name} must be an int32/int64 tensor, got {_describe(cu)}")
         if cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(
-                f"cu_seqlens must be 1-D document boundaries (n_docs + 1,), got shape {tuple(cu.shape)}"
-            )
+            raise ValueError(f"{name} must be 1-D document boundaries (n_docs + 1,), got shape {tuple(cu.shape)}")
+    if mask.k_cu_seqlens is not None and (
+        mask.cu_seqlens is None or mask.k_cu_seqlens.numel() != mask.cu_seqlens.numel()
+    ):
+        raise ValueError("cu_seqlens_k needs cu_seqlens (the queries' boundaries) with as many entries")
     for name, positions, length in (("q_positions", q_positions, Sq), ("k_positions", k_positions, Sk)):
         if positions is None:
             continue
@@ -303,9 +330,42 @@ def check_block(
             raise TypeError(f"{name} must be an int32/int64 tensor, got {_describe(positions)}")
         if rope is not None and positions.shape not in ((length,), (B, length)):
             raise ValueError(f"{name} must be ({length},) or ({B}, {length}), got {tuple(positions.shape)}")
-    check_devices(q, cu_seqlens=cu, q_positions=q_positions, k_positions=k_positions)
+    check_score_features(q, window_size, softcap, alibi_slopes)
+    check_devices(
+        q,
+        cu_seqlens=mask.cu_seqlens,
+        cu_seqlens_k=mask.k_cu_seqlens,
+        q_positions=q_positions,
+        k_positions=k_positions,
+        alibi_slopes=alibi_slopes,
+    )
     scale = check_softmax_scale(softmax_scale)
     return mask, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+
+
+def check_score_features(q, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> None:
+    """flash-attn's score options, checked by the names users pass them as: ``window_size`` (left,
+    right) ints >= -1, ``softcap`` a finite real >= 0, ``alibi_slopes`` a floating tensor (Hq,) or
+    (B, Hq)."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size sides must be >= 0, or -1 for unbounded, got {tuple(window_size)}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float, got {softcap!r}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap!r}")
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
+        raise TypeError(f"alibi_slopes must be a floating-point tensor or None, got {_describe(alibi_slopes)}")
+    B, _, Hq, _ = q.shape
+    if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must be ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
 
 
 def _describe(x) -> str:
@@ -335,6 +395,9 @@ def block_args(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
 ) -> BlockArgs:
     """Validate a block's inputs and build its ``BlockArgs`` (what ``block_forward`` does first)."""
@@ -347,11 +410,23 @@ def block_args(
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
     _check_boundaries(mask.cu_seqlens)
+    _check_boundaries(mask.k_cu_seqlens)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    features = dict(
+        window=tuple(int(w) for w in window_size),
+        softcap=float(softcap),
+        alibi_slopes=None
+        if alibi_slopes is None
+        else alibi_slopes.to(torch.float32).expand(B, q.shape[2]).contiguous(),
+        deterministic=bool(deterministic),
+    )
     if rope is None:
-        return BlockArgs(mask, scale, deterministic=bool(deterministic))
+        return BlockArgs(mask, scale, **features)
     q_rope = _rotary_positions(q_positions, mask.q_span, Sq, B, mask, rope, q.device, "q_positions")
     k_rope = _rotary_positions(k_positions, mask.k_span, Sk, B, mask, rope, q.device, "k_positions")
     if rope.rope_type == "dynamic" and rope.dynamic_seq_len is None:
@@ -364,7 +439,7 @@ def block_args(
                 RotaryPositions(q_rope.positions, seq_len),
                 RotaryPositions(k_rope.positions, seq_len),
             )
-    return BlockArgs(mask, scale, rope, q_rope, k_rope, deterministic=bool(deterministic))
+    return BlockArgs(mask, scale, rope, q_rope, k_rope, **features)
 
 
 def block_forward(
@@ -377,6 +452,9 @@ def block_forward(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     deterministic: bool = False,
     backend: str = "auto",
@@ -385,7 +463,9 @@ def block_forward(
 
     ``out_dtype`` defaults to q's dtype; ``torch.float32`` keeps ring partials unrounded. Positions
     ((Sq,)/(B, Sq) and (Sk,)/(B, Sk) ints) default to the global index (index within the document
-    when ``mask.cu_seqlens`` is given). ``deterministic`` selects only a backend whose results repeat
+    when ``mask.cu_seqlens`` is given). ``window_size``, ``softcap`` and ``alibi_slopes`` ((Hq,) or
+    (B, Hq)) change the scores as flash-attn's arguments of those names do (``ringattn.reference``
+    is their definition). ``deterministic`` selects only a backend whose results repeat
     bit for bit (not ``cuda``, whose backward sums dQ with atomics). Inputs are never modified.
     """
     args = block_args(
@@ -397,6 +477,9 @@ def block_forward(
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
         deterministic=deterministic,
     )
     out_dtype = q.dtype if out_dtype is None else out_dtype
@@ -440,6 +523,9 @@ def block_backward(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     grad_dtype: torch.dtype | None = None,
     deterministic: bool = False,
     backend: str = "auto",
@@ -459,6 +545,9 @@ def block_backward(
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
         deterministic=deterministic,
     )
     check_grad_inputs(q, dout, out, lse, delta)

@@ -30,18 +30,24 @@ def _rope_from_json(text: str) -> RoPEConfig | None:
     return RoPEConfig.from_json(text) if text else None
 
 
-def _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend) -> dict:
+def _block_kwargs(
+    cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, softmax_scale, softcap,
+    rope_json, backend,
+) -> dict:  # fmt: skip
     """``block_forward``/``block_backward`` keywords from the ops' plain arguments.
 
-    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride, deterministic).
+    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride, deterministic, window left, right).
     """
-    causal, q_start, q_stride, k_start, k_stride, deterministic = mask_ints
+    causal, q_start, q_stride, k_start, k_stride, deterministic, left, right = mask_ints
     return dict(
-        mask=BlockMask(bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens),
+        mask=BlockMask(bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens, k_cu_seqlens),
         softmax_scale=softmax_scale,
         rope=_rope_from_json(rope_json),
         q_positions=q_positions,
         k_positions=k_positions,
+        window_size=(left, right),
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
         deterministic=bool(deterministic),
         backend=backend,
     )
@@ -53,33 +59,40 @@ def _attention_fwd(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    k_cu_seqlens: torch.Tensor | None,
     q_positions: torch.Tensor | None,
     k_positions: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
     mask_ints: list[int],
     softmax_scale: float,
+    softcap: float,
     rope_json: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kw = _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend)
+    kw = _block_kwargs(
+        cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, softmax_scale, softcap,
+        rope_json, backend,
+    )  # fmt: skip
     return block_forward(q, k, v, **kw)
 
 
-def _check_op_call(
-    q, k, v, cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend
-):
+def _check_op_call(q, k, v, *options):
     """The fakes' validation: what ``block_args`` checks without reading tensor data. The dispatcher
     runs a fake on real tensors too when one input is a meta tensor, so a fake must refuse what the
     real op would (mixed devices above all) instead of returning uninitialised memory."""
-    kw = _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend)
+    kw = _block_kwargs(*options)
     check_block(
         q,
         k,
         v,
         kw["mask"],
-        softmax_scale=softmax_scale,
+        softmax_scale=kw["softmax_scale"],
         rope=kw["rope"],
-        q_positions=q_positions,
-        k_positions=k_positions,
+        q_positions=kw["q_positions"],
+        k_positions=kw["k_positions"],
+        window_size=kw["window_size"],
+        softcap=kw["softcap"],
+        alibi_slopes=kw["alibi_slopes"],
     )
 
 
@@ -99,14 +112,20 @@ def _attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
+    k_cu_seqlens: torch.Tensor | None,
     q_positions: torch.Tensor | None,
     k_positions: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
     mask_ints: list[int],
     softmax_scale: float,
+    softcap: float,
     rope_json: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kw = _block_kwargs(cu_seqlens, q_positions, k_positions, mask_ints, softmax_scale, rope_json, backend)
+    kw = _block_kwargs(
+        cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, softmax_scale, softcap,
+        rope_json, backend,
+    )  # fmt: skip
     return block_backward(dout, q, k, v, out, lse, **kw)
 
 
@@ -143,15 +162,20 @@ def attention(
     q_span: Span | None = None,
     k_span: Span | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    k_cu_seqlens: torch.Tensor | None = None,
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable, compile-safe block attention: out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32.
 
-    Arguments as ``ringattn.block.block_forward``; gradients flow to q, k and v (not through lse).
+    Arguments as ``ringattn.block.block_forward`` (``k_cu_seqlens``: the mask's key-side documents);
+    gradients flow to q, k and v (not through lse, nor to ``alibi_slopes``).
     """
     q_span, k_span = q_span or Span(), k_span or Span()
     # Everything that needs no tensor data is checked here, before the op: a meta tensor among real
@@ -160,18 +184,27 @@ def attention(
         q,
         k,
         v,
-        BlockMask(causal, q_span, k_span, cu_seqlens),
+        BlockMask(causal, q_span, k_span, cu_seqlens, k_cu_seqlens),
         softmax_scale=softmax_scale,
         rope=rope,
         q_positions=q_positions,
         k_positions=k_positions,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str ('auto' or a backend name), got {backend!r}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    mask_ints = [int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride, int(deterministic)]
+    left, right = (int(w) for w in window_size)
+    mask_ints = [
+        int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride, int(deterministic), left, right,
+    ]  # fmt: skip
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach()
     return _attention_fwd(
-        q, k, v, cu_seqlens, q_positions, k_positions, mask_ints, scale, rope_to_json(rope), backend
-    )
+        q, k, v, cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, scale,
+        float(softcap), rope_to_json(rope), backend,
+    )  # fmt: skip

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .indexing import default_positions, document_ids
+from .indexing import aligned_query_index, default_positions, default_query_positions, document_ids
 from .layouts import shard_indices
 from .merge import empty_partials, merge_partials
 from .rope import RoPEConfig, _dynamic_seq_len, apply_rope
@@ -49,36 +49,93 @@ def _as_index(index, length: int, name: str, device) -> torch.Tensor:
 
 
 def visible_mask(
-    q_index: torch.Tensor, k_index: torch.Tensor, causal: bool, cu_seqlens: torch.Tensor | None
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    causal: bool,
+    cu_seqlens: torch.Tensor | None,
+    *,
+    k_cu_seqlens: torch.Tensor | None = None,
+    window: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """(Sq, Sk) bool: which keys each query may attend, from global token indices."""
+    """(Sq, Sk) bool: which keys each query may attend, from global token indices.
+
+    Queries belong to documents of ``cu_seqlens``, keys to those of ``k_cu_seqlens`` (default: the
+    same boundaries); a pair must share a document. Causal and the window compare a key's index with
+    the query's *aligned* index (``aligned_query_index``): causal keeps keys at or before it, the
+    window (left, right) keeps keys in [aligned - left, aligned + right], -1 leaving a side unbounded.
+    """
+    aligned = aligned_query_index(q_index, cu_seqlens, k_cu_seqlens)[:, None]
+    keys = k_index.to(torch.int64)[None, :]
     visible = torch.ones(len(q_index), len(k_index), dtype=torch.bool, device=q_index.device)
     if causal:
-        visible &= q_index[:, None] >= k_index[None, :]
+        visible &= keys <= aligned
+    left, right = window
+    if left >= 0:
+        visible &= keys >= aligned - left
+    if right >= 0:
+        visible &= keys <= aligned + right
     if cu_seqlens is not None:
-        q_doc, k_doc = document_ids(q_index, cu_seqlens), document_ids(k_index, cu_seqlens)
+        q_doc = document_ids(q_index, cu_seqlens)
+        k_doc = document_ids(k_index, cu_seqlens if k_cu_seqlens is None else k_cu_seqlens)
         visible &= (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] >= 0)
     return visible
 
 
-def _prepare(q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions):
+def _prepare(q, k, v, q_index, k_index, cu_seqlens, k_cu_seqlens, rope, q_positions, k_positions):
     """fp64 copies of q, k (rotated when rope is given), v, and the index tensors."""
     q_index = _as_index(q_index, q.shape[1], "q_index", q.device)
     k_index = _as_index(k_index, k.shape[1], "k_index", q.device)
     q, k, v = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
     if rope is not None:
-        q_positions = default_positions(q_index, cu_seqlens) if q_positions is None else q_positions
-        k_positions = default_positions(k_index, cu_seqlens) if k_positions is None else k_positions
+        if q_positions is None:
+            q_positions = default_query_positions(q_index, cu_seqlens, k_cu_seqlens)
+        if k_positions is None:
+            k_positions = default_positions(k_index, cu_seqlens if k_cu_seqlens is None else k_cu_seqlens)
         q, k = apply_rope(q, q_positions, rope), apply_rope(k, k_positions, rope)
     return q, k, v, q_index, k_index, q_positions, k_positions
 
 
-def _grouped_scores(q, k, visible, scale):
-    """Scores (B, Hkv, G, Sq, Sk) with masked pairs at -inf; query heads grouped by KV head."""
+def _grouped_scores(q, k, scale, softcap, alibi_slopes, distance):
+    """Unmasked scores (B, Hkv, G, Sq, Sk), query heads grouped by KV head, and the softcap's tanh
+    (None without softcap), which the backward needs.
+
+    Scores are scale * q.k, then softcap * tanh(. / softcap) when ``softcap`` > 0, then
+    - slope * ``distance`` (|aligned query index - key index|, (Sq, Sk)) with ALiBi: flash-attn's order.
+    """
     B, Sq, Hq, D = q.shape
     Hkv = k.shape[2]
     qg = q.view(B, Sq, Hkv, Hq // Hkv, D)
-    return torch.einsum("bqhgd,bkhd->bhgqk", qg, k).mul(scale).masked_fill(~visible, -math.inf)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k).mul(scale)
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(scores / softcap)
+        scores = softcap * tanh
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=q.device, dtype=torch.float64).reshape(-1, Hkv, Hq // Hkv, 1, 1)
+        scores = scores - slopes * distance
+    return scores, tanh
+
+
+def _block_terms(q_index, k_index, causal, cu_seqlens, k_cu_seqlens, window):
+    """The visibility mask and the ALiBi distance of a block, both (Sq, Sk)."""
+    visible = visible_mask(
+        q_index, k_index, causal, cu_seqlens, k_cu_seqlens=k_cu_seqlens, window=window
+    )
+    aligned = aligned_query_index(q_index, cu_seqlens, k_cu_seqlens)
+    distance = (aligned[:, None] - k_index.to(torch.int64)[None, :]).abs().to(torch.float64)
+    return visible, distance
+
+
+def _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes):
+    if k_cu_seqlens is not None and (cu_seqlens is None or len(k_cu_seqlens) != len(cu_seqlens)):
+        raise ValueError("k_cu_seqlens needs cu_seqlens with the same number of boundaries")
+    if len(window) != 2 or min(window) < -1:
+        raise ValueError(f"window must be (left, right) with each >= -1, got {window}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    B, _, Hq, _ = q.shape
+    if alibi_slopes is not None and tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must be ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
 
 
 def attention_ref(
@@ -94,6 +151,10 @@ def attention_ref(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    k_cu_seqlens: torch.Tensor | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in fp64 with fused-RoPE semantics.
 
@@ -105,7 +166,13 @@ def attention_ref(
         cu_seqlens: (n_docs + 1,) document boundaries over global indices.
         rope: rotate q and k before the dot product (never materialised by real kernels).
         q_positions, k_positions: (Sq,) / (B, Sq) positions for RoPE; default: index within the
-            document when ``cu_seqlens`` is given, else the global index.
+            document when ``cu_seqlens`` is given, else the global index (with ``k_cu_seqlens``,
+            queries take their aligned index within the document's keys).
+        k_cu_seqlens: (n_docs + 1,) key-side document boundaries (cross-length varlen; default
+            ``cu_seqlens``); each document's queries align bottom-right with its keys.
+        window: sliding window (left, right) around the aligned query index; -1: unbounded side.
+        softcap: > 0 caps scaled scores to softcap * tanh(scores / softcap) (Gemma 2); 0: off.
+        alibi_slopes: (Hq,) or (B, Hq): adds -slope * |aligned query index - key index|.
 
     Returns:
         out (B, Sq, Hq, D) and lse (B, Hq, Sq), both fp64. Rows with no visible key have
@@ -114,10 +181,13 @@ def attention_ref(
     _check_qkv(q, k, v)
     B, Sq, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes)
     q, k, v, q_index, k_index, _, _ = _prepare(
-        q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions
+        q, k, v, q_index, k_index, cu_seqlens, k_cu_seqlens, rope, q_positions, k_positions
     )
-    scores = _grouped_scores(q, k, visible_mask(q_index, k_index, causal, cu_seqlens), scale)
+    visible, distance = _block_terms(q_index, k_index, causal, cu_seqlens, k_cu_seqlens, window)
+    scores, _ = _grouped_scores(q, k, scale, softcap, alibi_slopes, distance)
+    scores = scores.masked_fill(~visible, -math.inf)
     if scores.shape[-1]:
         row_max = scores.amax(dim=-1, keepdim=True)  # NaN when a visible score is NaN
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -150,12 +220,16 @@ def attention_backward_ref(
     rope: RoPEConfig | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    k_cu_seqlens: torch.Tensor | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block in fp64, normalised by a given (possibly global) ``lse``.
 
     This is the flash-attention backward written out: P = exp(S - lse), dV = P^T dO,
-    dS = P * (dO V^T - delta) with delta = rowsum(dO * O), dQ = scale dS K, dK = scale dS^T Q,
-    then RoPE's transpose takes dQ, dK from rotated back to unrotated coordinates. With the
+    dS = P * (dO V^T - delta) with delta = rowsum(dO * O), through the softcap's tanh when it is on
+    (dS *= 1 - tanh^2), dQ = scale dS K, dK = scale dS^T Q, then RoPE's transpose takes dQ, dK from rotated back to unrotated coordinates. With the
     global lse and delta, the gradients of all blocks sum to the full attention's gradients.
 
     Args:
@@ -173,10 +247,13 @@ def attention_backward_ref(
             raise ValueError("attention_backward_ref needs delta or out")
         delta = (dout.double() * out.double()).sum(-1).transpose(1, 2)  # (B, Hq, Sq)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes)
     rq, rk, v, q_index, k_index, q_positions, k_positions = _prepare(
-        q, k, v, q_index, k_index, cu_seqlens, rope, q_positions, k_positions
+        q, k, v, q_index, k_index, cu_seqlens, k_cu_seqlens, rope, q_positions, k_positions
     )
-    scores = _grouped_scores(rq, rk, visible_mask(q_index, k_index, causal, cu_seqlens), scale)
+    visible, distance = _block_terms(q_index, k_index, causal, cu_seqlens, k_cu_seqlens, window)
+    scores, tanh = _grouped_scores(rq, rk, scale, softcap, alibi_slopes, distance)
+    scores = scores.masked_fill(~visible, -math.inf)
     lse_g = lse.double().reshape(B, Hkv, Hq // Hkv, Sq, 1)
     # Rows with lse = -inf saw no key: their probabilities are zero, not exp(-inf + inf). A NaN lse
     # stays NaN.
@@ -185,6 +262,8 @@ def attention_backward_ref(
     dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dout_g)
     dp = torch.einsum("bqhgd,bkhd->bhgqk", dout_g, v)
     ds = p * (dp - delta.double().reshape(B, Hkv, Hq // Hkv, Sq, 1))
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
     dq = torch.einsum("bhgqk,bkhd->bqhgd", ds, rk).reshape(B, Sq, Hq, D) * scale
     dk = torch.einsum("bhgqk,bqhgd->bkhd", ds, rq.view(B, Sq, Hkv, Hq // Hkv, D)) * scale
     if rope is not None:
@@ -205,6 +284,9 @@ def ring_attention_ref(
     cu_seqlens: torch.Tensor | None = None,
     rope: RoPEConfig | None = None,
     positions: torch.Tensor | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention as pure math over ``world_size`` virtual ranks: the spec for the scheduler.
 
@@ -243,6 +325,9 @@ def ring_attention_ref(
                 rope=rope,
                 q_positions=None if positions is None else positions[..., q_idx],
                 k_positions=None if positions is None else positions[..., k_idx],
+                window=window,
+                softcap=softcap,
+                alibi_slopes=alibi_slopes,
             )
             o_acc, l_acc = merge_partials(o_acc, l_acc, o_part, l_part)
         out[:, q_idx], lse[:, :, q_idx] = o_acc, l_acc

@@ -29,7 +29,7 @@ from harness import (
 from ringattn import RoPEConfig
 from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward
-from ringattn.indexing import default_positions
+from ringattn.indexing import aligned_query_index, default_positions, default_query_positions
 from ringattn.reference import attention_backward_ref, attention_ref, visible_mask
 from ringattn.rope import cos_sin, rotate
 
@@ -65,6 +65,10 @@ class Case:
     position_offset: int | None = None
     batched_positions: bool = False
     transposed: bool = False  # q, k, v as (B, H, S, D).transpose(1, 2) views, as transformers passes them
+    k_cu_seqlens: tuple[int, ...] | None = None  # key-side documents (cross-length varlen)
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: str | None = None  # "head": slopes (Hq,); "batch": (B, Hq)
 
     @property
     def sk(self) -> int:
@@ -74,7 +78,21 @@ class Case:
         return None if self.cu_seqlens is None else torch.tensor(self.cu_seqlens, device=device)
 
     def mask(self, device="cpu") -> BlockMask:
-        return BlockMask(self.causal, self.q_span, self.k_span, self.cu(device))
+        k_cu = None if self.k_cu_seqlens is None else torch.tensor(self.k_cu_seqlens, device=device)
+        return BlockMask(self.causal, self.q_span, self.k_span, self.cu(device), k_cu)
+
+    def alibi_slopes(self, device="cpu") -> torch.Tensor | None:
+        """ALiBi's geometric slopes 2^(-8 (h + 1) / Hq), per batch entry scaled by 1 / (b + 1)."""
+        if self.alibi is None:
+            return None
+        slopes = 2.0 ** (-8.0 * torch.arange(1, self.Hq + 1) / self.Hq)
+        if self.alibi == "batch":
+            slopes = slopes[None, :] / torch.arange(1, self.B + 1)[:, None]
+        return slopes.to(device, torch.float32)
+
+    def feature_kwargs(self, device="cpu") -> dict:
+        """The block contract's score options of this case."""
+        return dict(window_size=self.window, softcap=self.softcap, alibi_slopes=self.alibi_slopes(device))
 
     def positions(self, device="cpu"):
         """(q_positions, k_positions) to pass to the contract, or (None, None) for its defaults."""
@@ -101,6 +119,10 @@ class Case:
             rope=self.rope,
             q_positions=qp,
             k_positions=kp,
+            k_cu_seqlens=self.mask(device).k_cu_seqlens,
+            window=self.window,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes(device),
         )
 
 
@@ -135,7 +157,8 @@ def rotate_in_dtype(x: torch.Tensor, positions: torch.Tensor, rope: RoPEConfig, 
 
 def peer_attention(
     q, k, v, *, causal=False, softmax_scale=None, q_index=None, k_index=None, cu_seqlens=None,
-    rope=None, q_positions=None, k_positions=None,
+    rope=None, q_positions=None, k_positions=None, k_cu_seqlens=None, window=(-1, -1), softcap=0.0,
+    alibi_slopes=None,
 ):  # fmt: skip
     """The peer of the tolerance rule: plain torch attention in the inputs' dtype; (out, lse).
 
@@ -151,15 +174,23 @@ def peer_attention(
     q_index = torch.arange(Sq, device=q.device) if q_index is None else q_index.to(q.device)
     k_index = torch.arange(Sk, device=q.device) if k_index is None else k_index.to(q.device)
     cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
+    k_cu = None if k_cu_seqlens is None else k_cu_seqlens.to(q.device)
     if rope is not None:
-        qp = default_positions(q_index, cu) if q_positions is None else q_positions
-        kp = default_positions(k_index, cu) if k_positions is None else k_positions
+        qp = default_query_positions(q_index, cu, k_cu) if q_positions is None else q_positions
+        kp = default_positions(k_index, cu if k_cu is None else k_cu) if k_positions is None else k_positions
         q, k = rotate_in_dtype(q, qp, rope), rotate_in_dtype(k, kp, rope)
     group = Hq // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    visible = visible_mask(q_index, k_index, causal, cu)  # (Sq, Sk)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:  # the bias in fp32, added in the dtype, as plain torch code would
+        aligned = aligned_query_index(q_index, cu, k_cu)
+        distance = (aligned[:, None] - k_index[None, :]).abs().float()
+        bias = -alibi_slopes.float().reshape(-1, Hq, 1, 1) * distance
+        scores = scores + bias.to(scores.dtype)
+    visible = visible_mask(q_index, k_index, causal, cu, k_cu_seqlens=k_cu, window=window)  # (Sq, Sk)
     scores = scores.masked_fill(~visible, -math.inf)
     lse = scores.logsumexp(-1)
     has_key = visible.any(-1, keepdim=True)  # softmax over zeros on empty rows, then zeroed
@@ -217,7 +248,12 @@ def cannot_run(case: Case, dtype: torch.dtype, backend: str, device="cpu") -> st
     or "" when it can."""
     q, k, v, _ = make_inputs(case, dtype, device=device)
     qp, kp = case.positions(device)
-    args = block_args(q, k, v, case.mask(device), rope=case.rope, q_positions=qp, k_positions=kp)
+    args = block_args(
+        q, k, v, case.mask(device), rope=case.rope, q_positions=qp, k_positions=kp, **case.feature_kwargs(device)
+    )
+    feature = args.unsupported(BACKENDS[backend].features)
+    if feature:
+        return f"{backend}: {feature} is not implemented"
     ok, reason = BACKENDS[backend].can_implement(q, k, v, args)
     return "" if ok else f"{backend}: {reason}"
 
@@ -231,7 +267,7 @@ def check_block(case: Case, dtype: torch.dtype, backend: str, device="cpu", *, o
     before = [t.clone() for t in (q, k, v, dout)]
     qp, kp = case.positions(device)
     mask = case.mask(device)
-    kw = dict(rope=case.rope, q_positions=qp, k_positions=kp, backend=backend)
+    kw = dict(rope=case.rope, q_positions=qp, k_positions=kp, backend=backend, **case.feature_kwargs(device))
     out_dtype = torch.float32 if out_fp32 else dtype
     out, lse = block_forward(q, k, v, mask, out_dtype=out_dtype, **kw)
     assert out.dtype == out_dtype and lse.dtype == torch.float32

@@ -38,6 +38,29 @@ YARN_HF_80 = RoPEConfig(
 # launcher cases). Head dim 64 and up: the shapes of the compiled kernels' tiles (were the CPU and
 # CUDA cases; a case both had is listed once with the union of their dtypes).
 CASES = {
+    # flash-attn's score options (tiny shapes: the Triton interpreter runs every one of them).
+    "d16-window-causal-rope": (Case(70, Hq=4, Hkv=2, causal=True, rope=R16, window=(9, 0)), (FP32, BF16)),
+    "d16-sq40-sk127-window-both-sides": (Case(40, 127, window=(5, 12), q_span=Span(87)), (FP32,)),
+    "d16-softcap-alibi-causal-gqa4": (
+        Case(63, Hq=4, Hkv=1, causal=True, softcap=3.0, alibi="head"),
+        (FP32, BF16),
+    ),
+    "d16-sq33-sk50-alibi-per-batch": (Case(33, 50, B=2, Hkv=1, alibi="batch"), (FP32,)),
+    "d16-cross-length-docs-causal-rope": (
+        Case(45, 70, Hq=4, Hkv=2, causal=True, rope=R16, cu_seqlens=(0, 10, 10, 30, 45),
+             k_cu_seqlens=(0, 25, 30, 55, 70)),
+        (FP32, BF16),
+    ),  # fmt: skip
+    "d16-cross-length-docs-window-softcap": (
+        Case(45, 70, Hq=2, Hkv=1, causal=True, cu_seqlens=(0, 20, 45), k_cu_seqlens=(0, 9, 70),
+             window=(6, 0), softcap=2.0),
+        (FP32,),
+    ),  # fmt: skip
+    "d64-window-docs-softcap-alibi": (
+        Case(127, Hq=4, Hkv=2, D=64, causal=True, cu_seqlens=(3, 40, 40, 100, 120), window=(17, 0),
+             softcap=5.0, alibi="head"),
+        (FP32, BF16),
+    ),  # fmt: skip
     "d16-len1-causal-rope": (Case(1, causal=True, rope=R16), (FP32,)),
     "d16-len63-causal-gqa4-rope": (Case(63, Hq=4, Hkv=1, causal=True, rope=R16), (BF16,)),
     "d32-sq63-sk127-full-gqa8-interleaved-partial": (

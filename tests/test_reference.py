@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ringattn import RoPEConfig, apply_rope, attention_ref, merge_partials, ring_attention_ref
+from ringattn.reference import attention_backward_ref
 from ringattn.indexing import document_ids, positions_from_cu_seqlens
 from ringattn.merge import empty_partials
 from ringattn.ring import LAYOUTS, shard_indices
@@ -207,3 +208,91 @@ def test_input_errors_name_the_argument():
         attention_ref(q[:, :, :2], k, v, q_index=torch.arange(3))
     with pytest.raises(ValueError, match="layout"):
         shard_indices(8, 2, "spiral")
+
+
+# ------------------------------------------------- flash-attn's score options: window, softcap, ALiBi
+
+
+def _flash_attn_definition(q, k, v, causal, window, softcap, slopes):
+    """One sequence as flash-attn defines its options (written from its row/column formulas, not
+    from the spec): query row i sits at i + Sk - Sq on the key axis; key j is visible when
+    j <= that (causal) and inside [that - left, that + right]; scores are scaled, capped by tanh,
+    then get -slope * |i + Sk - Sq - j|."""
+    Sq, Sk, Hq = q.shape[1], k.shape[1], q.shape[2]
+    g = Hq // k.shape[2]
+    k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    row = torch.arange(Sq)[:, None] + Sk - Sq
+    col = torch.arange(Sk)[None, :]
+    if slopes is not None:
+        scores = scores - slopes.reshape(-1, Hq, 1, 1) * (row - col).abs()
+    visible = torch.ones(Sq, Sk, dtype=torch.bool)
+    if causal:
+        visible &= col <= row
+    if window[0] >= 0:
+        visible &= col >= row - window[0]
+    if window[1] >= 0:
+        visible &= col <= row + window[1]
+    scores = scores.masked_fill(~visible, -math.inf)
+    lse = scores.logsumexp(-1)
+    probs = torch.softmax(scores.masked_fill(~visible.any(-1, keepdim=True), 0.0), -1) * visible
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(
+    "window,softcap,alibi",
+    [((-1, -1), 0.0, False), ((3, 0), 0.0, False), ((2, 5), 0.0, False), ((-1, 4), 0.0, False),
+     ((-1, -1), 2.5, False), ((-1, -1), 0.0, True), ((4, 1), 1.5, True)],
+    ids=["plain", "window-3-0", "window-2-5", "window-right-only", "softcap", "alibi", "all"],
+)  # fmt: skip
+def test_cross_length_varlen_with_options_matches_flash_attn_definition(causal, window, softcap, alibi):
+    # Documents with more queries than keys, fewer, equal, and an empty one.
+    cu_q, cu_k = torch.tensor([0, 7, 9, 9, 20]), torch.tensor([0, 3, 13, 15, 26])
+    q, k, v = _qkv(1, 20, 26, 4, 2, 8, seed=3)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64) if alibi else None
+    kw = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes)
+    out, lse = attention_ref(q, k, v, cu_seqlens=cu_q, k_cu_seqlens=cu_k, **kw)
+    for d in range(4):
+        qs, ks = slice(cu_q[d], cu_q[d + 1]), slice(cu_k[d], cu_k[d + 1])
+        want_out, want_lse = _flash_attn_definition(
+            q[:, qs], k[:, ks], v[:, ks], causal, window, softcap, slopes
+        )
+        torch.testing.assert_close(out[:, qs], want_out, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(lse[:, :, qs], want_lse, atol=1e-12, rtol=1e-12)
+
+
+def test_batched_alibi_slopes_and_bottom_right_window_match_flash_attn_definition():
+    q, k, v = _qkv(2, 6, 11, 2, 1, 8, seed=4)
+    slopes = torch.tensor([[0.3, 0.1], [0.7, 0.05]], dtype=torch.float64)
+    # Bottom-right alignment as global indices: the queries are the last 6 of the 11 keys.
+    out, lse = attention_ref(
+        q, k, v, causal=True, q_index=torch.arange(5, 11), window=(2, -1), alibi_slopes=slopes
+    )
+    want_out, want_lse = _flash_attn_definition(q, k, v, True, (2, -1), 0.0, slopes)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
+
+
+def test_backward_with_options_equals_autograd_of_the_forward():
+    """attention_backward_ref's hand-written chain (softcap's tanh', ALiBi, window, key-side
+    documents, RoPE) against autograd through attention_ref."""
+    q, k, v = _qkv(1, 12, 15, 4, 2, 8, seed=5)
+    dout = torch.randn(1, 12, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    kw = dict(
+        causal=True,
+        cu_seqlens=torch.tensor([0, 5, 12]),
+        k_cu_seqlens=torch.tensor([0, 9, 15]),
+        window=(4, 0),
+        softcap=3.0,
+        alibi_slopes=torch.tensor([0.4, 0.2, 0.1, 0.05], dtype=torch.float64),
+        rope=RoPEConfig(8, theta=100.0),
+    )
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_ref(*leaves, **kw)
+    want = torch.autograd.grad(out, leaves, dout)
+    got = attention_backward_ref(dout, q, k, v, lse, out=out.detach(), **kw)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)

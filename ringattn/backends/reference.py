@@ -5,7 +5,7 @@ from ..reference import attention_backward_ref, attention_ref
 
 class ReferenceBackend:
     name = "reference"
-    features = frozenset({"deterministic"})
+    features = frozenset({"deterministic", "window_size", "softcap", "alibi_slopes", "cu_seqlens_k"})
 
     def can_implement(self, q, k, v, args):
         return True, ""
@@ -39,4 +39,8 @@ def _spec_kwargs(q, k, args):
         "rope": args.rope,
         "q_positions": _positions(args.q_rope),
         "k_positions": _positions(args.k_rope),
+        "k_cu_seqlens": mask.k_cu_seqlens,
+        "window": args.window,
+        "softcap": args.softcap,
+        "alibi_slopes": args.alibi_slopes,
     }
