@@ -5,8 +5,8 @@ and spills, so tuning never picks a tile that does not fit. The first candidate 
 used without timing when there is one candidate, on the interpreter, while a CUDA graph is being
 captured, or when ``RINGATTN_TRITON_AUTOTUNE=0``. Choices are cached per process in the tuner
 object (``TUNER``, the launchers' default; ``TUNER.clear()`` forgets them), keyed by what changes
-the best tile: kernel, device, dtype, head dim, query group, mask kind, RoPE and power-of-two
-buckets of the sizes.
+the best tile: kernel, device, dtype, head dim, query group, mask kind, RoPE, power-of-two
+buckets of the sizes and the score features.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class TuneKey(NamedTuple):
     sq: int
     sk: int
     rows: int  # batch x query heads
+    features: str = ""  # score features compiled in: "window", "softcap", "alibi", "kdocs", comma-joined
 
 
 def autotune_enabled() -> bool:

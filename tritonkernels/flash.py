@@ -35,23 +35,28 @@ def _ceil_div(x: torch.Tensor, d: int) -> torch.Tensor:
     return -torch.div(-x, d, rounding_mode="floor")
 
 
-def _doc_tile_ranges(row_index, row_doc, cu, col_start, col_stride, col_len, block):
+def _doc_tile_ranges(row_doc, col_cu, col_start, col_stride, col_len, block, extra=None):
     """Per tile of ``block`` rows: [lo, hi) of the other side's rows that share a document with it.
 
-    Each row's visible columns (same document) are one contiguous run because column indices grow
-    with the row number; a tile's range is the union's hull. Rows outside documents see nothing.
+    ``col_cu`` holds the column side's document boundaries (the keys' own for query rows). Each row's
+    visible columns (same document, and within ``extra``: optional per-row inclusive (lo, hi) column
+    indices, int64) are one contiguous run because column indices grow with the row number; a tile's
+    range is the union's hull. Rows outside documents see nothing.
     """
-    cu = cu.to(device=row_index.device, dtype=torch.int64)
+    cu = col_cu.to(device=row_doc.device, dtype=torch.int64)
     doc = row_doc.to(torch.int64)
     inside = doc >= 0
     d = doc.clamp(min=0)
-    lo = _ceil_div(cu[d] - col_start, col_stride).clamp(0, col_len)
-    hi = _ceil_div(cu[d + 1] - col_start, col_stride).clamp(0, col_len)
+    first, last = cu[d], cu[d + 1] - 1
+    if extra is not None:
+        first, last = torch.maximum(first, extra[0]), torch.minimum(last, extra[1])
+    lo = _ceil_div(first - col_start, col_stride).clamp(0, col_len)
+    hi = (torch.div(last - col_start, col_stride, rounding_mode="floor") + 1).clamp(0, col_len)
     empty = ~inside | (hi <= lo)
     lo = torch.where(empty, torch.full_like(lo, col_len), lo)
     hi = torch.where(empty, torch.zeros_like(hi), hi)
-    n_tiles = -(-row_index.numel() // block)
-    pad = n_tiles * block - row_index.numel()
+    n_tiles = -(-row_doc.numel() // block)
+    pad = n_tiles * block - row_doc.numel()
     lo = torch.nn.functional.pad(lo, (0, pad), value=col_len).view(n_tiles, block).amin(1)
     hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(n_tiles, block).amax(1)
     return torch.stack((lo, hi), 1).to(torch.int32).contiguous()
@@ -110,6 +115,15 @@ def _document_ids(index: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     return torch.where((index < cu[0]) | (index >= cu[-1]), -1, doc).to(torch.int32).contiguous()
 
 
+def _window(window) -> tuple[int, int]:
+    """(left, right) ints, -1 for an unbounded side, clamped to 2^31 - 1 so the kernels take int32
+    (they bound in int64: a side that long already reaches every key of a non-negative aligned index)."""
+    left, right = (int(w) for w in window)
+    if min(left, right) < -1:
+        raise ValueError(f"window sides must be >= 0, or -1 for unbounded, got {tuple(window)}")
+    return min(left, _MAX_INDEX), min(right, _MAX_INDEX)
+
+
 def _with_rows(tables: RopeTables, device) -> RopeTables:
     """``tables`` on ``device``; positions of a side without rows become a dummy the kernels never read."""
     pos = tables.positions
@@ -128,7 +142,10 @@ def _with_rows(tables: RopeTables, device) -> RopeTables:
 class _LaunchArgs:
     """What the forward and both backward kernels share: sizes, spans, documents, RoPE, tile choice."""
 
-    def __init__(self, q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope):
+    def __init__(
+        self, q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope,
+        window=(-1, -1), softcap=0.0, alibi_slopes=None, k_cu_seqlens=None,
+    ):  # fmt: skip
         B, Sq, Hq, D = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
         self.B, self.Sq, self.Sk, self.Hq, self.Hkv, self.D = B, Sq, Sk, Hq, Hkv, D
@@ -151,9 +168,38 @@ class _LaunchArgs:
             self.q_index = torch.arange(Sq, device=dev) * self.q_stride + self.q_start
             self.k_index = torch.arange(Sk, device=dev) * self.k_stride + self.k_start
             self.q_doc = _document_ids(self.q_index, self.cu)
-            self.k_doc = _document_ids(self.k_index, self.cu)
         else:
             self.q_doc = self.k_doc = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.k_docs = k_cu_seqlens is not None  # keys take their own document boundaries
+        self.k_cu = self.cu
+        self.q_align = self.q_doc  # a dummy the kernels never read unless k_docs
+        if self.k_docs:
+            if cu_seqlens is None:
+                raise ValueError("k_cu_seqlens needs cu_seqlens (the queries' document boundaries)")
+            if not isinstance(k_cu_seqlens, torch.Tensor) or k_cu_seqlens.shape != cu_seqlens.shape:
+                raise ValueError(f"k_cu_seqlens must be an int tensor of cu_seqlens' shape {tuple(cu_seqlens.shape)}")
+            if k_cu_seqlens.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"k_cu_seqlens must be int32/int64, got {k_cu_seqlens.dtype}")
+            self.k_cu = k_cu_seqlens.to(device=dev, dtype=torch.int64)
+            # Aligned query index: q + k_cu[d + 1] - cu[d + 1] (the last query of a document aligns
+            # with its last key). Clamped into int32: exact while document ends are below 2^31.
+            d = self.q_doc.to(torch.int64)
+            shift = torch.where(d >= 0, self.k_cu[d.clamp(min=0) + 1] - self.cu[d.clamp(min=0) + 1], 0)
+            align = (self.q_index + shift).clamp(-_MAX_INDEX, _MAX_INDEX)
+            self.q_align = align.to(torch.int32).contiguous() if Sq else self.q_doc
+        if cu_seqlens is not None:
+            self.k_doc = _document_ids(self.k_index, self.k_cu)
+        self.window = _window(window)
+        self.softcap = float(softcap)
+        if not (math.isfinite(self.softcap) and self.softcap >= 0):
+            raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap!r}")
+        self.alibi = alibi_slopes is not None
+        if self.alibi:
+            if not isinstance(alibi_slopes, torch.Tensor) or tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+                raise ValueError(f"alibi_slopes must be a ({Hq},) or ({B}, {Hq}) tensor")
+            self.slopes = alibi_slopes.to(device=dev, dtype=torch.float32).expand(B, Hq).contiguous()
+        else:
+            self.slopes = torch.zeros(1, dtype=torch.float32, device=dev)  # never read
         if (q_rope is None) != (k_rope is None):
             raise ValueError("q_rope and k_rope must be given together")
         self.rope = q_rope is not None
@@ -187,12 +233,28 @@ class _LaunchArgs:
         if self.cu is None:
             return self.q_doc  # unused dummy
         if rows_are_queries:
-            return _doc_tile_ranges(
-                self.q_index, self.q_doc, self.cu, self.k_start, self.k_stride, self.Sk, block
-            )
+            return _doc_tile_ranges(self.q_doc, self.k_cu, self.k_start, self.k_stride, self.Sk, block)
         return _doc_tile_ranges(
-            self.k_index, self.k_doc, self.cu, self.q_start, self.q_stride, self.Sq, block
+            self.k_doc, self.cu, self.q_start, self.q_stride, self.Sq, block, self._query_bounds_per_key()
         )
+
+    def _query_bounds_per_key(self):
+        """With key-side documents: per key row, the inclusive query indices whose causal/window
+        bounds hold it (aligned indices jump between documents, so the dk/dv kernel cannot bound
+        its query loop itself). None otherwise (the kernel bounds it)."""
+        if not self.k_docs or not (self.causal or self.window != (-1, -1)):
+            return None
+        d = self.k_doc.to(torch.int64).clamp(min=0)
+        # key k sees a query q of its document d when its aligned index a = q + shift lies in
+        # [k - right, k + left] (and a >= k if causal)
+        base = self.k_index - (self.k_cu[d + 1] - self.cu[d + 1])
+        left, right = self.window
+        far = 2**62
+        lo = base - right if right >= 0 else torch.full_like(base, -far)
+        if self.causal:
+            lo = torch.maximum(lo, base)
+        hi = base + left if left >= 0 else torch.full_like(base, far)
+        return lo, hi
 
     def rope_pointer_args(self):
         return (
@@ -222,7 +284,32 @@ class _LaunchArgs:
             HALF_PAD=half_pad,
             PASS_PAD=pass_pad,
             DOT_PREC=self.dot_prec,
+            HAS_WINDOW=self.window != (-1, -1),
+            SOFTCAP=self.softcap > 0,
+            HAS_ALIBI=self.alibi,
+            K_DOCS=self.k_docs,
         )
+
+    def feature_args(self):
+        """(QAlign, Alibi) pointers of every attention kernel."""
+        return self.q_align, self.slopes
+
+    def feature_scalars(self):
+        """(win_left, win_right, softcap_in, softcap_out): softcap acts on the natural-scale score,
+        cap * tanh(scale * q.k / cap), in log2 units after it."""
+        cap = self.softcap
+        softcap_in, softcap_out = (self.scale / cap, cap * fk.LOG2E) if cap > 0 else (0.0, 0.0)
+        return (*self.window, softcap_in, softcap_out)
+
+    def features(self) -> str:
+        """The score features in use, for the autotuning key."""
+        used = (
+            ("window", self.window != (-1, -1)),
+            ("softcap", self.softcap > 0),
+            ("alibi", self.alibi),
+            ("kdocs", self.k_docs),
+        )
+        return ",".join(name for name, on in used if on)
 
     def launch_options(self, cfg: KernelConfig):
         return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -235,7 +322,7 @@ class _LaunchArgs:
         rope = f"{'exact' if self.qr.exact else 'hf'}/{self.qr.rot_dim}" if self.rope else "none"
         key = TuneKey(
             kernel, self.device, dtype, self.D, self.Hq // self.Hkv, self.causal, self.cu is not None, rope,
-            size_bucket(self.Sq), size_bucket(self.Sk), size_bucket(self.B * self.Hq),
+            size_bucket(self.Sq), size_bucket(self.Sk), size_bucket(self.B * self.Hq), self.features(),
         )  # fmt: skip
         return (tuner or TUNER).choose(key, candidates, launch, self.device)
 
@@ -252,6 +339,10 @@ def flash_attn_fwd(
     cu_seqlens: torch.Tensor | None = None,
     q_rope: RopeTables | None = None,
     k_rope: RopeTables | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    k_cu_seqlens: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -268,7 +359,10 @@ def flash_attn_fwd(
     among them with ``tuner`` (default: the process-wide ``autotune.TUNER``).
     """
     _check_qkv(q, k, v)
-    c = _LaunchArgs(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope)
+    c = _LaunchArgs(
+        q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope,
+        window, softcap, alibi_slopes, k_cu_seqlens,
+    )  # fmt: skip
     out_dtype = q.dtype if out_dtype is None else out_dtype
     if out_dtype not in (q.dtype, torch.float32):
         raise TypeError(f"out_dtype must be q's dtype or float32, got {out_dtype}")
@@ -287,11 +381,11 @@ def flash_attn_fwd(
         fk.flash_fwd_kernel[(_programs(c.Sq, cfg.block_m, c.B * c.Hq),)](
             q, k, v, out, lse,
             *c.rope_pointer_args(),
-            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
+            c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True), *c.feature_args(),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             c.qr.stride_b, c.kr.stride_b,
             c.Sq, c.Sk, c.Hq, c.q_start, c.q_stride, c.k_start, c.k_stride,
-            c.scale * fk.LOG2E, c.qr.attn_factor,
+            c.scale * fk.LOG2E, c.qr.attn_factor, *c.feature_scalars(),
             **c.constexprs(cfg), **c.launch_options(cfg),
         )  # fmt: skip
 
@@ -341,6 +435,10 @@ def flash_attn_bwd(
     cu_seqlens: torch.Tensor | None = None,
     q_rope: RopeTables | None = None,
     k_rope: RopeTables | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    k_cu_seqlens: torch.Tensor | None = None,
     grad_dtype: torch.dtype | None = None,
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
@@ -358,7 +456,10 @@ def flash_attn_bwd(
     _check_qkv(q, k, v)
     if not isinstance(dout, torch.Tensor) or dout.shape != q.shape or dout.dtype != q.dtype:
         raise ValueError(f"dout must be a {q.dtype} tensor of q's shape {tuple(q.shape)}")
-    c = _LaunchArgs(q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope)
+    c = _LaunchArgs(
+        q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope,
+        window, softcap, alibi_slopes, k_cu_seqlens,
+    )  # fmt: skip
     _check_out(lse, "lse", (c.B, c.Hq, c.Sq), torch.float32, q.device)
     _check_seq_major(lse, "lse")
     if delta is None:
@@ -380,14 +481,14 @@ def flash_attn_bwd(
         return dq, dk, dv
     common_strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     tail = (c.qr.stride_b, c.kr.stride_b, c.Sq, c.Sk)
-    spans = (c.q_start, c.q_stride, c.k_start, c.k_stride, c.scale, c.qr.attn_factor)
+    spans = (c.q_start, c.q_stride, c.k_start, c.k_stride, c.scale, c.qr.attn_factor, *c.feature_scalars())
     if c.Sq:
 
         def launch_dq(cfg: KernelConfig):
             fk.flash_bwd_dq_kernel[(_programs(c.Sq, cfg.block_m, c.B * c.Hq),)](
                 q, k, v, dout, lse, delta, dq,
                 *c.rope_pointer_args(),
-                c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True),
+                c.q_doc, c.k_doc, c.tile_ranges(cfg.block_m, True), *c.feature_args(),
                 *common_strides, *dq.stride(),
                 lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
                 *tail, c.Hq, *spans,
@@ -402,7 +503,7 @@ def flash_attn_bwd(
             fk.flash_bwd_dkdv_kernel[(_programs(c.Sk, cfg.block_n, c.B * c.Hkv),)](
                 q, k, v, dout, lse, delta, dk, dv,
                 *c.rope_pointer_args(),
-                c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False),
+                c.q_doc, c.k_doc, c.tile_ranges(cfg.block_n, False), *c.feature_args(),
                 *common_strides, *dk.stride(), *dv.stride(),
                 lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
                 *tail, c.Hkv, *spans,

@@ -22,6 +22,7 @@ from ._rope_tile import load_parts, rotate_back, store_parts
 LOG2E = 1.4426950408889634  # log2(e) as a host float: the launchers pass scale * LOG2E
 LOG2E_K = tl.constexpr(LOG2E)  # the same inside the kernels (their globals must be constexpr)
 LN2 = tl.constexpr(0.6931471805599453)
+MAX_INDEX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -93,6 +94,39 @@ def _program_tile(rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _first_row_at_or_above(index, start, stride, n):
+    """First row r >= 0 with start + stride * r >= index, at most n (int64: index may be far out)."""
+    num = tl.maximum(index.to(tl.int64) - start, 0)
+    return tl.minimum((num + stride - 1) // stride, n).to(tl.int32)
+
+
+@triton.jit
+def _rows_at_or_below(index, start, stride, n):
+    """Rows r >= 0 with start + stride * r <= index, at most n (int64; numerators kept >= 0)."""
+    num = tl.maximum(index.to(tl.int64) - start + stride, 0)
+    return tl.minimum(num // stride, n).to(tl.int32)
+
+
+@triton.jit
+def _key_bounds(a_idx, win_left, win_right, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Per query of aligned index a: the inclusive key-index bounds [lo, hi] of its window (a - left,
+    a + right; -1: unbounded) and causal bound (a). Computed in int64 (a - left may leave int32),
+    then clamped to [0, 2^31 - 1] and [-1, 2^31 - 1]: key indices lie in [0, 2^31 - 2], so the int32
+    comparisons stay exact."""
+    a = a_idx.to(tl.int64)
+    lo = tl.zeros(a_idx.shape, dtype=tl.int64)
+    hi = tl.full(a_idx.shape, MAX_INDEX, dtype=tl.int64)
+    if HAS_WINDOW:
+        lo = tl.where(win_left >= 0, a - win_left, lo)
+        hi = tl.where(win_right >= 0, a + win_right, hi)
+    if CAUSAL:
+        hi = tl.minimum(hi, a)
+    lo = tl.minimum(tl.maximum(lo, 0), MAX_INDEX).to(tl.int32)
+    hi = tl.minimum(tl.maximum(hi, -1), MAX_INDEX).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
 def _kv_bounds(
     pid_m,
     QDoc,
@@ -103,21 +137,35 @@ def _kv_bounds(
     q_stride,
     k_start,
     k_stride,
+    k_lo,
+    k_hi,
+    m_valid,
     BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    BOUNDS: tl.constexpr,
 ):
-    """Key rows [n_lo, n_hi) query tile pid_m can see, and its rows' doc ids (zeros without documents)."""
+    """Key rows [n_lo, n_hi) query tile pid_m can see, and its rows' doc ids (zeros without documents).
+
+    With BOUNDS (a window, or causal on aligned indices) the range is the hull of the valid rows'
+    key-index bounds [k_lo, k_hi] (``_key_bounds``), so key tiles outside every row's window are
+    never visited; otherwise the causal bound of the tile's last row.
+    """
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q_doc = tl.zeros([BLOCK_M], dtype=tl.int32)
     n_lo = 0
     n_hi = Sk
-    if CAUSAL:
+    if BOUNDS:
+        lo = tl.min(tl.where(m_valid, k_lo, MAX_INDEX), 0)
+        hi = tl.max(tl.where(m_valid, k_hi, -1), 0)
+        n_lo = _first_row_at_or_above(lo, k_start, k_stride, Sk)
+        n_hi = _rows_at_or_below(hi, k_start, k_stride, Sk)
+    elif CAUSAL:
         last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq) - 1
         n_hi = _causal_key_end(last, q_start, q_stride, k_start, k_stride, Sk)
     if HAS_DOCS:
         q_doc = tl.load(QDoc + offs_m, mask=offs_m < Sq, other=-1)
-        n_lo = tl.maximum(tl.load(TileRange + 2 * pid_m), 0)
+        n_lo = tl.maximum(tl.load(TileRange + 2 * pid_m), n_lo)
         n_hi = tl.minimum(tl.load(TileRange + 2 * pid_m + 1), n_hi)
     return n_lo, n_hi, q_doc
 
@@ -130,16 +178,34 @@ def _visible(
     col_doc,
     row_valid,
     col_valid,
+    q_lo,
+    q_hi,
     CAUSAL: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    BOUNDS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     KEYS_ROWS: tl.constexpr = False,
 ):
     """[rows, cols] visibility: rows are queries and columns keys, or the other way with KEYS_ROWS.
 
-    Arguments are the rows' and the columns' token indices, doc ids and validity.
+    Arguments are the rows' and the columns' token indices, doc ids and validity, and with BOUNDS
+    each query's inclusive key-index bounds (``_key_bounds``), which then replace the plain causal
+    test (they hold it, on aligned indices).
     """
     vis = row_valid[:, None] & col_valid[None, :]
-    if CAUSAL:
+    if BOUNDS:
+        if KEYS_ROWS:
+            k = row_idx[:, None]
+            lo = q_lo[None, :]
+            hi = q_hi[None, :]
+        else:
+            k = col_idx[None, :]
+            lo = q_lo[:, None]
+            hi = q_hi[:, None]
+        if HAS_WINDOW:
+            vis = vis & (k >= lo)
+        vis = vis & (k <= hi)
+    elif CAUSAL:
         if KEYS_ROWS:
             vis = vis & (col_idx[None, :] >= row_idx[:, None])
         else:
@@ -148,6 +214,70 @@ def _visible(
         q_doc = col_doc[None, :] if KEYS_ROWS else row_doc[:, None]
         vis = vis & (row_doc[:, None] == col_doc[None, :]) & (q_doc >= 0)
     return vis
+
+
+@triton.jit
+def _query_align(offs_m, m_valid, q_idx, QAlign, K_DOCS: tl.constexpr):
+    """Aligned query indices: the global index, or with key-side documents (K_DOCS) the launcher's
+    q index + k_cu_seqlens[d + 1] - cu_seqlens[d + 1] of the row's document d (bottom-right aligned)."""
+    if K_DOCS:
+        return tl.load(QAlign + offs_m, mask=m_valid, other=0)
+    return q_idx
+
+
+@triton.jit
+def _alibi_log2(Alibi, b, h, Hq, HAS_ALIBI: tl.constexpr):
+    """-slope * log2(e) of head h of batch b (slopes (B, Hq) fp32 contiguous), 0 without ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = -tl.load(Alibi + b.to(tl.int64) * Hq + h) * LOG2E_K
+    return slope
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (libdevice is not available to the interpreter): Cephes' tanhf, an
+    odd polynomial below |x| = 0.625 (no cancellation near 0), else 1 - 2 / (e^(2|x|) + 1)."""
+    z = x * x
+    p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+    small = x + x * z * (p - 3.33332819422e-1)
+    big = 1.0 - 2.0 / (tl.exp2(tl.abs(x) * (2.0 * LOG2E_K)) + 1.0)
+    return tl.where(tl.abs(x) < 0.625, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _score_mod(
+    s,
+    q_align,
+    k_idx,
+    scale_log2,
+    softcap_in,
+    softcap_out,
+    slope_log2,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    KEYS_ROWS: tl.constexpr = False,
+):
+    """Raw dot products q.k -> final scores in log2 units, and tanh of the capped score (SOFTCAP).
+
+    Softcap acts on the natural-scale score scale * q.k: cap * tanh(scale * q.k / cap), so
+    softcap_in = scale / cap and softcap_out = cap * log2(e). ALiBi then adds -slope * |a - k| (a:
+    the query's aligned index), slope_log2 = -slope * log2(e). The int32 difference is exact for
+    every visible pair (both lie in one document); masked pairs are overwritten by the caller.
+    """
+    t = s
+    if SOFTCAP:
+        t = _tanh(s * softcap_in)
+        s = t * softcap_out
+    else:
+        s = s * scale_log2
+    if HAS_ALIBI:
+        if KEYS_ROWS:
+            dist = k_idx[:, None] - q_align[None, :]
+        else:
+            dist = q_align[:, None] - k_idx[None, :]
+        s = s + slope_log2 * tl.abs(dist).to(tl.float32)
+    return s, t
 
 
 @triton.jit
@@ -299,6 +429,9 @@ def _attn_fwd_inner(
     q_idx,
     q_doc,
     m_valid,
+    q_align,
+    k_lo,
+    k_hi,
     k_base,
     v_base,
     k_pos_base,
@@ -315,6 +448,9 @@ def _attn_fwd_inner(
     k_stride,
     scale_log2,
     attn_factor,
+    softcap_in,
+    softcap_out,
+    slope_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -327,6 +463,10 @@ def _attn_fwd_inner(
     HALF_PAD: tl.constexpr,
     PASS_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    BOUNDS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     """The forward's loop over key tiles [n_lo, n_hi): online softmax into (m_i, l_i, acc).
 
@@ -363,11 +503,15 @@ def _attn_fwd_inner(
             mask=n_valid[:, None] & d_mask[None, :],
             other=0.0,
         )
-        s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
+        k_idx = k_start + k_stride * offs_n
+        s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC)
+        s, _ = _score_mod(s, q_align, k_idx, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
         k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-2)
-        vis = _visible(q_idx, k_start + k_stride * offs_n, q_doc, k_doc, m_valid, n_valid, CAUSAL, HAS_DOCS)
+        vis = _visible(
+            q_idx, k_idx, q_doc, k_doc, m_valid, n_valid, k_lo, k_hi, CAUSAL, HAS_DOCS, BOUNDS, HAS_WINDOW
+        )
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # keeps -inf - -inf out of exp2
@@ -395,6 +539,8 @@ def flash_fwd_kernel(
     QDoc,
     KDoc,
     TileRange,
+    QAlign,
+    Alibi,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -422,6 +568,10 @@ def flash_fwd_kernel(
     k_stride,
     scale_log2,
     attn_factor,
+    win_left,
+    win_right,
+    softcap_in,
+    softcap_out,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -436,6 +586,10 @@ def flash_fwd_kernel(
     HALF_PAD: tl.constexpr,
     PASS_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    K_DOCS: tl.constexpr,
 ):
     """Attention output and lse for one query tile of one head.
 
@@ -483,10 +637,19 @@ def flash_fwd_kernel(
         PASS_PAD,
     )
 
+    # window / causal on aligned indices: per-row key bounds, which also bound the loop
+    BOUNDS: tl.constexpr = HAS_WINDOW or (K_DOCS and CAUSAL)
     q_idx = q_start + q_stride * offs_m
+    q_align = _query_align(offs_m, m_valid, q_idx, QAlign, K_DOCS)
+    k_lo = q_align
+    k_hi = q_align
+    if BOUNDS:
+        k_lo, k_hi = _key_bounds(q_align, win_left, win_right, CAUSAL, HAS_WINDOW)
     n_lo, n_hi, q_doc = _kv_bounds(
-        pid_m, QDoc, TileRange, Sq, Sk, q_start, q_stride, k_start, k_stride, BLOCK_M, CAUSAL, HAS_DOCS
-    )
+        pid_m, QDoc, TileRange, Sq, Sk, q_start, q_stride, k_start, k_stride, k_lo, k_hi, m_valid,
+        BLOCK_M, CAUSAL, HAS_DOCS, BOUNDS,
+    )  # fmt: skip
+    slope_log2 = _alibi_log2(Alibi, b, h, Hq, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -501,6 +664,9 @@ def flash_fwd_kernel(
         q_idx,
         q_doc,
         m_valid,
+        q_align,
+        k_lo,
+        k_hi,
         K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
         V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
         KPos + b.to(tl.int64) * stride_pos_kb,
@@ -517,6 +683,9 @@ def flash_fwd_kernel(
         k_stride,
         scale_log2,
         attn_factor,
+        softcap_in,
+        softcap_out,
+        slope_log2,
         HEAD_DIM,
         BLOCK_D,
         BLOCK_N,
@@ -529,6 +698,10 @@ def flash_fwd_kernel(
         HALF_PAD,
         PASS_PAD,
         DOT_PREC,
+        BOUNDS,
+        HAS_WINDOW,
+        SOFTCAP,
+        HAS_ALIBI,
     )
 
     # A row that saw no key has l_i == 0: out 0, lse -inf. A NaN score makes l_i NaN, which must
@@ -603,6 +776,8 @@ def flash_bwd_dq_kernel(
     QDoc,
     KDoc,
     TileRange,
+    QAlign,
+    Alibi,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -638,6 +813,10 @@ def flash_bwd_dq_kernel(
     k_stride,
     scale,
     attn_factor,
+    win_left,
+    win_right,
+    softcap_in,
+    softcap_out,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -652,6 +831,10 @@ def flash_bwd_dq_kernel(
     HALF_PAD: tl.constexpr,
     PASS_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    K_DOCS: tl.constexpr,
 ):
     """dq for one query tile of one head: a pass over its keys, no atomics (deterministic).
 
@@ -711,10 +894,18 @@ def flash_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_K)
     scale_log2 = scale * LOG2E_K
 
+    BOUNDS: tl.constexpr = HAS_WINDOW or (K_DOCS and CAUSAL)
     q_idx = q_start + q_stride * offs_m
+    q_align = _query_align(offs_m, m_valid, q_idx, QAlign, K_DOCS)
+    k_lo = q_align
+    k_hi = q_align
+    if BOUNDS:
+        k_lo, k_hi = _key_bounds(q_align, win_left, win_right, CAUSAL, HAS_WINDOW)
     n_lo, n_hi, q_doc = _kv_bounds(
-        pid_m, QDoc, TileRange, Sq, Sk, q_start, q_stride, k_start, k_stride, BLOCK_M, CAUSAL, HAS_DOCS
-    )
+        pid_m, QDoc, TileRange, Sq, Sk, q_start, q_stride, k_start, k_stride, k_lo, k_hi, m_valid,
+        BLOCK_M, CAUSAL, HAS_DOCS, BOUNDS,
+    )  # fmt: skip
+    slope_log2 = _alibi_log2(Alibi, b, h, Hq, HAS_ALIBI)
 
     dqa = tl.zeros([BLOCK_M, HALF_PAD], dtype=tl.float32)
     dqb = dqa
@@ -755,11 +946,18 @@ def flash_bwd_dq_kernel(
         k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-2)
-        vis = _visible(q_idx, k_start + k_stride * offs_n, q_doc, k_doc, m_valid, n_valid, CAUSAL, HAS_DOCS)
-        s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
+        k_idx = k_start + k_stride * offs_n
+        vis = _visible(
+            q_idx, k_idx, q_doc, k_doc, m_valid, n_valid, k_lo, k_hi, CAUSAL, HAS_DOCS, BOUNDS, HAS_WINDOW
+        )
+        s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC)
+        s, t = _score_mod(s, q_align, k_idx, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot_nt(do, v, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PREC)
-        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # d(cap * tanh(s / cap)) / ds
+        ds = ds.to(K.dtype.element_ty)
         dqa, dqb, dqc = _acc_parts(ds, ka, kb, kc, dqa, dqb, dqc, ROPE, PASS_PAD, DOT_PREC)
 
     _store_grad(
@@ -803,6 +1001,8 @@ def flash_bwd_dkdv_kernel(
     QDoc,
     KDoc,
     TileRange,
+    QAlign,
+    Alibi,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -842,6 +1042,10 @@ def flash_bwd_dkdv_kernel(
     k_stride,
     scale,
     attn_factor,
+    win_left,
+    win_right,
+    softcap_in,
+    softcap_out,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -856,6 +1060,10 @@ def flash_bwd_dkdv_kernel(
     HALF_PAD: tl.constexpr,
     PASS_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    K_DOCS: tl.constexpr,
 ):
     """dk, dv for one key tile of one KV head, summed over its GROUP query heads in registers.
 
@@ -908,7 +1116,22 @@ def flash_bwd_dkdv_kernel(
     k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
     m_lo = 0
     m_hi = Sq
-    if CAUSAL:
+    BOUNDS: tl.constexpr = HAS_WINDOW or (K_DOCS and CAUSAL)
+    if K_DOCS:
+        # Aligned indices are not monotone across documents: TileRange (the launcher's) carries
+        # the causal and window bounds per key row.
+        pass
+    elif HAS_WINDOW:
+        # Aligned index = query index, monotone in the row: queries whose window reaches the tile.
+        k_first = (k_start + k_stride * (pid_n * BLOCK_N)).to(tl.int64)
+        k_last = (k_start + k_stride * (tl.minimum(pid_n * BLOCK_N + BLOCK_N, Sk) - 1)).to(tl.int64)
+        a_lo = tl.where(win_right >= 0, k_first - win_right, 0)
+        if CAUSAL:
+            a_lo = tl.maximum(a_lo, k_first)
+        a_hi = tl.where(win_left >= 0, k_last + win_left, MAX_INDEX)
+        m_lo = _first_row_at_or_above(a_lo, q_start, q_stride, Sq)
+        m_hi = _rows_at_or_below(a_hi, q_start, q_stride, Sq)
+    elif CAUSAL:
         m_lo = _causal_query_begin(pid_n * BLOCK_N, q_start, q_stride, k_start, k_stride)
     if HAS_DOCS:
         k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-1)
@@ -927,6 +1150,7 @@ def flash_bwd_dkdv_kernel(
         h = hk * GROUP + g
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DOut + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+        slope_log2 = _alibi_log2(Alibi, b, h, Hkv * GROUP, HAS_ALIBI)
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < m_hi
@@ -970,12 +1194,27 @@ def flash_bwd_dkdv_kernel(
                 q_doc = tl.load(QDoc + offs_m, mask=m_valid, other=-1)
             # [keys, queries], built directly (no transpose of a mask)
             q_idx = q_start + q_stride * offs_m
-            vis_t = _visible(k_idx, q_idx, k_doc, q_doc, n_valid, m_valid, CAUSAL, HAS_DOCS, KEYS_ROWS=True)
-            s_t = _scores(ka, kb, kc, qa, qb, qc, ROPE, PASS_PAD, DOT_PREC) * scale_log2
+            q_align = _query_align(offs_m, m_valid, q_idx, QAlign, K_DOCS)
+            q_lo = q_align
+            q_hi = q_align
+            if BOUNDS:
+                q_lo, q_hi = _key_bounds(q_align, win_left, win_right, CAUSAL, HAS_WINDOW)
+            vis_t = _visible(
+                k_idx, q_idx, k_doc, q_doc, n_valid, m_valid, q_lo, q_hi, CAUSAL, HAS_DOCS, BOUNDS, HAS_WINDOW,
+                KEYS_ROWS=True,
+            )  # fmt: skip
+            s_t = _scores(ka, kb, kc, qa, qb, qc, ROPE, PASS_PAD, DOT_PREC)
+            s_t, t_t = _score_mod(
+                s_t, q_align, k_idx, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI,
+                KEYS_ROWS=True,
+            )  # fmt: skip
             p_t = tl.where(vis_t, tl.exp2(s_t - lse2[None, :]), 0.0)
             dv = tl.dot(p_t.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            ds_t = ds_t.to(Q.dtype.element_ty)
             dka, dkb, dkc = _acc_parts(ds_t, qa, qb, qc, dka, dkb, dkc, ROPE, PASS_PAD, DOT_PREC)
 
     _store_grad(
