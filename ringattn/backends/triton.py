@@ -55,6 +55,10 @@ def _launch_kwargs(args) -> dict:
         "cu_seqlens": mask.cu_seqlens,
         "q_rope": None if rope is None else rope_tables_for(rope, args.q_rope),
         "k_rope": None if rope is None else rope_tables_for(rope, args.k_rope),
+        "window": args.window,
+        "softcap": args.softcap,
+        "alibi_slopes": args.alibi_slopes,
+        "k_cu_seqlens": mask.k_cu_seqlens,
     }
 
 
@@ -65,7 +69,9 @@ def _seq_major(t: torch.Tensor) -> torch.Tensor:
 
 class TritonBackend:
     name = "triton"
-    features = frozenset({"deterministic"})  # two-pass backward, no atomics; fixed per tile choice
+    # deterministic: two-pass backward, no atomics, fixed per tile choice. The score features are
+    # constexpr variants of the kernels (tritonkernels/flash_kernels.py).
+    features = frozenset({"deterministic", "window_size", "softcap", "alibi_slopes", "cu_seqlens_k"})
 
     def can_implement(self, q, k, v, args) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
