@@ -5,7 +5,9 @@ Asserts each fits the arch's per-block shared memory and has no register spills 
 elementwise delta and RoPE kernels.
 Compiling runs in a subprocess: the test session runs Triton under its interpreter, which
 replaces @triton.jit functions. sm_89 at head dim 128 (the tuning target) is in the default tier;
-every arch, head dim, fp32 and the RoPE variants are under ``slow``.
+every arch, head dim, fp32 and the RoPE variants are under ``slow``. The score features (window,
+softcap, ALiBi, key-side documents) compile once per kernel by default, and on every arch at head
+dims 64 and 128 under ``slow``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import pytest
 
 from tritonkernels.aot import HEAD_DIMS
-from tritonkernels.configs import AUX_KERNELS, SHARED_LIMIT
+from tritonkernels.configs import AUX_KERNELS, KERNELS, SHARED_LIMIT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("ptxas") is None
@@ -86,6 +88,28 @@ def test_sm89_head_dim_128_configs_compile_within_budget():
 
     results = _compile(["--arch", "89", "--head-dim", "128", "--variant", *VARIANTS])
     _check(results, _shipped([89], [128], ["bf16"], tuple(VARIANTS)))
+
+
+def test_feature_variant_compiles_on_sm89_head_dim_128():
+    # The heaviest score-feature variant (window, softcap, ALiBi, key-side documents, exact RoPE,
+    # causal) of each attention kernel, every bf16 candidate, on the tuning target.
+    from tritonkernels.aot import shipped_specs
+
+    variant = "causal-kdocs-window-softcap-alibi-exact"
+    results = _compile(["--arch", "89", "--head-dim", "128", "--kernel", *KERNELS, "--variant", variant])
+    _check(results, len(shipped_specs([89], [128], KERNELS, ("bf16",), (variant,))))
+
+
+@pytest.mark.slow
+def test_feature_variants_compile_within_budget_on_every_arch():
+    # Every shipped candidate (bf16 and fp32) at head dims 64 and 128 on sm_80/89/90, in every
+    # score-feature variant.
+    from tritonkernels.aot import FEATURE_VARIANTS, shipped_specs
+
+    dtypes = ["bf16", "fp32"]
+    args = ["--arch", "80", "89", "90", "--head-dim", "64", "128", "--kernel", *KERNELS, "--dtype", *dtypes]
+    results = _compile([*args, "--variant", *FEATURE_VARIANTS])
+    _check(results, len(shipped_specs([80, 89, 90], [64, 128], KERNELS, dtypes, tuple(FEATURE_VARIANTS))))
 
 
 @pytest.mark.slow

@@ -56,13 +56,15 @@ def _signature(kernel: str, dtype: str, exact: bool):
             sig[name] = ptr
         elif name in ("Lse", "Delta"):
             sig[name] = "*fp32"
-        elif name in ("QPos", "KPos", "Pos", "QDoc", "KDoc", "TileRange"):
+        elif name in ("QPos", "KPos", "Pos", "QDoc", "KDoc", "TileRange", "QAlign"):
             sig[name] = "*i32"
+        elif name == "Alibi":
+            sig[name] = "*fp32"
         elif name in ("QTabA", "KTabA", "TabA"):
             sig[name] = tab
         elif name in ("QTabB", "KTabB", "TabB"):  # r_lo (exact) or the hf reduction table
             sig[name] = "*i32"
-        elif name in ("scale", "scale_log2", "attn_factor"):
+        elif name in ("scale", "scale_log2", "attn_factor", "softcap_in", "softcap_out"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -85,6 +87,10 @@ def compile_kernel(
     group: int = 4,
     dot_prec: str | None = None,
     transpose: bool = False,
+    window: bool = False,
+    softcap: bool = False,
+    alibi: bool = False,
+    k_docs: bool = False,
     ptxas: str | None = None,
     mix: bool = False,
 ) -> dict:
@@ -92,7 +98,11 @@ def compile_kernel(
 
     ``kernel`` is one of KERNELS or AUX_KERNELS; an aux kernel's rows per program are ``cfg.block_m``
     (the rest of ``cfg`` but num_warps is unused), ``transpose`` picks the RoPE kernel's direction.
+    ``window``, ``softcap``, ``alibi`` and ``k_docs`` (key-side documents; needs ``docs``) compile
+    the attention kernels' score features in.
     """
+    if k_docs and not docs:
+        raise ValueError("k_docs (key-side documents) needs docs")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -119,6 +129,10 @@ def compile_kernel(
         DOT_PREC=dot_prec or ("ieee" if dtype == "fp32" else "tf32"),
         TRANSPOSE=transpose,
         BLOCK_S=cfg.block_m,
+        HAS_WINDOW=window,
+        SOFTCAP=softcap,
+        HAS_ALIBI=alibi,
+        K_DOCS=k_docs,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     # What the JIT specializes at launch for contiguous-D tensors with 16-aligned strides: unit
@@ -299,6 +313,15 @@ VARIANTS = {
     "causal-hf": dict(docs=False, exact=False),
     "causal-no-rope": dict(docs=False, rope=False),
 }
+# The score features (sliding window, softcap, ALiBi, key-side documents), each a constexpr variant
+# of the attention kernels: the heaviest combinations, with and without RoPE and documents. Kept
+# apart from VARIANTS so the default-tier sweep over VARIANTS does not grow with them.
+FEATURE_VARIANTS = {
+    "causal-kdocs-window-softcap-alibi-exact": dict(window=True, softcap=True, alibi=True, k_docs=True),
+    "causal-docs-window-softcap-alibi-hf": dict(window=True, softcap=True, alibi=True, exact=False),
+    "window-softcap-alibi-no-rope": dict(causal=False, docs=False, rope=False, window=True, softcap=True, alibi=True),
+}
+ALL_VARIANTS = {**VARIANTS, **FEATURE_VARIANTS}
 
 
 def shipped_specs(
@@ -325,7 +348,7 @@ def shipped_specs(
                     for cfg in get_configs(kernel, hd, capability, size):
                         for name in variants:
                             spec = dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg)
-                            specs.append(dict(spec, variant=name, **VARIANTS[name]))
+                            specs.append(dict(spec, variant=name, **ALL_VARIANTS[name]))
     return specs
 
 
@@ -356,7 +379,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", nargs="*", default=list(KERNELS + AUX_KERNELS))
     parser.add_argument("--dtype", nargs="*", default=["bf16"])
     parser.add_argument("--specs", default=None, help="JSON list of compile_kernel keyword arguments")
-    parser.add_argument("--variant", nargs="*", default=["causal-docs-exact"], choices=list(VARIANTS))
+    parser.add_argument("--variant", nargs="*", default=["causal-docs-exact"], choices=list(ALL_VARIANTS))
     parser.add_argument("--mix", action="store_true", help="add the hot loop's SASS mix and sm_89 model")
     args = parser.parse_args(argv)
     if args.specs:
