@@ -5,7 +5,17 @@ Layout convention: public tensors are (B, S, H, D); lse is fp32/fp64 (B, H, S) i
 
 from . import reference, rope
 from ._extension import extension_status
-from .api import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from . import flash_attn_interface
+from .api import scaled_dot_product_attention
+from .flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 from .block import BlockMask, Span, block_backward, block_forward
 from .merge import merge_partials
 from .reference import attention_ref, ring_attention_ref
@@ -25,7 +35,13 @@ __all__ = [
     "cos_sin",
     "extension_status",
     "flash_attn_func",
+    "flash_attn_interface",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "merge_partials",
     "reference",
     "ring_attention_ref",

@@ -86,7 +86,7 @@ def test_varlen_equals_documents_run_separately():
             q[None, start:end], k[None, start:end], v[None, start:end], causal=True, rope=rope
         )
         torch.testing.assert_close(out[start:end], alone[0], atol=1e-6, rtol=0)
-    with pytest.raises(NotImplementedError, match="cu_seqlens_k"):
+    with pytest.raises(ValueError, match="as many sequences"):
         flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 64]), 64, 64)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         flash_attn_varlen_func(q, k, v, torch.tensor([1, 64]), torch.tensor([1, 64]), 64, 64)
@@ -106,8 +106,8 @@ def test_sdpa_signature_matches_torch(causal):
     )
     torch.testing.assert_close(ref, torch_sdpa, rtol=0, atol=1e-12)  # the spec is torch's semantics
     assert_within_peer_error(ours, ref, peer)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(19, 19, dtype=torch.bool), enable_gqa=True)
+    with pytest.raises(NotImplementedError, match="attn_mask"):  # a mask that is not key padding
+        scaled_dot_product_attention(q, k, v, attn_mask=torch.eye(19, dtype=torch.bool), enable_gqa=True)
     with pytest.raises(ValueError, match="enable_gqa"):
         scaled_dot_product_attention(q, k, v)
 
@@ -161,3 +161,28 @@ def test_torch_compile_fullgraph_model_matches_eager():
 def test_public_names_exported():
     for name in ("flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention"):
         assert callable(getattr(ringattn, name))
+
+
+@pytest.mark.parametrize("structure", ["padding", "causal-left-padding", "causal-right-padding", "decode-left-padding"])
+def test_sdpa_boolean_padding_masks_match_torch(structure):
+    """The boolean masks transformers builds, against torch SDPA in fp64 on every row that sees a key
+    (for causal right padding: on the real tokens; the padding rows output 0 by contract)."""
+    gen = torch.Generator().manual_seed(9)
+    Sq, Sk = (2, 11) if structure == "decode-left-padding" else (11, 11)
+    q = torch.randn(3, 4, Sq, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, Sk, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    valid = torch.ones(3, Sk, dtype=torch.bool)
+    if structure == "causal-right-padding":
+        valid[0, 7:] = valid[1, 10:] = False
+    else:
+        valid[0, :4] = valid[1, :1] = False
+    mask = valid[:, None, None, :].expand(3, 1, Sq, Sk)
+    if structure != "padding":
+        mask = mask & (torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + Sk - Sq)
+    ours = scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    rows = mask.any(-1).expand(3, 4, Sq)  # torch gives NaN on rows that see nothing
+    if structure == "causal-right-padding":
+        rows = rows & valid[:, None, :]
+        assert (ours[~valid[:, None, :].expand(3, 4, Sq)] == 0).all()
+    torch.testing.assert_close(ours[rows], want[rows], atol=1e-12, rtol=0)

@@ -284,7 +284,7 @@ def test_backward_with_options_equals_autograd_of_the_forward():
     kw = dict(
         causal=True,
         cu_seqlens=torch.tensor([0, 5, 12]),
-        k_cu_seqlens=torch.tensor([0, 9, 15]),
+        k_cu_seqlens=torch.tensor([0, 6, 15]),
         window=(4, 0),
         softcap=3.0,
         alibi_slopes=torch.tensor([0.4, 0.2, 0.1, 0.05], dtype=torch.float64),

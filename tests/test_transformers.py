@@ -89,10 +89,59 @@ def test_other_families_keep_their_rope_with_a_warning():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_padding_mask_is_rejected_clearly():
+def _summed_loss(logits, ids, real):
+    """Next-token cross entropy summed over real (token, next token) pairs (a sum, so batches and
+    single rows compare)."""
+    targets = ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_row_alone(side):
+    """A padding attention mask is unpadded into a varlen call: each row's real tokens get the logits
+    of that row run alone without padding, and the summed loss the same gradients (fp64, fused RoPE)."""
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, :4] = mask[2, :1] = False
+    if side == "right":
+        mask = mask.flip(1)
+    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # what generate() passes
+    model = ra_hf.apply(tiny_causal_lm("llama", dtype=torch.float64))
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids).logits
+    _summed_loss(logits, ids, mask).backward()
+    batch_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for row in range(3):
+        real = ids[row : row + 1, mask[row]]
+        alone = model(input_ids=real).logits
+        torch.testing.assert_close(logits[row, mask[row]], alone[0].detach(), atol=1e-10, rtol=1e-10)
+        _summed_loss(alone, real, torch.ones_like(real, dtype=torch.bool)).backward()
+    for name, grad in batch_grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_padding_that_is_not_one_run_is_refused_by_name():
     model = ra_hf.apply(tiny_causal_lm("llama"))
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[0, :3] = 0
-    with pytest.raises(NotImplementedError, match="padding"):
-        model(input_ids=ids, attention_mask=mask)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(NotImplementedError, match="contiguous run"):
+        model(input_ids=ids, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_fused_rope_gives_the_sdpa_tokens(family):
+    """Greedy decoding with a KV cache (Sq = 1 against the cache) and fused exact RoPE, on a batch with
+    left padding: the same tokens as the SDPA model."""
+    prompts = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    sdpa = tiny_causal_lm(family, dtype=torch.float64)
+    ours = ra_hf.apply(tiny_causal_lm(family, dtype=torch.float64), rope_precision="hf")
+    with torch.no_grad():
+        want = sdpa.generate(prompts, **kw)
+        got = ours.generate(prompts, **kw)
+    assert got.shape == (2, 15)
+    assert torch.equal(got, want)

@@ -70,7 +70,8 @@ def register() -> None:
 
 
 def ringattn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """Like flash-attention's mask: None unless there is padding (which the attention then rejects)."""
+    """Like flash-attention's mask: None unless there is padding, else the (B, kv_length) key padding
+    mask (1 = a real token), which the attention unpads."""
     if attention_mask is not None:
         attention_mask = attention_mask[:, -kv_length:]
         if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
@@ -134,27 +135,44 @@ def _documents(position_ids: torch.Tensor, comm, layout: str) -> torch.Tensor | 
     return _documents_from_position_ids(position_ids)
 
 
+def _key_positions(key_valid: torch.Tensor | None, Sk: int, device) -> torch.Tensor:
+    """Key positions with a KV cache: 0, 1, ... counted over real tokens (left padding skipped), as
+    transformers derives position_ids from the attention mask."""
+    if key_valid is None:
+        return torch.arange(Sk, device=device)
+    return (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: query (B, Hq, S, D), key/value (B, Hkv, S, D) -> (B, S, Hq, D)."""
-    if attention_mask is not None:
-        raise NotImplementedError(
-            "attention_mask with padding: ringattn takes packed batches (DataCollatorWithFlattening) instead"
-        )
+    """transformers attention function: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) -> (B, Sq, Hq, D).
+
+    Padding (``attention_mask`` (B, Sk) from ``ringattn_mask``) is unpadded into a varlen call;
+    ``sliding_window`` and ``softcap`` run in the kernel. With a KV cache (Sq < Sk) the queries are the
+    last Sq tokens; fused RoPE then rotates the cached keys in the kernel at their positions.
+    """
     if dropout and module.training:
         raise NotImplementedError(f"dropout={dropout}: attention dropout is not supported")
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"softcap={kwargs['softcap']} is not supported by ringattn")
     state = getattr(module, "ringattn_state", None) or LayerState(None, None, "zigzag")
     comm = _ring(state)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     Sq, Sk = q.shape[1], k.shape[1]
-    # A sliding window at least as long as the whole sequence never masks anything (Mistral's default).
+    key_valid = None if attention_mask is None else attention_mask.bool()
+    if key_valid is not None and (key_valid.dim() != 2 or key_valid.shape != (q.shape[0], Sk)):
+        raise NotImplementedError(
+            f"attention_mask of shape {tuple(attention_mask.shape)}: ringattn takes a (batch, {Sk}) padding mask"
+        )
+    if key_valid is not None and comm is not None:
+        raise NotImplementedError(
+            "attention_mask with padding in a ring: ringattn takes packed batches (DataCollatorWithFlattening)"
+        )
+    softcap = kwargs.get("softcap") or 0.0
     window = kwargs.get("sliding_window")
     seq_len = Sk * (1 if comm is None else comm.world_size)
-    if window is not None and window < seq_len:
-        raise NotImplementedError(
-            f"sliding_window={window} shorter than the sequence ({seq_len}) is not supported"
-        )
+    window_size = (-1, -1)
+    if window is not None and window < seq_len:  # transformers: keys in (q - window, q]
+        if comm is not None:
+            raise NotImplementedError(f"sliding_window={window} in a ring is not implemented yet")
+        window_size = (window - 1, window - 1)
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     position_ids = kwargs.get("position_ids")
     cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -172,45 +190,38 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         )
     if position_ids is not None and position_ids.shape[0] == 1:
         position_ids = position_ids[0]  # (1, S) is shared by every row of the batch
-    if cu_seqlens is None and position_ids is not None:
+    if cu_seqlens is None and position_ids is not None and key_valid is None and Sq == Sk:
         cu_seqlens = _documents(position_ids, comm, state.layout)
+    q_positions = k_positions = None
     if state.rope is not None:
-        if Sq != Sk:
-            raise NotImplementedError(
-                "fused RoPE with a KV cache: call ringattn's remove(model) before generate()"
-            )
         if position_ids is None:
             raise ValueError("fused RoPE needs position_ids in the attention kwargs")
+        q_positions = position_ids
+        k_positions = position_ids if Sq == Sk else _key_positions(key_valid, Sk, q.device)
     if comm is not None:
         from ..ring import ring_attn_func
 
         out = ring_attn_func(
-            q,
-            k,
-            v,
-            group=comm,
-            causal=causal,
-            layout=state.layout,
-            rope=state.rope,
-            positions=position_ids if state.rope is not None else None,
-            cu_seqlens=cu_seqlens,
-            softmax_scale=scaling,
-        )
+            q, k, v, group=comm, causal=causal, layout=state.layout, rope=state.rope,
+            positions=q_positions, cu_seqlens=cu_seqlens, softmax_scale=scaling,
+        )  # fmt: skip
         return out, None
-    positions = position_ids if state.rope is not None else None
+    if key_valid is not None:
+        from ..api import key_padding_attention
+
+        if cu_seqlens is not None:
+            raise NotImplementedError("attention_mask with padding and packed documents together")
+        out = key_padding_attention(
+            q, k, v, key_valid, causal=causal, softmax_scale=scaling, rope=state.rope,
+            q_positions=q_positions, k_positions=k_positions, window_size=window_size, softcap=softcap,
+        )  # fmt: skip
+        return out, None
     # With a KV cache (Sq < Sk) the queries are the last Sq tokens: bottom-right causal alignment.
     out, _ = attention(
-        q,
-        k,
-        v,
-        causal=causal,
-        softmax_scale=scaling,
-        q_span=Span(Sk - Sq),
-        cu_seqlens=cu_seqlens,
-        rope=state.rope,
-        q_positions=positions,
-        k_positions=positions,
-    )
+        q, k, v, causal=causal, softmax_scale=scaling, q_span=Span(Sk - Sq), cu_seqlens=cu_seqlens,
+        rope=state.rope, q_positions=q_positions, k_positions=k_positions, window_size=window_size,
+        softcap=softcap,
+    )  # fmt: skip
     return out, None
 
 
