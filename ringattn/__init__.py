@@ -3,10 +3,10 @@
 Layout convention: public tensors are (B, S, H, D); lse is fp32/fp64 (B, H, S) in natural log.
 """
 
-from . import reference, rope
+from . import flash_attn_interface, reference, rope
 from ._extension import extension_status
-from . import flash_attn_interface
 from .api import scaled_dot_product_attention
+from .block import BlockMask, Span, block_backward, block_forward
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -16,7 +16,6 @@ from .flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from .block import BlockMask, Span, block_backward, block_forward
 from .merge import merge_partials
 from .reference import attention_ref, ring_attention_ref
 from .ring import ring_attn_func, shard, unshard

@@ -22,7 +22,12 @@ from .flash_attn_interface import (
 from .ops import attention
 from .rope import RoPEConfig
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "key_padding_attention", "scaled_dot_product_attention"]
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "key_padding_attention",
+    "scaled_dot_product_attention",
+]
 
 
 def key_padding_attention(
@@ -52,7 +57,9 @@ def key_padding_attention(
     Sk = k.shape[1]
     check_tensors(key_valid=key_valid)
     if key_valid.dtype != torch.bool or key_valid.shape != (B, Sk):
-        raise ValueError(f"the key padding mask must be bool ({B}, {Sk}), got {key_valid.dtype} {tuple(key_valid.shape)}")
+        raise ValueError(
+            f"the key padding mask must be bool ({B}, {Sk}), got {key_valid.dtype} {tuple(key_valid.shape)}"
+        )
     valid = key_valid.cpu()
     counts = valid.sum(1)
     starts = torch.where(counts > 0, valid.int().argmax(1), torch.zeros_like(counts))
@@ -105,7 +112,9 @@ def _padding_structure(attn_mask: torch.Tensor, B: int, H: int, Sq: int, Sk: int
     try:
         mask = attn_mask.expand(B, H, Sq, Sk).cpu()
     except RuntimeError:
-        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, Sq, Sk)}") from None
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, Sq, Sk)}"
+        ) from None
     key_valid = mask.any(dim=2).any(dim=1)  # (B, Sk): keys some query sees
     padding = key_valid[:, None, None, :].expand(B, H, Sq, Sk)
     if torch.equal(mask, padding):

@@ -318,7 +318,9 @@ def check_block(
         if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must be an int32/int64 tensor, got {_describe(cu)}")
         if cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(f"{name} must be 1-D document boundaries (n_docs + 1,), got shape {tuple(cu.shape)}")
+            raise ValueError(
+                f"{name} must be 1-D document boundaries (n_docs + 1,), got shape {tuple(cu.shape)}"
+            )
     if mask.k_cu_seqlens is not None and (
         mask.cu_seqlens is None or mask.k_cu_seqlens.numel() != mask.cu_seqlens.numel()
     ):
@@ -362,7 +364,9 @@ def check_score_features(q, window_size=(-1, -1), softcap=0.0, alibi_slopes=None
     if alibi_slopes is None:
         return
     if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
-        raise TypeError(f"alibi_slopes must be a floating-point tensor or None, got {_describe(alibi_slopes)}")
+        raise TypeError(
+            f"alibi_slopes must be a floating-point tensor or None, got {_describe(alibi_slopes)}"
+        )
     B, _, Hq, _ = q.shape
     if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
         raise ValueError(f"alibi_slopes must be ({Hq},) or ({B}, {Hq}), got {tuple(alibi_slopes.shape)}")

@@ -24,7 +24,6 @@ import torch
 
 from .block import Span, check_devices, check_score_features
 from .layouts import LAYOUTS
-from .merge import empty_partials, merge_partials
 from .ops import attention
 from .rope import RoPEConfig, cos_sin, rotate
 
@@ -110,7 +109,12 @@ def _check_cu(name: str, cu, tokens: int, what: str) -> list[int]:
     if cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32/int64, got {cu.dtype}")
     bounds = cu.tolist() if cu.dim() == 1 else None
-    if bounds is None or len(bounds) < 2 or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+    if (
+        bounds is None
+        or len(bounds) < 2
+        or bounds[0] != 0
+        or any(b < a for a, b in zip(bounds, bounds[1:], strict=False))
+    ):
         raise ValueError(f"{name} must be 1-D, start at 0 and be non-decreasing, got {cu.tolist()}")
     if bounds[-1] != tokens:
         raise ValueError(f"{what} has {tokens} tokens but {name} ends at {bounds[-1]}")
@@ -256,7 +260,12 @@ def flash_attn_varlen_func(
     if cross and positions is not None:
         raise ValueError("positions needs cu_seqlens_k equal to cu_seqlens_q; leave it None for defaults")
     if cross and rope is not None:
-        for b, (lq, lk) in enumerate(zip(torch.diff(torch.tensor(bounds_q)), torch.diff(torch.tensor(bounds_k)))):
+        lengths = zip(
+            torch.diff(torch.tensor(bounds_q)).tolist(),
+            torch.diff(torch.tensor(bounds_k)).tolist(),
+            strict=True,
+        )
+        for b, (lq, lk) in enumerate(lengths):
             if lq > lk:
                 raise ValueError(
                     f"rope with cu_seqlens_k: sequence {b} has more queries ({lq}) than keys ({lk}), "
@@ -283,7 +292,9 @@ def _per_sequence_slopes(q_packed, alibi_slopes, sequences: int):
                 f"alibi_slopes must be (Hq,) or (batch={sequences}, Hq), got {tuple(alibi_slopes.shape)}"
             )
         if sequences and not bool((alibi_slopes == alibi_slopes[:1]).all()):
-            raise NotImplementedError("alibi_slopes that differ per sequence in a packed call are not implemented")
+            raise NotImplementedError(
+                "alibi_slopes that differ per sequence in a packed call are not implemented"
+            )
         alibi_slopes = alibi_slopes[0] if sequences else alibi_slopes.new_zeros(alibi_slopes.shape[1])
     check_score_features(q_packed, alibi_slopes=alibi_slopes)
     return alibi_slopes
@@ -292,9 +303,13 @@ def _per_sequence_slopes(q_packed, alibi_slopes, sequences: int):
 def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, name: str):
     """Sequence b's first ``lengths[b]`` tokens from its pages ``block_table[b]``, packed: (total, H, D)."""
     if cache.dim() != 4:
-        raise ValueError(f"{name} with block_table must be (n_pages, page_size, H, D), got {tuple(cache.shape)}")
+        raise ValueError(
+            f"{name} with block_table must be (n_pages, page_size, H, D), got {tuple(cache.shape)}"
+        )
     if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_table must be (B, pages) int32, got {block_table.dtype} {tuple(block_table.shape)}")
+        raise ValueError(
+            f"block_table must be (B, pages) int32, got {block_table.dtype} {tuple(block_table.shape)}"
+        )
     if block_table.shape[0] != len(lengths):
         raise ValueError(f"block_table has {block_table.shape[0]} rows for {len(lengths)} sequences")
     page = cache.shape[1]
@@ -442,7 +457,9 @@ def _append(cache: torch.Tensor, new: torch.Tensor, rows, seqlens, block_table) 
     else:
         page = cache.shape[1]
         index = (block_table.cpu().long().gather(1, pos // page), pos % page)
-    cache.index_put_(tuple(i.reshape(-1).to(cache.device) for i in index), new.reshape(B * S_new, *new.shape[2:]))
+    cache.index_put_(
+        tuple(i.reshape(-1).to(cache.device) for i in index), new.reshape(B * S_new, *new.shape[2:])
+    )
 
 
 def _packed_cache(k_cache, v_cache, rows, leftpad, lengths, block_table, Sq):
@@ -533,7 +550,9 @@ def flash_attn_with_kvcache(
         raise ValueError(f"q must be (B, Sq, Hq, D), got shape {tuple(q.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4 or t.shape != k_cache.shape:
-            raise ValueError(f"{name} must be 4-D and match k_cache {tuple(k_cache.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be 4-D and match k_cache {tuple(k_cache.shape)}, got {tuple(t.shape)}"
+            )
     if (k is None) != (v is None):
         raise ValueError("pass both k and v (new tokens) or neither")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -553,8 +572,14 @@ def flash_attn_with_kvcache(
         check_tensors(block_table=block_table)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx and block_table cannot be combined (pages already pick rows)")
-        if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"block_table must be ({B}, pages) int32, got {block_table.dtype} {tuple(block_table.shape)}")
+        if (
+            block_table.dim() != 2
+            or block_table.shape[0] != B
+            or block_table.dtype not in (torch.int32, torch.int64)
+        ):
+            raise ValueError(
+                f"block_table must be ({B}, pages) int32, got {block_table.dtype} {tuple(block_table.shape)}"
+            )
         capacity = k_cache.shape[1] * block_table.shape[1]
     else:
         capacity = k_cache.shape[1]
@@ -600,7 +625,9 @@ def flash_attn_with_kvcache(
         _append(k_cache, k, rows, seqlens, block_table)
         _append(v_cache, v, rows, seqlens, block_table)
 
-    keys, values, k_bounds, q_bounds = _packed_cache(k_cache, v_cache, rows, leftpad, lengths, block_table, Sq)
+    keys, values, k_bounds, q_bounds = _packed_cache(
+        k_cache, v_cache, rows, leftpad, lengths, block_table, Sq
+    )
     out, lse = attention(
         q.reshape(1, B * Sq, Hq, D), keys, values, causal=causal, softmax_scale=softmax_scale,
         cu_seqlens=torch.tensor(q_bounds, device=q.device), k_cu_seqlens=torch.tensor(k_bounds, device=q.device),

@@ -40,7 +40,9 @@ def _block_kwargs(
     """
     causal, q_start, q_stride, k_start, k_stride, deterministic, left, right = mask_ints
     return dict(
-        mask=BlockMask(bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens, k_cu_seqlens),
+        mask=BlockMask(
+            bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens, k_cu_seqlens
+        ),
         softmax_scale=softmax_scale,
         rope=_rope_from_json(rope_json),
         q_positions=q_positions,

@@ -118,9 +118,7 @@ def _grouped_scores(q, k, scale, softcap, alibi_slopes, distance):
 
 def _block_terms(q_index, k_index, causal, cu_seqlens, k_cu_seqlens, window):
     """The visibility mask and the ALiBi distance of a block, both (Sq, Sk)."""
-    visible = visible_mask(
-        q_index, k_index, causal, cu_seqlens, k_cu_seqlens=k_cu_seqlens, window=window
-    )
+    visible = visible_mask(q_index, k_index, causal, cu_seqlens, k_cu_seqlens=k_cu_seqlens, window=window)
     aligned = aligned_query_index(q_index, cu_seqlens, k_cu_seqlens)
     distance = (aligned[:, None] - k_index.to(torch.int64)[None, :]).abs().to(torch.float64)
     return visible, distance

@@ -249,7 +249,14 @@ def cannot_run(case: Case, dtype: torch.dtype, backend: str, device="cpu") -> st
     q, k, v, _ = make_inputs(case, dtype, device=device)
     qp, kp = case.positions(device)
     args = block_args(
-        q, k, v, case.mask(device), rope=case.rope, q_positions=qp, k_positions=kp, **case.feature_kwargs(device)
+        q,
+        k,
+        v,
+        case.mask(device),
+        rope=case.rope,
+        q_positions=qp,
+        k_positions=kp,
+        **case.feature_kwargs(device),
     )
     feature = args.unsupported(BACKENDS[backend].features)
     if feature:

@@ -163,7 +163,9 @@ def test_public_names_exported():
         assert callable(getattr(ringattn, name))
 
 
-@pytest.mark.parametrize("structure", ["padding", "causal-left-padding", "causal-right-padding", "decode-left-padding"])
+@pytest.mark.parametrize(
+    "structure", ["padding", "causal-left-padding", "causal-right-padding", "decode-left-padding"]
+)
 def test_sdpa_boolean_padding_masks_match_torch(structure):
     """The boolean masks transformers builds, against torch SDPA in fp64 on every row that sees a key
     (for causal right padding: on the real tokens; the padding rows output 0 by contract)."""

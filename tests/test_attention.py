@@ -47,18 +47,44 @@ CASES = {
     ),
     "d16-sq33-sk50-alibi-per-batch": (Case(33, 50, B=2, Hkv=1, alibi="batch"), (FP32,)),
     "d16-cross-length-docs-causal-rope": (
-        Case(45, 70, Hq=4, Hkv=2, causal=True, rope=R16, cu_seqlens=(0, 10, 10, 30, 45),
-             k_cu_seqlens=(0, 25, 30, 55, 70)),
+        Case(
+            45,
+            70,
+            Hq=4,
+            Hkv=2,
+            causal=True,
+            rope=R16,
+            cu_seqlens=(0, 10, 10, 30, 45),
+            k_cu_seqlens=(0, 25, 30, 55, 70),
+        ),
         (FP32, BF16),
     ),  # fmt: skip
     "d16-cross-length-docs-window-softcap": (
-        Case(45, 70, Hq=2, Hkv=1, causal=True, cu_seqlens=(0, 20, 45), k_cu_seqlens=(0, 9, 70),
-             window=(6, 0), softcap=2.0),
+        Case(
+            45,
+            70,
+            Hq=2,
+            Hkv=1,
+            causal=True,
+            cu_seqlens=(0, 20, 45),
+            k_cu_seqlens=(0, 9, 70),
+            window=(6, 0),
+            softcap=2.0,
+        ),
         (FP32,),
     ),  # fmt: skip
     "d64-window-docs-softcap-alibi": (
-        Case(127, Hq=4, Hkv=2, D=64, causal=True, cu_seqlens=(3, 40, 40, 100, 120), window=(17, 0),
-             softcap=5.0, alibi="head"),
+        Case(
+            127,
+            Hq=4,
+            Hkv=2,
+            D=64,
+            causal=True,
+            cu_seqlens=(3, 40, 40, 100, 120),
+            window=(17, 0),
+            softcap=5.0,
+            alibi="head",
+        ),
         (FP32, BF16),
     ),  # fmt: skip
     "d16-len1-causal-rope": (Case(1, causal=True, rope=R16), (FP32,)),

@@ -73,7 +73,9 @@ def test_return_attn_probs_is_flash_attns_triple_with_plus_inf_on_empty_rows():
     assert s_dmask is None and lse.shape == (2, 4, 7) and lse.dtype == torch.float32
     assert torch.isposinf(lse[:, :, :3]).all() and torch.isfinite(lse[:, :, 3:]).all()
     assert (out[:, :3] == 0).all()
-    ref_out, ref_lse = attention_ref(q, k, v, causal=True, q_index=torch.arange(7), k_index=torch.arange(3, 7))
+    ref_out, ref_lse = attention_ref(
+        q, k, v, causal=True, q_index=torch.arange(7), k_index=torch.arange(3, 7)
+    )
     torch.testing.assert_close(out, ref_out.float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(lse[:, :, 3:], ref_lse[:, :, 3:].float(), atol=1e-5, rtol=0)
     out2, lse2 = fa.flash_attn_func(q, k, v, causal=True, return_lse=True)  # ringattn's own convention
@@ -82,12 +84,21 @@ def test_return_attn_probs_is_flash_attns_triple_with_plus_inf_on_empty_rows():
 
 @pytest.mark.parametrize(
     "window,softcap,alibi",
-    [((3, 0), 0.0, False), ((2, 4), 0.0, False), ((-1, -1), 4.0, False), ((-1, -1), 0.0, True), ((5, 2), 2.0, True)],
+    [
+        ((3, 0), 0.0, False),
+        ((2, 4), 0.0, False),
+        ((-1, -1), 4.0, False),
+        ((-1, -1), 0.0, True),
+        ((5, 2), 2.0, True),
+    ],
     ids=["window-left", "window-both", "softcap", "alibi", "all"],
 )
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_options_match_the_spec_with_bottom_right_alignment(window, softcap, alibi, causal):
-    q, k, v = (_randn(2, s, h, 16, seed=i, dtype=torch.float64) for i, (s, h) in enumerate([(11, 4), (19, 2), (19, 2)]))
+    q, k, v = (
+        _randn(2, s, h, 16, seed=i, dtype=torch.float64)
+        for i, (s, h) in enumerate([(11, 4), (19, 2), (19, 2)])
+    )
     slopes = torch.tensor([0.5, 0.3, 0.2, 0.1]) if alibi else None  # fp32, as flash-attn takes them
     out, lse = fa.flash_attn_func(
         q, k, v, causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, return_lse=True
@@ -95,7 +106,14 @@ def test_options_match_the_spec_with_bottom_right_alignment(window, softcap, ali
     # The spec on global indices: the 11 queries are the last 11 of the 19 key positions.
     want_window = (window[0], 0) if causal and window[0] >= 0 else window
     ref_out, ref_lse = attention_ref(
-        q, k, v, causal=causal, q_index=torch.arange(8, 19), window=want_window, softcap=softcap, alibi_slopes=slopes
+        q,
+        k,
+        v,
+        causal=causal,
+        q_index=torch.arange(8, 19),
+        window=want_window,
+        softcap=softcap,
+        alibi_slopes=slopes,
     )
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
     torch.testing.assert_close(lse, ref_lse.float(), atol=1e-6, rtol=0)
@@ -131,18 +149,23 @@ def test_packed_variants_equal_the_unpacked_calls_and_grad_reaches_the_pack():
     qkv = _randn(2, 10, 3, 2, 16, seed=7).requires_grad_()
     out = fa.flash_attn_qkvpacked_func(qkv, causal=True, window_size=(3, 0))
     q, k, v = qkv.detach().unbind(2)
-    torch.testing.assert_close(out, fa.flash_attn_func(q, k, v, causal=True, window_size=(3, 0)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        out, fa.flash_attn_func(q, k, v, causal=True, window_size=(3, 0)), atol=0, rtol=0
+    )
     out.sum().backward()
     assert qkv.grad is not None and qkv.grad.abs().sum() > 0
     kv = torch.stack([k, v], 2)
-    torch.testing.assert_close(fa.flash_attn_kvpacked_func(q, kv, causal=True), fa.flash_attn_func(q, k, v, causal=True))
+    torch.testing.assert_close(
+        fa.flash_attn_kvpacked_func(q, kv, causal=True), fa.flash_attn_func(q, k, v, causal=True)
+    )
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     flat = qkv.detach()[0]
     packed = fa.flash_attn_varlen_qkvpacked_func(flat, cu, 6, causal=True)
     torch.testing.assert_close(packed, fa.flash_attn_varlen_func(*flat.unbind(1), cu, cu, 6, 6, causal=True))
     q0, kv0 = flat[:, 0], flat[:, 1:]
     torch.testing.assert_close(
-        fa.flash_attn_varlen_kvpacked_func(q0, kv0, cu, cu, 6, 6), fa.flash_attn_varlen_func(q0, *kv0.unbind(1), cu, cu, 6, 6)
+        fa.flash_attn_varlen_kvpacked_func(q0, kv0, cu, cu, 6, 6),
+        fa.flash_attn_varlen_func(q0, *kv0.unbind(1), cu, cu, 6, 6),
     )
 
 
@@ -155,7 +178,9 @@ def test_varlen_block_table_reads_keys_from_pages():
     q = _randn(4, 2, 16, seed=10)
     cu_q, cu_k = torch.tensor([0, 2, 4]), torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     paged = fa.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 2, 6, causal=True, block_table=table)
-    torch.testing.assert_close(paged, fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 6, causal=True), atol=0, rtol=0)
+    torch.testing.assert_close(
+        paged, fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 6, causal=True), atol=0, rtol=0
+    )
 
 
 # -------------------------------------------------------------------------------------- KV cache
@@ -166,7 +191,16 @@ def _decode_reference(q, k_full, v_full, lengths, rope=None, **kw):
     outs = []
     for b, n in enumerate(lengths):
         positions = None if rope is None else torch.arange(n)
-        outs.append(fa.flash_attn_func(q[b : b + 1], k_full[b : b + 1, :n], v_full[b : b + 1, :n], rope=rope, positions=positions, **kw))
+        outs.append(
+            fa.flash_attn_func(
+                q[b : b + 1],
+                k_full[b : b + 1, :n],
+                v_full[b : b + 1, :n],
+                rope=rope,
+                positions=positions,
+                **kw,
+            )
+        )
     return torch.cat(outs)
 
 
@@ -236,12 +270,15 @@ def test_kvcache_writes_the_new_tokens_in_place_and_nothing_else():
     before_k, before_v = k_cache.clone(), v_cache.clone()
     new_k, new_v = _randn(2, 2, 1, 16, seed=42), _randn(2, 2, 1, 16, seed=43)
     seqlens = torch.tensor([3, 6], dtype=torch.int32)
-    fa.flash_attn_with_kvcache(_randn(2, 2, 2, 16, seed=44), k_cache, v_cache, new_k, new_v, cache_seqlens=seqlens)
+    fa.flash_attn_with_kvcache(
+        _randn(2, 2, 2, 16, seed=44), k_cache, v_cache, new_k, new_v, cache_seqlens=seqlens
+    )
     for b, n in enumerate(seqlens.tolist()):
         assert torch.equal(k_cache[b, n : n + 2], new_k[b]) and torch.equal(v_cache[b, n : n + 2], new_v[b])
         written = torch.zeros(8, dtype=torch.bool)
         written[n : n + 2] = True
         assert torch.equal(k_cache[b, ~written], before_k[b, ~written])
+        assert torch.equal(v_cache[b, ~written], before_v[b, ~written])
     with pytest.raises(ValueError, match="cache_seqlens"):
         fa.flash_attn_with_kvcache(_randn(2, 1, 2, 16), k_cache, v_cache, new_k, new_v, cache_seqlens=7)
     with pytest.raises(ValueError, match="rotary"):
@@ -251,7 +288,9 @@ def test_kvcache_writes_the_new_tokens_in_place_and_nothing_else():
 def test_kvcache_without_new_tokens_attends_to_the_cache_prefix():
     k_cache, v_cache = _randn(2, 10, 2, 16, seed=50), _randn(2, 10, 2, 16, seed=51)
     q = _randn(2, 3, 4, 16, seed=52)
-    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([4, 10], dtype=torch.int32), causal=True)
+    out = fa.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor([4, 10], dtype=torch.int32), causal=True
+    )
     want = _decode_reference(q, k_cache, v_cache, [4, 10], causal=True)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
     assert math.isfinite(float(out.abs().max()))

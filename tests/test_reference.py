@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ringattn import RoPEConfig, apply_rope, attention_ref, merge_partials, ring_attention_ref
-from ringattn.reference import attention_backward_ref
 from ringattn.indexing import document_ids, positions_from_cu_seqlens
 from ringattn.merge import empty_partials
+from ringattn.reference import attention_backward_ref
 from ringattn.ring import LAYOUTS, shard_indices
 
 

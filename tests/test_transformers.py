@@ -120,7 +120,9 @@ def test_padded_batch_equals_each_row_alone(side):
         torch.testing.assert_close(logits[row, mask[row]], alone[0].detach(), atol=1e-10, rtol=1e-10)
         _summed_loss(alone, real, torch.ones_like(real, dtype=torch.bool)).backward()
     for name, grad in batch_grads.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-10, rtol=1e-8, msg=name)
+        torch.testing.assert_close(
+            grad, dict(model.named_parameters())[name].grad, atol=1e-10, rtol=1e-8, msg=name
+        )
 
 
 def test_padding_that_is_not_one_run_is_refused_by_name():
