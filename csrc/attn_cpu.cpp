@@ -242,16 +242,21 @@ void add_product(float* dst, float* scratch, int rows, int64_t D, const float* w
   for (int64_t i = 0; i < rows * D; ++i) dst[i] += scratch[i];
 }
 
-// Per-tile summary of the global indices and documents of a run of rows.
+// Per-tile summary of the indices and documents of a run of rows: for query tiles the aligned
+// indices of the rows inside a document (the others see nothing), for key tiles every row's index.
 struct TileInfo {
-  int64_t first_index, last_index;
+  int64_t lo, hi;            // smallest and largest index
   int64_t min_doc, max_doc;  // over rows inside a document; min_doc > max_doc when none is
   bool single_doc;           // every row lies in the same document
 };
 
-TileInfo tile_info(const int64_t* index, const int64_t* doc, int64_t begin, int64_t end) {
-  TileInfo t{index[begin], index[end - 1], INT64_MAX, INT64_MIN, true};
+TileInfo tile_info(const int64_t* index, const int64_t* doc, int64_t begin, int64_t end, bool in_doc_only) {
+  TileInfo t{INT64_MAX, INT64_MIN, INT64_MAX, INT64_MIN, true};
   for (int64_t i = begin; i < end; ++i) {
+    if (!in_doc_only || doc[i] >= 0) {
+      t.lo = std::min(t.lo, index[i]);
+      t.hi = std::max(t.hi, index[i]);
+    }
     if (doc[i] < 0) {
       t.single_doc = false;
       continue;
@@ -265,13 +270,18 @@ TileInfo tile_info(const int64_t* index, const int64_t* doc, int64_t begin, int6
 
 enum class TileMask { kSkip, kFull, kPartial };
 
-TileMask classify(const TileInfo& q, const TileInfo& k, bool causal) {
+// The mask of a (query tile, key tile) pair: nothing visible, everything, or per element.
+TileMask classify(const TileInfo& q, const TileInfo& k, const AttnParams& p) {
+  const int64_t left = p.window_left, right = p.window_right;
   if (q.min_doc > q.max_doc || k.min_doc > k.max_doc) return TileMask::kSkip;
   if (q.max_doc < k.min_doc || k.max_doc < q.min_doc) return TileMask::kSkip;
-  if (causal && q.last_index < k.first_index) return TileMask::kSkip;
+  if (p.causal && q.hi < k.lo) return TileMask::kSkip;
+  if (left >= 0 && k.hi < q.lo - left) return TileMask::kSkip;
+  if (right >= 0 && k.lo > q.hi + right) return TileMask::kSkip;
   const bool docs_full = q.single_doc && k.single_doc && q.min_doc == k.min_doc;
-  const bool causal_full = !causal || q.first_index >= k.last_index;
-  return docs_full && causal_full ? TileMask::kFull : TileMask::kPartial;
+  const bool causal_full = !p.causal || q.lo >= k.hi;
+  const bool window_full = (left < 0 || k.lo >= q.hi - left) && (right < 0 || k.hi <= q.lo + right);
+  return docs_full && causal_full && window_full ? TileMask::kFull : TileMask::kPartial;
 }
 
 // Operands staged in fp32, heads-major so each (batch, head) is one contiguous matrix.
@@ -282,7 +292,7 @@ struct Staged {
   std::vector<float> k;   // (B, Hkv, Skp, D) rotated, backward only
   std::vector<float> kt;  // (B, Hkv, Skp / kBlockK, D, kBlockK) rotated, one packed block per key tile
   std::vector<float> v;   // (B, Hkv, Skp, D)
-  std::vector<int64_t> q_index, k_index, q_doc, k_doc;  // k_* padded: padding rows have doc -2
+  std::vector<int64_t> q_aligned, k_index, q_doc, k_doc;  // k_* padded: padding rows have doc -2
   std::vector<TileInfo> q_tiles, k_tiles;
 };
 
@@ -297,6 +307,9 @@ void check_params(const AttnParams& p) {
   require(p.q_stride >= 1 && p.k_stride >= 1 && p.q_start >= 0 && p.k_start >= 0,
           "spans need start >= 0 and stride >= 1");
   require(p.cu_seqlens == 0 || p.n_cu >= 1, "cu_seqlens needs at least one entry");
+  require(p.k_cu_seqlens == 0 || p.cu_seqlens != 0, "k_cu_seqlens needs cu_seqlens");
+  require(p.window_left >= -1 && p.window_right >= -1, "window sides must be >= -1");
+  require(p.softcap >= 0.0f, "softcap must be >= 0");
   if (p.rope_mode != kRopeNone) {
     require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
     require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
@@ -338,24 +351,26 @@ Staged stage(const AttnParams& p, bool backward) {
   st.D = p.head_dim, st.G = p.heads_q / p.heads_kv, st.Skp = ceil_div(p.seqlen_k, kBlockK) * kBlockK;
   const int64_t B = st.B, Sq = st.Sq, Sk = st.Sk, Hq = st.Hq, Hkv = st.Hkv, D = st.D, Skp = st.Skp;
   const auto* cu = reinterpret_cast<const int64_t*>(p.cu_seqlens);
+  const auto* k_cu = reinterpret_cast<const int64_t*>(p.k_cu_seqlens);
 
-  st.q_index.resize(Sq);
+  st.q_aligned.resize(Sq);
   st.q_doc.resize(Sq);
   for (int64_t i = 0; i < Sq; ++i) {
-    st.q_index[i] = p.q_start + p.q_stride * i;
-    st.q_doc[i] = document_id(st.q_index[i], cu, p.n_cu);
+    const int64_t index = p.q_start + p.q_stride * i;
+    st.q_doc[i] = document_id(index, cu, p.n_cu);
+    st.q_aligned[i] = aligned_index(index, st.q_doc[i], cu, k_cu);
   }
-  st.k_index.assign(Skp, INT64_MAX);
   st.k_doc.assign(Skp, -2);
-  for (int64_t j = 0; j < Sk; ++j) {
+  st.k_index.resize(Skp);
+  for (int64_t j = 0; j < Skp; ++j) {  // padding rows get an index too (ALiBi reads it before the mask)
     st.k_index[j] = p.k_start + p.k_stride * j;
-    st.k_doc[j] = document_id(st.k_index[j], cu, p.n_cu);
+    if (j < Sk) st.k_doc[j] = document_id(st.k_index[j], k_cu != nullptr ? k_cu : cu, p.n_cu);
   }
   for (int64_t i = 0; i < Sq; i += kBlockQ) {
-    st.q_tiles.push_back(tile_info(st.q_index.data(), st.q_doc.data(), i, std::min(Sq, i + kBlockQ)));
+    st.q_tiles.push_back(tile_info(st.q_aligned.data(), st.q_doc.data(), i, std::min(Sq, i + kBlockQ), true));
   }
   for (int64_t j = 0; j < Sk; j += kBlockK) {
-    st.k_tiles.push_back(tile_info(st.k_index.data(), st.k_doc.data(), j, std::min(Sk, j + kBlockK)));
+    st.k_tiles.push_back(tile_info(st.k_index.data(), st.k_doc.data(), j, std::min(Sk, j + kBlockK), false));
     if (j + kBlockK > Sk) st.k_tiles.back().single_doc = false;  // padding columns need the mask
   }
 
@@ -400,12 +415,81 @@ Staged stage(const AttnParams& p, bool backward) {
 }
 
 // Sets masked scores of a partially visible tile to `masked`.
-void apply_mask(const Staged& st, bool causal, int64_t q0, int rows, int64_t k0, float* s, float masked) {
+template <bool kWindow>
+void mask_tile(const Staged& st, const AttnParams& p, int64_t q0, int rows, int64_t k0, float* s, float masked) {
   for (int i = 0; i < rows; ++i) {
-    const int64_t qi = st.q_index[q0 + i], qd = st.q_doc[q0 + i];
+    const int64_t a = st.q_aligned[q0 + i], qd = st.q_doc[q0 + i];
     for (int j = 0; j < kBlockK; ++j) {
-      if (!visible(qi, st.k_index[k0 + j], qd, st.k_doc[k0 + j], causal)) s[i * kBlockK + j] = masked;
+      const int64_t k = st.k_index[k0 + j];
+      bool ok = visible(a, k, qd, st.k_doc[k0 + j], p.causal);
+      if (kWindow) ok = ok && in_window(a, k, p.window_left, p.window_right);
+      if (!ok) s[i * kBlockK + j] = masked;
     }
+  }
+}
+
+void apply_mask(const Staged& st, const AttnParams& p, int64_t q0, int rows, int64_t k0, float* s, float masked) {
+  if (p.window_left >= 0 || p.window_right >= 0) {
+    mask_tile<true>(st, p, q0, rows, k0, s, masked);
+  } else {
+    mask_tile<false>(st, p, q0, rows, k0, s, masked);
+  }
+}
+
+// Whether scores go through score_mod (softcap, ALiBi); decided once per call.
+bool has_score_mod(const AttnParams& p) { return p.softcap > 0.0f || p.alibi_slopes != 0; }
+
+// ALiBi slope of (batch b, query head h); 0 without ALiBi.
+float alibi_slope(const AttnParams& p, int64_t b, int64_t h) {
+  if (p.alibi_slopes == 0) return 0.0f;
+  return reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + h];
+}
+
+// Scaled scores of a tile -> score_mod, in place; grad (when not null) gets d(score)/d(scaled score).
+void mod_scores(const Staged& st, const AttnParams& p, float slope, int64_t q0, int rows, int64_t k0, float* s,
+                float* grad) {
+  const float inv_softcap = p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
+  for (int i = 0; i < rows; ++i) {
+    const int64_t a = st.q_aligned[q0 + i];
+    for (int j = 0; j < kBlockK; ++j) {
+      float g;
+      float& x = s[i * kBlockK + j];
+      x = score_mod(x, p.softcap, inv_softcap, slope, a, st.k_index[k0 + j], &g);
+      if (grad != nullptr) grad[i * kBlockK + j] = g;
+    }
+  }
+}
+
+const int64_t* key_boundaries(const AttnParams& p) {
+  return reinterpret_cast<const int64_t*>(p.k_cu_seqlens != 0 ? p.k_cu_seqlens : p.cu_seqlens);
+}
+
+// Key tiles [*begin, *end) a query tile may see (key_index_range over the span of keys).
+void key_tile_range(const Staged& st, const AttnParams& p, const TileInfo& q, int64_t* begin, int64_t* end) {
+  *begin = *end = 0;
+  if (q.min_doc > q.max_doc) return;
+  int64_t lo, hi, r0, r1;
+  key_index_range(q.lo, q.hi, q.min_doc, q.max_doc, p.cu_seqlens ? key_boundaries(p) : nullptr, p.causal,
+                  p.window_left, p.window_right, &lo, &hi);
+  span_rows(lo, hi, p.k_start, p.k_stride, st.Sk, &r0, &r1);
+  if (r0 < r1) {
+    *begin = r0 / kBlockK;
+    *end = ceil_div(r1, kBlockK);
+  }
+}
+
+// Query tiles [*begin, *end) that may see a key tile (query_index_range over the span of queries).
+void query_tile_range(const Staged& st, const AttnParams& p, const TileInfo& k, int64_t* begin, int64_t* end) {
+  *begin = *end = 0;
+  if (k.min_doc > k.max_doc) return;
+  int64_t lo, hi, r0, r1;
+  const auto* cu = reinterpret_cast<const int64_t*>(p.cu_seqlens);
+  query_index_range(k.lo, k.hi, k.min_doc, k.max_doc, cu, reinterpret_cast<const int64_t*>(p.k_cu_seqlens),
+                    p.causal, p.window_left, p.window_right, &lo, &hi);
+  span_rows(lo, hi, p.q_start, p.q_stride, st.Sq, &r0, &r1);
+  if (r0 < r1) {
+    *begin = r0 / kBlockQ;
+    *end = ceil_div(r1, kBlockQ);
   }
 }
 
@@ -419,7 +503,7 @@ void attn_forward_cpu(const AttnParams& p) {
   const Staged st = stage(p, false);
   const int64_t B = st.B, Sq = st.Sq, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G, Skp = st.Skp;
   const int64_t n_qt = static_cast<int64_t>(st.q_tiles.size());
-  const int64_t n_kt = static_cast<int64_t>(st.k_tiles.size());
+  const bool score_mod_on = has_score_mod(p);
   float* lse_out = reinterpret_cast<float*>(p.lse);
 
   parallel_for(B * Hq * n_qt, p.num_threads, [&](int64_t item) {
@@ -433,15 +517,19 @@ void attn_forward_cpu(const AttnParams& p) {
 
     std::vector<float> acc(rows * D, 0.0f), s(kBlockQ * kBlockK);
     std::vector<float> m(rows, -RA_INF), l(rows, 0.0f);
-    for (int64_t t = 0; t < n_kt; ++t) {
-      const TileMask kind = classify(st.q_tiles[qt], st.k_tiles[t], p.causal);
+    const float slope = alibi_slope(p, b, h);
+    int64_t t_begin, t_end;  // key tiles outside the causal range, window and documents are never visited
+    key_tile_range(st, p, st.q_tiles[qt], &t_begin, &t_end);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const TileMask kind = classify(st.q_tiles[qt], st.k_tiles[t], p);
       if (kind == TileMask::kSkip) continue;
       const int64_t k0 = t * kBlockK;
       // Scores as the backward computes them (same kernel, same staging), so exp(s - lse) there
       // reproduces these weights.
       matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, s.data());
       for (int i = 0; i < rows * kBlockK; ++i) s[i] *= p.softmax_scale;
-      if (kind == TileMask::kPartial) apply_mask(st, p.causal, q0, rows, k0, s.data(), -RA_INF);
+      if (score_mod_on) mod_scores(st, p, slope, q0, rows, k0, s.data(), nullptr);
+      if (kind == TileMask::kPartial) apply_mask(st, p, q0, rows, k0, s.data(), -RA_INF);
       for (int i = 0; i < rows; ++i) {
         float* si = s.data() + i * kBlockK;
         float row_max = -RA_INF;
@@ -487,10 +575,10 @@ void attn_backward_cpu(const AttnParams& p) {
   const Staged st = stage(p, true);
   const int64_t B = st.B, Sq = st.Sq, Sk = st.Sk, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G;
   const int64_t Skp = st.Skp;
-  const int64_t n_qt = static_cast<int64_t>(st.q_tiles.size());
   const int64_t n_kt = static_cast<int64_t>(st.k_tiles.size());
   const float scale = p.softmax_scale;
   const bool rope = p.rope_mode != kRopeNone;
+  const bool score_mod_on = has_score_mod(p);
 
   std::vector<float> lse(B * Hq * Sq);
   const float* lse_in = reinterpret_cast<const float*>(p.lse);
@@ -510,30 +598,39 @@ void attn_backward_cpu(const AttnParams& p) {
     const float* v = st.v.data() + bkv * Skp * D;
     const float* kr = st.k.data() + bkv * Skp * D;
     std::vector<float> dk(kBlockK * D), dv(kBlockK * D), pr(kBlockQ * kBlockK), ds(kBlockQ * kBlockK);
+    std::vector<float> dscore(score_mod_on ? kBlockQ * kBlockK : 0);  // d(score)/d(scaled score)
     std::vector<float> part(std::max(kBlockK, kBlockQ) * D);
     std::vector<float> cs(p.rotary_dim / 2), sn(p.rotary_dim / 2);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t k0 = t * kBlockK;
       std::fill(dk.begin(), dk.end(), 0.0f);
       std::fill(dv.begin(), dv.end(), 0.0f);
+      int64_t qt_begin, qt_end;  // query tiles that cannot see this key tile are never visited
+      query_tile_range(st, p, st.k_tiles[t], &qt_begin, &qt_end);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t bh = b * Hq + hk * G + g;
-        for (int64_t qt = 0; qt < n_qt; ++qt) {
-          const TileMask kind = classify(st.q_tiles[qt], st.k_tiles[t], p.causal);
+        const float slope = alibi_slope(p, b, hk * G + g);
+        for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
+          const TileMask kind = classify(st.q_tiles[qt], st.k_tiles[t], p);
           if (kind == TileMask::kSkip) continue;
           const int64_t q0 = qt * kBlockQ;
           const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, Sq - q0));
           const float* q = st.q.data() + (bh * Sq + q0) * D;
           const float* dout = st.dout.data() + (bh * Sq + q0) * D;
-          // P = exp(S * scale - lse)
+          // P = exp(score - lse), score = S * scale (then score_mod)
           matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, pr.data());
+          if (score_mod_on) {
+            for (int i = 0; i < rows * kBlockK; ++i) pr[i] *= scale;
+            mod_scores(st, p, slope, q0, rows, k0, pr.data(), dscore.data());
+          }
+          const float s_scale = score_mod_on ? 1.0f : scale;
           for (int i = 0; i < rows; ++i) {
             float* pi = pr.data() + i * kBlockK;
             const float row_lse = lse[bh * Sq + q0 + i];
-            for (int j = 0; j < kBlockK; ++j) pi[j] = (pi[j] * scale - row_lse) * kLog2e;
+            for (int j = 0; j < kBlockK; ++j) pi[j] = (pi[j] * s_scale - row_lse) * kLog2e;
             exp2_inplace(pi, kBlockK);
           }
-          if (kind == TileMask::kPartial) apply_mask(st, p.causal, q0, rows, k0, pr.data(), 0.0f);
+          if (kind == TileMask::kPartial) apply_mask(st, p, q0, rows, k0, pr.data(), 0.0f);
           // Each product goes to a zeroed tile first and is then added to its running sum, so
           // sums over many query tiles, heads or key tiles are blocked, not one long fp32 chain.
           // dV += P^T dO
@@ -545,6 +642,10 @@ void attn_backward_cpu(const AttnParams& p) {
             float* dsi = ds.data() + i * kBlockK;
             const float* pi = pr.data() + i * kBlockK;
             for (int j = 0; j < kBlockK; ++j) dsi[j] = pi[j] * (dsi[j] - row_delta) * scale;
+            if (score_mod_on) {  // through softcap's tanh (ALiBi's bias has derivative 1)
+              const float* gi = dscore.data() + i * kBlockK;
+              for (int j = 0; j < kBlockK; ++j) dsi[j] *= gi[j];
+            }
           }
           // dK += dS^T Q, dQ += dS K (rotated coordinates)
           add_product(dk.data(), part.data(), kBlockK, D, ds.data(), 1, kBlockK, rows, q);

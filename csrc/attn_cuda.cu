@@ -153,6 +153,8 @@ struct RowSide {  // one operand's rows: global index and RoPE position of row i
   const int32_t* positions;
   int64_t positions_sb;
   const void* freqs;
+  const int64_t* cu;        // this side's document boundaries (null: none)
+  const int64_t* align_cu;  // queries: the keys' own boundaries, to align by (null: no shift)
 };
 
 // Rows [row0, row0 + rows) of (b, h) from a (B, S, H, D) view into shared [rows][ld], rotated when
@@ -190,26 +192,52 @@ __device__ void load_rows(uint16_t* s, int ld, const View& view, int64_t b, int6
   }
 }
 
-// Global index and document of rows [row0, row0 + rows) into shared arrays (rows past S: doc -2).
+// Index and document of rows [row0, row0 + rows) into shared arrays (rows past S: doc -2). Query
+// rows get their aligned index (attn_math.h), key rows their global index.
 __device__ void load_row_meta(int64_t* index, int64_t* doc, int64_t row0, int rows, int64_t S,
                               const RowSide& side, const AttnParams& p) {
-  const auto* cu = reinterpret_cast<const int64_t*>(p.cu_seqlens);
   for (int r = threadIdx.x; r < rows; r += blockDim.x) {
     const int64_t row = row0 + r;
-    index[r] = side.start + side.stride * row;
-    doc[r] = row < S ? document_id(index[r], cu, p.n_cu) : -2;
+    const int64_t global = side.start + side.stride * row;
+    doc[r] = row < S ? document_id(global, side.cu, p.n_cu) : -2;
+    index[r] = aligned_index(global, doc[r], side.cu, side.align_cu);
   }
 }
 
+// Smallest and largest index, and documents, of the rows of a tile that lie inside a document
+// (every thread reads the shared arrays; *d_max < 0 when no row does).
+template <int ROWS>
+__device__ void tile_range(const int64_t* index, const int64_t* doc, int64_t* lo, int64_t* hi, int64_t* d_min,
+                           int64_t* d_max) {
+  int64_t l = kIndexMax, h = kIndexMin, dl = kIndexMax, dh = -1;
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t d = doc[r];
+    if (d < 0) continue;
+    l = imin(l, index[r]);
+    h = imax(h, index[r]);
+    dl = imin(dl, d);
+    dh = imax(dh, d);
+  }
+  *lo = l, *hi = h, *d_min = dl, *d_max = dh;
+}
+
 RowSide q_side(const AttnParams& p) {
+  const auto* cu = reinterpret_cast<const int64_t*>(p.cu_seqlens);
   return {p.q_start, p.q_stride, reinterpret_cast<const int32_t*>(p.q_positions), p.q_positions_sb,
-          reinterpret_cast<const void*>(p.rope_freqs)};
+          reinterpret_cast<const void*>(p.rope_freqs), cu, reinterpret_cast<const int64_t*>(p.k_cu_seqlens)};
 }
 
 RowSide k_side(const AttnParams& p) {
   const uintptr_t freqs = p.k_rope_freqs ? p.k_rope_freqs : p.rope_freqs;
+  const uintptr_t cu = p.k_cu_seqlens ? p.k_cu_seqlens : p.cu_seqlens;
   return {p.k_start, p.k_stride, reinterpret_cast<const int32_t*>(p.k_positions), p.k_positions_sb,
-          reinterpret_cast<const void*>(freqs)};
+          reinterpret_cast<const void*>(freqs), reinterpret_cast<const int64_t*>(cu), nullptr};
+}
+
+// Whether a call needs the kernels' EXTRA variant (sliding window, softcap, ALiBi): the plain one
+// keeps today's instructions and registers.
+bool needs_extra(const AttnParams& p) {
+  return p.window_left >= 0 || p.window_right >= 0 || p.softcap > 0.0f || p.alibi_slopes != 0;
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -224,7 +252,8 @@ struct FwdTiles {
   static_assert(kSmem <= kMaxSmemSm89, "forward tiles exceed sm_89's shared memory per block");
 };
 
-template <int DT, int DMAX>
+// EXTRA: sliding window, softcap and ALiBi (attn_math.h: in_window, score_mod); false: none of them.
+template <int DT, int DMAX, bool EXTRA>
 __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p, RowSide qs, RowSide ks) {
   using Tiles = FwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
@@ -249,14 +278,28 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
   load_rows<DT, DMAX>(q_s, LD, p.q, b, h, q0, BQ, p.seqlen_q, D, p, qs, rope);
   load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
   __syncthreads();
-  const int64_t last_q = qs.start + qs.stride * (min(q0 + BQ, p.seqlen_q) - 1);
+  // Keys this tile may see (causal, window, documents): the loop visits only their tiles.
+  int64_t k_begin = 0, k_end = 0;
+  {
+    int64_t a_min, a_max, d_min, d_max, lo, hi;
+    tile_range<BQ>(q_index, q_doc, &a_min, &a_max, &d_min, &d_max);
+    if (d_max >= 0) {
+      key_index_range(a_min, a_max, d_min, d_max, ks.cu, p.causal, EXTRA ? p.window_left : -1,
+                      EXTRA ? p.window_right : -1, &lo, &hi);
+      span_rows(lo, hi, ks.start, ks.stride, p.seqlen_k, &k_begin, &k_end);
+    }
+  }
+  float slope = 0.0f, inv_softcap = 0.0f;
+  if constexpr (EXTRA) {
+    if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + h];
+    if (p.softcap > 0.0f) inv_softcap = 1.0f / p.softcap;
+  }
 
   float o[DT8][4] = {};
   float m[2] = {-RA_INF, -RA_INF}, l[2] = {0.0f, 0.0f};
   const int r_lo = warp * 16 + g;  // this thread's rows r_lo and r_lo + 8 of the tile
 
-  for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += BK) {
-    if (p.causal && last_q < ks.start + ks.stride * k0) break;  // later tiles are all in the future
+  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {
     __syncthreads();
     load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, rope);
     load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
@@ -281,8 +324,14 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r_lo + (e >> 1) * 8, c = nt * 8 + 2 * t + (e & 1);
-        const bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
-        s[nt][e] = ok ? s[nt][e] * p.softmax_scale : -RA_INF;
+        bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
+        float score = s[nt][e] * p.softmax_scale;
+        if constexpr (EXTRA) {
+          ok = ok && in_window(q_index[r], k_index[c], p.window_left, p.window_right);
+          float unused;
+          score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], k_index[c], &unused);
+        }
+        s[nt][e] = ok ? score : -RA_INF;
         row_max[e >> 1] = max_nan(row_max[e >> 1], s[nt][e]);  // fmaxf would drop a NaN score
       }
     }
@@ -375,7 +424,8 @@ struct BwdTiles {
   static_assert(kSmem <= kMaxSmemSm89, "backward tiles exceed sm_89's shared memory per block");
 };
 
-template <int DT, int DMAX>
+// EXTRA: as the forward's.
+template <int DT, int DMAX, bool EXTRA>
 __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
     attn_backward_kernel(const AttnParams p, RowSide qs, RowSide ks) {
   using Tiles = BwdTiles<DMAX>;
@@ -410,16 +460,30 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, rope);
   load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
   load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
-  const int64_t first_k = ks.start + ks.stride * k0;
+  __syncthreads();
+  // Queries that may see this key tile (causal, window, documents): the loop visits only their tiles.
+  int64_t q_begin = 0, q_end = 0;
+  {
+    int64_t k_lo, k_hi, d_min, d_max, lo, hi;
+    tile_range<BK>(k_index, k_doc, &k_lo, &k_hi, &d_min, &d_max);
+    if (d_max >= 0) {
+      query_index_range(k_lo, k_hi, d_min, d_max, qs.cu, qs.align_cu, p.causal, EXTRA ? p.window_left : -1,
+                        EXTRA ? p.window_right : -1, &lo, &hi);
+      span_rows(lo, hi, qs.start, qs.stride, p.seqlen_q, &q_begin, &q_end);
+    }
+  }
+  const float inv_softcap = EXTRA && p.softcap > 0.0f ? 1.0f / p.softcap : 0.0f;
 
   float dk[CT8][4] = {}, dv[CT8][4] = {};
   const int key_lo = warp * 16 + g;  // this thread's keys key_lo and key_lo + 8 of the tile
 
   for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
     const int64_t bh = b * p.heads_q + hq;
-    for (int64_t q0 = 0; q0 < p.seqlen_q; q0 += BQ) {
-      const int64_t last_q = qs.start + qs.stride * (min(q0 + BQ, p.seqlen_q) - 1);
-      if (p.causal && last_q < first_k) continue;
+    float slope = 0.0f;
+    if constexpr (EXTRA) {
+      if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + hq];
+    }
+    for (int64_t q0 = q_begin / BQ * BQ; q0 < q_end; q0 += BQ) {
       __syncthreads();
       load_rows<DT, DMAX>(q_s, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, p, qs, rope);
       load_rows<DT, DMAX>(do_s, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
@@ -454,10 +518,17 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
-          const bool ok = visible(q_index[qr], k_index[key], q_doc[qr], k_doc[key], p.causal);
-          const float pv = ok ? softmax_weight(pt[nt][e] * scale, lse_s[qr]) : 0.0f;
+          bool ok = visible(q_index[qr], k_index[key], q_doc[qr], k_doc[key], p.causal);
+          float score = pt[nt][e] * scale, dscore = scale;
+          if constexpr (EXTRA) {
+            ok = ok && in_window(q_index[qr], k_index[key], p.window_left, p.window_right);
+            float grad;
+            score = score_mod(score, p.softcap, inv_softcap, slope, q_index[qr], k_index[key], &grad);
+            dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
+          }
+          const float pv = ok ? softmax_weight(score, lse_s[qr]) : 0.0f;
           pt[nt][e] = pv;
-          dpt[nt][e] = pv * (dpt[nt][e] - delta_s[qr]) * scale;
+          dpt[nt][e] = pv * (dpt[nt][e] - delta_s[qr]) * dscore;
         }
       }
       // dV += P^T dO and dK += dS^T Q over this CTA's columns.
@@ -593,6 +664,9 @@ void check_params(const AttnParams& p, bool backward) {
   const int out = backward ? p.grad_dtype : p.out_dtype;
   require(out == p.dtype || out == kFloat32, "output dtype must be the input dtype or fp32");
   require(p.q_stride >= 1 && p.k_stride >= 1, "span strides must be >= 1");
+  require(p.k_cu_seqlens == 0 || p.cu_seqlens != 0, "k_cu_seqlens needs cu_seqlens");
+  require(p.window_left >= -1 && p.window_right >= -1, "window sides must be >= -1");
+  require(p.softcap >= 0.0f, "softcap must be >= 0");
   if (p.rope_mode != kRopeNone) {
     require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
     require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
@@ -621,18 +695,18 @@ unsigned grid_x(int64_t rows, int64_t block_rows, int64_t batch_heads) {
   return static_cast<unsigned>(blocks);
 }
 
-template <int DT, int DMAX>
+template <int DT, int DMAX, bool EXTRA>
 void launch_forward(const AttnParams& p) {
   using Tiles = FwdTiles<DMAX>;
   const dim3 grid(grid_x(p.seqlen_q, Tiles::kBlockQ, p.batch * p.heads_q));
-  auto kernel = attn_forward_kernel<DT, DMAX>;
+  auto kernel = attn_forward_kernel<DT, DMAX, EXTRA>;
   set_smem(kernel, Tiles::kSmem);
   RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
       p, q_side(p), k_side(p));
   check(cudaGetLastError(), "attn_forward_kernel launch");
 }
 
-template <int DT, int DMAX>
+template <int DT, int DMAX, bool EXTRA>
 void launch_backward(const AttnParams& p) {
   using Tiles = BwdTiles<DMAX>;
   const auto stream = reinterpret_cast<cudaStream_t>(p.stream);
@@ -644,7 +718,7 @@ void launch_backward(const AttnParams& p) {
                                   ") exceed CUDA's 65535 grid rows; split the keys into smaller blocks");
     }
     const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(key_tiles), Tiles::kSplit);
-    auto kernel = attn_backward_kernel<DT, DMAX>;
+    auto kernel = attn_backward_kernel<DT, DMAX, EXTRA>;
     set_smem(kernel, Tiles::kSmem);
     RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(p, q_side(p), k_side(p));
     check(cudaGetLastError(), "attn_backward_kernel launch");
@@ -661,18 +735,30 @@ void launch_backward(const AttnParams& p) {
   finish(reinterpret_cast<const float*>(p.dk_accum), p.dk, p.seqlen_k, p.heads_kv, k_side(p));
 }
 
+template <int DT, bool EXTRA>
+void forward_variant(const AttnParams& p) {
+  if (p.head_dim <= 64) return launch_forward<DT, 64, EXTRA>(p);
+  if (p.head_dim <= 128) return launch_forward<DT, 128, EXTRA>(p);
+  return launch_forward<DT, 256, EXTRA>(p);
+}
+
 template <int DT>
 void forward_dtype(const AttnParams& p) {
-  if (p.head_dim <= 64) return launch_forward<DT, 64>(p);
-  if (p.head_dim <= 128) return launch_forward<DT, 128>(p);
-  return launch_forward<DT, 256>(p);
+  if (needs_extra(p)) return forward_variant<DT, true>(p);
+  forward_variant<DT, false>(p);
+}
+
+template <int DT, bool EXTRA>
+void backward_variant(const AttnParams& p) {
+  if (p.head_dim <= 64) return launch_backward<DT, 64, EXTRA>(p);
+  if (p.head_dim <= 128) return launch_backward<DT, 128, EXTRA>(p);
+  return launch_backward<DT, 256, EXTRA>(p);
 }
 
 template <int DT>
 void backward_dtype(const AttnParams& p) {
-  if (p.head_dim <= 64) return launch_backward<DT, 64>(p);
-  if (p.head_dim <= 128) return launch_backward<DT, 128>(p);
-  return launch_backward<DT, 256>(p);
+  if (needs_extra(p)) return backward_variant<DT, true>(p);
+  backward_variant<DT, false>(p);
 }
 
 }  // namespace

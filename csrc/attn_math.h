@@ -97,8 +97,118 @@ RA_HOST_DEVICE int64_t document_id(int64_t index, const int64_t* cu, int64_t n_c
   return lo;
 }
 
-RA_HOST_DEVICE bool visible(int64_t q_index, int64_t k_index, int64_t q_doc, int64_t k_doc, bool causal) {
-  return (!causal || q_index >= k_index) && q_doc == k_doc && q_doc >= 0;
+// Queries are compared with keys through their ALIGNED index a: the global index, shifted per
+// document by k_cu[d + 1] - cu[d + 1] when the keys have their own boundaries k_cu (flash-attn
+// varlen's bottom-right alignment: a document's last query lines up with its last key). Causal,
+// the window and ALiBi all use a. Index arithmetic is int64 and overflows for no index, boundary
+// or window side below 2^62 (the driver clamps window sides there).
+RA_HOST_DEVICE int64_t aligned_index(int64_t q_index, int64_t q_doc, const int64_t* cu, const int64_t* k_cu) {
+  if (cu == nullptr || k_cu == nullptr || q_doc < 0) return q_index;
+  return q_index + (k_cu[q_doc + 1] - cu[q_doc + 1]);
+}
+
+// Same document (inside one) and, when causal, k <= a.
+RA_HOST_DEVICE bool visible(int64_t a, int64_t k_index, int64_t q_doc, int64_t k_doc, bool causal) {
+  return (!causal || a >= k_index) && q_doc == k_doc && q_doc >= 0;
+}
+
+// Sliding window (left, right), -1 = unbounded on that side: a - left <= k <= a + right.
+RA_HOST_DEVICE bool in_window(int64_t a, int64_t k_index, int64_t left, int64_t right) {
+  return (left < 0 || k_index >= a - left) && (right < 0 || k_index <= a + right);
+}
+
+// Score of a pair from its scaled dot product s: softcap * tanh(s / softcap) when softcap > 0
+// (inv_softcap = 1 / softcap), then ALiBi's -slope * |a - k| (slope 0: none). *dscore gets the
+// derivative of the score w.r.t. s (1 - tanh^2 with softcap, else 1), which the backward's dS needs.
+RA_HOST_DEVICE float score_mod(float s, float softcap, float inv_softcap, float slope, int64_t a, int64_t k_index,
+                               float* dscore) {
+  float grad = 1.0f;
+  if (softcap > 0.0f) {
+#if defined(__CUDA_ARCH__)
+    const float th = tanhf(s * inv_softcap);
+#else
+    const float th = std::tanh(s * inv_softcap);
+#endif
+    s = softcap * th;
+    grad = 1.0f - th * th;
+  }
+  if (slope != 0.0f) {
+    const int64_t d = a - k_index;
+    s -= slope * static_cast<float>(d < 0 ? -d : d);
+  }
+  *dscore = grad;
+  return s;
+}
+
+// ---- ranges of rows that can see each other (loop bounds) -------------------------------------
+
+constexpr int64_t kIndexMin = -(int64_t{1} << 62), kIndexMax = int64_t{1} << 62;  // "unbounded"
+
+RA_HOST_DEVICE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+RA_HOST_DEVICE int64_t imax(int64_t a, int64_t b) { return a < b ? b : a; }
+
+// Key indices [*lo, *hi] that queries with aligned indices in [a_min, a_max] and documents
+// [d_min, d_max] may see. k_cu: the keys' boundaries (k_cu_seqlens, or cu_seqlens), null without
+// documents. Empty when *lo > *hi.
+RA_HOST_DEVICE void key_index_range(int64_t a_min, int64_t a_max, int64_t d_min, int64_t d_max, const int64_t* k_cu,
+                                    bool causal, int64_t left, int64_t right, int64_t* lo, int64_t* hi) {
+  int64_t l = kIndexMin, h = kIndexMax;
+  if (causal) h = a_max;
+  if (right >= 0) h = imin(h, a_max + right);
+  if (left >= 0) l = a_min - left;
+  if (k_cu != nullptr) {
+    l = imax(l, k_cu[d_min]);
+    h = imin(h, k_cu[d_max + 1] - 1);
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// Query indices [*lo, *hi] that may see keys with indices in [k_first, k_last] whose documents
+// (by the keys' boundaries) are [d_min, d_max]. cu: the queries' boundaries, k_cu: the keys' own
+// (null: cu's); both null without documents. A query of document d has a = q + shift(d), so the
+// first and last documents bound the range; queries of the documents between lie inside it.
+RA_HOST_DEVICE void query_index_range(int64_t k_first, int64_t k_last, int64_t d_min, int64_t d_max,
+                                      const int64_t* cu, const int64_t* k_cu, bool causal, int64_t left,
+                                      int64_t right, int64_t* lo, int64_t* hi) {
+  const bool bounded_lo = causal || right >= 0, bounded_hi = left >= 0;
+  int64_t a_lo = kIndexMin, a_hi = kIndexMax;  // bounds of the aligned index
+  if (causal) a_lo = k_first;
+  if (right >= 0) a_lo = imax(a_lo, k_first - right);
+  if (left >= 0) a_hi = k_last + left;
+  if (cu == nullptr) {
+    *lo = a_lo;
+    *hi = a_hi;
+    return;
+  }
+  const int64_t shift_first = k_cu != nullptr ? k_cu[d_min + 1] - cu[d_min + 1] : 0;
+  const int64_t shift_last = k_cu != nullptr ? k_cu[d_max + 1] - cu[d_max + 1] : 0;
+  int64_t l = bounded_lo ? imax(cu[d_min], a_lo - shift_first) : cu[d_min];
+  int64_t h = bounded_hi ? imin(cu[d_max + 1] - 1, a_hi - shift_last) : cu[d_max + 1] - 1;
+  if (d_max > d_min) {
+    l = imin(l, cu[d_min + 1]);
+    h = imax(h, cu[d_max] - 1);
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// Rows [*begin, *end) of a span of n rows (row r has index start + stride * r, start >= 0,
+// stride >= 1) whose indices lie in [lo, hi].
+RA_HOST_DEVICE void span_rows(int64_t lo, int64_t hi, int64_t start, int64_t stride, int64_t n, int64_t* begin,
+                              int64_t* end) {
+  if (hi < lo || hi < start || n <= 0) {
+    *begin = *end = 0;
+    return;
+  }
+  int64_t b = 0;
+  if (lo > start) {
+    b = (lo - start) / stride;
+    if (b * stride < lo - start) ++b;
+  }
+  const int64_t e = imin(n, (hi - start) / stride + 1);
+  *begin = imin(b, e);
+  *end = e;
 }
 
 // ---- online softmax and merge ----------------------------------------------------------------

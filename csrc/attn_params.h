@@ -31,6 +31,11 @@ struct AttnParams {
   int64_t q_start = 0, q_stride = 1, k_start = 0, k_stride = 1;  // global index = start + stride * row
   uintptr_t cu_seqlens = 0;  // int64 (n_cu,), 0 for no documents
   int64_t n_cu = 0;
+  uintptr_t k_cu_seqlens = 0;  // int64 (n_cu,), the keys' own documents; 0: cu_seqlens (attn_math.h)
+  int64_t window_left = -1, window_right = -1;  // sliding window by aligned index; -1: unbounded side
+  float softcap = 0.0f;  // scores -> softcap * tanh(scores / softcap); 0: off
+  uintptr_t alibi_slopes = 0;  // fp32, slope of (b, h) at b * alibi_sb + h; 0: no ALiBi
+  int64_t alibi_sb = 0;  // heads_q for (B, Hq) slopes, 0 for (Hq,)
 
   int rope_mode = 0;  // RopeMode
   int rotary_dim = 0;

@@ -110,6 +110,12 @@ void bind_params(py::module_& m) {
   RA_FIELD(k_stride);
   RA_FIELD(cu_seqlens);
   RA_FIELD(n_cu);
+  RA_FIELD(k_cu_seqlens);
+  RA_FIELD(window_left);
+  RA_FIELD(window_right);
+  RA_FIELD(softcap);
+  RA_FIELD(alibi_slopes);
+  RA_FIELD(alibi_sb);
   RA_FIELD(rope_mode);
   RA_FIELD(rotary_dim);
   RA_FIELD(interleaved);

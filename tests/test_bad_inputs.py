@@ -132,8 +132,17 @@ def _mixed_device_calls():
     dout = torch.ones_like(q)
     delta = (dout * out).sum(-1).transpose(1, 2).contiguous()
     args = block_args(q, k, v, rope=R16)
-    cu_op, q_freqs, k_freqs, q_pos, k_pos, ints, floats = op_inputs(args, q.device)
-    mask_ints = [0, 0, 1, 0, 1, 0, -1, -1]  # (causal, q_start, q_stride, k_start, k_stride, deterministic, window)
+    cu_op, k_cu_op, alibi_op, q_freqs, k_freqs, q_pos, k_pos, ints, floats = op_inputs(args, q.device)
+    mask_ints = [
+        0,
+        0,
+        1,
+        0,
+        1,
+        0,
+        -1,
+        -1,
+    ]  # (causal, q_start, q_stride, k_start, k_stride, deterministic, window)
     return {
         "attention/k-v-meta": (lambda: attention(q, _meta(k), _meta(v)), "share a device"),
         "flash_attn_func/k-meta": (lambda: flash_attn_func(q, _meta(k), v), "share a device"),
@@ -197,13 +206,28 @@ def _mixed_device_calls():
         ),
         "op-cpu_block_forward/q_pos-meta": (
             lambda: torch.ops.ringattn.cpu_block_forward(
-                q, k, v, cu_op, q_freqs, k_freqs, _meta(q_pos), k_pos, ints, floats, False
+                q, k, v, cu_op, k_cu_op, alibi_op, q_freqs, k_freqs, _meta(q_pos), k_pos, ints, floats, False
             ),
             "q_pos is on meta",
         ),
         "op-cpu_block_backward/delta-meta": (
             lambda: torch.ops.ringattn.cpu_block_backward(
-                dout, q, k, v, lse, _meta(delta), cu_op, q_freqs, k_freqs, q_pos, k_pos, ints, floats, False
+                dout,
+                q,
+                k,
+                v,
+                lse,
+                _meta(delta),
+                cu_op,
+                k_cu_op,
+                alibi_op,
+                q_freqs,
+                k_freqs,
+                q_pos,
+                k_pos,
+                ints,
+                floats,
+                False,
             ),
             "delta is on meta",
         ),
@@ -220,19 +244,19 @@ def test_a_meta_tensor_among_cpu_tensors_is_refused(name):
 def test_compiled_op_fakes_validate_shapes_and_still_trace():
     q, k, v = (_meta(t) for t in make_qkv())
     args = block_args(*make_qkv())
-    cu, q_freqs, k_freqs, q_pos, k_pos, ints, floats = op_inputs(args, q.device)
+    cu, k_cu, alibi, q_freqs, k_freqs, q_pos, k_pos, ints, floats = op_inputs(args, q.device)
     out, lse = torch.ops.ringattn.cpu_block_forward(
-        q, k, v, cu, q_freqs, k_freqs, q_pos, k_pos, ints, floats, True
+        q, k, v, cu, k_cu, alibi, q_freqs, k_freqs, q_pos, k_pos, ints, floats, True
     )
     assert (out.device.type, out.shape, out.dtype) == ("meta", q.shape, torch.float32)
     assert lse.shape == (1, 2, 8)
     with pytest.raises(ValueError, match="agree in B and D"):
         torch.ops.ringattn.cpu_block_forward(
-            q, k[..., :8], v[..., :8], None, None, None, None, None, ints, floats, False
+            q, k[..., :8], v[..., :8], None, None, None, None, None, None, None, ints, floats, False
         )
     with pytest.raises(ValueError, match="lse must have shape"):
         torch.ops.ringattn.cpu_block_backward(
-            q, q, k, v, lse[:, :, :3], lse, None, None, None, None, None, ints, floats, False
+            q, q, k, v, lse[:, :, :3], lse, None, None, None, None, None, None, None, ints, floats, False
         )
     with pytest.raises(ValueError, match="k and v must have the same shape"):
         torch.ops.ringattn.attention_fwd(

@@ -126,7 +126,7 @@ def test_custom_ops_have_fake_implementations():
     q, k, v, dout = make_inputs(Case(12, 9, Hq=4, Hkv=2, D=64), torch.bfloat16)
     with FakeTensorMode() as mode:
         fq, fk, fv, fd = (mode.from_tensor(t) for t in (q, k, v, dout))
-        args = (None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0], [0.125, 1.0])
+        args = (None, None, None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0, -1, -1], [0.125, 1.0, 0.0])
         out, lse = torch.ops.ringattn.cpu_block_forward(fq, fk, fv, *args, True)
         assert out.shape == (1, 12, 4, 64) and out.dtype == torch.float32 and lse.shape == (1, 4, 12)
         dq, dk, dv = torch.ops.ringattn.cpu_block_backward(fd, fq, fk, fv, lse, lse, *args, False)

@@ -56,8 +56,8 @@ def test_ptxas_sm89_no_spills_and_registers(ptxas_sm89):
         _kernels(ptxas_sm89, "attn_forward_kernel"),
         _kernels(ptxas_sm89, "attn_backward_kernel"),
     )
-    # bf16 and fp16, head-dim tiles 64 / 128 / 256.
-    assert len(forward) == 6 and len(backward) == 6, sorted(ptxas_sm89)
+    # bf16 and fp16, head-dim tiles 64 / 128 / 256, plain and EXTRA (window, softcap, ALiBi).
+    assert len(forward) == 12 and len(backward) == 12, sorted(ptxas_sm89)
     for name, info in ptxas_sm89.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
         assert info["registers"] is not None and info["registers"] <= 255, f"{name}: {info}"
@@ -98,7 +98,7 @@ def test_cuda_custom_ops_have_fake_implementations():
     # Shapes and dtypes come from the fake implementations on meta tensors: no GPU needed.
     q = torch.empty(1, 12, 4, 64, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, 9, 2, 64, dtype=torch.bfloat16, device="meta")
-    args = (None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0], [0.125, 1.0])
+    args = (None, None, None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0, -1, -1], [0.125, 1.0, 0.0])
     out, lse = torch.ops.ringattn.cuda_block_forward(q, k, k, *args, False)
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (1, 4, 12)
     dq, dk, dv = torch.ops.ringattn.cuda_block_backward(q, q, k, k, lse, lse, *args, True)

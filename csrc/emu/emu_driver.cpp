@@ -94,6 +94,12 @@ RA_EMU_API size_t ra_emu_params_layout(char* buf, size_t len) {
   RA_F(AttnParams, k_stride);
   RA_F(AttnParams, cu_seqlens);
   RA_F(AttnParams, n_cu);
+  RA_F(AttnParams, k_cu_seqlens);
+  RA_F(AttnParams, window_left);
+  RA_F(AttnParams, window_right);
+  RA_F(AttnParams, softcap);
+  RA_F(AttnParams, alibi_slopes);
+  RA_F(AttnParams, alibi_sb);
   RA_F(AttnParams, rope_mode);
   RA_F(AttnParams, rotary_dim);
   RA_F(AttnParams, interleaved);

@@ -3,15 +3,17 @@
 Each device gets a forward and a backward ``torch.library`` custom op from one definition
 (``define_block_ops``), with fake (meta) implementations so they trace under ``torch.compile``:
 
-    torch.ops.ringattn.{device}_block_forward(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos,
-        ints, floats, out_fp32) -> (out, lse)
-    torch.ops.ringattn.{device}_block_backward(dout, q, k, v, lse, delta, cu_seqlens, q_freqs, k_freqs,
-        q_pos, k_pos, ints, floats, grad_fp32) -> (dq, dk, dv)
+    torch.ops.ringattn.{device}_block_forward(q, k, v, cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs,
+        k_freqs, q_pos, k_pos, ints, floats, out_fp32) -> (out, lse)
+    torch.ops.ringattn.{device}_block_backward(dout, q, k, v, lse, delta, cu_seqlens, k_cu_seqlens,
+        alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats, grad_fp32) -> (dq, dk, dv)
 
 ``ints`` and ``floats`` carry the scalar fields of ``_C.AttnParams`` named in ``INT_FIELDS`` and
-``FLOAT_FIELDS``; ``op_inputs`` builds all of them from a block's ``BlockArgs``. The kernels read any
-(B, S, H) strides directly (transformers' transposed views need no copy); a tensor whose last
-dimension is not unit-stride is copied with ``.contiguous()`` first.
+``FLOAT_FIELDS``; ``op_inputs`` builds all of them from a block's ``BlockArgs``. ``k_cu_seqlens``
+(int64, the keys' own document boundaries, only with ``cu_seqlens``) and ``alibi_slopes`` (fp32 (Hq,)
+or (B, Hq) contiguous) may be None. The kernels read any (B, S, H) strides directly (transformers'
+transposed views need no copy); a tensor whose last dimension is not unit-stride is copied with
+``.contiguous()`` first.
 """
 
 from __future__ import annotations
@@ -41,24 +43,43 @@ INT_FIELDS = (
     "rope_mode",
     "rotary_dim",
     "interleaved",
+    "window_left",
+    "window_right",
 )
-FLOAT_FIELDS = ("softmax_scale", "attention_factor")
+FLOAT_FIELDS = ("softmax_scale", "attention_factor", "softcap")
+# Window sides beyond any index distance mean "unbounded" already; clamped so the kernels' int64
+# index arithmetic (a - left, a + right) cannot overflow.
+MAX_WINDOW = 2**62
 
 
 def op_inputs(args, device: torch.device) -> tuple:
-    """(cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats) of the ops for a block's ``BlockArgs``."""
+    """(cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats) of the
+    ops for a block's ``BlockArgs``."""
     mask, rope = args.mask, args.rope
-    cu = mask.cu_seqlens
-    if cu is not None:
-        cu = cu.to(device=device, dtype=torch.int64).contiguous()
+    cu, k_cu = (
+        None if c is None else c.to(device=device, dtype=torch.int64).contiguous()
+        for c in (mask.cu_seqlens, mask.k_cu_seqlens)
+    )
+    alibi = args.alibi_slopes
+    if alibi is not None:
+        alibi = alibi.to(device=device, dtype=torch.float32).contiguous()
     spans = [mask.q_span.start, mask.q_span.stride, mask.k_span.start, mask.k_span.stride]
+    window = [min(int(w), MAX_WINDOW) for w in args.window]
     if rope is None:
-        return cu, None, None, None, None, [int(mask.causal), *spans, 0, 0, 0], [args.scale, 1.0]
+        ints = [int(mask.causal), *spans, 0, 0, 0, *window]
+        return cu, k_cu, alibi, None, None, None, None, ints, [args.scale, 1.0, float(args.softcap)]
     q_freqs = kernel_frequencies(rope, args.q_rope.seq_len, str(device))
     k_freqs = kernel_frequencies(rope, args.k_rope.seq_len, str(device))
-    ints = [int(mask.causal), *spans, ROPE_MODES[rope.precision], rope.rotary_dim, int(rope.interleaved)]
-    floats = [args.scale, float(rope.attention_factor)]
-    return cu, q_freqs, k_freqs, args.q_rope.positions, args.k_rope.positions, ints, floats
+    ints = [
+        int(mask.causal),
+        *spans,
+        ROPE_MODES[rope.precision],
+        rope.rotary_dim,
+        int(rope.interleaved),
+        *window,
+    ]
+    floats = [args.scale, float(rope.attention_factor), float(args.softcap)]
+    return cu, k_cu, alibi, q_freqs, k_freqs, args.q_rope.positions, args.k_rope.positions, ints, floats
 
 
 def _view(module, t: torch.Tensor):
@@ -71,7 +92,9 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def fill_params(module, q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats):
+def fill_params(
+    module, q, k, v, cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats
+):
     """An ``_C.AttnParams`` for q, k, v (unit stride over D) and the ops' other inputs.
 
     Positions are int32 (1 or B, S) contiguous. The caller keeps every tensor whose address goes in
@@ -88,6 +111,11 @@ def fill_params(module, q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, int
         setattr(p, name, value)
     if cu_seqlens is not None:
         p.cu_seqlens, p.n_cu = cu_seqlens.data_ptr(), cu_seqlens.numel()
+    if k_cu_seqlens is not None:
+        p.k_cu_seqlens = k_cu_seqlens.data_ptr()
+    if alibi_slopes is not None:
+        p.alibi_slopes = alibi_slopes.data_ptr()
+        p.alibi_sb = alibi_slopes.shape[-1] if alibi_slopes.dim() == 2 else 0
     if p.rope_mode:
         p.rope_freqs, p.k_rope_freqs = q_freqs.data_ptr(), k_freqs.data_ptr()
         p.q_positions, p.k_positions = q_pos.data_ptr(), k_pos.data_ptr()
@@ -98,7 +126,21 @@ def fill_params(module, q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, int
 
 
 def check_op_inputs(
-    q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, dout=None, lse=None, delta=None
+    q,
+    k,
+    v,
+    cu_seqlens,
+    k_cu_seqlens,
+    alibi_slopes,
+    q_freqs,
+    k_freqs,
+    q_pos,
+    k_pos,
+    ints,
+    floats,
+    dout=None,
+    lse=None,
+    delta=None,
 ) -> None:
     """What the block ops need of their arguments, checked without reading tensor data, so the real
     ops (whose kernels take raw addresses) and their fakes (which the dispatcher also runs on real
@@ -114,10 +156,27 @@ def check_op_inputs(
         )
     B, Sq, Hq, _ = q.shape
     Sk = k.shape[1]
-    if cu_seqlens is not None and (cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1):
+    for name, cu in (("cu_seqlens", cu_seqlens), ("k_cu_seqlens", k_cu_seqlens)):
+        if cu is not None and (cu.dtype != torch.int64 or cu.dim() != 1 or not cu.is_contiguous()):
+            raise ValueError(
+                f"{name} must be a contiguous 1-D int64 tensor, got {cu.dtype} {tuple(cu.shape)}"
+            )
+    if k_cu_seqlens is not None and (cu_seqlens is None or k_cu_seqlens.shape != cu_seqlens.shape):
+        raise ValueError("k_cu_seqlens needs cu_seqlens with as many entries")
+    if alibi_slopes is not None and (
+        alibi_slopes.dtype != torch.float32
+        or tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq))
+        or not alibi_slopes.is_contiguous()
+    ):
         raise ValueError(
-            f"cu_seqlens must be a 1-D int64 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            f"alibi_slopes must be contiguous fp32 ({Hq},) or ({B}, {Hq}), "
+            f"got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}"
         )
+    left, right = ints[INT_FIELDS.index("window_left")], ints[INT_FIELDS.index("window_right")]
+    if min(left, right) < -1:
+        raise ValueError(f"window sides must be >= -1 (-1: unbounded), got ({left}, {right})")
+    if not floats[FLOAT_FIELDS.index("softcap")] >= 0:
+        raise ValueError(f"softcap must be >= 0 (0: off), got {floats[FLOAT_FIELDS.index('softcap')]}")
     if ints[INT_FIELDS.index("rope_mode")]:
         for name, t, length in (("q_pos", q_pos, Sq), ("k_pos", k_pos, Sk)):
             if t is None or t.dtype != torch.int32 or tuple(t.shape) not in ((1, length), (B, length)):
@@ -134,6 +193,8 @@ def check_op_inputs(
     check_devices(
         q,
         cu_seqlens=cu_seqlens,
+        k_cu_seqlens=k_cu_seqlens,
+        alibi_slopes=alibi_slopes,
         q_freqs=q_freqs,
         k_freqs=k_freqs,
         q_pos=q_pos,
@@ -157,6 +218,8 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         k: torch.Tensor,
         v: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
+        k_cu_seqlens: torch.Tensor | None,
+        alibi_slopes: torch.Tensor | None,
         q_freqs: torch.Tensor | None,
         k_freqs: torch.Tensor | None,
         q_pos: torch.Tensor | None,
@@ -165,18 +228,35 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         floats: list[float],
         out_fp32: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+        inputs = (cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+        check_op_inputs(q, k, v, *inputs)
         module = compiled()
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         out, lse = _forward_outputs(q, out_fp32)
-        p = fill_params(module, q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+        p = fill_params(module, q, k, v, *inputs)
         p.out, p.out_dtype, p.lse = _view(module, out), DTYPE_CODES[out.dtype], lse.data_ptr()
         run_forward(module, p, q)
         return out, lse
 
     @forward_op.register_fake
-    def _(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, out_fp32):
-        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+    def _(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        k_cu_seqlens,
+        alibi_slopes,
+        q_freqs,
+        k_freqs,
+        q_pos,
+        k_pos,
+        ints,
+        floats,
+        out_fp32,
+    ):
+        check_op_inputs(
+            q, k, v, cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats
+        )
         return _forward_outputs(q, out_fp32)
 
     @torch.library.custom_op(f"ringattn::{device_type}_block_backward", mutates_args=())
@@ -188,6 +268,8 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         lse: torch.Tensor,
         delta: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
+        k_cu_seqlens: torch.Tensor | None,
+        alibi_slopes: torch.Tensor | None,
         q_freqs: torch.Tensor | None,
         k_freqs: torch.Tensor | None,
         q_pos: torch.Tensor | None,
@@ -196,12 +278,13 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         floats: list[float],
         grad_fp32: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, dout, lse, delta)
+        inputs = (cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+        check_op_inputs(q, k, v, *inputs, dout, lse, delta)
         module = compiled()
         q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
         lse, delta = lse.float().contiguous(), delta.float().contiguous()
         dq, dk, dv = _gradients(q, k, grad_fp32)
-        p = fill_params(module, q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+        p = fill_params(module, q, k, v, *inputs)
         p.dout, p.lse, p.delta = _view(module, dout), lse.data_ptr(), delta.data_ptr()
         p.dq, p.dk, p.dv = _view(module, dq), _view(module, dk), _view(module, dv)
         p.grad_dtype = DTYPE_CODES[dq.dtype]
@@ -209,8 +292,12 @@ def define_block_ops(device_type: str, run_forward, run_backward):
         return dq, dk, dv
 
     @backward_op.register_fake
-    def _(dout, q, k, v, lse, delta, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, grad_fp32):
-        check_op_inputs(q, k, v, cu_seqlens, q_freqs, k_freqs, q_pos, k_pos, ints, floats, dout, lse, delta)
+    def _(
+        dout, q, k, v, lse, delta, cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints,
+        floats, grad_fp32,
+    ):  # fmt: skip
+        inputs = (cu_seqlens, k_cu_seqlens, alibi_slopes, q_freqs, k_freqs, q_pos, k_pos, ints, floats)
+        check_op_inputs(q, k, v, *inputs, dout, lse, delta)
         return _gradients(q, k, grad_fp32)
 
     return forward_op, backward_op
@@ -245,7 +332,8 @@ class CompiledBackend:
     name: str
     device_type: str
     dtypes: tuple[torch.dtype, ...]
-    features = frozenset()
+    # BlockArgs features both compiled backends implement (argument names, BlockArgs.unsupported).
+    features = frozenset({"window_size", "softcap", "alibi_slopes", "cu_seqlens_k"})
     forward_op = None  # the torch.library ops from define_block_ops, set by each subclass
     backward_op = None
 

@@ -26,6 +26,7 @@ class CpuBackend(CompiledBackend):
     name = "cpu"
     device_type = "cpu"
     dtypes = (torch.float32, torch.bfloat16)
-    features = frozenset({"deterministic"})  # no atomics; sums depend on the thread count only
+    # no atomics, so deterministic: sums depend on the thread count only
+    features = CompiledBackend.features | {"deterministic"}
     forward_op = cpu_block_forward
     backward_op = cpu_block_backward
