@@ -42,6 +42,7 @@ __all__ = [
     "block_backward",
     "check_block",
     "check_devices",
+    "check_dropout_args",
     "check_grad_inputs",
     "check_inputs",
     "check_score_features",
@@ -129,7 +130,9 @@ class BlockArgs:
     window: tuple[int, int] = (-1, -1)  # sliding window (left, right) in tokens; -1: unbounded
     softcap: float = 0.0  # scores -> softcap * tanh(scores / softcap); 0: off
     alibi_slopes: torch.Tensor | None = None  # fp32 (B, Hq) contiguous on the block's device
-    dropout_p: float = 0.0
+    dropout_p: float = 0.0  # with dropout_seed/offset: ringattn.dropout's counter-based mask
+    dropout_seed: int = 0
+    dropout_offset: int = 0
     deterministic: bool = False  # bitwise-repeatable results for the same inputs and settings
 
     def unsupported(self, supported: frozenset[str] = frozenset()) -> str:
@@ -297,6 +300,9 @@ def check_block(
     window_size=(-1, -1),
     softcap=0.0,
     alibi_slopes=None,
+    dropout_p=0.0,
+    dropout_seed=0,
+    dropout_offset=0,
 ) -> tuple[BlockMask, float]:
     """The checks of ``block_args`` that read no tensor data, so they also run on meta and fake
     tensors (the custom ops' fake implementations call them): types, dtypes, shapes, devices, the
@@ -333,6 +339,7 @@ def check_block(
         if rope is not None and positions.shape not in ((length,), (B, length)):
             raise ValueError(f"{name} must be ({length},) or ({B}, {length}), got {tuple(positions.shape)}")
     check_score_features(q, window_size, softcap, alibi_slopes)
+    check_dropout_args(dropout_p, dropout_seed, dropout_offset)
     check_devices(
         q,
         cu_seqlens=mask.cu_seqlens,
@@ -343,6 +350,15 @@ def check_block(
     )
     scale = check_softmax_scale(softmax_scale)
     return mask, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+
+
+def check_dropout_args(dropout_p=0.0, dropout_seed=0, dropout_offset=0) -> None:
+    """Dropout's probability in [0, 1) and its generator's seed and offset, ints in [0, 2^63)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a probability in [0, 1), got {dropout_p!r}")
+    for name, value in (("dropout_seed", dropout_seed), ("dropout_offset", dropout_offset)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+            raise ValueError(f"{name} must be an int in [0, 2^63), got {value!r}")
 
 
 def check_score_features(q, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> None:
@@ -402,6 +418,9 @@ def block_args(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
     deterministic: bool = False,
 ) -> BlockArgs:
     """Validate a block's inputs and build its ``BlockArgs`` (what ``block_forward`` does first)."""
@@ -417,6 +436,9 @@ def block_args(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset,
     )
     _check_boundaries(mask.cu_seqlens)
     _check_boundaries(mask.k_cu_seqlens)
@@ -427,6 +449,9 @@ def block_args(
         alibi_slopes=None
         if alibi_slopes is None
         else alibi_slopes.to(torch.float32).expand(B, q.shape[2]).contiguous(),
+        dropout_p=float(dropout_p),
+        dropout_seed=int(dropout_seed),
+        dropout_offset=int(dropout_offset),
         deterministic=bool(deterministic),
     )
     if rope is None:
@@ -459,6 +484,9 @@ def block_forward(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
     out_dtype: torch.dtype | None = None,
     deterministic: bool = False,
     backend: str = "auto",
@@ -468,8 +496,9 @@ def block_forward(
     ``out_dtype`` defaults to q's dtype; ``torch.float32`` keeps ring partials unrounded. Positions
     ((Sq,)/(B, Sq) and (Sk,)/(B, Sk) ints) default to the global index (index within the document
     when ``mask.cu_seqlens`` is given). ``window_size``, ``softcap`` and ``alibi_slopes`` ((Hq,) or
-    (B, Hq)) change the scores as flash-attn's arguments of those names do (``ringattn.reference``
-    is their definition). ``deterministic`` selects only a backend whose results repeat
+    (B, Hq)) change the scores as flash-attn's arguments of those names do, and ``dropout_p`` drops
+    probabilities by the mask ``ringattn.dropout`` draws from (``dropout_seed``, ``dropout_offset``)
+    (``ringattn.reference`` is their definition). ``deterministic`` selects only a backend whose results repeat
     bit for bit (not ``cuda``, whose backward sums dQ with atomics). Inputs are never modified.
     """
     args = block_args(
@@ -484,6 +513,9 @@ def block_forward(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset,
         deterministic=deterministic,
     )
     out_dtype = q.dtype if out_dtype is None else out_dtype
@@ -530,6 +562,9 @@ def block_backward(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
     grad_dtype: torch.dtype | None = None,
     deterministic: bool = False,
     backend: str = "auto",
@@ -552,6 +587,9 @@ def block_backward(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset,
         deterministic=deterministic,
     )
     check_grad_inputs(q, dout, out, lse, delta)

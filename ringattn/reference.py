@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from .dropout import keep_mask
 from .indexing import aligned_query_index, default_positions, default_query_positions, document_ids
 from .layouts import shard_indices
 from .merge import empty_partials, merge_partials
@@ -124,7 +125,18 @@ def _block_terms(q_index, k_index, causal, cu_seqlens, k_cu_seqlens, window):
     return visible, distance
 
 
-def _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes):
+def _dropped(x, dropout_p, seed, offset, q_index, k_index):
+    """x (B, Hkv, G, Sq, Sk) times dropout's Z / (1 - p); x itself when p = 0."""
+    if not dropout_p:
+        return x
+    B, Hkv, G = x.shape[:3]
+    keep = keep_mask(dropout_p, seed, offset, B, Hkv * G, q_index, k_index).view(x.shape)
+    return x * keep / (1.0 - dropout_p)
+
+
+def _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes, dropout_p=0.0):
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     if k_cu_seqlens is not None and (cu_seqlens is None or len(k_cu_seqlens) != len(cu_seqlens)):
         raise ValueError("k_cu_seqlens needs cu_seqlens with the same number of boundaries")
     if len(window) != 2 or min(window) < -1:
@@ -153,6 +165,9 @@ def attention_ref(
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in fp64 with fused-RoPE semantics.
 
@@ -171,6 +186,9 @@ def attention_ref(
         window: sliding window (left, right) around the aligned query index; -1: unbounded side.
         softcap: > 0 caps scaled scores to softcap * tanh(scores / softcap) (Gemma 2); 0: off.
         alibi_slopes: (Hq,) or (B, Hq): adds -slope * |aligned query index - key index|.
+        dropout_p, dropout_seed, dropout_offset: drop probabilities with ``ringattn.dropout``'s
+            counter-based mask and scale the kept ones by 1 / (1 - p); lse is that of the
+            probabilities before dropout (what the backward needs).
 
     Returns:
         out (B, Sq, Hq, D) and lse (B, Hq, Sq), both fp64. Rows with no visible key have
@@ -179,7 +197,7 @@ def attention_ref(
     _check_qkv(q, k, v)
     B, Sq, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes)
+    _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes, dropout_p)
     q, k, v, q_index, k_index, _, _ = _prepare(
         q, k, v, q_index, k_index, cu_seqlens, k_cu_seqlens, rope, q_positions, k_positions
     )
@@ -196,7 +214,8 @@ def attention_ref(
     # Empty rows (denom 0) give out 0 and lse -inf; a NaN score makes denom, out and lse NaN.
     empty = denom == 0
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
-    out = torch.einsum("bhgqk,bkhd->bqhgd", p / denom_safe, v).reshape(B, Sq, Hq, D)
+    probs = _dropped(p / denom_safe, dropout_p, dropout_seed, dropout_offset, q_index, k_index)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(B, Sq, Hq, D)
     lse = torch.where(empty, -math.inf, row_max + torch.log(denom_safe))
     return out, lse.squeeze(-1).reshape(B, Hq, Sq)
 
@@ -222,11 +241,15 @@ def attention_backward_ref(
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block in fp64, normalised by a given (possibly global) ``lse``.
 
     This is the flash-attention backward written out: P = exp(S - lse), dV = P^T dO,
-    dS = P * (dO V^T - delta) with delta = rowsum(dO * O), through the softcap's tanh when it is on
+    dS = P * (dO V^T - delta) with delta = rowsum(dO * O) (with dropout, P and dO V^T are taken
+    through the mask Z / (1 - p) where the forward applied it), through the softcap's tanh when it is on
     (dS *= 1 - tanh^2), dQ = scale dS K, dK = scale dS^T Q, then RoPE's transpose takes dQ, dK from rotated back to unrotated coordinates. With the
     global lse and delta, the gradients of all blocks sum to the full attention's gradients.
 
@@ -245,7 +268,7 @@ def attention_backward_ref(
             raise ValueError("attention_backward_ref needs delta or out")
         delta = (dout.double() * out.double()).sum(-1).transpose(1, 2)  # (B, Hq, Sq)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes)
+    _check_features(q, k_cu_seqlens, cu_seqlens, window, softcap, alibi_slopes, dropout_p)
     rq, rk, v, q_index, k_index, q_positions, k_positions = _prepare(
         q, k, v, q_index, k_index, cu_seqlens, k_cu_seqlens, rope, q_positions, k_positions
     )
@@ -257,8 +280,11 @@ def attention_backward_ref(
     # stays NaN.
     p = torch.where(lse_g == -math.inf, torch.zeros_like(scores), torch.exp(scores - lse_g))
     dout_g = dout.double().reshape(B, Sq, Hkv, Hq // Hkv, D)
-    dv = torch.einsum("bhgqk,bqhgd->bkhd", p, dout_g)
+    dv = torch.einsum(
+        "bhgqk,bqhgd->bkhd", _dropped(p, dropout_p, dropout_seed, dropout_offset, q_index, k_index), dout_g
+    )
     dp = torch.einsum("bqhgd,bkhd->bhgqk", dout_g, v)
+    dp = _dropped(dp, dropout_p, dropout_seed, dropout_offset, q_index, k_index)  # dO V^T Z / (1 - p)
     ds = p * (dp - delta.double().reshape(B, Hkv, Hq // Hkv, Sq, 1))
     if tanh is not None:
         ds = ds * (1 - tanh * tanh)
@@ -285,6 +311,8 @@ def ring_attention_ref(
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention as pure math over ``world_size`` virtual ranks: the spec for the scheduler.
 
@@ -326,6 +354,8 @@ def ring_attention_ref(
                 window=window,
                 softcap=softcap,
                 alibi_slopes=alibi_slopes,
+                dropout_p=dropout_p,
+                dropout_seed=dropout_seed,
             )
             o_acc, l_acc = merge_partials(o_acc, l_acc, o_part, l_part)
         out[:, q_idx], lse[:, :, q_idx] = o_acc, l_acc

@@ -29,6 +29,7 @@ from harness import (
 from ringattn import RoPEConfig
 from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward
+from ringattn.dropout import keep_mask
 from ringattn.indexing import aligned_query_index, default_positions, default_query_positions
 from ringattn.reference import attention_backward_ref, attention_ref, visible_mask
 from ringattn.rope import cos_sin, rotate
@@ -158,7 +159,7 @@ def rotate_in_dtype(x: torch.Tensor, positions: torch.Tensor, rope: RoPEConfig, 
 def peer_attention(
     q, k, v, *, causal=False, softmax_scale=None, q_index=None, k_index=None, cu_seqlens=None,
     rope=None, q_positions=None, k_positions=None, k_cu_seqlens=None, window=(-1, -1), softcap=0.0,
-    alibi_slopes=None,
+    alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dropout_offset=0,
 ):  # fmt: skip
     """The peer of the tolerance rule: plain torch attention in the inputs' dtype; (out, lse).
 
@@ -195,6 +196,9 @@ def peer_attention(
     lse = scores.logsumexp(-1)
     has_key = visible.any(-1, keepdim=True)  # softmax over zeros on empty rows, then zeroed
     probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * visible
+    if dropout_p:
+        keep = keep_mask(dropout_p, dropout_seed, dropout_offset, B, Hq, q_index, k_index)
+        probs = probs * keep / (1 - dropout_p)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
 
 

@@ -33,11 +33,15 @@ def make_inputs(B, S, Hq, Hkv, D, dtype, seed=0):
     return [torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
 
 
-def _spec(*, causal, cu_seqlens=None, rope=None, positions=None, softmax_scale=None):
+def _spec(
+    *, causal, cu_seqlens=None, rope=None, positions=None, softmax_scale=None, window_size=(-1, -1),
+    softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+):  # fmt: skip
     """The ring's options on the full sequence, as ``attention_ref``/``peer_attention`` take them."""
     return dict(
         causal=causal, cu_seqlens=cu_seqlens, rope=rope, q_positions=positions, k_positions=positions,
-        softmax_scale=softmax_scale,
+        softmax_scale=softmax_scale, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, dropout_seed=dropout_seed,
     )  # fmt: skip
 
 

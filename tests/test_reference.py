@@ -296,3 +296,52 @@ def test_backward_with_options_equals_autograd_of_the_forward():
     got = attention_backward_ref(dout, q, k, v, lse, out=out.detach(), **kw)
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)
+
+
+# ---------------------------------------------------------------------------------------- dropout
+
+
+def test_philox_known_answers():
+    """Philox4x32-10 known-answer vectors (Salmon et al., Random123's kat_vectors)."""
+    from ringattn.dropout import philox4x32
+
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, want in cases:
+        assert tuple(int(w) for w in philox4x32(counter, key)) == want
+
+
+def test_dropout_mask_rate_and_keys():
+    from ringattn.dropout import keep_mask
+
+    idx = torch.arange(256)
+    mask = keep_mask(0.3, seed=7, offset=0, batch=2, heads=4, q_index=idx, k_index=idx)
+    assert abs(mask.double().mean().item() - 0.7) < 0.01  # 524288 draws: sigma ~ 6e-4
+    assert not torch.equal(mask, keep_mask(0.3, 8, 0, 2, 4, idx, idx))
+    assert not torch.equal(mask, keep_mask(0.3, 7, 1, 2, 4, idx, idx))
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[:, 0], mask[:, 1])
+    # Global indices key the draws: a sub-block of rows and columns is the same sub-block of the mask.
+    part = keep_mask(0.3, 7, 0, 2, 4, idx[100:140], idx[10:200:3])
+    assert torch.equal(part, mask[:, :, 100:140][..., 10:200:3])
+
+
+def test_dropout_backward_equals_autograd_of_the_forward():
+    q, k, v = _qkv(2, 9, 13, 4, 2, 8, seed=8)
+    dout = torch.randn(2, 9, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    kw = dict(causal=True, q_index=torch.arange(4, 13), dropout_p=0.25, dropout_seed=123, dropout_offset=5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_ref(*leaves, **kw)
+    want = torch.autograd.grad(out, leaves, dout)
+    got = attention_backward_ref(dout, q, k, v, lse, out=out.detach(), **kw)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)
+    plain_out, plain_lse = attention_ref(q, k, v, causal=True, q_index=torch.arange(4, 13))
+    assert torch.equal(lse, plain_lse)  # lse is that of the probabilities before dropout
+    assert not torch.allclose(out, plain_out)

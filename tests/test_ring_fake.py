@@ -49,6 +49,30 @@ CASES = {
     "W5-full-docs-mha-S37": dict(
         W=5, S=37, Hq=2, Hkv=2, dtype=torch.float32, causal=False, cu_seqlens=torch.tensor([0, 1, 18, 37])
     ),  # fmt: skip
+    "W4-window-softcap-alibi-docs": dict(
+        W=4,
+        S=37,
+        Hq=4,
+        Hkv=2,
+        dtype=torch.float32,
+        causal=True,
+        cu_seqlens=torch.tensor([0, 9, 30, 37]),
+        window_size=(6, 0),
+        softcap=3.0,
+        alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+    ),  # fmt: skip
+    "W3-full-window-both-sides-dropout-bf16": dict(
+        W=3,
+        S=29,
+        Hq=2,
+        Hkv=1,
+        dtype=torch.bfloat16,
+        causal=False,
+        rope=RoPEConfig(16),
+        window_size=(4, 3),
+        dropout_p=0.2,
+        dropout_seed=1234,
+    ),  # fmt: skip
     "W3-positions-scale-fp16": dict(
         W=3,
         S=20,
@@ -410,3 +434,15 @@ def test_fake_ring_on_one_gpu_orders_side_streams_with_events(dtype):
     ours = assemble(run_fake_ring(rank_fn, comms), S, "zigzag")
     check_against(ours, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
     assert all(comm._streams and all(s.device == device for s in comm._streams.values()) for comm in comms)
+
+
+def test_blocks_outside_the_window_are_not_computed(monkeypatch):
+    """Contiguous shards of 16 tokens and a window of 3 back: each rank's queries reach only its own
+    shard and the previous one, so at most 2 of the 4 K/V shards are computed per rank, not 4."""
+    calls = []
+    real = scheduler.block_forward
+    monkeypatch.setattr(scheduler, "block_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, dout = make_inputs(1, 64, 2, 1, 16, torch.float32)
+    ours, _ = fake_run(4, q, k, v, dout, "contiguous", causal=True, window_size=(3, 0))
+    check_against(ours, *(f(q, k, v, dout, causal=True, window_size=(3, 0)) for f in (reference, peer)))
+    assert len(calls) == 4 + 3  # every rank its own shard, ranks 1-3 also their predecessor's

@@ -5,7 +5,9 @@ from ..reference import attention_backward_ref, attention_ref
 
 class ReferenceBackend:
     name = "reference"
-    features = frozenset({"deterministic", "window_size", "softcap", "alibi_slopes", "cu_seqlens_k"})
+    features = frozenset(
+        {"deterministic", "window_size", "softcap", "alibi_slopes", "cu_seqlens_k", "dropout_p"}
+    )
 
     def can_implement(self, q, k, v, args):
         return True, ""
@@ -43,4 +45,7 @@ def _spec_kwargs(q, k, args):
         "window": args.window,
         "softcap": args.softcap,
         "alibi_slopes": args.alibi_slopes,
+        "dropout_p": args.dropout_p,
+        "dropout_seed": args.dropout_seed,
+        "dropout_offset": args.dropout_offset,
     }

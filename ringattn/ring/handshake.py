@@ -49,7 +49,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..block import BlockMask, Span, block_args, check_inputs, check_softmax_scale, select_backend
+from ..block import (
+    BlockMask,
+    Span,
+    block_args,
+    check_devices,
+    check_dropout_args,
+    check_inputs,
+    check_score_features,
+    check_softmax_scale,
+    select_backend,
+)
 from ..layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds, debug_enabled
@@ -70,6 +80,11 @@ class _Options:
     backend: str
     dkv_dtype: torch.dtype | None
     timeout: float | None  # seconds once resolved; a timedelta is accepted as given
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,12 +112,18 @@ class _Plan:
     rows: int  # rows of a K/V wire buffer
     positions: torch.Tensor | None  # (W, [B,] rows) every rank's positions laid out like the wire
     timeout: float | None
+    scores: dict  # the blocks' score options: window_size, softcap, alibi_slopes, dropout_p/_seed
 
     def mask(self, qp: _Piece, kp: _Piece) -> BlockMask | None:
         """The block's mask, or None when no (query, key) pair of it can attend."""
         mask = BlockMask(self.causal, qp.span, kp.span, self.cu_seqlens)
         if mask.is_empty(qp.length, kp.length):
             return None
+        left, right = self.scores["window_size"]
+        q_first, q_last = qp.span.start, qp.span.last(qp.length)
+        k_first, k_last = kp.span.start, kp.span.last(kp.length)
+        if (left >= 0 and k_last < q_first - left) or (right >= 0 and k_first > q_last + right):
+            return None  # every key lies outside every query's window
         if self.cu_list is not None:
             # Document ids grow with the index, so runs whose id ranges do not overlap share none.
             q_first, q_last = self._doc(qp.span.start), self._doc(qp.span.last(qp.length))
@@ -169,6 +190,9 @@ def _check_local(q, k, v, options: _Options) -> _Options:
     if not isinstance(options.backend, str):
         raise TypeError(f"backend must be a str, got {type(options.backend).__name__}")
     check_softmax_scale(options.softmax_scale)
+    check_score_features(q, options.window_size, options.softcap, options.alibi_slopes)
+    check_dropout_args(options.dropout_p, options.dropout_seed)
+    check_devices(q, alibi_slopes=options.alibi_slopes)
     dkv_dtype = options.dkv_dtype
     if dkv_dtype is not None and dkv_dtype not in (k.dtype, torch.float32, torch.float64):
         raise TypeError(f"dkv_dtype must be None, k's dtype, float32 or float64, got {dkv_dtype}")
@@ -233,6 +257,11 @@ def _agreement(q, k, options: _Options, cu_list: list[int] | None) -> dict:
         "cu_seqlens": cu_list,
         "positions": "None" if positions is None else ("(S_local,)", "(B, S_local)")[positions.dim() - 1],
         "rope": "None" if options.rope is None else "a RoPEConfig",
+        "window_size": repr(tuple(options.window_size)),
+        "softcap": repr(options.softcap),
+        "alibi_slopes": None if options.alibi_slopes is None else options.alibi_slopes.tolist(),
+        "dropout_p": repr(options.dropout_p),
+        "dropout_seed": repr(options.dropout_seed),
     }
     if options.rope is not None:
         for name, value in json.loads(options.rope.to_json()).items():
@@ -411,6 +440,13 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         rows=rows,
         positions=gathered,
         timeout=timeout,
+        scores={
+            "window_size": tuple(int(w) for w in options.window_size),
+            "softcap": float(options.softcap),
+            "alibi_slopes": options.alibi_slopes,
+            "dropout_p": float(options.dropout_p),
+            "dropout_seed": int(options.dropout_seed),
+        },
     )
 
 

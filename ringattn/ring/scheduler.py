@@ -40,6 +40,7 @@ import math
 import torch
 
 from ..block import block_backward, block_forward
+from ..dropout import new_seed
 from ..merge import merge_partials
 from ..rope import RoPEConfig
 from .comm import nvtx_range
@@ -164,6 +165,7 @@ def _ring_forward(plan: _Plan, q: torch.Tensor, kv: torch.Tensor) -> tuple[torch
                         k_positions=plan.block_positions(src, kp),
                         out_dtype=acc,
                         backend=plan.backend,
+                        **plan.scores,
                     )
                     o_acc, l_acc = merge_partials(out[:, qp.local], lse[:, :, qp.local], o, l.to(lse.dtype))
                     out[:, qp.local], lse[:, :, qp.local] = o_acc, l_acc
@@ -201,6 +203,7 @@ def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
                         k_positions=plan.block_positions(src, kp),
                         grad_dtype=acc,
                         backend=plan.backend,
+                        **plan.scores,
                     )
                     dq[:, qp.local] += dq_b
                     local[0][:, kp.wire] += dk_b
@@ -250,6 +253,11 @@ def ring_attn_func(
     backend: str = "auto",
     dkv_dtype: torch.dtype | None = None,
     timeout: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ):
     """Ring attention over the ranks of ``group`` on this rank's shard of the sequence.
 
@@ -282,6 +290,11 @@ def ring_attn_func(
         timeout: seconds (or timedelta) for each wait on the wire; default the group's timeout. On
             CUDA (NCCL) waits only order streams and the group's own timeout applies, unless
             ``RINGATTN_RING_DEBUG=1``, where each hop blocks the host for at most ``timeout``.
+        window_size, softcap, alibi_slopes ((Hq,) or (B, Hq)): as in ``flash_attn_func``, over global
+            token indices; blocks wholly outside the window are skipped (their K/V still travel).
+        dropout_p, dropout_seed: dropout with ``ringattn.dropout``'s mask keyed by global indices, so
+            the ring drops what one call on the whole sequence would; the seed must be the same on every
+            rank (default: drawn from torch's generator, which then must be seeded alike).
 
     The ranks agree on shapes and options on the first call with them (one small all_gather and a
     host sync); the communicator keeps that agreement, so later identical calls do neither
@@ -303,6 +316,11 @@ def ring_attn_func(
         backend=backend,
         dkv_dtype=dkv_dtype,
         timeout=timeout,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=(new_seed() if dropout_p else 0) if dropout_seed is None else dropout_seed,
     )
     options = _check_local(q, k, v, options)
     plan = _plan(q, k, ring_comm(group), options)
