@@ -1,1 +1,4 @@
-"""ringattn microbenchmarks: `python -m bench {suite} [--quick] [--out DIR]` from the repository root."""
+"""Alias kept for the repository: `python -m bench ...` runs `python -m ringattn.bench ...`.
+
+The suites live in the installed package ``ringattn.bench`` (also the ``ringattn-bench`` command).
+"""

@@ -38,10 +38,10 @@ step build 120 env RINGATTN_CUDA_ARCHS="$arch" "$PY" -m pip install --no-build-i
 "$PY" -c "import ringattn, json; print(json.dumps(ringattn.extension_status()))" >> "$OUT/build.log" 2>&1
 step pytest-gpu 100 "$PY" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
 if command -v compute-sanitizer > /dev/null; then
-  step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m bench.sanitize_cases
-  step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" -m bench.sanitize_cases
+  step memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m ringattn.bench.sanitize_cases
+  step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" -m ringattn.bench.sanitize_cases
 else
   echo "- memcheck/racecheck: compute-sanitizer not found, not run" | tee -a "$summary"
 fi
-step bench 150 "$PY" -m bench gpu-check --out "$OUT"
+step bench 150 "$PY" -m ringattn.bench gpu-check --out "$OUT"
 echo "results in $OUT (summary.md)"

@@ -1,4 +1,5 @@
-"""Bench smoke test: suites run at tiny sizes, rows carry the schema, ratios come from measurements."""
+"""Bench smoke test: suites run at tiny sizes, rows carry the schema, ratios come from measurements,
+tables explain their columns, noisy ring numbers are marked, plots name the machine."""
 
 import json
 import math
@@ -9,18 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from ringattn.bench import common, kernels, rope
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is run from the repository root, not installed
-
-from bench import kernels, rope  # noqa: E402
-
-ENV_KEYS = {"device", "torch", "triton", "cuda", "git_sha", "timestamp", "suite"}
+ENV_KEYS = {"device", "torch", "triton", "cuda", "git_sha", "timestamp", "suite", "ringattn"}
 
 
 def _rows(out_dir: Path, suite: str) -> list[dict]:
     rows = json.loads((out_dir / f"{suite}.json").read_text())
     assert rows, f"{suite} produced no rows"
-    assert (out_dir / f"{suite}.md").read_text().count("\n|") >= len(rows)
+    text = (out_dir / f"{suite}.md").read_text()
+    assert text.count("\n|") >= len(rows)
+    # every table column is explained, one line each, before the table starts
+    header = next(line for line in text.splitlines() if line.startswith("| "))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    before_table = text[: text.index(header)]
+    for column in columns:
+        assert f"- `{column}`: " in before_table, column
     for row in rows:
         assert ENV_KEYS <= row.keys()
     return rows
@@ -66,7 +72,7 @@ def test_missing_requested_baseline_is_a_loud_error():
         [
             sys.executable,
             "-m",
-            "bench",
+            "bench",  # the repository's alias of python -m ringattn.bench
             "kernels",
             "--baselines",
             "sdpa,no-such-peer",
@@ -82,7 +88,7 @@ def test_missing_requested_baseline_is_a_loud_error():
 
 
 def test_gpu_check_reports_every_autotune_timing(tmp_path):
-    from bench import gpu_check
+    from ringattn.bench import gpu_check
     from tritonkernels.autotune import TuneKey, Tuner
     from tritonkernels.configs import KernelConfig
 
@@ -106,9 +112,9 @@ def test_flash_attn_baseline_without_gpu_is_an_error():
 
 
 def test_gpu_check_numerics_logic_passes_good_and_fails_bad_backends(monkeypatch):
-    from bench import gpu_check
-    from bench.common import Results
     from ringattn.backends import BACKENDS
+    from ringattn.bench import gpu_check
+    from ringattn.bench.common import Results
 
     class OffByOnePercent:
         name = "broken"
@@ -134,22 +140,144 @@ def test_gpu_check_numerics_logic_passes_good_and_fails_bad_backends(monkeypatch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_gpu_check_without_gpu_says_so(tmp_path):
-    from bench import gpu_check
+    from ringattn.bench import gpu_check
 
     with pytest.raises(SystemExit, match="CUDA device"):
         gpu_check.run(True, tmp_path)
 
 
 def test_ring_suite_rows_ratios_and_bytes(tmp_path):
-    from bench import ring
+    from ringattn.bench import ring
 
-    ring.run(True, tmp_path, world_sizes=(2,), seq_lens=(64,), timeout_s=180)
+    ring.run(True, tmp_path, world_sizes=(2,), seq_lens=(64,), timeout_s=180, max_rounds=2)
     rows = _rows(tmp_path, "ring")
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    table = (tmp_path / "ring.md").read_text()
     for row in rows:
         assert min(row["t_single"], row["t_compute"], row["t_wire"], row["t_total"]) > 0
         assert math.isclose(row["overlap"], 1 - (row["t_total"] - row["t_compute"]) / row["t_wire"])
         assert math.isclose(row["efficiency"], row["t_single"] / 2 / row["t_total"])
+        assert row["n"] >= 6  # two rounds of three interleaved iterations at least
+        assert row["overlap_lo"] <= row["overlap"] <= row["overlap_hi"]
+        assert row["efficiency_lo"] <= row["efficiency"] <= row["efficiency_hi"]
+        shown = f"{row['overlap']:.2f} [" if not row["overlap_within_noise"] else "within noise ["
+        assert shown in table
     fwd = next(r for r in rows if r["mode"] == "fwd")
     # K and V of one 32-token shard travel per hop: 2 * B * S_local * Hkv * D * 4 bytes (fp32)
     assert fwd["bytes_per_hop"] == 2 * 1 * 32 * fwd["Hkv"] * fwd["D"] * 4
+
+
+def _timing(median: float, half_iqr: float):
+    """Five samples whose median and quartiles are known: median ± half_iqr at the quartiles."""
+    return common.Timing(
+        (median - 2 * half_iqr, median - half_iqr, median, median + half_iqr, median + 2 * half_iqr)
+    )
+
+
+def test_timing_quartiles_and_spread():
+    t = _timing(2.0, 0.1)
+    assert (t.median, t.q1, t.q3) == (2.0, 1.9, 2.1)
+    assert math.isclose(t.spread, 0.1 / 2.0)
+
+
+def test_ring_overlap_inside_timing_noise_is_marked():
+    from ringattn.bench import ring
+
+    single = _timing(4.0, 0.01)
+    # Quiet: total 1.05 s, compute 1.00 s, wire 0.20 s, each within ±1 %: overlap 1 - 0.05 / 0.2 = 0.75.
+    quiet = ring.derived(single, _timing(1.0, 0.005), _timing(0.2, 0.001), _timing(1.05, 0.005), 2)
+    assert math.isclose(quiet["overlap"], 0.75) and not quiet["overlap_within_noise"]
+    assert (
+        quiet["overlap_lo"] < 0.75 < quiet["overlap_hi"] and quiet["overlap_hi"] - quiet["overlap_lo"] < 0.2
+    )
+    assert math.isclose(quiet["efficiency"], 4.0 / 2 / 1.05) and not quiet["efficiency_within_noise"]
+    # Noisy: the compute and total times jitter by ±10 % while the wire is 1 % of them, so
+    # the point value (1 - 0.05 / 0.01 = -4) says nothing.
+    noisy = ring.derived(single, _timing(1.0, 0.1), _timing(0.01, 0.0005), _timing(1.05, 0.1), 2)
+    assert math.isclose(noisy["overlap"], -4.0) and noisy["overlap_within_noise"]
+    row = {"n": 6, "stable": True, **noisy}
+    assert ring.CELLS["overlap"](row).startswith("within noise [")
+    assert "-4" not in ring.CELLS["overlap"](row).split("[")[0]
+    assert ring.CELLS["overlap"]({**quiet}).startswith("0.75 [")
+
+
+def test_repeats_stop_when_the_median_settles_and_say_when_it_does_not():
+    steady, drifting = [], []
+    rounds = {"steady": 0, "drifting": 0}
+
+    def steady_round():
+        rounds["steady"] += 1
+        steady.extend([1.0, 1.01, 0.99])
+
+    def drifting_round():
+        rounds["drifting"] += 1
+        drifting.extend([float(rounds["drifting"])] * 3)  # every round twice, thrice ... as slow
+
+    assert common.repeat_until_stable(steady_round, lambda: [steady], max_rounds=6, rel_tol=0.02)
+    assert rounds["steady"] == 2
+    assert not common.repeat_until_stable(drifting_round, lambda: [drifting], max_rounds=4, rel_tol=0.02)
+    assert rounds["drifting"] == 4
+
+
+def test_ring_interleaving_keeps_the_slowest_rank_and_stops_together():
+    from ringattn.bench import ring
+
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    other_rank = torch.full((2, 3), 5.0, dtype=torch.float64)  # a slower rank: 5 s every iteration
+
+    def gather(local):
+        return torch.stack([local, other_rank])
+
+    samples, stable = ring.interleaved_until_stable(
+        fns, lambda: None, gather, per_round=3, max_rounds=5, rel_tol=0.02
+    )
+    assert stable and samples == {"a": [5.0] * 6, "b": [5.0] * 6}  # two rounds: the median held
+    assert calls[:2] == ["a", "b"] and calls[2:8] == ["a", "b"] * 3  # warm-up, then interleaved
+
+
+def test_markdown_requires_a_meaning_per_column():
+    results = common.Results("t", env={"device": "x"})
+    results.add(a=1.0)
+    with pytest.raises(ValueError, match="meaning"):
+        results.markdown({"a": ""})
+    with pytest.raises(TypeError):
+        results.markdown(["a"])
+    text = results.markdown({"a": "what a is"})
+    assert text.index("- `a`: what a is") < text.index("| a |")
+
+
+def test_plots_are_labelled_with_machine_and_versions(tmp_path):
+    import matplotlib
+
+    env = common.environment()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        common.plot(tmp_path / "p.svg", "title", "x", "y", {"s": ([1, 2], [3, 4])}, env=env)
+    svg = (tmp_path / "p.svg").read_text()
+    for word in (f"torch {torch.__version__}", f"ringattn {env['ringattn']}", env["device"].split(" (")[0]):
+        assert word in svg, word
+
+
+def test_installed_bench_cli_runs_outside_the_repository(tmp_path):
+    """python -m ringattn.bench from a folder that is not the repository (the package, not bench/)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ringattn.bench", "kernels", "--baselines", "nope", "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "unknown baseline 'nope'" in result.stderr
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ringattn.bench", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert help_text.returncode == 0 and "ring overlap and efficiency" in help_text.stdout
+
+
+def test_ring_overlap_surely_below_zero_is_said_plainly():
+    from ringattn.bench import ring
+
+    # total 2.0 s against compute 1.0 s + wire 0.1 s, all within ±5 %: overlap is surely negative.
+    row = ring.derived(_timing(3.0, 0.01), _timing(1.0, 0.05), _timing(0.1, 0.005), _timing(2.0, 0.05), 2)
+    assert row["overlap_hi"] < 0 and row["overlap_below_zero"] and not row["overlap_within_noise"]
+    assert ring.CELLS["overlap"]({"n": 6, "stable": True, **row}).startswith("below 0")

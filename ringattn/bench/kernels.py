@@ -18,9 +18,22 @@ from ringattn import RoPEConfig, block_backward, block_forward
 from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, block_args
 
-from .common import FLOP_FORMULA, Results, attention_flops, plot, progress, time_fn
+from .common import FLOP_FORMULA, Results, attention_flops, plot, progress, timing
 
-COLUMNS = ["impl", "dtype", "S", "D", "causal", "rope", "mode", "seconds", "tflops", "vs_sdpa"]
+COLUMNS = {
+    "impl": "what ran: a ringattn backend through the block contract, or a peer (torch SDPA, flash-attn)",
+    "dtype": "dtype of q, k, v",
+    "S": "sequence length of q and k (one sequence, B = 1)",
+    "D": "head dim",
+    "causal": "causal mask",
+    "rope": "RoPE applied: fused into our kernel, or transformers' RoPE module before SDPA for peers",
+    "mode": "fwd, bwd, or fwd+bwd (bwd alone for peers: their fwd+bwd minus fwd)",
+    "seconds": "median seconds per call",
+    "spread": "half the interquartile range of the timing samples, relative to the median",
+    "tflops": f"TFLOP/s from the FLOP formula ({FLOP_FORMULA}) over the median",
+    "vs_sdpa": "SDPA's seconds / this row's seconds, same mode and RoPE (> 1: faster than SDPA)",
+}
+CELLS = {"spread": lambda row: "" if row.get("spread") is None else f"±{100 * row['spread']:.0f}%"}
 OPTIONAL_BASELINES = {"flash-attn": "flash_attn"}
 
 
@@ -96,7 +109,7 @@ def run(
     cases = [(dt, S, D) for dt in dtypes for S in seq_lens for D in head_dims]
     for dtype, S, D in progress(cases, suite):
         _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends)
-    results.save(out_dir, COLUMNS)
+    results.save(out_dir, COLUMNS, CELLS)
     series = {}
     plot_dtype = str(dtypes[0]).removeprefix("torch.")
     for row in results.rows:
@@ -110,6 +123,7 @@ def run(
         "sequence length",
         "TFLOP/s (causal FLOPs)",
         series,
+        env=results.env,
         logx=True,
     )
     return results
@@ -124,13 +138,14 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends):
     mask = BlockMask(causal=True)
     common = dict(dtype=str(dtype).removeprefix("torch."), S=S, D=D, causal=True, flop_formula=FLOP_FORMULA)
 
-    def record(impl, mode, seconds, sdpa_seconds, rope_on):
+    def record(impl, mode, seconds, sdpa_seconds, rope_on, spread=None):
         flops = attention_flops(1, Hq, S, S, D, causal=True, mode=mode)
         results.add(
             impl=impl,
             mode=mode,
             rope=rope_on,
             seconds=seconds,
+            spread=spread,
             tflops=flops / seconds / 1e12,
             vs_sdpa=sdpa_seconds / seconds,
             **common,
@@ -150,11 +165,12 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends):
 
     sdpa = {}
     for with_rope in (False, True):
-        t_fwd = time_fn(partial(sdpa_fwd, with_rope))
-        t_all = time_fn(partial(sdpa_fwd_bwd, with_rope))
+        fwd, all_ = timing(partial(sdpa_fwd, with_rope)), timing(partial(sdpa_fwd_bwd, with_rope))
+        t_fwd, t_all = fwd.median, all_.median
         sdpa[with_rope] = {"fwd": t_fwd, "bwd": max(t_all - t_fwd, 1e-12), "fwd+bwd": t_all}
+        spreads = {"fwd": fwd.spread, "bwd": None, "fwd+bwd": all_.spread}
         for mode, t in sdpa[with_rope].items():
-            record("torch sdpa" + (" + hf rope" if with_rope else ""), mode, t, t, with_rope)
+            record("torch sdpa" + (" + hf rope" if with_rope else ""), mode, t, t, with_rope, spreads[mode])
 
     if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         from flash_attn import flash_attn_func as fa2
@@ -164,16 +180,24 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends):
         def fa2_fwd_bwd():
             fa2(qf, kf, vf, causal=True).backward(dout)
 
-        t_fwd = time_fn(partial(fa2, q, k, v, causal=True))
-        t_all = time_fn(fa2_fwd_bwd)
-        for mode, t in (("fwd", t_fwd), ("bwd", max(t_all - t_fwd, 1e-12)), ("fwd+bwd", t_all)):
-            record("flash-attn 2", mode, t, sdpa[False][mode], False)
+        fwd, all_ = timing(partial(fa2, q, k, v, causal=True)), timing(fa2_fwd_bwd)
+        t_fwd, t_all = fwd.median, all_.median
+        for mode, t, spread in (
+            ("fwd", t_fwd, fwd.spread),
+            ("bwd", max(t_all - t_fwd, 1e-12), None),
+            ("fwd+bwd", t_all, all_.spread),
+        ):
+            record("flash-attn 2", mode, t, sdpa[False][mode], False, spread)
 
     for name in _our_backends(dev, backends, q, k, v, rope):
         for r in (None, rope):
             out, lse = block_forward(q, k, v, mask, rope=r, backend=name)
-            t_fwd = time_fn(partial(block_forward, q, k, v, mask, rope=r, backend=name))
-            t_bwd = time_fn(partial(block_backward, dout, q, k, v, out, lse, mask, rope=r, backend=name))
+            fwd = timing(partial(block_forward, q, k, v, mask, rope=r, backend=name))
+            bwd = timing(partial(block_backward, dout, q, k, v, out, lse, mask, rope=r, backend=name))
             label = f"ringattn {name}" + (" fused rope" if r else "")
-            for mode, t in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_fwd + t_bwd)):
-                record(label, mode, t, sdpa[r is not None][mode], r is not None)
+            for mode, t, spread in (
+                ("fwd", fwd.median, fwd.spread),
+                ("bwd", bwd.median, bwd.spread),
+                ("fwd+bwd", fwd.median + bwd.median, None),
+            ):
+                record(label, mode, t, sdpa[r is not None][mode], r is not None, spread)

@@ -20,7 +20,17 @@ from ringattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, peer_error_check
 from . import kernels
 from .common import Results
 
-COLUMNS = ["check", "backend", "dtype", "causal", "rope", "tensor", "ours_err", "bound", "verdict"]
+COLUMNS = {
+    "check": "what is checked (numerics: a backend's forward and gradients against the fp64 reference)",
+    "backend": "the ringattn backend under test",
+    "dtype": "dtype of q, k, v",
+    "causal": "causal mask",
+    "rope": "RoPE case: none, or theta 45.2e9 at positions just below 4M",
+    "tensor": "the output compared (out, dq, dk, dv)",
+    "ours_err": "max |backend - fp64 reference|",
+    "bound": "allowed error: factor x max |torch in this dtype - fp64 reference| + eps (ringattn.testing)",
+    "verdict": "PASS when ours_err <= bound; n/a with the backend's can_implement reason",
+}
 
 
 def _peer(q, k, v, dout, causal, rope, positions, dtype):
@@ -100,10 +110,24 @@ def correctness(
                         )
 
 
-AUTOTUNE_COLUMNS = [
-    "kernel", "dtype", "head_dim", "group", "causal", "docs", "rope", "sq", "sk", "rows",
-    "tile", "warps", "stages", "ms", "chosen",
-]  # fmt: skip
+AUTOTUNE_COLUMNS = {
+    "kernel": "Triton kernel tuned (fwd, dq, dkdv)",
+    "dtype": "dtype of q, k, v",
+    "head_dim": "head dim",
+    "group": "query heads per KV head (GQA group)",
+    "causal": "causal mask",
+    "docs": "packed documents (cu_seqlens)",
+    "rope": "RoPE variant fused in the kernel",
+    "sq": "query length of the tuned problem",
+    "sk": "key length of the tuned problem",
+    "rows": "batch x query heads of the tuned problem",
+    "features": "score features compiled in (window, softcap, alibi, kdocs), empty for none",
+    "tile": "candidate tile (BLOCK_M x BLOCK_N)",
+    "warps": "candidate num_warps",
+    "stages": "candidate num_stages",
+    "ms": "the autotuner's measured milliseconds for this candidate",
+    "chosen": "the fastest candidate, the one the autotuner kept",
+}
 
 
 def autotune_results(tuner=None) -> Results:

@@ -14,7 +14,15 @@ from .common import Results, plot, time_fn
 
 MARKS = {"8K": 8_192, "128K": 131_072, "1M": 1_048_576, "4M": 4_194_304}
 THETAS = {"llama3-5e5": 5e5, "llama3-4M-45.2e9": 45.2e9}
-COLUMNS = ["measure", "theta", "positions", "impl", "max_phase_err_rad", "seconds", "vs_transformers"]
+COLUMNS = {
+    "measure": "what the row measures (phase: angle error and cost of building cos/sin)",
+    "theta": "RoPE base and the model it comes from",
+    "positions": "the window of positions ends at this mark (the last positions before it: the worst phases)",
+    "impl": "who built cos/sin: transformers' fp32 module, ringattn exact-phase (torch or compiled), ringattn hf",
+    "max_phase_err_rad": "largest |angle error| in radians against fp64 angles, over the window and frequencies",
+    "seconds": "median seconds to build cos/sin for the window",
+    "vs_transformers": "this row's seconds / transformers' seconds at the same mark (< 1: faster)",
+}
 
 
 def _transformers_cos_sin(theta: float, head_dim: int, positions: torch.Tensor):
@@ -57,6 +65,7 @@ def run(quick: bool, out_dir, *, window: int | None = None, head_dim: int = 128)
         "position",
         "max |angle error| (rad)",
         series,
+        env=results.env,
         logx=True,
         logy=True,
     )
