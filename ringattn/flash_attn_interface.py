@@ -2,8 +2,7 @@
 
 ``import ringattn.flash_attn_interface as fa`` is the only change code written for
 ``flash_attn.flash_attn_interface`` needs. Every flash-attn argument is accepted; a value ringattn
-does not implement raises NotImplementedError naming the argument and the value (today: only
-``dropout_p`` > 0). ringattn's own extras are keyword-only: ``rope``/``positions`` (RoPE fused into
+does not implement raises NotImplementedError naming the argument and the value. ringattn's own extras are keyword-only: ``rope``/``positions`` (RoPE fused into
 the kernel), ``group``/``layout`` (ring attention), ``return_lse`` and ``backend``.
 
 Conventions, as flash-attn's: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) with Hq % Hkv == 0; varlen
@@ -23,8 +22,10 @@ import numbers
 import torch
 
 from .block import Span, check_devices, check_score_features
+from .dropout import keep_mask, new_seed
 from .layouts import LAYOUTS
 from .ops import attention
+from .reference import attention_probs_ref
 from .rope import RoPEConfig, cos_sin, rotate
 
 __all__ = [
@@ -62,10 +63,8 @@ def check_positions(positions) -> None:
 
 
 def check_dropout(dropout_p) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p <= 1:
-        raise ValueError(f"dropout_p must be a probability in [0, 1], got {dropout_p!r}")
-    if dropout_p:
-        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented (use 0.0)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a probability in [0, 1), got {dropout_p!r}")
 
 
 def _check_options(q, dropout_p, window_size, softcap, alibi_slopes, **flags) -> None:
@@ -83,12 +82,21 @@ def _window(window_size, causal: bool) -> tuple[int, int]:
     return (left, 0) if causal and left >= 0 else (left, right)
 
 
-def _returns(out, lse, return_attn_probs: bool, return_lse: bool):
+def _returns(out, lse, return_attn_probs: bool, return_lse: bool, s_dmask=None):
     """out alone, (out, lse) for ringattn's return_lse, or flash-attn's (out, softmax_lse, S_dmask)."""
     if return_attn_probs:
         # flash-attn reports rows that see no key with lse = +inf; ringattn uses -inf internally.
-        return out, torch.where(torch.isneginf(lse), math.inf, lse), None
+        return out, torch.where(torch.isneginf(lse), math.inf, lse), s_dmask
     return (out, lse) if return_lse else out
+
+
+def _dropout_pattern(q, k, dropout_p, seed, q_index, k_index, **options) -> torch.Tensor:
+    """flash-attn's S_dmask, for tests: the probabilities (B, Hq, Sq, Sk) fp32 before dropout, negated
+    where dropout dropped them. Computed by the fp64 spec: O(Sq * Sk) memory."""
+    with torch.no_grad():
+        probs = attention_probs_ref(q, k, q_index=q_index, k_index=k_index, **options)
+        keep = keep_mask(dropout_p, seed, 0, q.shape[0], q.shape[2], q_index, k_index)
+        return torch.where(keep, probs, -probs).float()
 
 
 def _split_positions(positions, Sq: int, Sk: int, name: str = "positions"):
@@ -156,7 +164,11 @@ def flash_attn_func(
     Sq > Sk the first Sq - Sk rows see no key and are zero). ``window_size`` (left, right) keeps keys
     within left before and right after the query's aligned position (-1: unbounded); key tiles
     outside it are skipped. ``softcap`` > 0 caps scores to softcap * tanh(scores / softcap);
-    ``alibi_slopes`` (Hq,) or (B, Hq) fp32 adds -slope * |query - key| distance. ``rope`` rotates q
+    ``alibi_slopes`` (Hq,) or (B, Hq) fp32 adds -slope * |query - key| distance. ``dropout_p`` drops
+    probabilities with a counter-based mask (``ringattn.dropout``) whose seed is drawn from torch's
+    CPU generator per call (``torch.manual_seed`` repeats it); the backward regenerates the mask, and
+    every backend draws the same one. With dropout, ``return_attn_probs`` gives S_dmask (B, Hq, Sq, Sk):
+    the probabilities before dropout, negative where dropped (computed in fp64; for tests). ``rope`` rotates q
     and k inside the kernel at ``positions`` ((Sk,) or (B, Sk), default 0..Sk-1; queries use the
     last Sq). With ``group`` set, q/k/v are this rank's shard in ``layout`` and the call runs ring
     attention over the group. ``deterministic=True`` runs only backends whose results repeat bit for
@@ -171,19 +183,17 @@ def flash_attn_func(
     check_positions(positions)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    seed = new_seed() if dropout_p else 0
     if group is not None:
-        for name, used in (
-            ("window_size", tuple(window_size) != (-1, -1)),
-            ("softcap", softcap != 0),
-            ("alibi_slopes", alibi_slopes is not None),
-        ):
-            if used:
-                raise NotImplementedError(f"{name} with group= (ring attention) is not implemented yet")
+        if return_attn_probs and dropout_p:
+            raise NotImplementedError("return_attn_probs with dropout_p and group= (S_dmask of a shard)")
         from .ring import ring_attn_func
 
         out, lse = ring_attn_func(
             q, k, v, group=group, causal=causal, layout=layout, rope=rope, positions=positions,
             softmax_scale=softmax_scale, deterministic=deterministic, return_lse=True, backend=backend,
+            window_size=_window(window_size, causal), softcap=softcap, alibi_slopes=alibi_slopes,
+            dropout_p=dropout_p, dropout_seed=seed,
         )  # fmt: skip
         return _returns(out, lse, return_attn_probs, return_lse)
     check_devices(q, positions=positions)
@@ -191,12 +201,20 @@ def flash_attn_func(
     q_positions, k_positions = _split_positions(positions, Sq, Sk)
     # Bottom-right alignment as global indices: the last query and the last key share an index.
     q_span, k_span = Span(max(Sk - Sq, 0)), Span(max(Sq - Sk, 0))
+    scores = dict(window_size=_window(window_size, causal), softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = attention(
         q, k, v, causal=causal, softmax_scale=softmax_scale, q_span=q_span, k_span=k_span, rope=rope,
-        q_positions=q_positions, k_positions=k_positions, window_size=_window(window_size, causal),
-        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic, backend=backend,
+        q_positions=q_positions, k_positions=k_positions, **scores, dropout_p=dropout_p, dropout_seed=seed,
+        deterministic=deterministic, backend=backend,
     )  # fmt: skip
-    return _returns(out, lse, return_attn_probs, return_lse)
+    s_dmask = None
+    if return_attn_probs and dropout_p:
+        s_dmask = _dropout_pattern(
+            q, k, dropout_p, seed, q_span.indices(Sq, q.device), k_span.indices(Sk, q.device), causal=causal,
+            softmax_scale=softmax_scale, rope=rope, q_positions=q_positions, k_positions=k_positions,
+            window=scores["window_size"], softcap=softcap, alibi_slopes=alibi_slopes,
+        )  # fmt: skip
+    return _returns(out, lse, return_attn_probs, return_lse, s_dmask)
 
 
 def flash_attn_varlen_func(
@@ -271,8 +289,11 @@ def flash_attn_varlen_func(
                     f"rope with cu_seqlens_k: sequence {b} has more queries ({lq}) than keys ({lk}), "
                     "so its first queries have no position; rotate outside"
                 )
+    if return_attn_probs and dropout_p:
+        raise NotImplementedError("return_attn_probs with dropout_p in a varlen call (S_dmask is per batch)")
     out, lse = attention(
         q[None], k[None], v[None], causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens_q,
+        dropout_p=dropout_p, dropout_seed=new_seed() if dropout_p else 0,
         k_cu_seqlens=cu_seqlens_k if cross else None, rope=rope, q_positions=positions,
         k_positions=positions, window_size=_window(window_size, causal), softcap=softcap,
         alibi_slopes=_per_sequence_slopes(q[None], alibi_slopes, len(bounds_q) - 1), deterministic=deterministic,

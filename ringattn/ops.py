@@ -31,14 +31,15 @@ def _rope_from_json(text: str) -> RoPEConfig | None:
 
 
 def _block_kwargs(
-    cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, softmax_scale, softcap,
-    rope_json, backend,
-) -> dict:  # fmt: skip
+    cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, floats, rope_json, backend
+) -> dict:
     """``block_forward``/``block_backward`` keywords from the ops' plain arguments.
 
-    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride, deterministic, window left, right).
+    ``mask_ints`` is (causal, q_start, q_stride, k_start, k_stride, deterministic, window left, right,
+    dropout seed, dropout offset); ``floats`` is (softmax_scale, softcap, dropout_p).
     """
-    causal, q_start, q_stride, k_start, k_stride, deterministic, left, right = mask_ints
+    causal, q_start, q_stride, k_start, k_stride, deterministic, left, right, seed, offset = mask_ints
+    softmax_scale, softcap, dropout_p = floats
     return dict(
         mask=BlockMask(
             bool(causal), Span(q_start, q_stride), Span(k_start, k_stride), cu_seqlens, k_cu_seqlens
@@ -50,6 +51,9 @@ def _block_kwargs(
         window_size=(left, right),
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=seed,
+        dropout_offset=offset,
         deterministic=bool(deterministic),
         backend=backend,
     )
@@ -66,15 +70,21 @@ def _attention_fwd(
     k_positions: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
     mask_ints: list[int],
-    softmax_scale: float,
-    softcap: float,
+    floats: list[float],
     rope_json: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kw = _block_kwargs(
-        cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, softmax_scale, softcap,
-        rope_json, backend,
-    )  # fmt: skip
+        cu_seqlens,
+        k_cu_seqlens,
+        q_positions,
+        k_positions,
+        alibi_slopes,
+        mask_ints,
+        floats,
+        rope_json,
+        backend,
+    )
     return block_forward(q, k, v, **kw)
 
 
@@ -95,6 +105,9 @@ def _check_op_call(q, k, v, *options):
         window_size=kw["window_size"],
         softcap=kw["softcap"],
         alibi_slopes=kw["alibi_slopes"],
+        dropout_p=kw["dropout_p"],
+        dropout_seed=kw["dropout_seed"],
+        dropout_offset=kw["dropout_offset"],
     )
 
 
@@ -119,15 +132,21 @@ def _attention_bwd(
     k_positions: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
     mask_ints: list[int],
-    softmax_scale: float,
-    softcap: float,
+    floats: list[float],
     rope_json: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kw = _block_kwargs(
-        cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, softmax_scale, softcap,
-        rope_json, backend,
-    )  # fmt: skip
+        cu_seqlens,
+        k_cu_seqlens,
+        q_positions,
+        k_positions,
+        alibi_slopes,
+        mask_ints,
+        floats,
+        rope_json,
+        backend,
+    )
     return block_backward(dout, q, k, v, out, lse, **kw)
 
 
@@ -171,6 +190,9 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
     deterministic: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +216,9 @@ def attention(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset,
     )
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
@@ -203,10 +228,12 @@ def attention(
     left, right = (int(w) for w in window_size)
     mask_ints = [
         int(causal), q_span.start, q_span.stride, k_span.start, k_span.stride, int(deterministic), left, right,
+        int(dropout_seed), int(dropout_offset),
     ]  # fmt: skip
+    floats = [scale, float(softcap), float(dropout_p)]
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.detach()
     return _attention_fwd(
-        q, k, v, cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, scale,
-        float(softcap), rope_to_json(rope), backend,
+        q, k, v, cu_seqlens, k_cu_seqlens, q_positions, k_positions, alibi_slopes, mask_ints, floats,
+        rope_to_json(rope), backend,
     )  # fmt: skip

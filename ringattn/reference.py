@@ -21,7 +21,13 @@ from .layouts import shard_indices
 from .merge import empty_partials, merge_partials
 from .rope import RoPEConfig, _dynamic_seq_len, apply_rope
 
-__all__ = ["attention_ref", "attention_backward_ref", "visible_mask", "ring_attention_ref"]
+__all__ = [
+    "attention_ref",
+    "attention_backward_ref",
+    "attention_probs_ref",
+    "visible_mask",
+    "ring_attention_ref",
+]
 
 
 def _check_qkv(q, k, v):
@@ -218,6 +224,30 @@ def attention_ref(
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(B, Sq, Hq, D)
     lse = torch.where(empty, -math.inf, row_max + torch.log(denom_safe))
     return out, lse.squeeze(-1).reshape(B, Hq, Sq)
+
+
+def attention_probs_ref(q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
+    """The attention probabilities (B, Hq, Sq, Sk), fp64, before dropout: softmax of the masked scores
+    (rows that see no key are 0). ``options`` as ``attention_ref``'s (dropout ones ignored)."""
+    options = {name: value for name, value in options.items() if not name.startswith("dropout")}
+    v = k.new_zeros(k.shape)  # the values do not enter the probabilities
+    _, lse = attention_ref(q, k, v, **options)
+    B, Sq, Hq, _ = q.shape
+    cu, k_cu = options.get("cu_seqlens"), options.get("k_cu_seqlens")
+    rq, rk, _, q_index, k_index, _, _ = _prepare(
+        q, k, v, options.get("q_index"), options.get("k_index"), cu, k_cu, options.get("rope"),
+        options.get("q_positions"), options.get("k_positions"),
+    )  # fmt: skip
+    visible, distance = _block_terms(
+        q_index, k_index, options.get("causal", False), cu, k_cu, options.get("window", (-1, -1))
+    )
+    scale = options.get("softmax_scale") or 1.0 / math.sqrt(q.shape[-1])
+    scores, _ = _grouped_scores(
+        rq, rk, scale, options.get("softcap", 0.0), options.get("alibi_slopes"), distance
+    )
+    lse_g = lse.reshape(scores.shape[:-1] + (1,))
+    probs = torch.where(visible & (lse_g > -math.inf), torch.exp(scores - lse_g), 0.0)
+    return probs.reshape(B, Hq, Sq, k.shape[1])
 
 
 def attention_backward_ref(

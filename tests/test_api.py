@@ -67,8 +67,8 @@ def test_flash_attn_func_return_lse_and_errors():
     ref_out, ref_lse = attention_ref(q, k, v, causal=True)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_func(q, k, v, dropout_p=1.5)
     with pytest.raises(ValueError, match="positions"):
         flash_attn_func(q, k, v, rope=RoPEConfig(8), positions=torch.arange(5))
 

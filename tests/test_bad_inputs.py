@@ -133,16 +133,8 @@ def _mixed_device_calls():
     delta = (dout * out).sum(-1).transpose(1, 2).contiguous()
     args = block_args(q, k, v, rope=R16)
     cu_op, k_cu_op, alibi_op, q_freqs, k_freqs, q_pos, k_pos, ints, floats = op_inputs(args, q.device)
-    mask_ints = [
-        0,
-        0,
-        1,
-        0,
-        1,
-        0,
-        -1,
-        -1,
-    ]  # (causal, q_start, q_stride, k_start, k_stride, deterministic, window)
+    # (causal, q_start, q_stride, k_start, k_stride, deterministic, window left/right, dropout seed/offset)
+    mask_ints = [0, 0, 1, 0, 1, 0, -1, -1, 0, 0]
     return {
         "attention/k-v-meta": (lambda: attention(q, _meta(k), _meta(v)), "share a device"),
         "flash_attn_func/k-meta": (lambda: flash_attn_func(q, _meta(k), v), "share a device"),
@@ -194,13 +186,27 @@ def _mixed_device_calls():
         # The ops themselves: a meta input sends the dispatcher to the fake implementation.
         "op-attention_fwd/cu_seqlens-meta": (
             lambda: torch.ops.ringattn.attention_fwd(
-                q, k, v, _meta(cu), None, None, None, None, mask_ints, 0.25, 0.0, "", "auto"
+                q, k, v, _meta(cu), None, None, None, None, mask_ints, [0.25, 0.0, 0.0], "", "auto"
             ),
             "cu_seqlens is on meta",
         ),
         "op-attention_bwd/lse-meta": (
             lambda: torch.ops.ringattn.attention_bwd(
-                dout, q, k, v, out, _meta(lse), None, None, None, None, None, mask_ints, 0.25, 0.0, "", "auto"
+                dout,
+                q,
+                k,
+                v,
+                out,
+                _meta(lse),
+                None,
+                None,
+                None,
+                None,
+                None,
+                mask_ints,
+                [0.25, 0.0, 0.0],
+                "",
+                "auto",
             ),
             "lse is on meta",
         ),
@@ -260,7 +266,18 @@ def test_compiled_op_fakes_validate_shapes_and_still_trace():
         )
     with pytest.raises(ValueError, match="k and v must have the same shape"):
         torch.ops.ringattn.attention_fwd(
-            q, k, v[:, :3], None, None, None, None, None, [0, 0, 1, 0, 1, 0, -1, -1], 0.25, 0.0, "", "auto"
+            q,
+            k,
+            v[:, :3],
+            None,
+            None,
+            None,
+            None,
+            None,
+            [0, 0, 1, 0, 1, 0, -1, -1, 0, 0],
+            [0.25, 0.0, 0.0],
+            "",
+            "auto",
         )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ringattn
+import ringattn.dropout
 import ringattn.flash_attn_interface as fa
 from ringattn import RoPEConfig, attention_ref
 from ringattn.rope import cos_sin, rotate
@@ -56,8 +57,8 @@ def test_no_op_defaults_pass_and_dropout_names_itself():
     plain = fa.flash_attn_func(q, k, v, causal=True)
     every_default = fa.flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 0.0, None, False, False)
     assert torch.equal(plain, every_default)
-    with pytest.raises(NotImplementedError, match=r"dropout_p=0\.1"):
-        fa.flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be a probability in \[0, 1\), got 1\.0"):
+        fa.flash_attn_func(q, k, v, dropout_p=1.0)
     with pytest.raises(TypeError, match="window_size"):
         fa.flash_attn_func(q, k, v, window_size=4)
     with pytest.raises(ValueError, match="softcap"):
@@ -117,6 +118,44 @@ def test_options_match_the_spec_with_bottom_right_alignment(window, softcap, ali
     )
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
     torch.testing.assert_close(lse, ref_lse.float(), atol=1e-6, rtol=0)
+
+
+def test_dropout_mask_is_the_spec_and_s_dmask_reproduces_the_output():
+    q, k, v = (
+        _randn(2, s, h, 16, seed=i, dtype=torch.float64)
+        for i, (s, h) in enumerate([(9, 4), (13, 2), (13, 2)])
+    )
+    torch.manual_seed(11)
+    out, lse, s_dmask = fa.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
+    torch.manual_seed(11)
+    seed = ringattn.dropout.new_seed()  # the same draw the call made
+    q_index, k_index = torch.arange(4, 13), torch.arange(13)
+    ref_out, _ = attention_ref(q, k, v, causal=True, q_index=q_index, dropout_p=0.3, dropout_seed=seed)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    keep = ringattn.dropout.keep_mask(0.3, seed, 0, 2, 4, q_index, k_index)
+    assert torch.equal(s_dmask >= 0, keep | (s_dmask == 0))  # masked-out pairs have probability 0
+    # Independent of the kernels: the output is the kept probabilities, rescaled, times V.
+    kept = s_dmask.double().clamp(min=0) / 0.7
+    again = torch.einsum("bhqk,bkhd->bqhd", kept, v.repeat_interleave(2, dim=2))
+    torch.testing.assert_close(out, again, atol=1e-6, rtol=0)  # S_dmask is fp32
+    torch.manual_seed(12)
+    assert not torch.allclose(fa.flash_attn_func(q, k, v, dropout_p=0.3, causal=True), out)
+
+
+def test_dropout_gradients_regenerate_the_forward_mask():
+    q, k, v = (_randn(1, 11, h, 16, seed=20 + h, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
+    dout = _randn(1, 11, 4, 16, seed=30, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = fa.flash_attn_func(q, k, v, dropout_p=0.25, causal=True, window_size=(5, 0))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.manual_seed(3)
+    seed = ringattn.dropout.new_seed()
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want_out, _ = attention_ref(*leaves, causal=True, window=(5, 0), dropout_p=0.25, dropout_seed=seed)
+    want = torch.autograd.grad(want_out, leaves, dout)
+    for g, w in zip(grads, want, strict=True):  # the contract hands the backward an fp32 lse: ~1e-7
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+        assert (g - w).abs().max() < 1e-3 * w.abs().max()  # a wrong mask errs by O(|grad|)
 
 
 def test_cross_length_varlen_equals_one_call_per_sequence_forward_and_backward():
