@@ -34,6 +34,7 @@ from ringattn.indexing import aligned_query_index, default_positions, default_qu
 from ringattn.reference import attention_backward_ref, attention_ref, visible_mask
 from ringattn.rope import cos_sin, rotate
 
+DROPOUT_SEED, DROPOUT_OFFSET = 0x5EED_1234_ABCD, 7  # above 2^32: both Philox key words matter
 FAR = 4_190_000  # positions beyond 2^22, where fp32 angles pos * inv_freq are off by ~0.1 rad
 
 
@@ -70,6 +71,7 @@ class Case:
     window: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
     alibi: str | None = None  # "head": slopes (Hq,); "batch": (B, Hq)
+    dropout_p: float = 0.0  # with DROPOUT_SEED and DROPOUT_OFFSET
 
     @property
     def sk(self) -> int:
@@ -93,7 +95,14 @@ class Case:
 
     def feature_kwargs(self, device="cpu") -> dict:
         """The block contract's score options of this case."""
-        return dict(window_size=self.window, softcap=self.softcap, alibi_slopes=self.alibi_slopes(device))
+        return dict(
+            window_size=self.window,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes(device),
+            dropout_p=self.dropout_p,
+            dropout_seed=DROPOUT_SEED if self.dropout_p else 0,
+            dropout_offset=DROPOUT_OFFSET if self.dropout_p else 0,
+        )
 
     def positions(self, device="cpu"):
         """(q_positions, k_positions) to pass to the contract, or (None, None) for its defaults."""
@@ -124,6 +133,9 @@ class Case:
             window=self.window,
             softcap=self.softcap,
             alibi_slopes=self.alibi_slopes(device),
+            dropout_p=self.dropout_p,
+            dropout_seed=DROPOUT_SEED if self.dropout_p else 0,
+            dropout_offset=DROPOUT_OFFSET if self.dropout_p else 0,
         )
 
 

@@ -22,6 +22,7 @@ from attention_checks import FAR, Case, backend_device, cannot_run, check_block,
 from ringattn import RoPEConfig
 from ringattn.backends import BACKENDS
 from ringattn.block import Span, block_backward, block_forward
+from ringattn.dropout import keep_mask
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 DTYPE_NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
@@ -73,6 +74,11 @@ CASES = {
         ),
         (FP32,),
     ),  # fmt: skip
+    "d16-dropout-causal-gqa2": (Case(50, 61, Hq=4, Hkv=2, causal=True, dropout_p=0.3), (FP32, BF16)),
+    "d16-dropout-window-docs-rope": (
+        Case(45, Hq=2, Hkv=1, rope=R16, cu_seqlens=(0, 17, 45), window=(8, 8), dropout_p=0.15),
+        (FP32,),
+    ),
     "d64-window-docs-softcap-alibi": (
         Case(
             127,
@@ -356,3 +362,23 @@ def test_unwritten_outputs_fail_the_check(backend, stage, monkeypatch):
     else:
         grads = block_backward(dout, q, k, v, out, lse, case.mask(device), rope=case.rope, backend=backend)
         assert all(torch.isnan(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_dropout_mask_is_identical_in_every_backend(backend):
+    """With V the identity (Sk <= D) the output row is the row's dropped probabilities, so its zeros are
+    the dropout mask exactly: every backend must drop the very elements ``ringattn.dropout`` does."""
+    case = Case(9, 30, B=2, Hq=4, Hkv=2, D=32, causal=True, q_span=Span(21), dropout_p=0.4)
+    device = backend_device(backend)
+    reason = cannot_run(case, FP32, backend, device)
+    if reason:
+        pytest.skip(reason)
+    q, k, _, _ = make_inputs(case, FP32, device=device)
+    v = torch.eye(30, 32, device=device).expand(2, 2, 30, 32).transpose(1, 2).contiguous()
+    out, _ = block_forward(q, k, v, case.mask(device), backend=backend, **case.feature_kwargs(device))
+    options = case.feature_kwargs()
+    q_index, k_index = case.q_span.indices(9), case.k_span.indices(30)
+    keep = keep_mask(0.4, options["dropout_seed"], options["dropout_offset"], 2, 4, q_index, k_index)
+    visible = k_index[None, :] <= q_index[:, None]
+    kept = out[..., :30].permute(0, 2, 1, 3).cpu() != 0  # (B, Hq, Sq, Sk)
+    assert torch.equal(kept, keep & visible)
