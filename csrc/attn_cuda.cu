@@ -205,18 +205,27 @@ __device__ void load_row_meta(int64_t* index, int64_t* doc, int64_t row0, int ro
 }
 
 // Smallest and largest index, and documents, of the rows of a tile that lie inside a document
-// (every thread reads the shared arrays; *d_max < 0 when no row does).
+// (*d_max < 0 when no row does). Each warp reduces all ROWS shared entries itself (lane l reads rows
+// l, l + 32, ...; then butterfly shuffles), so every thread gets the result without a barrier.
 template <int ROWS>
 __device__ void tile_range(const int64_t* index, const int64_t* doc, int64_t* lo, int64_t* hi, int64_t* d_min,
                            int64_t* d_max) {
   int64_t l = kIndexMax, h = kIndexMin, dl = kIndexMax, dh = -1;
-  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+  for (int r = threadIdx.x & 31; r < ROWS; r += 32) {
     const int64_t d = doc[r];
     if (d < 0) continue;
     l = imin(l, index[r]);
     h = imax(h, index[r]);
     dl = imin(dl, d);
     dh = imax(dh, d);
+  }
+#pragma unroll
+  for (int lanes = 1; lanes < 32; lanes *= 2) {
+    l = imin(l, __shfl_xor_sync(0xffffffffu, l, lanes));
+    h = imax(h, __shfl_xor_sync(0xffffffffu, h, lanes));
+    dl = imin(dl, __shfl_xor_sync(0xffffffffu, dl, lanes));
+    dh = imax(dh, __shfl_xor_sync(0xffffffffu, dh, lanes));
   }
   *lo = l, *hi = h, *d_min = dl, *d_max = dh;
 }
