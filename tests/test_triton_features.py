@@ -76,6 +76,8 @@ CASES = {
     "window-left-only": (Case(50, window=(9, -1)), TILE16, (FP32,)),
     "window-right-only": (Case(50, window=(-1, 4)), TILE16, (FP32,)),
     "window-wider-than-block": (Case(40, causal=True, window=(1000, 2000)), TILE16, (FP32,)),
+    "window-stride-spans": (Case(30, 40, q_span=Span(1, 2), k_span=Span(0, 3), window=(7, 4)), TILE16, (FP32,)),
+    "window-misses-every-key": (Case(16, 40, q_span=Span(100), window=(5, 5)), TILE16, (FP32,)),
     "softcap-d32": (Case(64, D=32, softcap=1.5), TILE32, (FP32, BF16)),
     "alibi-per-batch-sq40-sk56": (Case(40, 56, B=2, alibi="batch"), TILE16, (FP32,)),
     "softcap-alibi-causal-gqa4-rope": (

@@ -355,6 +355,11 @@ def flash_attn_fwd(
     the rows' global token indices (any object with ``start`` and ``stride``). ``cu_seqlens``: int
     (n_docs + 1,) document boundaries over global indices. ``q_rope``/``k_rope`` (both or neither):
     ``rope_tables.RopeTables`` of each side, positions already range-checked by the caller.
+    ``window`` (left, right): keys within [a - left, a + right] of the query's aligned index a, -1 for
+    an unbounded side; ``softcap`` > 0: scores -> softcap * tanh(scores / softcap); ``alibi_slopes``
+    ((Hq,) or (B, Hq)): - slope * |a - k| added after the softcap; ``k_cu_seqlens`` (needs
+    ``cu_seqlens``, same length): the keys' own document boundaries, a = q index + k_cu[d + 1] -
+    cu[d + 1] for a query of document d (bottom-right alignment per document; else a = q index).
     ``out``/``lse`` may be given to write into. ``config`` overrides the shipped tile configs; without it a GPU launch autotunes
     among them with ``tuner`` (default: the process-wide ``autotune.TUNER``).
     """
@@ -451,7 +456,8 @@ def flash_attn_bwd(
 
     ``lse`` and ``delta`` (B, Hq, Sq) fp32 may be global ones (a ring's); ``delta`` is computed from
     ``out`` when not given. Two passes, dq and dk/dv, so no atomics: results are deterministic.
-    ``config_dq``/``config_dkdv``/``tuner`` as ``config``/``tuner`` of ``flash_attn_fwd``.
+    ``config_dq``/``config_dkdv``/``tuner`` as ``config``/``tuner`` of ``flash_attn_fwd``, and the score
+    features (``window``, ``softcap``, ``alibi_slopes``, ``k_cu_seqlens``) as there.
     """
     _check_qkv(q, k, v)
     if not isinstance(dout, torch.Tensor) or dout.shape != q.shape or dout.dtype != q.dtype:

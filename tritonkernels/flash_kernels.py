@@ -8,6 +8,14 @@ row n ``k_start + k_stride * n``. Causal: q_index >= k_index. Documents: per-tok
 outside every document, which sees nothing). Fully masked tiles are skipped: the causal bound is
 computed here, the document bound per tile is given by the launcher (``TileRange``).
 
+Score features, each a constexpr flag so a kernel without it compiles as before: K_DOCS (keys carry
+their own document boundaries; a query's *aligned* index, QAlign from the launcher, is its index +
+k_cu[d + 1] - cu[d + 1], and causal, window and ALiBi use it in place of the query index),
+HAS_WINDOW (keys in [a - win_left, a + win_right], -1 unbounded; key or query tiles outside every
+row's window are never visited), SOFTCAP (cap * tanh(s / cap) on the natural-scale score s, its
+derivative in the backward) and HAS_ALIBI (- slope * |a - k| added after the softcap; slopes
+(B, Hq) fp32).
+
 All scores are in log2 units (scale * log2(e) folded in) so exp2 is used; lse is written in
 natural log. Rows that see no key get lse = -inf and zero output; no inf - inf is ever formed.
 """
@@ -250,8 +258,8 @@ def _tanh(x):
 @triton.jit
 def _score_mod(
     s,
-    q_align,
-    k_idx,
+    q_rel,
+    k_rel,
     scale_log2,
     softcap_in,
     softcap_out,
@@ -264,8 +272,9 @@ def _score_mod(
 
     Softcap acts on the natural-scale score scale * q.k: cap * tanh(scale * q.k / cap), so
     softcap_in = scale / cap and softcap_out = cap * log2(e). ALiBi then adds -slope * |a - k| (a:
-    the query's aligned index), slope_log2 = -slope * log2(e). The int32 difference is exact for
-    every visible pair (both lie in one document); masked pairs are overwritten by the caller.
+    the query's aligned index), slope_log2 = -slope * log2(e), from fp32 indices relative to the key
+    tile's first index (``_alibi_rel``): exact integers for every pair within 2^24 of it, and one
+    subtraction and FMA per score.
     """
     t = s
     if SOFTCAP:
@@ -275,11 +284,20 @@ def _score_mod(
         s = s * scale_log2
     if HAS_ALIBI:
         if KEYS_ROWS:
-            dist = k_idx[:, None] - q_align[None, :]
+            dist = k_rel[:, None] - q_rel[None, :]
         else:
-            dist = q_align[:, None] - k_idx[None, :]
-        s = s + slope_log2 * tl.abs(dist).to(tl.float32)
+            dist = q_rel[:, None] - k_rel[None, :]
+        s = s + slope_log2 * tl.abs(dist)
     return s, t
+
+
+@triton.jit
+def _alibi_rel(q_align, k_first, HAS_ALIBI: tl.constexpr):
+    """Aligned query indices relative to the key tile's first index k_first, in fp32 (int64 first:
+    a negative aligned index minus k_first may leave int32). A dummy without ALiBi."""
+    if HAS_ALIBI:
+        return (q_align.to(tl.int64) - k_first).to(tl.float32)
+    return q_align.to(tl.float32)
 
 
 @triton.jit
@@ -478,6 +496,7 @@ def _attn_fwd_inner(
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
+    k_rel = (k_stride * tl.arange(0, BLOCK_N)).to(tl.float32)  # ALiBi: key indices from the tile's first
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < n_hi
@@ -507,7 +526,8 @@ def _attn_fwd_inner(
         )
         k_idx = k_start + k_stride * offs_n
         s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC)
-        s, _ = _score_mod(s, q_align, k_idx, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
+        q_rel = _alibi_rel(q_align, k_start + k_stride * start_n, HAS_ALIBI)
+        s, _ = _score_mod(s, q_rel, k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
         k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-2)
@@ -605,6 +625,9 @@ def flash_fwd_kernel(
     the frequency tables QTabA/QTabB, KTabA/KTabB (``_rope_tile.rope_cos_sin``); with HAS_DOCS the
     int32 doc ids QDoc (Sq,) and KDoc (Sk,) and TileRange (cdiv(Sq, BLOCK_M), 2) int32, each query
     tile's [lo, hi) key rows. scale_log2 = softmax scale * log2(e); attn_factor scales cos and sin.
+    Score features (module docstring): QAlign (Sq,) int32 aligned query indices (K_DOCS), Alibi
+    (B, Hq) fp32 slopes (HAS_ALIBI), win_left/win_right (HAS_WINDOW), softcap_in = scale / cap and
+    softcap_out = cap * log2(e) (SOFTCAP).
     Outputs: Out (B, Sq, Hq, HEAD_DIM), normalized, in Out's dtype; Lse (B, Hq, Sq) fp32 contiguous,
     the natural-log logsumexp of the scaled scores per row (-inf, with zero output, for rows that
     see no key).
@@ -918,6 +941,7 @@ def flash_bwd_dq_kernel(
             dqc = tl.zeros([BLOCK_M, PASS_PAD], dtype=tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_rel = (k_stride * tl.arange(0, BLOCK_N)).to(tl.float32)  # ALiBi: key indices from the tile's first
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < n_hi
@@ -953,7 +977,8 @@ def flash_bwd_dq_kernel(
             q_idx, k_idx, q_doc, k_doc, m_valid, n_valid, k_lo, k_hi, CAUSAL, HAS_DOCS, BOUNDS, HAS_WINDOW
         )
         s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC)
-        s, t = _score_mod(s, q_align, k_idx, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
+        q_rel = _alibi_rel(q_align, k_start + k_stride * start_n, HAS_ALIBI)
+        s, t = _score_mod(s, q_rel, k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot_nt(do, v, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -1076,7 +1101,8 @@ def flash_bwd_dkdv_kernel(
     transposed (keys as rows): sT = k q^T, so the per-query lse/delta broadcast along columns.
 
     Inputs as flash_bwd_dq_kernel's, except that TileRange (cdiv(Sk, BLOCK_N), 2) int32 holds each
-    key tile's [lo, hi) query rows. Outputs, in their own dtypes: DK (B, Sk, Hkv, HEAD_DIM), scaled
+    key tile's [lo, hi) query rows (with K_DOCS also bounded by causal and the window, which the
+    kernel cannot bound itself: aligned indices jump between documents). Outputs, in their own dtypes: DK (B, Sk, Hkv, HEAD_DIM), scaled
     by the softmax scale and rotated back (RoPE backward), and DV (B, Sk, Hkv, HEAD_DIM).
     """
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
@@ -1115,6 +1141,7 @@ def flash_bwd_dkdv_kernel(
     scale_log2 = scale * LOG2E_K
 
     k_idx = k_start + k_stride * offs_n
+    k_rel = (k_stride * tl.arange(0, BLOCK_N)).to(tl.float32)  # ALiBi: key indices from the tile's first
     k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
     m_lo = 0
     m_hi = Sq
@@ -1207,7 +1234,7 @@ def flash_bwd_dkdv_kernel(
             )  # fmt: skip
             s_t = _scores(ka, kb, kc, qa, qb, qc, ROPE, PASS_PAD, DOT_PREC)
             s_t, t_t = _score_mod(
-                s_t, q_align, k_idx, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI,
+                s_t, _alibi_rel(q_align, k_start + k_stride * (pid_n * BLOCK_N), HAS_ALIBI), k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI,
                 KEYS_ROWS=True,
             )  # fmt: skip
             p_t = tl.where(vis_t, tl.exp2(s_t - lse2[None, :]), 0.0)
