@@ -355,7 +355,7 @@ def ring_attention_ref(
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"ring attention needs Sq == Sk, got {q.shape[1]} and {k.shape[1]}")
     B, S, Hq, D = q.shape
-    shards = shard_indices(S, world_size, layout, device=q.device)
+    shards = shard_indices(S, world_size, layout, q.device, cu_seqlens)
     if positions is None and rope is not None:
         positions = default_positions(torch.arange(S, device=q.device), cu_seqlens)
     if rope is not None:

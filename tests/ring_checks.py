@@ -65,18 +65,19 @@ def check_against(ours, ref, peer_result, names=NAMES, lse=True):
 
 def local_run(comm, q, k, v, dout, layout, positions=None, **kwargs):
     """One rank's forward + backward on its shard; returns its out, lse, dq, dk, dv."""
-    q_l, k_l, v_l = (shard(t, 1, comm, layout).requires_grad_() for t in (q, k, v))
+    cu = kwargs.get("cu_seqlens")
+    q_l, k_l, v_l = (shard(t, 1, comm, layout, cu).requires_grad_() for t in (q, k, v))
     if positions is not None:
-        kwargs["positions"] = shard(positions, positions.dim() - 1, comm, layout)
+        kwargs["positions"] = shard(positions, positions.dim() - 1, comm, layout, cu)
     out, lse = ring_attn_func(q_l, k_l, v_l, group=comm, layout=layout, return_lse=True, **kwargs)
-    out.backward(shard(dout, 1, comm, layout))
+    out.backward(shard(dout, 1, comm, layout, cu))
     return {"out": out.detach(), "lse": lse, "dq": q_l.grad, "dk": k_l.grad, "dv": v_l.grad}
 
 
-def assemble(per_rank, seq_len, layout):
+def assemble(per_rank, seq_len, layout, cu_seqlens=None):
     """Full-sequence tensors from every rank's shard, in NaN-filled buffers (unwritten rows fail)."""
     W = len(per_rank)
-    index = shard_indices(seq_len, W, layout)
+    index = shard_indices(seq_len, W, layout, cu_seqlens=cu_seqlens)
     full = {}
     for name in (*NAMES, "lse"):
         dim = 2 if name == "lse" else 1
@@ -94,7 +95,7 @@ def fake_run(W, q, k, v, dout, layout, timeout=60.0, **kwargs):
     """Every rank of an in-process fake ring of W; the assembled results and the communicators."""
     comms = fake_ring(W, timeout=timeout)
     per_rank = run_fake_ring(lambda c: local_run(c, q, k, v, dout, layout, **kwargs), comms)
-    return assemble(per_rank, q.shape[1], layout), comms
+    return assemble(per_rank, q.shape[1], layout, kwargs.get("cu_seqlens")), comms
 
 
 # --------------------------------------------------------------------------------- spawned gloo jobs

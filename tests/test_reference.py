@@ -345,3 +345,32 @@ def test_dropout_backward_equals_autograd_of_the_forward():
     plain_out, plain_lse = attention_ref(q, k, v, causal=True, q_index=torch.arange(4, 13))
     assert torch.equal(lse, plain_lse)  # lse is that of the probabilities before dropout
     assert not torch.allclose(out, plain_out)
+
+
+def _long_tailed_documents(n=60, seed=0):
+    """Lognormal document lengths (median ~1K tokens, a few of 8K+), as packed pretraining data."""
+    lengths = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 1.2 + 6.8).exp()
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.clamp(16, 32768).long().cumsum(0)])
+
+
+@pytest.mark.parametrize("world_size", [4, 8, 32])
+def test_doc_zigzag_balances_causal_work_within_documents(world_size):
+    from ringattn.layouts import causal_work
+
+    cu = _long_tailed_documents()
+    S = int(cu[-1])
+    busiest = {}
+    for layout in ("zigzag", "doc_zigzag"):
+        work = torch.tensor(causal_work(S, world_size, layout, cu), dtype=torch.float64)
+        busiest[layout] = float(work.max() / work.mean())
+    assert busiest["doc_zigzag"] <= 1.05
+    assert busiest["zigzag"] >= 1.2  # what doc_zigzag fixes
+    # Every token is held exactly once, each document cut into 2W runs.
+    index = torch.cat(shard_indices(S, world_size, "doc_zigzag", cu_seqlens=cu))
+    assert torch.equal(index.sort().values, torch.arange(S))
+
+
+def test_doc_zigzag_without_documents_is_zigzag():
+    for S, W in ((29, 3), (100, 4), (5, 4)):
+        for a, b in zip(shard_indices(S, W, "doc_zigzag"), shard_indices(S, W, "zigzag"), strict=True):
+            assert torch.equal(a, b)

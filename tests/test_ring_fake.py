@@ -97,7 +97,7 @@ def _run_case(case, layout):
     check_against(ours, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "stripe", "contiguous"])
+@pytest.mark.parametrize("layout", ["zigzag", "stripe", "contiguous", "doc_zigzag"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_fake_ring_matches_fp64_reference(case, layout):
     _run_case(case, layout)

@@ -60,7 +60,7 @@ from ..block import (
     check_softmax_scale,
     select_backend,
 )
-from ..layouts import LAYOUTS, chunk_count, shard_lengths, shard_pieces
+from ..layouts import LAYOUTS, shard_lengths, shard_pieces
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds, debug_enabled
 
@@ -154,23 +154,24 @@ class _Plan:
         return index
 
 
-def _pieces(seq_len: int, world_size: int, layout: str) -> tuple[list[list[_Piece]], int]:
-    capacity = -(-seq_len // chunk_count(world_size, layout))
+def _pieces(seq_len: int, world_size: int, layout: str, cu_list=None) -> tuple[list[list[_Piece]], int]:
+    """Every rank's pieces and the wire buffer's rows: the j-th piece of every rank travels in the same
+    rows, as many as the longest j-th piece of any rank."""
+    runs_per_rank = shard_pieces(seq_len, world_size, layout, cu_list)
+    widths = [max(runs[j][2] for runs in runs_per_rank) for j in range(len(runs_per_rank[0]))]
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
     plan = []
-    for runs in shard_pieces(seq_len, world_size, layout):
+    for runs in runs_per_rank:
         pieces, local = [], 0
-        for i, (start, stride, length) in enumerate(runs):
+        for (start, stride, length), offset in zip(runs, offsets, strict=True):
             pieces.append(
                 _Piece(
-                    Span(start, stride),
-                    length,
-                    slice(local, local + length),
-                    slice(i * capacity, i * capacity + length),
+                    Span(start, stride), length, slice(local, local + length), slice(offset, offset + length)
                 )
             )
             local += length
         plan.append(pieces)
-    return plan, capacity * len(plan[0])
+    return plan, sum(widths)
 
 
 def _check_local(q, k, v, options: _Options) -> _Options:
@@ -393,7 +394,7 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
     cu_list = None if cu_seqlens is None else cu_seqlens.tolist()
     if cu_list is not None:
         # cu_seqlens claims the global length: a shard that cannot belong to it fails before any wire.
-        expected = shard_lengths(cu_list[-1], W, layout)[rank]
+        expected = shard_lengths(cu_list[-1], W, layout, cu_list)[rank]
         if expected != S_local:
             raise ValueError(
                 f"cu_seqlens ends at {cu_list[-1]}, so rank {rank} of {W} ({layout}) should hold {expected} "
@@ -410,7 +411,7 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         table = _handshake(comm, meta, agreement, timeout, q.device)
     lengths = [row["S_local"] for row in table]
     seq_len = sum(lengths)
-    expected = shard_lengths(seq_len, W, layout)
+    expected = shard_lengths(seq_len, W, layout, cu_list)
     if lengths != expected:
         raise ValueError(
             f"shard lengths {lengths} are not a {layout} split of a global length {seq_len} over {W} ranks "
@@ -420,7 +421,7 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         raise ValueError(f"cu_seqlens must end at the global sequence length {seq_len}, got {cu_list[-1]}")
     if W > 1:
         comm._agreed = (key, table)  # after every check that reads the table: only a sound agreement
-    pieces, rows = _pieces(seq_len, W, layout)
+    pieces, rows = _pieces(seq_len, W, layout, cu_list)
     gathered = None
     positions = options.positions
     if positions is not None:

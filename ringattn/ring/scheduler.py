@@ -263,7 +263,7 @@ def ring_attn_func(
 
     Args:
         q: (B, S_local, Hq, D); k, v: (B, S_local, Hkv, D), Hq % Hkv == 0 (only KV heads travel).
-            The shard is ``ringattn.shard(x, 1, group, layout)`` of the global sequence; any global
+            The shard is ``ringattn.shard(x, 1, group, layout, cu_seqlens)`` of the global sequence; any global
             length works (shards then differ by a token; a rank may hold none).
         group: the ring. A flat ring: a ProcessGroup, a 1-D DeviceMesh, a ``RingComm`` (e.g. the
             in-process fake, or ``ring_comm(pg, order=...)`` for a topology-chosen order), or None for
@@ -273,7 +273,8 @@ def ring_attn_func(
             position i of node o holds shard o * I + i of the N shards (``ringattn.shard`` with the
             same ``group`` gives it). Either way a rank's shard index is its position in the ring.
         causal: mask by global token index (query index >= key index).
-        layout: "zigzag", "stripe" or "contiguous": how the shards were cut.
+        layout: "zigzag", "stripe", "contiguous" or "doc_zigzag" (each document of ``cu_seqlens`` cut
+            zigzag-wise: balanced causal work for packed documents): how the shards were cut.
         rope: rotate Q and K inside the blocks (fused); positions default to the global index, or the
             index within the document when ``cu_seqlens`` is given.
         positions: this rank's shard of the RoPE positions, (S_local,) or (B, S_local), int

@@ -26,8 +26,11 @@ def _check(x, dim, layout, name):
     return dim % x.dim()
 
 
-def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
+def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", cu_seqlens=None) -> torch.Tensor:
     """This rank's shard of the full sequence ``x`` along ``dim`` (a new tensor; ``x`` is unchanged).
+
+    ``cu_seqlens`` (the global document boundaries, as passed to ``ring_attn_func``) is needed by the
+    "doc_zigzag" layout, which cuts each document; the other layouts ignore it.
 
     ``group`` is the ring exactly as given to ``ring_attn_func`` (a ring order or a two-level ring lives
     in its communicator): the shard is the one of this rank's position in the ring. Any length: shards
@@ -35,18 +38,21 @@ def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> 
     """
     dim = _check(x, dim, layout, "x")
     comm = ring_comm(group)
-    index = shard_indices(x.shape[dim], comm.world_size, layout, device=x.device)[comm.rank]
+    index = shard_indices(x.shape[dim], comm.world_size, layout, x.device, cu_seqlens)[comm.rank]
     return x.index_select(dim, index)
 
 
-def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag") -> torch.Tensor:
-    """The full sequence from every rank's shard along ``dim`` (a collective; not differentiable)."""
+def unshard(
+    x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", cu_seqlens=None
+) -> torch.Tensor:
+    """The full sequence from every rank's shard along ``dim`` (a collective; not differentiable).
+    ``cu_seqlens`` as for ``shard``."""
     dim = _check(x_local, dim, layout, "x_local")
     comm = ring_comm(group)
     W = comm.world_size
     lengths = comm.all_gather(torch.tensor([x_local.shape[dim]], dtype=torch.int64)).flatten().tolist()
     seq_len = sum(lengths)
-    if lengths != shard_lengths(seq_len, W, layout):
+    if lengths != shard_lengths(seq_len, W, layout, cu_seqlens):
         raise ValueError(
             f"shard lengths {lengths} are not a {layout} split of {seq_len} tokens over {W} ranks"
         )
@@ -59,6 +65,6 @@ def unshard(x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigz
     full_shape = list(x_local.shape)
     full_shape[dim] = seq_len
     out = x_local.new_empty(full_shape)
-    for rank, index in enumerate(shard_indices(seq_len, W, layout, device=x_local.device)):
+    for rank, index in enumerate(shard_indices(seq_len, W, layout, x_local.device, cu_seqlens)):
         out.index_copy_(dim, index, gathered[rank].narrow(dim, 0, lengths[rank]))
     return out
