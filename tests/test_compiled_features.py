@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_checks import Case, assert_matches_reference, check_block, make_inputs
-from cuda_emulator import Emulator, assert_clean, build_library, check_case, run_case
+from cuda_emulator import KERNEL_SOURCE, Emulator, assert_clean, build_library, check_case, run_case
 
 from ringattn import RoPEConfig
 from ringattn._extension import compiled
@@ -171,10 +171,13 @@ def emu() -> Emulator:
     return Emulator(build_library())
 
 
-# Smaller than the CPU cases (every CUDA thread is a fiber here), still over several tiles.
+# Smaller than the CPU cases (every CUDA thread is a fiber here), still over several tiles; head dims
+# 32-64 (64-key tiles), 80-128 and 136-256 (32-key backward tiles, columns split over two CTAs).
 EMU_CASES = {
     "window-causal-gqa-sq100": (Case(100, Hq=4, Hkv=2, D=32, causal=True, window=(21, 0)), BF16),
     "window-both-sides-sq40-sk110": (Case(40, 110, D=40, window=(9, 30), q_span=Span(50)), FP16),
+    "window-right-only-d80": (Case(70, Hq=2, Hkv=1, D=80, window=(-1, 7)), BF16),
+    "softcap-d96": (Case(70, 50, Hq=2, Hkv=1, D=96, softcap=1.5), FP16),
     "softcap-alibi-causal": (Case(70, Hq=2, Hkv=1, D=64, causal=True, softcap=2.0, alibi="head"), BF16),
     "alibi-per-batch": (Case(33, 70, B=2, Hq=2, Hkv=1, D=32, alibi="batch"), FP16),
     "cu-seqlens-k-causal-rope": (
@@ -182,9 +185,24 @@ EMU_CASES = {
              k_cu_seqlens=(0, 30, 40, 80, 105), rope=R32),
         BF16,
     ),
+    # queries longer than keys in document 1 (its first queries see nothing), keys past every document
+    "cu-seqlens-k-window-alibi": (
+        Case(90, 70, Hq=4, Hkv=2, D=32, causal=True, cu_seqlens=(0, 20, 80), k_cu_seqlens=(0, 30, 60),
+             window=(8, 2), alibi="head"),
+        FP16,
+    ),
     "window-docs-softcap-d136": (
         Case(70, Hq=2, Hkv=1, D=136, causal=True, cu_seqlens=(3, 40, 40, 66), window=(9, 0), softcap=3.0),
         BF16,
+    ),
+    "gqa4-rope-window-softcap-alibi-d256": (
+        Case(70, Hq=4, Hkv=1, D=256, causal=True, rope=RoPEConfig(256, theta=1e4), window=(20, 0), softcap=5.0,
+             alibi="head"),
+        BF16,
+    ),
+    "zigzag-spans-window": (
+        Case(33, 40, Hq=4, Hkv=2, D=64, causal=True, q_span=Span(5, 2), k_span=Span(0, 3), window=(25, 0)),
+        FP16,
     ),
 }  # fmt: skip
 
@@ -205,3 +223,31 @@ def test_cuda_source_skips_keys_outside_the_window(emu, dtype):
     assert_clean(run)
     ours = {"out": run.out, "lse": run.lse, "dq": run.dq, "dk": run.dk, "dv": run.dv}
     _assert_skip_result(ours, clean, case)
+
+
+# Planted in attn_cuda.cu: a loop bound that visits every tile again (masking alone would then meet
+# the NaN keys outside the window: 0 * NaN in P V and dP).
+BOUND_MUTATIONS = {
+    "forward-visits-every-key-tile": (
+        "for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {",
+        "for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += BK) {",
+    ),
+    "backward-visits-every-query-tile": (
+        "for (int64_t q0 = q_begin / BQ * BQ; q0 < q_end; q0 += BQ) {",
+        "for (int64_t q0 = 0; q0 < p.seqlen_q; q0 += BQ) {",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BOUND_MUTATIONS)
+def test_window_skip_test_catches_a_full_loop(name):
+    original, planted = BOUND_MUTATIONS[name]
+    text = KERNEL_SOURCE.read_text()
+    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
+    mutant = Emulator(build_library(text.replace(original, planted)))
+    clean, poisoned = _window_poisoned(SKIP_CASE, BF16, POISONED_KEYS)
+    run = run_case(mutant, SKIP_CASE, BF16, inputs=poisoned)
+    ours = {"out": run.out, "lse": run.lse, "dq": run.dq, "dk": run.dk, "dv": run.dv}
+    with pytest.raises(AssertionError, match="NaN from keys outside the window"):
+        _assert_skip_result(ours, clean, SKIP_CASE)
