@@ -35,9 +35,10 @@ def make_inputs(B, S, Hq, Hkv, D, dtype, seed=0):
 
 def _spec(
     *, causal, cu_seqlens=None, rope=None, positions=None, softmax_scale=None, window_size=(-1, -1),
-    softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+    softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, cp_mode="ring",
 ):  # fmt: skip
-    """The ring's options on the full sequence, as ``attention_ref``/``peer_attention`` take them."""
+    """The ring's options on the full sequence, as ``attention_ref``/``peer_attention`` take them
+    (``cp_mode`` changes how the ring runs, not what it computes)."""
     return dict(
         causal=causal, cu_seqlens=cu_seqlens, rope=rope, q_positions=positions, k_positions=positions,
         softmax_scale=softmax_scale, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes,

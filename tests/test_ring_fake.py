@@ -446,3 +446,37 @@ def test_blocks_outside_the_window_are_not_computed(monkeypatch):
     ours, _ = fake_run(4, q, k, v, dout, "contiguous", causal=True, window_size=(3, 0))
     check_against(ours, *(f(q, k, v, dout, causal=True, window_size=(3, 0)) for f in (reference, peer)))
     assert len(calls) == 4 + 3  # every rank its own shard, ranks 1-3 also their predecessor's
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "doc_zigzag", "stripe"])
+@pytest.mark.parametrize(
+    "case", ["W3-causal-rope-docs-S29", "W4-causal-docs-rope-bf16", "W4-window-softcap-alibi-docs"]
+)
+def test_allgather_mode_matches_fp64_reference(case, layout):
+    _run_case(dict(CASES[case], cp_mode="allgather"), layout)
+
+
+def test_allgather_moves_kv_once_and_dkv_around_the_ring():
+    q, k, v, dout = make_inputs(1, 40, 4, 2, 16, torch.float32)
+    ours, comms = fake_run(4, q, k, v, dout, "zigzag", causal=True, cp_mode="allgather")
+    check_against(ours, reference(q, k, v, dout, causal=True), peer(q, k, v, dout, causal=True))
+    stats = comms[0].stats
+    assert stats.cp_modes == {"allgather": 1}
+    kv_bytes = 2 * 1 * 10 * 2 * 16 * 4  # K and V of one shard: (2, B, rows, Hkv, D) fp32
+    assert stats.bytes_per_hop("allgather forward kv") == {1: 3 * kv_bytes}
+    assert stats.bytes_per_hop("allgather backward dkv") == {1: kv_bytes, 2: kv_bytes, 3: kv_bytes}
+    assert stats.bytes_per_hop("forward kv") == {}  # no ring walk
+
+
+def test_auto_mode_follows_the_cost_model():
+    """Tiny shards: per-hop overhead dominates, so the model (MODELED) picks all-gather; either way
+    the results are the spec's."""
+    from ringattn.topology import cp_mode_for
+
+    q, k, v, dout = make_inputs(1, 32, 4, 2, 16, torch.float32)
+    want, _ = cp_mode_for(32, 8, 4, 2, 16, causal=True)
+    assert want == "allgather"
+    ours, comms = fake_run(8, q, k, v, dout, "zigzag", causal=True, cp_mode="auto")
+    check_against(ours, reference(q, k, v, dout, causal=True), peer(q, k, v, dout, causal=True))
+    assert all(c.stats.cp_modes == {want: 1} for c in comms)
+    assert cp_mode_for(1 << 20, 8, 32, 8, 128)[0] == "ring"  # long shards: the ring hides its wire

@@ -55,7 +55,8 @@ def _check_ring(comm, failures, name, layout, case, **extra):
     before = [t.clone() for t in (q, k, v, dout)]
     try:
         local = local_run(comm, q, k, v, dout, layout, **case)
-        full = {n: unshard(local[n], 2 if n == "lse" else 1, comm, layout) for n in (*NAMES, "lse")}
+        cu = case.get("cu_seqlens")
+        full = {n: unshard(local[n], 2 if n == "lse" else 1, comm, layout, cu) for n in (*NAMES, "lse")}
         check_against(full, reference(q, k, v, dout, **case), peer(q, k, v, dout, **case))
         assert all(torch.equal(t, b) for t, b in zip((q, k, v, dout), before, strict=True)), "inputs changed"
     except AssertionError as exc:
@@ -78,6 +79,13 @@ def _correctness_job(rank, world_size, ring_sizes):
             for name, case in _cases(W):
                 _check_ring(comm, failures, name, layout, case)
                 checks += 1
+        docs_case = _cases(W)[0][1]
+        for layout, mode in (("doc_zigzag", "ring"), ("doc_zigzag", "allgather"), ("stripe", "allgather")):
+            _check_ring(comm, failures, f"docs-{mode}", layout, docs_case, cp_mode=mode)
+            checks += 1
+        scores = dict(window_size=(6, 0), softcap=2.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+        _check_ring(comm, failures, "docs-window-softcap-alibi", "doc_zigzag", docs_case, **scores)
+        checks += 1
         _check_ring(comm, failures, "bf16-causal-gqa-rope", "zigzag",
                     dict(S=4 * W + 1, Hq=4, Hkv=2, dtype=torch.bfloat16, causal=True, rope=RoPEConfig(16)))  # fmt: skip
         checks += 1
@@ -121,7 +129,8 @@ def _error_checks(rank):
 
 def _expected_checks(rank, ring_sizes):
     members = {4: {0, 1, 2, 3}, 3: {1, 2, 3}, 2: {0, 3}, 8: set(range(8))}
-    return sum(3 * 3 + 2 + (W == ring_sizes[0]) for W in ring_sizes if rank in members[W])
+    # 3 layouts x 3 cases, 4 document/mode/score checks, bf16, bytes, and the mesh check on the world
+    return sum(3 * 3 + 4 + 2 + (W == ring_sizes[0]) for W in ring_sizes if rank in members[W])
 
 
 _RING_SIZES = (4, 3, 2)

@@ -121,10 +121,12 @@ class RingStats:
     MAX_RECORDS = 256
     records: deque[HopRecord] = field(default_factory=lambda: deque(maxlen=RingStats.MAX_RECORDS))
     totals: dict[tuple[str, int], HopTotal] = field(default_factory=dict)
+    cp_modes: dict[str, int] = field(default_factory=dict)  # calls per context-parallel mode run
 
     def clear(self) -> None:
         self.records.clear()
         self.totals.clear()
+        self.cp_modes.clear()
 
     def add(self, record: HopRecord) -> None:
         """Account for a posted exchange."""

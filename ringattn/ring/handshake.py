@@ -85,6 +85,7 @@ class _Options:
     alibi_slopes: torch.Tensor | None = None
     dropout_p: float = 0.0
     dropout_seed: int = 0
+    cp_mode: str = "ring"  # "ring", "allgather" or "auto" (resolved per call by _plan)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class _Plan:
     positions: torch.Tensor | None  # (W, [B,] rows) every rank's positions laid out like the wire
     timeout: float | None
     scores: dict  # the blocks' score options: window_size, softcap, alibi_slopes, dropout_p/_seed
+    cp_mode: str  # "ring" or "allgather"
 
     def mask(self, qp: _Piece, kp: _Piece) -> BlockMask | None:
         """The block's mask, or None when no (query, key) pair of it can attend."""
@@ -194,6 +196,8 @@ def _check_local(q, k, v, options: _Options) -> _Options:
     check_score_features(q, options.window_size, options.softcap, options.alibi_slopes)
     check_dropout_args(options.dropout_p, options.dropout_seed)
     check_devices(q, alibi_slopes=options.alibi_slopes)
+    if options.cp_mode not in CP_MODES:
+        raise ValueError(f"cp_mode must be one of {CP_MODES}, got {options.cp_mode!r}")
     dkv_dtype = options.dkv_dtype
     if dkv_dtype is not None and dkv_dtype not in (k.dtype, torch.float32, torch.float64):
         raise TypeError(f"dkv_dtype must be None, k's dtype, float32 or float64, got {dkv_dtype}")
@@ -263,6 +267,7 @@ def _agreement(q, k, options: _Options, cu_list: list[int] | None) -> dict:
         "alibi_slopes": None if options.alibi_slopes is None else options.alibi_slopes.tolist(),
         "dropout_p": repr(options.dropout_p),
         "dropout_seed": repr(options.dropout_seed),
+        "cp_mode": repr(options.cp_mode),
     }
     if options.rope is not None:
         for name, value in json.loads(options.rope.to_json()).items():
@@ -386,6 +391,24 @@ def _sequence_rope(rope: RoPEConfig | None, gathered, cu_list: list[int] | None,
     return rope.at_seq_len(seq_len)  # default positions: the global index
 
 
+CP_MODES = ("ring", "allgather", "auto")
+
+
+def _cp_mode(mode: str, comm, q, k, seq_len: int, causal: bool) -> str:
+    """The mode to run: as asked, or for "auto" the cheaper by the topology model (MODELED). The inputs
+    are agreed by every rank, so every rank picks the same."""
+    two_level = len(comm.levels) > 1
+    if mode == "allgather" and two_level:
+        raise NotImplementedError("cp_mode='allgather' on a two-level ring: pass one flat group")
+    if mode != "auto":
+        return mode
+    if two_level or comm.world_size == 1:
+        return "ring"
+    from ..topology.plan import cp_mode_for
+
+    return cp_mode_for(seq_len, comm.world_size, q.shape[2], k.shape[2], q.shape[3], causal)[0]
+
+
 def _plan(q, k, comm, options: _Options) -> _Plan:
     """The handshake and this call's plan; ``options`` as resolved by ``_check_local``."""
     S_local = q.shape[1]
@@ -429,8 +452,11 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
             positions.to(device=q.device, dtype=torch.int64), pieces[rank], rows, positions.dim() - 1
         )
         gathered = comm.all_gather(wire, timeout).to(q.device) if W > 1 else wire.unsqueeze(0)
+    cp_mode = _cp_mode(options.cp_mode, comm, q, k, seq_len, options.causal)
+    comm.stats.cp_modes[cp_mode] = comm.stats.cp_modes.get(cp_mode, 0) + 1
     return _Plan(
         comm=comm,
+        cp_mode=cp_mode,
         causal=options.causal,
         scale=options.softmax_scale,
         rope=_sequence_rope(options.rope, gathered, cu_list, seq_len),

@@ -43,7 +43,7 @@ from ..block import block_backward, block_forward
 from ..dropout import new_seed
 from ..merge import merge_partials
 from ..rope import RoPEConfig
-from .comm import nvtx_range
+from .comm import HopRecord, nvtx_range
 from .dist_comm import ring_comm
 from .handshake import _check_local, _Options, _pack_kv, _Plan, _plan, _unpack
 
@@ -170,7 +170,12 @@ def _ring_forward(plan: _Plan, q: torch.Tensor, kv: torch.Tensor) -> tuple[torch
                     o_acc, l_acc = merge_partials(out[:, qp.local], lse[:, :, qp.local], o, l.to(lse.dtype))
                     out[:, qp.local], lse[:, :, qp.local] = o_acc, l_acc
 
-    _walk_forward(plan, 0, kv, plan.coords(), compute)
+    if plan.cp_mode == "allgather":
+        gathered = _gather_kv(plan, kv, "allgather forward kv")
+        for src in range(plan.comm.world_size):
+            compute(src, gathered[src])
+    else:
+        _walk_forward(plan, 0, kv, plan.coords(), compute)
     return out, lse
 
 
@@ -209,8 +214,40 @@ def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
                     local[0][:, kp.wire] += dk_b
                     local[1][:, kp.wire] += dv_b
 
+    if plan.cp_mode == "allgather":
+        gathered = _gather_kv(plan, kv, "allgather backward kv")
+        local = torch.zeros(gathered.shape, dtype=acc, device=kv.device)
+        for src in range(plan.comm.world_size):
+            compute(src, gathered[src], local[src])
+        del gathered
+        return dq, _reduce_scatter(plan, local, acc, dkv_dtype)
     dkv = _walk_backward(plan, 0, kv, plan.coords(), compute, acc, dkv_dtype)
     return dq, dkv
+
+
+def _gather_kv(plan: _Plan, kv: torch.Tensor, label: str) -> torch.Tensor:
+    """Every rank's packed K/V (W, 2, B, rows, Hkv, D), in ring order (= shard index)."""
+    comm = plan.comm
+    with nvtx_range(label):
+        gathered = comm.all_gather(kv, plan.timeout).to(kv.device)
+    nbytes = kv.numel() * kv.element_size() * (comm.world_size - 1)  # a ring all-gather's traffic
+    comm.stats.add(HopRecord(label, 1, nbytes, nbytes))
+    return gathered
+
+
+def _reduce_scatter(plan: _Plan, local: torch.Tensor, acc, dkv_dtype) -> torch.Tensor:
+    """Sum over ranks of every rank's ``local[r]`` (this rank's contribution to shard r's dk/dv), home
+    at rank r: a ring reduce-scatter. At step t this rank holds the partial sum for shard
+    (rank - t - 1) mod W, adds its own part and passes it on; after W - 1 hops it holds its own."""
+    comm, W, rank = plan.comm, plan.comm.world_size, plan.comm.rank
+    travelling = local[(rank - 1) % W].to(dkv_dtype)
+    incoming = torch.empty_like(travelling)
+    for step in range(1, W):
+        comm.exchange(
+            [travelling], [incoming], hop=step, label="allgather backward dkv", timeout=plan.timeout
+        ).wait()
+        travelling = (incoming.to(acc) + local[(rank - step - 1) % W]).to(dkv_dtype)
+    return travelling
 
 
 class _RingAttention(torch.autograd.Function):
@@ -258,6 +295,7 @@ def ring_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    cp_mode: str = "ring",
 ):
     """Ring attention over the ranks of ``group`` on this rank's shard of the sequence.
 
@@ -296,6 +334,10 @@ def ring_attn_func(
         dropout_p, dropout_seed: dropout with ``ringattn.dropout``'s mask keyed by global indices, so
             the ring drops what one call on the whole sequence would; the seed must be the same on every
             rank (default: drawn from torch's generator, which then must be seeded alike).
+        cp_mode: "ring" (K/V pass around the ring while computing); "allgather" (the Llama 3 recipe:
+            all-gather K/V once, attend locally, reduce-scatter dK/dV around the ring; flat rings only);
+            "auto" picks one per call from ``ringattn.topology.cp_mode_for`` (MODELED; PCIe links
+            assumed). ``comm.stats.cp_modes`` counts the modes run.
 
     The ranks agree on shapes and options on the first call with them (one small all_gather and a
     host sync); the communicator keeps that agreement, so later identical calls do neither
@@ -322,6 +364,7 @@ def ring_attn_func(
         alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
         dropout_seed=(new_seed() if dropout_p else 0) if dropout_seed is None else dropout_seed,
+        cp_mode=cp_mode,
     )
     options = _check_local(q, k, v, options)
     plan = _plan(q, k, ring_comm(group), options)

@@ -17,7 +17,7 @@ from .detect import (
     synthetic_pcie_node,
 )
 from .order import count_hops, node_rings, ring_cost, ring_groups, ring_hops, ring_order, split_two_level
-from .plan import MODELS, Hardware, ModelShape, plan
+from .plan import MODELS, Hardware, ModelShape, cp_mode_for, plan
 from .simulate import block_fractions, simulate_ring
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "load_topology",
     "node_rings",
     "parse_topo_matrix",
+    "cp_mode_for",
     "plan",
     "ring_cost",
     "ring_groups",

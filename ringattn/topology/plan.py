@@ -44,6 +44,7 @@ __all__ = [
     "Plan",
     "hop_times",
     "memory_bytes",
+    "cp_mode_for",
     "plan",
     "ring_pass_s",
     "two_level_pass_s",
@@ -168,6 +169,9 @@ def memory_bytes(
     return states + checkpoints + layer + logits + gathered
 
 
+SCHEMES = ("ring", "two-level ring", "flat ring", "all-gather")
+
+
 @dataclass(frozen=True)
 class Candidate:
     scheme: str  # "ring", "two-level ring", "flat ring", "all-gather"
@@ -243,11 +247,13 @@ def plan(
     causal: bool = True,
     recompute: bool = True,
     grad_bytes: int = 4,
+    scheme: str | None = None,
 ) -> Plan:
     """Model every ring size and scheme for ``seq_len``-token sequences and pick the fastest that fits.
 
     batch: sequences per optimizer step, if fixed (data parallel degree must not exceed it).
     ring_size: consider only this context-parallel degree.
+    scheme: recommend only this scheme (one of ``SCHEMES``); every candidate is still listed.
     """
     if not isinstance(model, ModelShape):
         raise TypeError(f"model must be a ModelShape, got {type(model).__name__}")
@@ -259,6 +265,9 @@ def plan(
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     if batch is not None and (not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive int or None, got {batch!r}")
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES} or None, got {scheme!r}")
+    wanted = scheme
     gpn = topo.n_gpus
     total = gpn * nodes
     sizes = _ring_sizes(gpn, nodes)
@@ -325,7 +334,13 @@ def plan(
                     local_order=tuple(local),
                 )
             )
-    fitting = [cand for cand in candidates if cand.fits]
+    if wanted is not None and not any(cand.scheme == wanted for cand in candidates):
+        raise ValueError(
+            f"no candidate uses scheme {wanted!r} for ring sizes {sizes} on {nodes} x {gpn} GPUs "
+            "(rings inside a node are 'ring' or 'all-gather'; across nodes 'two-level ring', 'flat ring' "
+            "or 'all-gather')"
+        )
+    fitting = [cand for cand in candidates if cand.fits and wanted in (None, cand.scheme)]
     # fastest first; between near-equals (0.5 %) the smaller ring and the ring over all-gather
     best = None
     for cand in fitting:
@@ -335,6 +350,39 @@ def plan(
     return Plan(
         model, hw, topo, gpn, nodes, seq_len, causal, recompute, grad_bytes, order, candidates, best, slowdown
     )
+
+
+def launch_spec(p: Plan) -> dict:
+    """The recommendation as a launcher needs it (``ringattn-topology plan --json``, read by
+    ``python -m ringattn.multinode``): every context-parallel ring as global ranks in ring order
+    (rank = node x gpus_per_node + local rank, as torchrun numbers them), and for a two-level ring
+    the inner ring size to pass to ``ringattn.ring.comm_from_rings(rings, inner=...)``."""
+    from .order import ring_groups
+
+    best = p.best
+    if best is None:
+        raise ValueError("the plan has no recommendation: nothing fits in memory at this sequence length")
+    two_level = best.scheme == "two-level ring"
+    return {
+        "format": "ringattn-plan/1",
+        "modeled": "every number here comes from ringattn.topology.plan's cost model, not a measurement",
+        "model": p.model.name,
+        "seq_len": p.seq_len,
+        "gpus_per_node": p.gpus_per_node,
+        "nodes": p.nodes,
+        "world_size": p.gpus_per_node * p.nodes,
+        "scheme": best.scheme,
+        "ring_size": best.ring_size,
+        "inner": best.inner if two_level else None,
+        "outer": best.outer if two_level else None,
+        "data_parallel": best.data_parallel,
+        "tokens_per_rank": best.tokens_per_rank,
+        "causal": p.causal,
+        "layout": "zigzag" if p.causal else "contiguous",
+        "local_order": list(best.local_order),
+        "rings": ring_groups(best.local_order, p.gpus_per_node, p.nodes, best.ring_size),
+        "predicted_tokens_per_s_per_gpu": best.tokens_per_s_per_gpu,
+    }
 
 
 def _ring(compute, nbytes, *, bw, world, overhead, latency=0.0):
@@ -403,3 +451,32 @@ def _layout_slowdown(best: Candidate, causal: bool, overhead: float) -> dict:
         compute = [[f * full for f in row] for row in fractions]
         times[layout] = simulate_ring(compute, [wire] * w, overhead).total_s
     return {layout: t / times["zigzag"] for layout, t in times.items()}
+
+
+def cp_mode_for(
+    seq_len: int,
+    world_size: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    causal: bool = True,
+    hw: Hardware | None = None,
+    link: str = "PIX",
+) -> tuple[str, dict]:
+    """ "ring" or "allgather" for one attention call, by the model above (MODELED): the forward plus
+    backward pass of each scheme over a ring of ``world_size`` ranks joined by ``link``-class hops.
+    Returns the choice and the modeled seconds of both."""
+    hw = Hardware() if hw is None else hw
+    if link not in hw.link_gbs:
+        raise ValueError(f"link must be one of {sorted(hw.link_gbs)}, got {link!r}")
+    c = max(1, -(-seq_len // world_size))
+    shape = ModelShape("call", 1, heads_q * head_dim, heads_q, heads_kv, head_dim, 0, 0, 0.0)
+    hop = hop_times(shape, hw, c, causal)
+    bw, o = hw.link_gbs[link] * 1e9, hw.hop_overhead_us * 1e-6
+    seconds = {
+        "ring": _ring(hop.compute_fwd, hop.bytes_fwd, bw=bw, world=world_size, overhead=o)
+        + _ring(hop.compute_bwd, hop.bytes_bwd, bw=bw, world=world_size, overhead=o),
+        "allgather": _gather(hop.compute_fwd, hop.bytes_fwd, bw=bw, world=world_size, overhead=o)
+        + _gather(hop.compute_bwd, hop.bytes_bwd, bw=bw, world=world_size, overhead=o),
+    }
+    return min(seconds, key=seconds.get), seconds
