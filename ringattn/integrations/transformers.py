@@ -33,6 +33,9 @@ __all__ = [
     "gather_sequence",
     "ringattn_attention",
     "ringattn_mask",
+    "RingAttentionMixin",
+    "RingAttentionTrainer",  # noqa: F822 (built on first use, see __getattr__)
+    "context_parallel_groups",
 ]
 
 NAME = "ringattn"
@@ -131,6 +134,11 @@ def _documents(position_ids: torch.Tensor, comm, layout: str) -> torch.Tensor | 
     if comm is not None and position_ids.dim() == 1:
         from ..ring import unshard
 
+        if layout == "doc_zigzag":  # its shards depend on the documents: they cannot be derived here
+            raise ValueError(
+                "layout='doc_zigzag' in a ring needs cu_seq_lens_q/cu_seq_lens_k in the model's inputs "
+                "(ringattn.integrations.transformers.shard_batch passes them)"
+            )
         position_ids = unshard(position_ids, 0, comm, layout)
     return _documents_from_position_ids(position_ids)
 
@@ -345,8 +353,12 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag", ignore_index: i
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = default_positions(torch.arange(S, device=input_ids.device), cu).expand(input_ids.shape)
+    derived = None
+    if cu is None and "position_ids" in batch and position_ids.shape[0] == 1:
+        derived = _documents_from_position_ids(position_ids.reshape(-1))
+    documents = _layout_documents(layout, cu if cu is not None else derived)
     local = {
-        name: shard(t, 1, group, layout)
+        name: shard(t, 1, group, layout, **documents)
         for name, t in (
             ("input_ids", input_ids),
             ("shift_labels", shift_labels),
@@ -357,11 +369,20 @@ def shard_batch(batch: dict, group=None, layout: str = "zigzag", ignore_index: i
     for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
         if name in batch:
             local[name] = batch[name]
-    if cu is None and "position_ids" in batch and position_ids.shape[0] == 1:
-        derived = _documents_from_position_ids(position_ids.reshape(-1))
-        if derived is not None:
-            local["cu_seq_lens_q"] = local["cu_seq_lens_k"] = derived
+    if derived is not None:
+        local["cu_seq_lens_q"] = local["cu_seq_lens_k"] = derived
     return local
+
+
+def _layout_documents(layout: str, cu_seqlens) -> dict:
+    """``shard``/``unshard``'s documents argument: only the "doc_zigzag" layout cuts by document."""
+    if layout != "doc_zigzag":
+        return {}
+    if cu_seqlens is None:
+        raise ValueError(
+            "layout='doc_zigzag' cuts every document: the batch needs cu_seq_lens_q or packed position_ids"
+        )
+    return {"cu_seqlens": cu_seqlens}
 
 
 def count_predicted_tokens(batch: dict, ignore_index: int = -100) -> torch.Tensor:
@@ -370,8 +391,162 @@ def count_predicted_tokens(batch: dict, ignore_index: int = -100) -> torch.Tenso
     return (labels[:, 1:] != ignore_index).sum()
 
 
-def gather_sequence(x_local: torch.Tensor, group=None, layout: str = "zigzag", dim: int = 1) -> torch.Tensor:
-    """Reassemble a full-sequence tensor (e.g. logits) from every rank's shard (a collective)."""
+def gather_sequence(
+    x_local: torch.Tensor, group=None, layout: str = "zigzag", dim: int = 1, cu_seqlens=None
+) -> torch.Tensor:
+    """Reassemble a full-sequence tensor (e.g. logits) from every rank's shard (a collective).
+    ``cu_seqlens``: the batch's documents, needed (only) by the "doc_zigzag" layout."""
     from ..ring import unshard
 
-    return unshard(x_local, dim, group, layout)
+    return unshard(x_local, dim, group, layout, **_layout_documents(layout, cu_seqlens))
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers.Trainer with context parallelism over ring attention (data parallel x context parallel)
+
+
+def context_parallel_groups(cp_size: int):
+    """This process's context-parallel group on a 2-D mesh DP x CP of the default group's ranks:
+    CP groups are runs of ``cp_size`` consecutive ranks (inside a node when ranks fill nodes in order),
+    DP replicas the ``world // cp_size`` runs. Creating groups is collective: every rank calls this
+    with the same ``cp_size``. Returns ``(cp_group, dp_rank, dp_size)``."""
+    import torch.distributed as dist
+
+    if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
+        raise ValueError(f"cp_size must be a positive int, got {cp_size!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "context parallelism needs torch.distributed initialised: launch with torchrun "
+            f"(cp_size={cp_size})"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % cp_size:
+        raise ValueError(f"cp_size={cp_size} must divide the world size {world}")
+    mine = None
+    for start in range(0, world, cp_size):  # the same new_group calls in the same order on every rank
+        group = dist.new_group(list(range(start, start + cp_size)))
+        if start <= rank < start + cp_size:
+            mine = group
+    return mine, rank // cp_size, world // cp_size
+
+
+class RingAttentionMixin:
+    """Context parallelism for a ``transformers.Trainer`` (or any subclass of it, e.g. TRL's): mix it in
+    first, ``class MyTrainer(RingAttentionMixin, SFTTrainer)``, or use ``RingAttentionTrainer``.
+
+    ``cp_size`` consecutive ranks (launched with torchrun) form one ring and share one sequence; the
+    world is a 2-D mesh of ``world // cp_size`` data-parallel replicas x ``cp_size`` context-parallel
+    ranks. The mixin applies ringattn to the model (``apply(model, group=cp_group, layout=...)``),
+    makes the ranks of a ring read the same batches (the data loaders are sharded over the
+    data-parallel replicas only), gives each rank its shard of every batch (``shard_batch``: labels
+    shifted before sharding) and reports ``get_cp_size() == cp_size`` to the Trainer, whose loss
+    normalisation then counts every target once: each rank's loss is its shard's sum over the global
+    number of targets, scaled like the Trainer's own data-parallel losses, so DDP's average over all
+    ranks is exactly the data-parallel gradient, with gradient accumulation too. Batches must hold
+    unpadded rows (equal lengths, or packed rows from ``DataCollatorWithFlattening``).
+    """
+
+    def __init__(
+        self, *args, cp_size: int = 1, layout: str = "zigzag", rope_precision: str = "exact", **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise NotImplementedError("label smoothing with context parallelism is not supported")
+        if self.compute_loss_func is not None:
+            raise NotImplementedError("compute_loss_func with context parallelism is not supported")
+        if not self.model_accepts_loss_kwargs:
+            raise NotImplementedError(
+                f"{type(self.model).__name__}.forward takes no loss kwargs: the shards' losses need "
+                "num_items_in_batch to add up"
+            )
+        self.cp_size, self.cp_layout = cp_size, layout
+        self.cp_group, self.dp_rank, self.dp_size = None, self.args.process_index, self.args.world_size
+        if cp_size > 1:
+            self.cp_group, self.dp_rank, self.dp_size = context_parallel_groups(cp_size)
+        apply(self.model, group=self.cp_group, layout=layout, rope_precision=rope_precision)
+
+    def get_cp_size(self) -> int:
+        return self.cp_size
+
+    def _data_parallel_loader(self, loader):
+        """Shard ``loader`` over the data-parallel replicas only: the ranks of a ring read the same
+        batches (as transformers itself does for its rank-aware samplers)."""
+        if self.cp_size == 1:
+            return loader
+        from accelerate.data_loader import BatchSamplerShard, IterableDatasetShard
+
+        sampler = getattr(loader, "batch_sampler", None)
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(sampler, BatchSamplerShard):
+            sampler.num_processes, sampler.process_index = self.dp_size, self.dp_rank
+        elif isinstance(dataset, IterableDatasetShard):
+            dataset.num_processes, dataset.process_index = self.dp_size, self.dp_rank
+        else:
+            raise NotImplementedError(
+                f"context parallelism cannot make the ranks of a ring read the same batches from "
+                f"{type(loader).__name__} (dispatch_batches=True?): use a map-style dataset or "
+                "accelerator_config={'dispatch_batches': False}"
+            )
+        return loader
+
+    def get_train_dataloader(self):
+        return self._data_parallel_loader(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._data_parallel_loader(super().get_eval_dataloader(eval_dataset))
+
+    def get_test_dataloader(self, test_dataset):
+        return self._data_parallel_loader(super().get_test_dataloader(test_dataset))
+
+    def _shard_inputs(self, inputs: dict) -> dict:
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise NotImplementedError(
+                "padded batches with context parallelism: pack them (DataCollatorWithFlattening) "
+                "or use rows of equal length"
+            )
+        if self.cp_group is None:
+            return {k: v for k, v in inputs.items() if k != "attention_mask"}
+        local = shard_batch(inputs, group=self.cp_group, layout=self.cp_layout)
+        rest = ("input_ids", "labels", "shift_labels", "position_ids", "attention_mask")
+        local.update({k: v for k, v in inputs.items() if k not in local and k not in rest})
+        return local
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(
+            model,
+            self._shard_inputs(inputs),
+            return_outputs=return_outputs,
+            num_items_in_batch=num_items_in_batch,
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if logits is not None and self.cp_group is not None:  # this rank's shard -> the whole sequence
+            cu = inputs.get("cu_seq_lens_q")
+            if cu is None and self.cp_layout == "doc_zigzag" and inputs.get("position_ids") is not None:
+                cu = _documents_from_position_ids(inputs["position_ids"].reshape(-1))
+            gather = lambda t: gather_sequence(t, self.cp_group, self.cp_layout, cu_seqlens=cu)  # noqa: E731
+            logits = tuple(map(gather, logits)) if isinstance(logits, tuple) else gather(logits)
+        return loss, logits, labels
+
+
+def __getattr__(name: str):
+    """``RingAttentionTrainer`` (``RingAttentionMixin`` + ``transformers.Trainer``), built on first use
+    so that importing this module does not import the Trainer (and accelerate)."""
+    if name == "RingAttentionTrainer":
+        import transformers
+
+        cls = type(
+            "RingAttentionTrainer",
+            (RingAttentionMixin, transformers.Trainer),
+            {
+                "__module__": __name__,
+                "__doc__": "transformers.Trainer with context parallelism over ring attention: "
+                "``RingAttentionTrainer(model=..., args=..., train_dataset=..., cp_size=2)`` under "
+                "torchrun. See ``RingAttentionMixin``.",
+            },
+        )
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
