@@ -17,7 +17,7 @@ ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
 STAMP := $(ENV_DIR)/.ringattn-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: setup test lint demo bench gpu-check compat clean
+.PHONY: setup test lint demo bench gpu-check compat sdist-smoke clean
 
 setup: $(STAMP)
 	@$(PYTHON) -c "import ringattn; print('ringattn extension:', ringattn.extension_status())"
@@ -37,10 +37,18 @@ test: setup lint
 
 demo: setup
 	$(PYTHON) -m ringattn.demo
-	$(PYTHON) -m bench all --quick --out bench_results/demo
+	$(PYTHON) -m ringattn.bench all --quick --out bench_results/demo
 
 bench: setup
-	$(PYTHON) -m bench all
+	$(PYTHON) -m ringattn.bench all
+
+# The install path a user takes, once per CI run (.ci/run): `python -m build --sdist` from this checkout,
+# a new virtualenv outside the repository with $(TORCH_SPEC), a wheel built from the sdist (the
+# extension must build: RINGATTN_REQUIRE_EXT=1; CUDA for one arch where nvcc exists), then the smoke
+# (.ci/smoke.py), `python -m ringattn`, `ringattn-bench all --quick` and `ringattn-topology plan`.
+# SMOKE_DIR keeps its files (default: a temporary folder, removed after a successful run).
+sdist-smoke: setup
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash .ci/sdist_smoke.sh
 
 # On a one-GPU machine with torch, triton, nvcc, cmake, ninja and pybind11 preinstalled (no network):
 # build for the local arch, GPU tests, compute-sanitizer, GPU benchmarks; results and logs in $(OUT).

@@ -21,7 +21,19 @@ from .reference import attention_ref, ring_attention_ref
 from .ring import ring_attn_func, shard, unshard
 from .rope import RoPEConfig, apply_rope, cos_sin
 
-__version__ = "0.1.0.dev0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, via the package metadata); a marked
+    placeholder when ringattn runs from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ringattn")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__: str = _version()
 
 __all__ = [
     "BlockMask",

@@ -49,13 +49,16 @@ def _warn_missing() -> None:
 
 
 def extension_status() -> dict:
-    """What was built: ``{"available", "cuda", "cuda_archs", "nvcc_version", "reason", "build_seconds"}``.
+    """What was built: ``{"available", "cuda", "cuda_archs", "nvcc_version", "cpu_march", "cpu_isa",
+    "reason", "build_seconds"}``.
 
     ``nvcc_version`` is the CUDA release the kernels were compiled with (nvcc's ``release`` line; the
     statically linked runtime needs a driver that supports that CUDA version: R580+ for CUDA 13),
     "" without CUDA or for builds that did not record it. ``reason`` explains an unavailable
     extension (skipped with RINGATTN_SKIP_EXT=1, the build failed, or the import failed); it is
-    empty when the extension loaded.
+    empty when the extension loaded. ``cpu_march`` and ``cpu_isa`` are the ``-march`` the CPU kernels
+    were compiled with ("" for the compiler's default) and the vector ISA it enabled (Linux cpuinfo
+    flag names); None for builds that did not record them.
     """
     recorded = json.loads(_STATUS_FILE.read_text()) if _STATUS_FILE.exists() else {}
     module, error = _load()
@@ -64,6 +67,8 @@ def extension_status() -> dict:
         "cuda": bool(getattr(module, "with_cuda", False)),
         "cuda_archs": getattr(module, "cuda_archs", ""),
         "nvcc_version": recorded.get("nvcc_version", "") if module is not None else "",
+        "cpu_march": recorded.get("cpu_march") if module is not None else None,
+        "cpu_isa": recorded.get("cpu_isa") if module is not None else None,
         "reason": "",
         "build_seconds": recorded.get("build_seconds"),
     }

@@ -66,7 +66,7 @@ class Span:
                 f"Span needs start >= 0 and stride >= 1, got start={self.start}, stride={self.stride}"
             )
 
-    def indices(self, length: int, device=None) -> torch.Tensor:
+    def indices(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
         return self.start + self.stride * torch.arange(length, device=device)
 
     def last(self, length: int) -> int:

@@ -18,7 +18,8 @@ from ringattn import RoPEConfig, block_backward, block_forward
 from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, block_args
 
-from .common import FLOP_FORMULA, Results, attention_flops, plot, progress, timing
+from .common import FLOP_FORMULA, Results, attention_flops, plot, progress
+from .common import timing as _timing
 
 COLUMNS = {
     "impl": "what ran: a ringattn backend through the block contract, or a peer (torch SDPA, flash-attn)",
@@ -108,7 +109,7 @@ def run(
     gen = torch.Generator(device=dev).manual_seed(0)
     cases = [(dt, S, D) for dt in dtypes for S in seq_lens for D in head_dims]
     for dtype, S, D in progress(cases, suite):
-        _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends)
+        _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick)
     results.save(out_dir, COLUMNS, CELLS)
     series = {}
     plot_dtype = str(dtypes[0]).removeprefix("torch.")
@@ -129,7 +130,9 @@ def run(
     return results
 
 
-def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends):
+def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick=False):
+    # quick: 2 rounds of 3 calls (enough to see the spread); else rounds of 5 until the median settles
+    timing = partial(_timing, repeats=3, max_rounds=2) if quick else _timing
     q = torch.randn(1, S, Hq, D, device=dev, dtype=dtype, generator=gen)
     k = torch.randn(1, S, Hkv, D, device=dev, dtype=dtype, generator=gen)
     v = torch.randn(1, S, Hkv, D, device=dev, dtype=dtype, generator=gen)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .detect import TopologyUnavailable, detect_local, load_topology, synthetic_pcie_node
 from .order import count_hops, ring_groups, ring_hops, ring_order, split_two_level
-from .plan import DEFAULT_LINK_GBS, MODELS, Hardware, Plan, plan
+from .plan import DEFAULT_LINK_GBS, MODELS, SCHEMES, Hardware, Plan, launch_spec, plan
 
 MODELED = "MODELED by an analytic cost model (ringattn.topology.plan), not measured"
 
@@ -163,13 +164,20 @@ def _plan(args) -> int:
         causal=not args.no_causal,
         recompute=not args.no_recompute,
         grad_bytes=args.grad_bytes,
+        scheme=args.scheme,
     )
     _print_plan(result)
+    if args.json:
+        spec = launch_spec(result)
+        with open(args.json, "w") as f:
+            json.dump(spec, f, indent=1)
+            f.write("\n")
+        print(f"launch spec ({spec['scheme']}, rings of {spec['ring_size']}) written to {args.json}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ringattn.topology", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "ringattn-topology") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     detect = sub.add_parser("detect", help="show this machine's (or a recorded) topology and ring order")
     detect.add_argument("--topo", help="saved `nvidia-smi topo -m` output instead of this machine")
@@ -196,6 +204,12 @@ def main(argv=None) -> int:
     p.add_argument("--grad-bytes", type=int, choices=(2, 4), default=4, help="dK/dV bytes on the wire")
     p.add_argument("--no-recompute", action="store_true", help="activations kept, no forward recompute")
     p.add_argument("--no-causal", action="store_true")
+    p.add_argument("--scheme", choices=SCHEMES, help="recommend only this scheme (e.g. 'two-level ring')")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the recommended rings for a launcher (python -m ringattn.multinode --plan FILE)",
+    )
     args = parser.parse_args(argv)
     try:
         return _detect(args) if args.command == "detect" else _plan(args)
@@ -204,4 +218,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m ringattn.topology"))
