@@ -63,6 +63,7 @@ from ..block import (
 from ..layouts import LAYOUTS, shard_lengths, shard_pieces
 from ..rope import RoPEConfig
 from .comm import RingComm, TwoLevelComm, _timeout_seconds, debug_enabled
+from .wire import Fp8Wire
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class _Options:
     dropout_p: float = 0.0
     dropout_seed: int = 0
     cp_mode: str = "ring"  # "ring", "allgather" or "auto" (resolved per call by _plan)
+    wire_dtype: torch.dtype | None = None  # None: K/V travel in k's dtype; torch.float8_e4m3fn: see wire
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,12 @@ class _Plan:
     cu_list: list[int] | None
     pieces: list[list[_Piece]]  # per rank
     rows: int  # rows of a K/V wire buffer
+    kv_shape: tuple[int, ...]  # (2, B, rows, Hkv, D): packed K/V (and dK/dV), decoded
     positions: torch.Tensor | None  # (W, [B,] rows) every rank's positions laid out like the wire
     timeout: float | None
     scores: dict  # the blocks' score options: window_size, softcap, alibi_slopes, dropout_p/_seed
     cp_mode: str  # "ring" or "allgather"
+    wire: Fp8Wire | None  # K/V encoding on the wire (None: as packed)
 
     def mask(self, qp: _Piece, kp: _Piece) -> BlockMask | None:
         """The block's mask, or None when no (query, key) pair of it can attend."""
@@ -196,6 +200,10 @@ def _check_local(q, k, v, options: _Options) -> _Options:
     check_score_features(q, options.window_size, options.softcap, options.alibi_slopes)
     check_dropout_args(options.dropout_p, options.dropout_seed)
     check_devices(q, alibi_slopes=options.alibi_slopes)
+    if options.wire_dtype not in (None, k.dtype, torch.float8_e4m3fn):
+        raise ValueError(
+            f"wire_dtype must be None, k's dtype or torch.float8_e4m3fn, got {options.wire_dtype}"
+        )
     if options.cp_mode not in CP_MODES:
         raise ValueError(f"cp_mode must be one of {CP_MODES}, got {options.cp_mode!r}")
     dkv_dtype = options.dkv_dtype
@@ -268,6 +276,7 @@ def _agreement(q, k, options: _Options, cu_list: list[int] | None) -> dict:
         "dropout_p": repr(options.dropout_p),
         "dropout_seed": repr(options.dropout_seed),
         "cp_mode": repr(options.cp_mode),
+        "wire_dtype": str(options.wire_dtype),
     }
     if options.rope is not None:
         for name, value in json.loads(options.rope.to_json()).items():
@@ -454,9 +463,15 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         gathered = comm.all_gather(wire, timeout).to(q.device) if W > 1 else wire.unsqueeze(0)
     cp_mode = _cp_mode(options.cp_mode, comm, q, k, seq_len, options.causal)
     comm.stats.cp_modes[cp_mode] = comm.stats.cp_modes.get(cp_mode, 0) + 1
+    wire = None
+    if options.wire_dtype == torch.float8_e4m3fn:
+        ranges = [(p.wire.start, max(r[j].wire.stop for r in pieces)) for j, p in enumerate(pieces[0])]
+        wire = Fp8Wire((2, q.shape[0], rows, k.shape[2], k.shape[3]), ranges, k.dtype)
     return _Plan(
         comm=comm,
         cp_mode=cp_mode,
+        wire=wire,
+        kv_shape=(2, q.shape[0], rows, k.shape[2], k.shape[3]),
         causal=options.causal,
         scale=options.softmax_scale,
         rope=_sequence_rope(options.rope, gathered, cu_list, seq_len),
@@ -478,9 +493,15 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
 
 
 def _pack_kv(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(2, B, rows, Hkv, D): this rank's K and V as one wire message."""
+    """This rank's K and V as one wire message: (2, B, rows, Hkv, D), or its ``plan.wire`` encoding."""
     mine = plan.pieces[plan.comm.rank]
-    return torch.stack((_wire_layout(k, mine, plan.rows, 1), _wire_layout(v, mine, plan.rows, 1)))
+    kv = torch.stack((_wire_layout(k, mine, plan.rows, 1), _wire_layout(v, mine, plan.rows, 1)))
+    return kv if plan.wire is None else plan.wire.encode(kv)
+
+
+def _kv_of(plan: _Plan, message: torch.Tensor) -> torch.Tensor:
+    """The (2, B, rows, Hkv, D) K/V of a received (or own) wire message."""
+    return message if plan.wire is None else plan.wire.decode(message)
 
 
 def _unpack(buf: torch.Tensor, pieces: list[_Piece], length: int, dtype) -> torch.Tensor:

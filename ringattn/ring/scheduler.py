@@ -45,7 +45,7 @@ from ..merge import merge_partials
 from ..rope import RoPEConfig
 from .comm import HopRecord, nvtx_range
 from .dist_comm import ring_comm
-from .handshake import _check_local, _Options, _pack_kv, _Plan, _plan, _unpack
+from .handshake import _check_local, _kv_of, _Options, _pack_kv, _Plan, _plan, _unpack
 
 __all__ = ["ring_attn_func"]
 
@@ -102,9 +102,9 @@ def _walk_backward(plan, level, kv, owner, compute, acc, dkv_dtype) -> torch.Ten
     innermost = level + 1 == len(plan.levels)
     kv_bufs, cur = _receive_buffers(kv, level, ring), kv
     dkv_bufs = tuple(
-        torch.zeros(kv.shape, dtype=dkv_dtype, device=kv.device) for _ in range(2 if ring else 1)
+        torch.zeros(plan.kv_shape, dtype=dkv_dtype, device=kv.device) for _ in range(2 if ring else 1)
     )
-    local = torch.zeros(kv.shape, dtype=acc, device=kv.device) if innermost else None
+    local = torch.zeros(plan.kv_shape, dtype=acc, device=kv.device) if innermost else None
     pending_dkv = None
     for step in range(W):
         pending_kv = recv = None
@@ -147,7 +147,8 @@ def _ring_forward(plan: _Plan, q: torch.Tensor, kv: torch.Tensor) -> tuple[torch
     lse = torch.full((B, Hq, S_local), -math.inf, dtype=torch.float32, device=q.device)
     mine = plan.pieces[rank]
 
-    def compute(src: int, cur: torch.Tensor) -> None:
+    def compute(src: int, message: torch.Tensor) -> None:
+        cur = _kv_of(plan, message)
         with nvtx_range(f"ring forward compute (kv of rank {src})"):
             for qp in mine:
                 for kp in plan.pieces[src]:
@@ -186,7 +187,8 @@ def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     mine = plan.pieces[rank]
 
-    def compute(src: int, cur: torch.Tensor, local: torch.Tensor) -> None:
+    def compute(src: int, message: torch.Tensor, local: torch.Tensor) -> None:
+        cur = _kv_of(plan, message)
         with nvtx_range(f"ring backward compute (kv of rank {src})"):
             for qp in mine:
                 for kp in plan.pieces[src]:
@@ -216,7 +218,7 @@ def _ring_backward(plan, dout, q, kv, out, lse, dkv_dtype):
 
     if plan.cp_mode == "allgather":
         gathered = _gather_kv(plan, kv, "allgather backward kv")
-        local = torch.zeros(gathered.shape, dtype=acc, device=kv.device)
+        local = torch.zeros((plan.comm.world_size, *plan.kv_shape), dtype=acc, device=kv.device)
         for src in range(plan.comm.world_size):
             compute(src, gathered[src], local[src])
         del gathered
@@ -296,6 +298,7 @@ def ring_attn_func(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     cp_mode: str = "ring",
+    wire_dtype: torch.dtype | None = None,
 ):
     """Ring attention over the ranks of ``group`` on this rank's shard of the sequence.
 
@@ -338,6 +341,10 @@ def ring_attn_func(
             all-gather K/V once, attend locally, reduce-scatter dK/dV around the ring; flat rings only);
             "auto" picks one per call from ``ringattn.topology.cp_mode_for`` (MODELED; PCIe links
             assumed). ``comm.stats.cp_modes`` counts the modes run.
+        wire_dtype: None (K/V travel in k's dtype) or ``torch.float8_e4m3fn``: K/V travel as e4m3 with
+            an fp32 scale per (K or V, batch, piece, head), half bf16's bytes; every rank attends to the
+            dequantized K/V (its own included) and dK/dV are their gradients, in dkv_dtype (see
+            ``ringattn.ring.wire``).
 
     The ranks agree on shapes and options on the first call with them (one small all_gather and a
     host sync); the communicator keeps that agreement, so later identical calls do neither
@@ -365,6 +372,7 @@ def ring_attn_func(
         dropout_p=dropout_p,
         dropout_seed=(new_seed() if dropout_p else 0) if dropout_seed is None else dropout_seed,
         cp_mode=cp_mode,
+        wire_dtype=wire_dtype,
     )
     options = _check_local(q, k, v, options)
     plan = _plan(q, k, ring_comm(group), options)
