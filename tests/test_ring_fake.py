@@ -443,9 +443,13 @@ def test_blocks_outside_the_window_are_not_computed(monkeypatch):
     real = scheduler.block_forward
     monkeypatch.setattr(scheduler, "block_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, dout = make_inputs(1, 64, 2, 1, 16, torch.float32)
-    ours, _ = fake_run(4, q, k, v, dout, "contiguous", causal=True, window_size=(3, 0))
+    ours, comms = fake_run(4, q, k, v, dout, "contiguous", causal=True, window_size=(3, 0))
     check_against(ours, *(f(q, k, v, dout, causal=True, window_size=(3, 0)) for f in (reference, peer)))
     assert len(calls) == 4 + 3  # every rank its own shard, ranks 1-3 also their predecessor's
+    # The window spans one shard back: K/V make one hop (not W - 1), forward and backward.
+    stats = comms[0].stats
+    assert list(stats.bytes_per_hop("forward kv")) == [1] and list(stats.bytes_per_hop("backward kv")) == [1]
+    assert list(stats.bytes_per_hop("backward dkv")) == [1, 2, 3, 4]  # accumulators still go home
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "doc_zigzag", "stripe"])

@@ -119,6 +119,7 @@ class _Plan:
     scores: dict  # the blocks' score options: window_size, softcap, alibi_slopes, dropout_p/_seed
     cp_mode: str  # "ring" or "allgather"
     wire: Fp8Wire | None  # K/V encoding on the wire (None: as packed)
+    steps: int = 0  # ring steps that carry work: W, or fewer when a window leaves far shards unseen
 
     def mask(self, qp: _Piece, kp: _Piece) -> BlockMask | None:
         """The block's mask, or None when no (query, key) pair of it can attend."""
@@ -137,6 +138,19 @@ class _Plan:
             if q_last < k_first or k_last < q_first:
                 return None
         return mask
+
+    def last_step(self) -> int:
+        """The last ring step at which some rank's queries see some of the K/V it holds (flat rings;
+        W - 1 without a window): later steps neither move K/V nor compute."""
+        W = self.comm.world_size
+        if self.scores["window_size"] == (-1, -1) or len(self.levels) > 1:
+            return W - 1
+        for step in range(W - 1, 0, -1):
+            for rank in range(W):
+                src = (rank - step) % W
+                if any(self.mask(qp, kp) for qp in self.pieces[rank] for kp in self.pieces[src]):
+                    return step
+        return 0
 
     def _doc(self, index: int) -> int:
         return bisect.bisect_right(self.cu_list, index) - 1
@@ -462,12 +476,13 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         )
         gathered = comm.all_gather(wire, timeout).to(q.device) if W > 1 else wire.unsqueeze(0)
     cp_mode = _cp_mode(options.cp_mode, comm, q, k, seq_len, options.causal)
-    comm.stats.cp_modes[cp_mode] = comm.stats.cp_modes.get(cp_mode, 0) + 1
+    stats = comm.levels[-1].stats  # a two-level ring counts on its inner ring
+    stats.cp_modes[cp_mode] = stats.cp_modes.get(cp_mode, 0) + 1
     wire = None
     if options.wire_dtype == torch.float8_e4m3fn:
         ranges = [(p.wire.start, max(r[j].wire.stop for r in pieces)) for j, p in enumerate(pieces[0])]
         wire = Fp8Wire((2, q.shape[0], rows, k.shape[2], k.shape[3]), ranges, k.dtype)
-    return _Plan(
+    plan = _Plan(
         comm=comm,
         cp_mode=cp_mode,
         wire=wire,
@@ -490,6 +505,8 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
             "dropout_seed": int(options.dropout_seed),
         },
     )
+    plan.steps = plan.last_step() + 1
+    return plan
 
 
 def _pack_kv(plan: _Plan, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

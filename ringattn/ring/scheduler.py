@@ -74,11 +74,12 @@ def _walk_forward(plan: _Plan, level: int, kv: torch.Tensor, owner: tuple[int, .
     rank at ``owner``), and ``compute(src, buffer)`` on each at the innermost level."""
     comm = plan.levels[level]
     W = comm.world_size
+    steps = plan.steps if len(plan.levels) == 1 else W  # a window may leave far shards unseen
     ring = W > 1 and plan.rows > 0  # an empty sequence has nothing to send
     bufs, cur = _receive_buffers(kv, level, ring), kv
-    for step in range(W):
+    for step in range(steps):
         pending = recv = None
-        if ring and step < W - 1:
+        if ring and step < steps - 1:
             recv = bufs[step % 2]
             pending = comm.exchange([cur], [recv], hop=step + 1, label="forward kv", timeout=plan.timeout)
             if _serial(plan, level):
@@ -106,9 +107,10 @@ def _walk_backward(plan, level, kv, owner, compute, acc, dkv_dtype) -> torch.Ten
     )
     local = torch.zeros(plan.kv_shape, dtype=acc, device=kv.device) if innermost else None
     pending_dkv = None
-    for step in range(W):
+    steps = plan.steps if len(plan.levels) == 1 else W
+    for step in range(W):  # dk/dv accumulators need all W hops to get home; K/V and compute stop early
         pending_kv = recv = None
-        if ring and step < W - 1:
+        if ring and step < steps - 1:
             recv = kv_bufs[step % 2]
             pending_kv = comm.exchange([cur], [recv], hop=step + 1, label="backward kv", timeout=plan.timeout)
             if _serial(plan, level):
@@ -116,7 +118,8 @@ def _walk_backward(plan, level, kv, owner, compute, acc, dkv_dtype) -> torch.Ten
         src = _shifted(owner, level, (owner[level] - step) % W)
         if innermost:
             local.zero_()
-            compute(plan.flat(src), cur, local)
+            if step < steps:
+                compute(plan.flat(src), cur, local)
         else:  # this node's contribution to the super-block share, already home within the node
             local = _walk_backward(plan, level + 1, cur, src, compute, acc, dkv_dtype)
         # The accumulator for shard src arrived from prev (it left there one step ago); add ours.
@@ -333,7 +336,10 @@ def ring_attn_func(
             CUDA (NCCL) waits only order streams and the group's own timeout applies, unless
             ``RINGATTN_RING_DEBUG=1``, where each hop blocks the host for at most ``timeout``.
         window_size, softcap, alibi_slopes ((Hq,) or (B, Hq)): as in ``flash_attn_func``, over global
-            token indices; blocks wholly outside the window are skipped (their K/V still travel).
+            token indices; blocks wholly outside the window are skipped, and on a flat ring the walk
+            stops after the last step whose K/V some rank's window reaches (contiguous layout: the
+            window in shards plus one), so K/V beyond it are neither sent nor computed. The backward's
+            dK/dV accumulators still make all W hops home.
         dropout_p, dropout_seed: dropout with ``ringattn.dropout``'s mask keyed by global indices, so
             the ring drops what one call on the whole sequence would; the seed must be the same on every
             rank (default: drawn from torch's generator, which then must be seeded alike).
