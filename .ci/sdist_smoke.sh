@@ -44,6 +44,6 @@ step smoke "$V" "$ROOT/.ci/smoke.py"
 step report "$V" -m ringattn > "$WORK/report.txt"
 step bench-extra "$V" -m pip install -q "ringattn[bench]"
 step bench "$WORK/venv/bin/ringattn-bench" all --quick --out "$WORK/bench"
-step topology "$WORK/venv/bin/ringattn-topology" plan --gpus-per-node 8 --nodes 2 --seq 1048576
+step topology "$WORK/venv/bin/ringattn-topology" plan --gpus-per-node 8 --nodes 4 --seq 262144 --json "$WORK/plan.json"
 echo "sdist smoke passed ($(basename "$sdist"), $(basename "$wheel")) in $((SECONDS - START)) s:" >&2
 cat "$WORK/times.txt" >&2
