@@ -260,18 +260,18 @@ def test_plots_are_labelled_with_machine_and_versions(tmp_path):
 
 def test_installed_bench_cli_runs_outside_the_repository(tmp_path):
     """python -m ringattn.bench from a folder that is not the repository (the package, not bench/)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ringattn.bench", "kernels", "--baselines", "nope", "--out", str(tmp_path)],
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ringattn.bench", "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0 and "unknown baseline 'nope'" in result.stderr
-    help_text = subprocess.run(
-        [sys.executable, "-m", "ringattn.bench", "--help"], cwd=tmp_path, capture_output=True, text=True
+    assert help_text.returncode == 0, help_text.stderr
+    assert (
+        "ring overlap and efficiency" in help_text.stdout
+        and "usage: python -m ringattn.bench" in help_text.stdout
     )
-    assert help_text.returncode == 0 and "ring overlap and efficiency" in help_text.stdout
 
 
 def test_ring_overlap_surely_below_zero_is_said_plainly():

@@ -85,13 +85,13 @@ def test_report_runs_without_extension_transformers_or_gpu():
     assert "Traceback" not in done.stderr
 
 
-def test_report_json_has_every_section():
-    done = _report("--json")
-    assert done.returncode == 0, done.stderr
-    info = json.loads(done.stdout)
+def test_report_json_has_every_section(capsys):
+    assert env_report.main(["--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert {"versions", "extension", "devices", "distributed", "representative_block"} <= info.keys()
     assert info["versions"]["torch"] == torch.__version__
-    assert [d["device"] for d in info["devices"]] == ["cpu"]  # CUDA_VISIBLE_DEVICES="" hides any GPU
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert [d["device"] for d in info["devices"]] == ["cpu", *cuda]
 
 
 def test_a_failing_section_is_reported_not_raised(monkeypatch):
