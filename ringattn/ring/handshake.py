@@ -476,8 +476,6 @@ def _plan(q, k, comm, options: _Options) -> _Plan:
         )
         gathered = comm.all_gather(wire, timeout).to(q.device) if W > 1 else wire.unsqueeze(0)
     cp_mode = _cp_mode(options.cp_mode, comm, q, k, seq_len, options.causal)
-    stats = comm.levels[-1].stats  # a two-level ring counts on its inner ring
-    stats.cp_modes[cp_mode] = stats.cp_modes.get(cp_mode, 0) + 1
     wire = None
     if options.wire_dtype == torch.float8_e4m3fn:
         ranges = [(p.wire.start, max(r[j].wire.stop for r in pieces)) for j, p in enumerate(pieces[0])]

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from ..block import block_backward, block_forward
+from ..block import block_backward, block_forward, check_score_features
 from ..dropout import new_seed
 from ..merge import merge_partials
 from ..rope import RoPEConfig
@@ -255,27 +255,117 @@ def _reduce_scatter(plan: _Plan, local: torch.Tensor, acc, dkv_dtype) -> torch.T
     return travelling
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, dkv_dtype):
-        kv = _pack_kv(plan, k, v)
-        out, lse = _ring_forward(plan, q, kv)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.dkv_dtype = plan, dkv_dtype
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# ---------------------------------------------------------------------------------- the custom ops
+# The ring is two torch.library custom ops, so torch.compile(fullgraph=True) sees one opaque call. Ops
+# take only tensors and plain values: the group and the static options are registered once per distinct
+# call (``_config_key``, which dynamo runs at trace time and bakes in as a constant) and named by key.
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        plan = ctx.plan
-        kv = _pack_kv(plan, k, v)  # the forward's buffers were reused by the wire
-        dq, dkv = _ring_backward(plan, dout.contiguous(), q, kv, out, lse, ctx.dkv_dtype)
-        mine, S_local = plan.pieces[plan.comm.rank], q.shape[1]
-        dk = _unpack(dkv[0], mine, S_local, k.dtype)
-        dv = _unpack(dkv[1], mine, S_local, v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None
+_CONFIGS: list[tuple] = []  # key -> (group, static options); kept alive for the ops that name them
+_KEYS: dict = {}
+
+
+@torch._dynamo.assume_constant_result
+def _config_key(group, rope, static: tuple) -> int:
+    """The key of (group, options); ``rope`` apart from ``static``: dynamo passes objects through, but
+    cannot rebuild a frozen dataclass built into a traced tuple."""
+    static = (rope, *static)
+    try:
+        lookup = (group, static)
+        hash(lookup)
+    except TypeError:  # an unhashable group (a list of groups): identity is what matters
+        lookup = (id(group), static)
+    if lookup not in _KEYS:
+        _KEYS[lookup] = len(_CONFIGS)
+        _CONFIGS.append((group, static))
+    return _KEYS[lookup]
+
+
+_STATIC = ("rope", "causal", "layout", "softmax_scale", "deterministic", "backend", "dkv_dtype", "timeout",
+           "window_size", "softcap", "dropout_p", "cp_mode", "wire_dtype")  # fmt: skip
+
+
+def _op_plan(q, k, v, positions, cu_seqlens, alibi_slopes, key: int, seed: int):
+    group, static = _CONFIGS[key]
+    options = _Options(
+        **dict(zip(_STATIC, static, strict=True)), positions=positions, cu_seqlens=cu_seqlens,
+        alibi_slopes=alibi_slopes, dropout_seed=seed, return_lse=True,
+    )  # fmt: skip
+    options = _check_local(q, k, v, options)
+    return _plan(q, k, ring_comm(group), options), options
+
+
+@torch.library.custom_op("ringattn::ring_attention_fwd", mutates_args=())
+def _ring_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out, lse and the dropout seed used (``seed`` < 0: drawn now from torch's generator)."""
+    if seed < 0:
+        seed = new_seed() if _CONFIGS[key][1][_STATIC.index("dropout_p")] else 0
+    plan, _ = _op_plan(q, k, v, positions, cu_seqlens, alibi_slopes, key, seed)
+    stats = plan.levels[-1].stats  # a two-level ring counts on its inner ring
+    stats.cp_modes[plan.cp_mode] = stats.cp_modes.get(plan.cp_mode, 0) + 1
+    out, lse = _ring_forward(plan, q, _pack_kv(plan, k, v))
+    return out.to(q.dtype), lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@_ring_attention_fwd.register_fake
+def _(q, k, v, positions, cu_seqlens, alibi_slopes, key, seed):
+    B, S, H, _ = q.shape
+    return (
+        torch.empty_like(q),
+        q.new_empty((B, H, S), dtype=torch.float32),
+        torch.empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("ringattn::ring_attention_bwd", mutates_args=())
+def _ring_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    seed: torch.Tensor,
+    positions: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    key: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The same plan as the forward's: the ranks' agreement is cached, so no handshake again.
+    plan, options = _op_plan(q, k, v, positions, cu_seqlens, alibi_slopes, key, int(seed))
+    dq, dkv = _ring_backward(plan, dout.contiguous(), q, _pack_kv(plan, k, v), out, lse, options.dkv_dtype)
+    mine, S_local = plan.pieces[plan.comm.rank], q.shape[1]
+    return dq.to(q.dtype), _unpack(dkv[0], mine, S_local, k.dtype), _unpack(dkv[1], mine, S_local, v.dtype)
+
+
+@_ring_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, seed, positions, cu_seqlens, alibi_slopes, key):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, positions, cu_seqlens, alibi_slopes, key, _ = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.extras = (positions, cu_seqlens, alibi_slopes, key)
+    ctx.mark_non_differentiable(lse, seed)
+
+
+def _backward(ctx, dout, _dlse, _dseed):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _ring_attention_bwd(dout, q, k, v, out, lse, seed, *ctx.extras)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_ring_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attn_func(
@@ -360,27 +450,15 @@ def ring_attn_func(
     Returns:
         out (B, S_local, Hq, D) in q's dtype, and lse when ``return_lse``.
     """
-    options = _Options(
-        causal=causal,
-        layout=layout,
-        rope=rope,
-        positions=positions,
-        cu_seqlens=cu_seqlens,
-        softmax_scale=softmax_scale,
-        deterministic=deterministic,
-        return_lse=return_lse,
-        backend=backend,
-        dkv_dtype=dkv_dtype,
-        timeout=timeout,
-        window_size=window_size,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p,
-        dropout_seed=(new_seed() if dropout_p else 0) if dropout_seed is None else dropout_seed,
-        cp_mode=cp_mode,
-        wire_dtype=wire_dtype,
-    )
-    options = _check_local(q, k, v, options)
-    plan = _plan(q, k, ring_comm(group), options)
-    out, lse = _RingAttention.apply(q, k, v, plan, options.dkv_dtype)
+    if not torch.compiler.is_compiling():  # eager: every local check here, with the user's names
+        check_score_features(q, window_size, softcap, alibi_slopes)
+    static = (causal, layout, softmax_scale, deterministic, backend, dkv_dtype, timeout,
+              tuple(window_size), softcap, dropout_p, cp_mode, wire_dtype)  # fmt: skip
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
+        raise ValueError(f"dropout_seed must be an int in [0, 2^63) or None, got {dropout_seed!r}")
+    seed = -1 if dropout_seed is None else dropout_seed
+    if isinstance(alibi_slopes, torch.Tensor):
+        alibi_slopes = alibi_slopes.detach()
+    key = _config_key(group, rope, static)
+    out, lse, _ = _ring_attention_fwd(q, k, v, positions, cu_seqlens, alibi_slopes, key, seed)
     return (out, lse) if return_lse else out
