@@ -18,7 +18,7 @@ from .flash_attn_interface import (
 )
 from .merge import merge_partials
 from .reference import attention_ref, ring_attention_ref
-from .ring import ring_attn_func, shard, unshard
+from .ring import ring_attn_func, shard, unshard, usp_attn_func, usp_shard
 from .rope import RoPEConfig, apply_rope, cos_sin
 
 
@@ -61,4 +61,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "shard",
     "unshard",
+    "usp_attn_func",
+    "usp_shard",
 ]

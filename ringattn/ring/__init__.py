@@ -6,6 +6,7 @@ from .dist_comm import DistRingComm, comm_from_rings, ring_comm
 from .fake_comm import FakeRingComm, fake_ring, fake_two_level, run_fake_ring
 from .scheduler import ring_attn_func
 from .sharding import shard, unshard
+from .usp import usp_attn_func, usp_shard
 
 __all__ = [
     "LAYOUTS",
@@ -27,4 +28,6 @@ __all__ = [
     "shard_lengths",
     "shard_pieces",
     "unshard",
+    "usp_attn_func",
+    "usp_shard",
 ]
