@@ -103,7 +103,36 @@ def _correctness_job(rank, world_size, ring_sizes):
             if not torch.equal(ring_attn_func(q, k, v, group=mesh), ring_attn_func(q, k, v, group=groups[W])):
                 failures.append("DeviceMesh and ProcessGroup results differ")
             checks += 1
-    return {"failures": failures, "checks": checks, **(_error_checks(rank) if 4 in ring_sizes else {})}
+    usp = _usp_checks(rank) if world_size == 4 else {}
+    return {"failures": failures, "checks": checks, **usp, **(_error_checks(rank) if 4 in ring_sizes else {})}
+
+
+def _usp_checks(rank):
+    """Ulysses x ring on a 2 x 2 mesh: rank o * 2 + i is member i of Ulysses group o and position o of
+    ring i; each rank checks its own tokens against the fp64 reference of the whole sequence."""
+    from ringattn.ring import shard_indices, usp_attn_func, usp_shard
+
+    ulysses = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    ring = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    S, cu = 32, torch.tensor([0, 11, 11, 32])
+    q, k, v, dout = make_inputs(2, S, 4, 1, 16, torch.float32, seed=7)  # one KV head: replicated to both
+    opts = dict(causal=True, cu_seqlens=cu, rope=RoPEConfig(16))
+    parts = [usp_shard(t, 1, ulysses, ring, "doc_zigzag", cu).requires_grad_() for t in (q, k, v)]
+    out, lse = usp_attn_func(*parts, ulysses_group=ulysses, ring_group=ring, layout="doc_zigzag",
+                             return_lse=True, **opts)  # fmt: skip
+    out.backward(usp_shard(dout, 1, ulysses, ring, "doc_zigzag", cu))
+    mine = shard_indices(S, 2, "doc_zigzag", cu_seqlens=cu)[rank // 2].tensor_split(2)[rank % 2]
+    ref, peer_result = reference(q, k, v, dout, **opts), peer(q, k, v, dout, **opts)
+    ours = {"out": out.detach(), "dq": parts[0].grad, "dk": parts[1].grad, "dv": parts[2].grad, "lse": lse}
+    try:
+        check_against(
+            ours,
+            {n: t[:, :, mine] if n == "lse" else t[:, mine] for n, t in ref.items()},
+            {n: t[:, :, mine] if n == "lse" else t[:, mine] for n, t in peer_result.items()},
+        )
+    except AssertionError as exc:
+        return {"usp": f"rank {rank}: {exc}"}
+    return {"usp": "ok"}
 
 
 def _error_checks(rank):
@@ -148,6 +177,7 @@ def test_gloo_rings_w2_w3_w4_match_fp64_reference(gloo_world):
         assert res is not None, f"rank {rank} wrote no result"
         assert res["failures"] == [], "\n".join(res["failures"])
         assert res["checks"] == _expected_checks(rank, ring_sizes)
+        assert res["usp"] == "ok"  # Ulysses x ring, 2 x 2
 
 
 def test_gloo_bad_input_errors_and_disagreeing_ranks(gloo_world):
