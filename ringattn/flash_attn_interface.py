@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -154,10 +155,10 @@ def flash_attn_func(
     rope: RoPEConfig | None = None,
     positions: torch.Tensor | None = None,
     return_lse: bool = False,
-    group=None,
+    group: Any = None,
     layout: str = "zigzag",
     backend: str = "auto",
-):
+) -> torch.Tensor | tuple:
     """flash-attn's ``flash_attn_func``: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D).
 
     ``causal`` aligns the last query with the last key when Sq != Sk, as flash-attn does (with
@@ -239,7 +240,7 @@ def flash_attn_varlen_func(
     positions: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-):
+) -> torch.Tensor | tuple:
     """flash-attn's varlen call on packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D).
 
     Sequence b's queries are ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and its keys
@@ -353,8 +354,8 @@ def flash_attn_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-    **extras,
-):
+    **extras: Any,
+) -> torch.Tensor | tuple:
     """``flash_attn_func`` on qkv (B, S, 3, H, D); the gradient flows to qkv. ``extras``: the
     keyword-only ringattn options of ``flash_attn_func``."""
     check_tensors(qkv=qkv)
@@ -378,8 +379,8 @@ def flash_attn_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-    **extras,
-):
+    **extras: Any,
+) -> torch.Tensor | tuple:
     """``flash_attn_func`` on q (B, Sq, Hq, D) and kv (B, Sk, 2, Hkv, D)."""
     check_tensors(q=q, kv=kv)
     if kv.dim() != 5 or kv.shape[2] != 2:
@@ -403,8 +404,8 @@ def flash_attn_varlen_qkvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-    **extras,
-):
+    **extras: Any,
+) -> torch.Tensor | tuple:
     """``flash_attn_varlen_func`` on qkv (total, 3, H, D) with one ``cu_seqlens`` for both sides."""
     check_tensors(qkv=qkv)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
@@ -431,8 +432,8 @@ def flash_attn_varlen_kvpacked_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-    **extras,
-):
+    **extras: Any,
+) -> torch.Tensor | tuple:
     """``flash_attn_varlen_func`` on q (total_q, Hq, D) and kv (total_k, 2, Hkv, D)."""
     check_tensors(q=q, kv=kv)
     if kv.dim() != 4 or kv.shape[1] != 2:
@@ -541,7 +542,7 @@ def flash_attn_with_kvcache(
     *,
     rope: RoPEConfig | None = None,
     backend: str = "auto",
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """flash-attn's decoding call: attention of q (B, Sq, Hq, D) against a K/V cache, no gradient.
 
     k_cache/v_cache: (B_cache, S_cache, Hkv, D), or pages (n_pages, page_size, Hkv, D) with

@@ -44,29 +44,12 @@ def test_console_scripts_point_at_main_functions():
         assert callable(fn) and "argv" in inspect.signature(fn).parameters, name
 
 
-# Public callables whose hints are pending in files being reworked elsewhere (strict: when the hints
-# land, the xfail fails and the entry goes).
-PENDING_HINTS = {
-    "flash_attn_func",
-    "flash_attn_kvpacked_func",
-    "flash_attn_qkvpacked_func",
-    "flash_attn_varlen_func",
-    "flash_attn_varlen_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func",
-    "flash_attn_with_kvcache",
-    "ring_attn_func",
-    "shard",
-    "unshard",
-}
-
-
 def _public_callables():
     for name in ringattn.__all__:
         obj = getattr(ringattn, name)
         if inspect.ismodule(obj) or not callable(obj):
             continue
-        mark = pytest.mark.xfail(strict=True, reason="hints pending") if name in PENDING_HINTS else ()
-        yield pytest.param(name, obj, id=name, marks=mark)
+        yield pytest.param(name, obj, id=name)
 
 
 def _unannotated(fn) -> list[str]:

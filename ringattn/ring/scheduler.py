@@ -36,6 +36,7 @@ described above.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -373,7 +374,7 @@ def ring_attn_func(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    group=None,
+    group: Any = None,
     causal: bool = True,
     layout: str = "zigzag",
     rope: RoPEConfig | None = None,
@@ -392,7 +393,7 @@ def ring_attn_func(
     dropout_seed: int | None = None,
     cp_mode: str = "ring",
     wire_dtype: torch.dtype | None = None,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention over the ranks of ``group`` on this rank's shard of the sequence.
 
     Args:

@@ -6,6 +6,8 @@ for a causal LM are shifted on the full sequence first, then sharded like the in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..layouts import LAYOUTS, shard_indices, shard_lengths
@@ -26,7 +28,13 @@ def _check(x, dim, layout, name):
     return dim % x.dim()
 
 
-def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", cu_seqlens=None) -> torch.Tensor:
+def shard(
+    x: torch.Tensor,
+    dim: int = 1,
+    group: Any = None,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | list[int] | None = None,
+) -> torch.Tensor:
     """This rank's shard of the full sequence ``x`` along ``dim`` (a new tensor; ``x`` is unchanged).
 
     ``cu_seqlens`` (the global document boundaries, as passed to ``ring_attn_func``) is needed by the
@@ -43,7 +51,11 @@ def shard(x: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", cu_
 
 
 def unshard(
-    x_local: torch.Tensor, dim: int = 1, group=None, layout: str = "zigzag", cu_seqlens=None
+    x_local: torch.Tensor,
+    dim: int = 1,
+    group: Any = None,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | list[int] | None = None,
 ) -> torch.Tensor:
     """The full sequence from every rank's shard along ``dim`` (a collective; not differentiable).
     ``cu_seqlens`` as for ``shard``."""

@@ -13,6 +13,8 @@ than an all-to-all; correct on every communicator, including the in-process fake
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .dist_comm import ring_comm
@@ -22,7 +24,14 @@ from .sharding import shard
 __all__ = ["usp_attn_func", "usp_shard"]
 
 
-def usp_shard(x: torch.Tensor, dim: int, ulysses_group, ring_group, layout="zigzag", cu_seqlens=None):
+def usp_shard(
+    x: torch.Tensor,
+    dim: int,
+    ulysses_group: Any,
+    ring_group: Any,
+    layout: str = "zigzag",
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """This rank's part of the full sequence ``x`` along ``dim``: its ring shard cut into U equal
     contiguous parts (the ring shard's length must be a multiple of U)."""
     part = shard(x, dim, ring_group, layout, cu_seqlens)
@@ -76,12 +85,12 @@ def usp_attn_func(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    ulysses_group,
-    ring_group,
+    ulysses_group: Any,
+    ring_group: Any,
     positions: torch.Tensor | None = None,
     return_lse: bool = False,
-    **ring_options,
-):
+    **ring_options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's part (``usp_shard``) of the sequence over a Ulysses group x a ring.
 
     q: (B, s, Hq, D), k/v: (B, s, Hkv, D) with Hq % U == 0 and Hkv % U == 0 or U % Hkv == 0 (then each
