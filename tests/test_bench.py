@@ -281,3 +281,29 @@ def test_ring_overlap_surely_below_zero_is_said_plainly():
     row = ring.derived(_timing(3.0, 0.01), _timing(1.0, 0.05), _timing(0.1, 0.005), _timing(2.0, 0.05), 2)
     assert row["overlap_hi"] < 0 and row["overlap_below_zero"] and not row["overlap_within_noise"]
     assert ring.CELLS["overlap"]({"n": 6, "stable": True, **row}).startswith("below 0")
+
+
+def test_cp_suite_counts_bytes_per_mode_and_layout_balance(tmp_path):
+    from ringattn.bench import features
+
+    rows = {row["mode"]: row for row in features.run_cp(True, tmp_path).rows}
+    # One shard of K/V is 2 x 256 tokens x 2 heads x 64 x bf16 = 131072 bytes; W - 1 = 3 forward hops.
+    assert rows["ring"]["fwd_bytes"] == 3 * 131072
+    assert rows["allgather"]["fwd_bytes"] == 3 * 131072  # gathered once: the same bytes, one collective
+    assert rows["ring, fp8 wire"]["fwd_bytes"] < 0.51 * rows["ring"]["fwd_bytes"]  # e4m3 + scales
+    assert rows["ring, fp8 wire"]["vs_ring"] < 1 and rows["allgather, fp8 wire"]["vs_ring"] < 1
+    balance = json.loads((tmp_path / "layout_balance.json").read_text())
+    doc = {row["W"]: row["busiest_over_mean"] for row in balance if row["layout"] == "doc_zigzag"}
+    zig = {row["W"]: row["busiest_over_mean"] for row in balance if row["layout"] == "zigzag"}
+    assert all(doc[W] <= 1.05 < zig[W] for W in (4, 8, 32))
+    assert "busiest_over_mean" in (tmp_path / "layout_balance.md").read_text()
+
+
+@pytest.mark.slow
+def test_window_suite_cost_grows_slower_than_causal(tmp_path):
+    from ringattn.bench import features
+
+    rows = features.run_window(True, tmp_path, device="cpu").rows
+    assert [row["S"] for row in rows] == [512, 1024, 2048]
+    # 4x the tokens: plain causal costs ~16x at large S; the window's skipped tiles keep it near 4x.
+    assert rows[-1]["t_window"] / rows[0]["t_window"] < rows[-1]["t_causal"] / rows[0]["t_causal"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import gpu_check, kernels, ring, rope
+from . import features, gpu_check, kernels, ring, rope
 from .common import Results
 
 
@@ -64,6 +64,10 @@ _SUITES = (
         in_all_without_cuda=False,  # without a GPU `kernels` already runs on the CPU
     ),
     Suite("ring", ring.run, "W local ranks: ring overlap and efficiency", ("matplotlib",)),
+    Suite(
+        "window", features.run_window, "sliding window cost vs S: ours vs plain causal vs SDPA with a mask"
+    ),
+    Suite("cp", features.run_cp, "bytes per context-parallel mode and layout balance (exact counts)", ()),
     Suite(
         "gpu-check",
         gpu_check.run,
