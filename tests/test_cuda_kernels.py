@@ -21,21 +21,21 @@ SM89_SMEM_LIMIT = 101_376
 STATUS = extension_status()
 
 
-@pytest.fixture(scope="module")
-def ptxas_sm89(tmp_path_factory):
-    """ptxas -v report of csrc/attn_cuda.cu compiled for sm_89, as {kernel: {registers, spills, smem}}."""
+def ptxas_report(arch: str, out_dir: Path) -> dict:
+    """ptxas -v report of csrc/attn_cuda.cu compiled for ``arch`` (e.g. "sm_89"), as
+    {kernel: {registers, spill_stores, spill_loads, smem}}."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
-    out = tmp_path_factory.mktemp("ptxas") / "attn_cuda.o"
-    cmd = [nvcc, "-std=c++17", "-O3", "-arch=sm_89", "-Xptxas", "-v", f"-I{ROOT / 'csrc'}"]
+    out = out_dir / "attn_cuda.o"
+    cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", f"-I{ROOT / 'csrc'}"]
     result = subprocess.run(
         [*cmd, "-c", str(ROOT / "csrc" / "attn_cuda.cu"), "-o", str(out)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report, current = {}, None
     for line in result.stderr.splitlines():
-        if m := re.search(r"Compiling entry function '(\w+)' for 'sm_89'", line):
+        if m := re.search(rf"Compiling entry function '(\w+)' for '{arch}'", line):
             current = m.group(1)
             report[current] = {"spill_stores": None, "spill_loads": None, "registers": None, "smem": 0}
         elif current and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
@@ -45,6 +45,11 @@ def ptxas_sm89(tmp_path_factory):
             if s := re.search(r"(\d+) bytes smem", line):
                 report[current]["smem"] = int(s.group(1))
     return report
+
+
+@pytest.fixture(scope="module")
+def ptxas_sm89(tmp_path_factory):
+    return ptxas_report("sm_89", tmp_path_factory.mktemp("ptxas"))
 
 
 def _kernels(report, name):
@@ -61,6 +66,21 @@ def test_ptxas_sm89_no_spills_and_registers(ptxas_sm89):
     for name, info in ptxas_sm89.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
         assert info["registers"] is not None and info["registers"] <= 255, f"{name}: {info}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
+def test_ptxas_other_archs_no_spills(arch, tmp_path):
+    """The build's other archs (CMakeLists.txt RINGATTN_CUDA_ARCHS): every kernel, plain and EXTRA,
+    without spills (sm_89's shared-memory limit is the smallest of them, checked above)."""
+    report = ptxas_report(arch, tmp_path)
+    assert (
+        len(_kernels(report, "attn_forward_kernel")) == 12
+        and len(_kernels(report, "attn_backward_kernel")) == 12
+    )
+    for name, info in report.items():
+        assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{arch} {name} spills: {info}"
+        assert info["registers"] is not None and info["registers"] <= 255, f"{arch} {name}: {info}"
 
 
 def test_ptxas_sm89_shared_memory_within_99kb(ptxas_sm89):
