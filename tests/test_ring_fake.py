@@ -617,3 +617,18 @@ def test_usp_matches_fp64_reference(U, R, Hkv, layout):
         reference(q, k, v, dout, positions=positions, **opts),
         peer(q, k, v, dout, positions=positions, **opts),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("W", [16, 64])
+def test_modes_and_doc_zigzag_at_large_w(W):
+    """doc_zigzag with odd and empty documents, in ring and all-gather modes, on 16 and 64 virtual
+    ranks (some ranks hold nothing of a document), vs fp64, forward and every gradient."""
+    S = 3 * W + 5
+    cu = torch.tensor([0, 1, W + 2, W + 2, 2 * W + 7, S])
+    q, k, v, dout = make_inputs(1, S, 4, 2, 16, torch.float32)
+    opts = dict(causal=True, cu_seqlens=cu, rope=RoPEConfig(16), window_size=(W, 0))
+    ref, peer_result = reference(q, k, v, dout, **opts), peer(q, k, v, dout, **opts)
+    for mode in ("ring", "allgather"):
+        ours, _ = fake_run(W, q, k, v, dout, "doc_zigzag", cp_mode=mode, **opts)
+        check_against(ours, ref, peer_result)
