@@ -6,8 +6,8 @@ elementwise delta and RoPE kernels.
 Compiling runs in a subprocess: the test session runs Triton under its interpreter, which
 replaces @triton.jit functions. sm_89 at head dim 128 (the tuning target) is in the default tier;
 every arch, head dim, fp32 and the RoPE variants are under ``slow``. The score features (window,
-softcap, ALiBi, key-side documents) compile once per kernel by default, and on every arch at head
-dims 64 and 128 under ``slow``.
+softcap, ALiBi, key-side documents) and dropout compile once per kernel by default, and on every
+arch at head dims 64 and 128 under ``slow``.
 """
 
 from __future__ import annotations
@@ -110,6 +110,33 @@ def test_feature_variants_compile_within_budget_on_every_arch():
     args = ["--arch", "80", "89", "90", "--head-dim", "64", "128", "--kernel", *KERNELS, "--dtype", *dtypes]
     results = _compile([*args, "--variant", *FEATURE_VARIANTS])
     _check(results, len(shipped_specs([80, 89, 90], [64, 128], KERNELS, dtypes, tuple(FEATURE_VARIANTS))))
+
+
+def test_dropout_variant_compiles_on_sm89_head_dim_128():
+    # Attention dropout on top of every score feature (the heaviest variant), each attention
+    # kernel's first bf16 candidate on the tuning target: one quick compile per kernel.
+    from tritonkernels.configs import CONFIGS
+
+    specs = []
+    for kernel in KERNELS:
+        c = CONFIGS[(89, 128)][kernel][0]
+        spec = dict(
+            kernel=kernel, arch=89, head_dim=128, cfg=[c.block_m, c.block_n, c.num_warps, c.num_stages]
+        )
+        specs.append(dict(spec, window=True, softcap=True, alibi=True, k_docs=True, dropout=True))
+    _check(_compile(["--specs", json.dumps(specs)]), len(specs))
+
+
+@pytest.mark.slow
+def test_dropout_variants_compile_within_budget_on_every_arch():
+    # Every shipped candidate (bf16 and fp32) at head dims 64 and 128 on sm_80/89/90, in every
+    # dropout variant.
+    from tritonkernels.aot import DROPOUT_VARIANTS, shipped_specs
+
+    dtypes = ["bf16", "fp32"]
+    args = ["--arch", "80", "89", "90", "--head-dim", "64", "128", "--kernel", *KERNELS, "--dtype", *dtypes]
+    results = _compile([*args, "--variant", *DROPOUT_VARIANTS], timeout=4000)
+    _check(results, len(shipped_specs([80, 89, 90], [64, 128], KERNELS, dtypes, tuple(DROPOUT_VARIANTS))))
 
 
 @pytest.mark.slow

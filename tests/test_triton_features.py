@@ -1,5 +1,6 @@
-"""flash-attn's score features in the Triton kernels: sliding window, softcap, ALiBi and key-side
-documents (cross-length varlen), alone and combined, forward and backward, against the fp64 spec.
+"""flash-attn's score features in the Triton kernels: sliding window, softcap, ALiBi, key-side
+documents (cross-length varlen) and dropout, alone and combined, forward and backward, against the
+fp64 spec (dropout's mask itself, bit for bit: test_triton_dropout.py).
 
 The launchers (``tritonkernels.flash``) run with explicit tile shapes into NaN-filled buffers and are
 held to the tolerance rule by ``attention_checks.assert_matches_reference`` (out, lse, dq, dk, dv
@@ -50,9 +51,14 @@ def _launcher_kwargs(case: Case, q, k, v):
         softcap=case.softcap,
         alibi_slopes=case.alibi_slopes(DEVICE),
     )
+    features = case.feature_kwargs(DEVICE)
+    kw |= {name: features[name] for name in ("dropout_p", "dropout_seed", "dropout_offset")}
     if case.rope is not None:
         args = block_args(q, k, v, mask, rope=case.rope, q_positions=qp, k_positions=kp)
-        kw |= {"q_rope": rope_tables_for(case.rope, args.q_rope), "k_rope": rope_tables_for(case.rope, args.k_rope)}
+        kw |= {
+            "q_rope": rope_tables_for(case.rope, args.q_rope),
+            "k_rope": rope_tables_for(case.rope, args.k_rope),
+        }
     return kw
 
 
@@ -76,7 +82,11 @@ CASES = {
     "window-left-only": (Case(50, window=(9, -1)), TILE16, (FP32,)),
     "window-right-only": (Case(50, window=(-1, 4)), TILE16, (FP32,)),
     "window-wider-than-block": (Case(40, causal=True, window=(1000, 2000)), TILE16, (FP32,)),
-    "window-stride-spans": (Case(30, 40, q_span=Span(1, 2), k_span=Span(0, 3), window=(7, 4)), TILE16, (FP32,)),
+    "window-stride-spans": (
+        Case(30, 40, q_span=Span(1, 2), k_span=Span(0, 3), window=(7, 4)),
+        TILE16,
+        (FP32,),
+    ),
     "window-misses-every-key": (Case(16, 40, q_span=Span(100), window=(5, 5)), TILE16, (FP32,)),
     "softcap-d32": (Case(64, D=32, softcap=1.5), TILE32, (FP32, BF16)),
     "alibi-per-batch-sq40-sk56": (Case(40, 56, B=2, alibi="batch"), TILE16, (FP32,)),
@@ -98,8 +108,16 @@ CASES = {
         (FP32,),
     ),
     "kdocs-stride2-spans-causal-window": (
-        Case(30, 40, q_span=Span(1, 2), k_span=Span(0, 2), cu_seqlens=(0, 25, 61), k_cu_seqlens=(0, 40, 80),
-             causal=True, window=(10, 3)),
+        Case(
+            30,
+            40,
+            q_span=Span(1, 2),
+            k_span=Span(0, 2),
+            cu_seqlens=(0, 25, 61),
+            k_cu_seqlens=(0, 40, 80),
+            causal=True,
+            window=(10, 3),
+        ),
         TILE16,
         (FP32,),
     ),  # fmt: skip
@@ -109,10 +127,55 @@ CASES = {
         (BF16,),
     ),
     "everything-d32-interleaved-partial-rope": (
-        Case(45, 77, B=2, Hq=2, Hkv=1, D=32, causal=True, rope=R32_INTERLEAVED, cu_seqlens=DOCS_Q,
-             k_cu_seqlens=DOCS_K, window=(8, 2), softcap=2.5, alibi="batch"),
+        Case(
+            45,
+            77,
+            B=2,
+            Hq=2,
+            Hkv=1,
+            D=32,
+            causal=True,
+            rope=R32_INTERLEAVED,
+            cu_seqlens=DOCS_Q,
+            k_cu_seqlens=DOCS_K,
+            window=(8, 2),
+            softcap=2.5,
+            alibi="batch",
+        ),
         TILE16,
         (FP32, BF16),
+    ),  # fmt: skip
+    # dropout (mask from ringattn.dropout, regenerated in the backward): alone, and with causal,
+    # GQA, the window, RoPE and the other features
+    "dropout-sq40-sk56-batch2": (Case(40, 56, B=2, dropout_p=0.25), TILE16, (FP32,)),
+    "dropout-causal-gqa-offset-q": (
+        Case(40, 56, Hq=4, Hkv=2, causal=True, q_span=Span(16), dropout_p=0.3),
+        TILE16,
+        (FP32, BF16),
+    ),
+    "dropout-window-rope-gqa": (
+        Case(48, Hq=2, Hkv=1, rope=R16, window=(7, 3), dropout_p=0.2),
+        TILE16,
+        (FP32, BF16),
+    ),
+    "dropout-d32-tile32-causal": (Case(64, D=32, causal=True, dropout_p=0.5), TILE32, (BF16,)),
+    "dropout-everything-kdocs-softcap-alibi": (
+        Case(
+            45,
+            77,
+            Hq=2,
+            Hkv=1,
+            causal=True,
+            rope=R16,
+            cu_seqlens=DOCS_Q,
+            k_cu_seqlens=DOCS_K,
+            window=(8, 2),
+            softcap=2.5,
+            alibi="head",
+            dropout_p=0.15,
+        ),
+        TILE16,
+        (FP32,),
     ),  # fmt: skip
 }
 

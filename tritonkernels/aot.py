@@ -64,7 +64,7 @@ def _signature(kernel: str, dtype: str, exact: bool):
             sig[name] = tab
         elif name in ("QTabB", "KTabB", "TabB"):  # r_lo (exact) or the hf reduction table
             sig[name] = "*i32"
-        elif name in ("scale", "scale_log2", "attn_factor", "softcap_in", "softcap_out"):
+        elif name in ("scale", "scale_log2", "attn_factor", "softcap_in", "softcap_out", "drop_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -91,6 +91,7 @@ def compile_kernel(
     softcap: bool = False,
     alibi: bool = False,
     k_docs: bool = False,
+    dropout: bool = False,
     ptxas: str | None = None,
     mix: bool = False,
 ) -> dict:
@@ -99,7 +100,7 @@ def compile_kernel(
     ``kernel`` is one of KERNELS or AUX_KERNELS; an aux kernel's rows per program are ``cfg.block_m``
     (the rest of ``cfg`` but num_warps is unused), ``transpose`` picks the RoPE kernel's direction.
     ``window``, ``softcap``, ``alibi`` and ``k_docs`` (key-side documents; needs ``docs``) compile
-    the attention kernels' score features in.
+    the attention kernels' score features in, ``dropout`` attention dropout (the Philox mask).
     """
     if k_docs and not docs:
         raise ValueError("k_docs (key-side documents) needs docs")
@@ -133,6 +134,7 @@ def compile_kernel(
         SOFTCAP=softcap,
         HAS_ALIBI=alibi,
         K_DOCS=k_docs,
+        DROPOUT=dropout,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     # What the JIT specializes at launch for contiguous-D tensors with 16-aligned strides: unit
@@ -319,9 +321,20 @@ VARIANTS = {
 FEATURE_VARIANTS = {
     "causal-kdocs-window-softcap-alibi-exact": dict(window=True, softcap=True, alibi=True, k_docs=True),
     "causal-docs-window-softcap-alibi-hf": dict(window=True, softcap=True, alibi=True, exact=False),
-    "window-softcap-alibi-no-rope": dict(causal=False, docs=False, rope=False, window=True, softcap=True, alibi=True),
+    "window-softcap-alibi-no-rope": dict(
+        causal=False, docs=False, rope=False, window=True, softcap=True, alibi=True
+    ),
 }
-ALL_VARIANTS = {**VARIANTS, **FEATURE_VARIANTS}
+# Attention dropout (a Philox4x32-10 draw per score, in the forward and both backward kernels): on
+# the plain causal path with documents and exact RoPE, on top of every score feature, and alone.
+DROPOUT_VARIANTS = {
+    "causal-docs-dropout-exact": dict(dropout=True),
+    "causal-kdocs-window-softcap-alibi-dropout-exact": dict(
+        window=True, softcap=True, alibi=True, k_docs=True, dropout=True
+    ),
+    "dropout-no-rope": dict(causal=False, docs=False, rope=False, dropout=True),
+}
+ALL_VARIANTS = {**VARIANTS, **FEATURE_VARIANTS, **DROPOUT_VARIANTS}
 
 
 def shipped_specs(

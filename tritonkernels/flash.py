@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 import triton
@@ -124,6 +125,28 @@ def _window(window) -> tuple[int, int]:
     return min(left, _MAX_INDEX), min(right, _MAX_INDEX)
 
 
+def _dropout(p, seed, offset) -> tuple[int, int, int, int, float]:
+    """The kernels' dropout scalars (seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale).
+
+    ``p`` in [0, 1) (0: off), ``seed`` and ``offset`` ints in [0, 2^63). The Philox key is (seed mod
+    2^32, seed >> 32) and the counter's last word offset mod 2^32 (``ringattn.dropout``), each passed
+    as the int32 with that bit pattern; an element is kept when its 24-bit draw u24 satisfies
+    u24 * 2^-24 >= p, i.e. u24 >= ceil(p * 2^24) (p * 2^24 is exact in a double).
+    """
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"dropout_p must be a probability in [0, 1), got {p!r}")
+    for name, value in (("dropout_seed", seed), ("dropout_offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+            raise ValueError(f"{name} must be an int in [0, 2^63), got {value!r}")
+
+    def word(x: int) -> int:
+        x &= 0xFFFFFFFF
+        return x - 2**32 if x >= 2**31 else x
+
+    p, seed = float(p), int(seed)
+    return word(seed), word(seed >> 32), word(int(offset)), math.ceil(p * 2**24), 1.0 / (1.0 - p)
+
+
 def _with_rows(tables: RopeTables, device) -> RopeTables:
     """``tables`` on ``device``; positions of a side without rows become a dummy the kernels never read."""
     pos = tables.positions
@@ -145,6 +168,7 @@ class _LaunchArgs:
     def __init__(
         self, q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope,
         window=(-1, -1), softcap=0.0, alibi_slopes=None, k_cu_seqlens=None,
+        dropout_p=0.0, dropout_seed=0, dropout_offset=0,
     ):  # fmt: skip
         B, Sq, Hq, D = q.shape
         Sk, Hkv = k.shape[1], k.shape[2]
@@ -177,7 +201,9 @@ class _LaunchArgs:
             if cu_seqlens is None:
                 raise ValueError("k_cu_seqlens needs cu_seqlens (the queries' document boundaries)")
             if not isinstance(k_cu_seqlens, torch.Tensor) or k_cu_seqlens.shape != cu_seqlens.shape:
-                raise ValueError(f"k_cu_seqlens must be an int tensor of cu_seqlens' shape {tuple(cu_seqlens.shape)}")
+                raise ValueError(
+                    f"k_cu_seqlens must be an int tensor of cu_seqlens' shape {tuple(cu_seqlens.shape)}"
+                )
             if k_cu_seqlens.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"k_cu_seqlens must be int32/int64, got {k_cu_seqlens.dtype}")
             self.k_cu = k_cu_seqlens.to(device=dev, dtype=torch.int64)
@@ -193,9 +219,14 @@ class _LaunchArgs:
         self.softcap = float(softcap)
         if not (math.isfinite(self.softcap) and self.softcap >= 0):
             raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap!r}")
+        self.dropout = _dropout(dropout_p, dropout_seed, dropout_offset)
+        self.has_dropout = float(dropout_p) > 0
         self.alibi = alibi_slopes is not None
         if self.alibi:
-            if not isinstance(alibi_slopes, torch.Tensor) or tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            if not isinstance(alibi_slopes, torch.Tensor) or tuple(alibi_slopes.shape) not in (
+                (Hq,),
+                (B, Hq),
+            ):
                 raise ValueError(f"alibi_slopes must be a ({Hq},) or ({B}, {Hq}) tensor")
             self.slopes = alibi_slopes.to(device=dev, dtype=torch.float32).expand(B, Hq).contiguous()
         else:
@@ -288,6 +319,7 @@ class _LaunchArgs:
             SOFTCAP=self.softcap > 0,
             HAS_ALIBI=self.alibi,
             K_DOCS=self.k_docs,
+            DROPOUT=self.has_dropout,
         )
 
     def feature_args(self):
@@ -295,11 +327,12 @@ class _LaunchArgs:
         return self.q_align, self.slopes
 
     def feature_scalars(self):
-        """(win_left, win_right, softcap_in, softcap_out): softcap acts on the natural-scale score,
-        cap * tanh(scale * q.k / cap), in log2 units after it."""
+        """(win_left, win_right, softcap_in, softcap_out, seed_lo, seed_hi, drop_offset,
+        drop_threshold, drop_scale): softcap acts on the natural-scale score, cap * tanh(scale * q.k
+        / cap), in log2 units after it; the dropout scalars as ``_dropout`` makes them."""
         cap = self.softcap
         softcap_in, softcap_out = (self.scale / cap, cap * fk.LOG2E) if cap > 0 else (0.0, 0.0)
-        return (*self.window, softcap_in, softcap_out)
+        return (*self.window, softcap_in, softcap_out, *self.dropout)
 
     def features(self) -> str:
         """The score features in use, for the autotuning key."""
@@ -308,6 +341,7 @@ class _LaunchArgs:
             ("softcap", self.softcap > 0),
             ("alibi", self.alibi),
             ("kdocs", self.k_docs),
+            ("dropout", self.has_dropout),
         )
         return ",".join(name for name, on in used if on)
 
@@ -343,6 +377,9 @@ def flash_attn_fwd(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     k_cu_seqlens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -360,13 +397,16 @@ def flash_attn_fwd(
     ((Hq,) or (B, Hq)): - slope * |a - k| added after the softcap; ``k_cu_seqlens`` (needs
     ``cu_seqlens``, same length): the keys' own document boundaries, a = q index + k_cu[d + 1] -
     cu[d + 1] for a query of document d (bottom-right alignment per document; else a = q index).
+    ``dropout_p`` > 0: attention dropout with ``ringattn.dropout``'s counter-based mask of
+    (``dropout_seed``, ``dropout_offset``), ints in [0, 2^63), over global token indices, so any
+    tile shape, span or the backward draws the same mask; lse is the one before dropout.
     ``out``/``lse`` may be given to write into. ``config`` overrides the shipped tile configs; without it a GPU launch autotunes
     among them with ``tuner`` (default: the process-wide ``autotune.TUNER``).
     """
     _check_qkv(q, k, v)
     c = _LaunchArgs(
         q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope,
-        window, softcap, alibi_slopes, k_cu_seqlens,
+        window, softcap, alibi_slopes, k_cu_seqlens, dropout_p, dropout_seed, dropout_offset,
     )  # fmt: skip
     out_dtype = q.dtype if out_dtype is None else out_dtype
     if out_dtype not in (q.dtype, torch.float32):
@@ -444,6 +484,9 @@ def flash_attn_bwd(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     k_cu_seqlens: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_offset: int = 0,
     grad_dtype: torch.dtype | None = None,
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
@@ -457,14 +500,16 @@ def flash_attn_bwd(
     ``lse`` and ``delta`` (B, Hq, Sq) fp32 may be global ones (a ring's); ``delta`` is computed from
     ``out`` when not given. Two passes, dq and dk/dv, so no atomics: results are deterministic.
     ``config_dq``/``config_dkdv``/``tuner`` as ``config``/``tuner`` of ``flash_attn_fwd``, and the score
-    features (``window``, ``softcap``, ``alibi_slopes``, ``k_cu_seqlens``) as there.
+    features (``window``, ``softcap``, ``alibi_slopes``, ``k_cu_seqlens``) and dropout (``dropout_p``,
+    ``dropout_seed``, ``dropout_offset``: the forward's, the mask regenerated, never stored) as there;
+    with dropout ``delta`` is rowsum(dout * out) of the dropped output, as computed from ``out``.
     """
     _check_qkv(q, k, v)
     if not isinstance(dout, torch.Tensor) or dout.shape != q.shape or dout.dtype != q.dtype:
         raise ValueError(f"dout must be a {q.dtype} tensor of q's shape {tuple(q.shape)}")
     c = _LaunchArgs(
         q, k, softmax_scale, causal, q_span, k_span, cu_seqlens, q_rope, k_rope,
-        window, softcap, alibi_slopes, k_cu_seqlens,
+        window, softcap, alibi_slopes, k_cu_seqlens, dropout_p, dropout_seed, dropout_offset,
     )  # fmt: skip
     _check_out(lse, "lse", (c.B, c.Hq, c.Sq), torch.float32, q.device)
     _check_seq_major(lse, "lse")

@@ -13,8 +13,9 @@ their own document boundaries; a query's *aligned* index, QAlign from the launch
 k_cu[d + 1] - cu[d + 1], and causal, window and ALiBi use it in place of the query index),
 HAS_WINDOW (keys in [a - win_left, a + win_right], -1 unbounded; key or query tiles outside every
 row's window are never visited), SOFTCAP (cap * tanh(s / cap) on the natural-scale score s, its
-derivative in the backward) and HAS_ALIBI (- slope * |a - k| added after the softcap; slopes
-(B, Hq) fp32).
+derivative in the backward), HAS_ALIBI (- slope * |a - k| added after the softcap; slopes
+(B, Hq) fp32) and DROPOUT (attention dropout, ``_dropout_keep``: the mask is drawn from a
+counter-based generator, so the backward regenerates it and nothing is stored).
 
 All scores are in log2 units (scale * log2(e) folded in) so exp2 is used; lse is written in
 natural log. Rows that see no key get lse = -inf and zero output; no inf - inf is ever formed.
@@ -31,6 +32,9 @@ LOG2E = 1.4426950408889634  # log2(e) as a host float: the launchers pass scale 
 LOG2E_K = tl.constexpr(LOG2E)  # the same inside the kernels (their globals must be constexpr)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_INDEX = tl.constexpr(2**31 - 1)
+# Dropout's scalars vary from step to step (a fresh seed each): no value specialization (== 1,
+# divisible by 16) of them, which would compile new variants of the kernels for some seeds.
+_DROPOUT_WORDS = ("seed_lo", "seed_hi", "drop_offset", "drop_threshold")
 
 
 @triton.jit
@@ -301,6 +305,39 @@ def _alibi_rel(q_align, k_first, HAS_ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(
+    row_idx, col_idx, bh, seed_lo, seed_hi, drop_offset, drop_threshold, KEYS_ROWS: tl.constexpr = False
+):
+    """[rows, cols] bool: the attention probabilities dropout keeps (rows are queries and columns
+    keys, or the other way with KEYS_ROWS), bit for bit ``ringattn.dropout.keep_mask``.
+
+    One Philox4x32-10 draw per element (``tl.philox_impl``: Triton's Philox, the spec's round and
+    key-schedule constants) with counter (key index, query index, bh = batch * Hq + head,
+    drop_offset) of global token indices, so tiles, shards and the backward's recomputation draw
+    the same words, and key (seed_lo, seed_hi) = (seed mod 2^32, seed >> 32), the split
+    ``tl.philox`` itself makes of a 64-bit seed; the launcher passes the words as int32 bit
+    patterns. Kept when the top 24 bits of word 0, an integer u24, satisfy u24 * 2^-24 >= p, i.e.
+    u24 >= drop_threshold = ceil(p * 2^24) (exact: no float rounding of p).
+    """
+    shape: tl.constexpr = [row_idx.shape[0], col_idx.shape[0]]
+    if KEYS_ROWS:
+        k = tl.broadcast_to(row_idx[:, None], shape)
+        q = tl.broadcast_to(col_idx[None, :], shape)
+    else:
+        q = tl.broadcast_to(row_idx[:, None], shape)
+        k = tl.broadcast_to(col_idx[None, :], shape)
+    zero = tl.zeros(shape, dtype=tl.uint32)
+    c2 = zero + tl.to_tensor(bh).to(tl.uint32, bitcast=True)
+    c3 = zero + tl.to_tensor(drop_offset).to(tl.uint32, bitcast=True)
+    k0 = tl.to_tensor(seed_lo).to(tl.uint32, bitcast=True)
+    k1 = tl.to_tensor(seed_hi).to(tl.uint32, bitcast=True)
+    word, _, _, _ = tl.philox_impl(
+        k.to(tl.uint32, bitcast=True), q.to(tl.uint32, bitcast=True), c2, c3, k0, k1
+    )
+    return (word >> 8).to(tl.int32, bitcast=True) >= drop_threshold
+
+
+@triton.jit
 def _load_qk(
     row_ptrs,
     row_mask,
@@ -471,6 +508,11 @@ def _attn_fwd_inner(
     softcap_in,
     softcap_out,
     slope_log2,
+    bh,
+    seed_lo,
+    seed_hi,
+    drop_offset,
+    drop_threshold,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -487,12 +529,15 @@ def _attn_fwd_inner(
     HAS_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """The forward's loop over key tiles [n_lo, n_hi): online softmax into (m_i, l_i, acc).
 
     Per tile of BLOCK_N keys (rows at ``k_base``/``v_base``, positions at ``k_pos_base``): load K
     with RoPE and V, scores q.k in log2 units, mask, rescale the running max m_i, sum l_i and the
     unnormalized output acc [BLOCK_M, BLOCK_D], and add P.V. Returns the updated (m_i, l_i, acc).
+    With DROPOUT, l_i sums the probabilities before dropout (the lse's) and acc adds only the kept
+    ones (``_dropout_keep``, counter word bh = batch * Hq + head); the caller scales by 1 / (1 - p).
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -527,7 +572,9 @@ def _attn_fwd_inner(
         k_idx = k_start + k_stride * offs_n
         s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC)
         q_rel = _alibi_rel(q_align, k_start + k_stride * start_n, HAS_ALIBI)
-        s, _ = _score_mod(s, q_rel, k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
+        s, _ = _score_mod(
+            s, q_rel, k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI
+        )
         k_doc = tl.zeros([BLOCK_N], dtype=tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(KDoc + offs_n, mask=n_valid, other=-2)
@@ -540,12 +587,15 @@ def _attn_fwd_inner(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(q_idx, k_idx, bh, seed_lo, seed_hi, drop_offset, drop_threshold)
+            p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v_base.dtype.element_ty), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_WORDS)
 def flash_fwd_kernel(
     Q,
     K,
@@ -594,6 +644,11 @@ def flash_fwd_kernel(
     win_right,
     softcap_in,
     softcap_out,
+    seed_lo,
+    seed_hi,
+    drop_offset,
+    drop_threshold,
+    drop_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -612,6 +667,7 @@ def flash_fwd_kernel(
     SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     K_DOCS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Attention output and lse for one query tile of one head.
 
@@ -627,7 +683,8 @@ def flash_fwd_kernel(
     tile's [lo, hi) key rows. scale_log2 = softmax scale * log2(e); attn_factor scales cos and sin.
     Score features (module docstring): QAlign (Sq,) int32 aligned query indices (K_DOCS), Alibi
     (B, Hq) fp32 slopes (HAS_ALIBI), win_left/win_right (HAS_WINDOW), softcap_in = scale / cap and
-    softcap_out = cap * log2(e) (SOFTCAP).
+    softcap_out = cap * log2(e) (SOFTCAP). DROPOUT: the key words seed_lo/seed_hi, the counter word
+    drop_offset and drop_threshold of ``_dropout_keep``, drop_scale = 1 / (1 - p).
     Outputs: Out (B, Sq, Hq, HEAD_DIM), normalized, in Out's dtype; Lse (B, Hq, Sq) fp32 contiguous,
     the natural-log logsumexp of the scaled scores per row (-inf, with zero output, for rows that
     see no key).
@@ -711,6 +768,11 @@ def flash_fwd_kernel(
         softcap_in,
         softcap_out,
         slope_log2,
+        pid_bh,
+        seed_lo,
+        seed_hi,
+        drop_offset,
+        drop_threshold,
         HEAD_DIM,
         BLOCK_D,
         BLOCK_N,
@@ -727,13 +789,17 @@ def flash_fwd_kernel(
         HAS_WINDOW,
         SOFTCAP,
         HAS_ALIBI,
+        DROPOUT,
     )
 
     # A row that saw no key has l_i == 0: out 0, lse -inf. A NaN score makes l_i NaN, which must
     # reach out and lse (tl.max drops NaN, so m_i cannot carry it).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    if DROPOUT:
+        out = tl.where(empty[:, None], 0.0, acc * (drop_scale / l_safe)[:, None])  # kept: P / (1 - p)
+    else:
+        out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     o_ptrs = (
         _row_ptrs(Out, b, h, offs_m[:, None], stride_ob, stride_oh, stride_os) + offs_d[None, :] * stride_od
@@ -783,7 +849,7 @@ def flash_bwd_delta_kernel(
     tl.store(Delta + pid_bh.to(tl.int64) * S + offs_m, tl.sum(o * g, 1), mask=offs_m < S)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_WORDS)
 def flash_bwd_dq_kernel(
     Q,
     K,
@@ -842,6 +908,11 @@ def flash_bwd_dq_kernel(
     win_right,
     softcap_in,
     softcap_out,
+    seed_lo,
+    seed_hi,
+    drop_offset,
+    drop_threshold,
+    drop_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -860,6 +931,7 @@ def flash_bwd_dq_kernel(
     SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     K_DOCS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """dq for one query tile of one head: a pass over its keys, no atomics (deterministic).
 
@@ -871,7 +943,8 @@ def flash_bwd_dq_kernel(
     Inputs as flash_fwd_kernel's (TileRange per query tile), plus DOut (B, Sq, Hq, HEAD_DIM); Lse
     (natural log) and Delta (``flash_bwd_delta_kernel``), both (B, Hq, Sq) fp32 with unit stride
     along Sq (batch/head strides stride_lb/lh, stride_db/dh); scale is the softmax scale (not in
-    log2 units). Output: DQ (B, Sq, Hq, HEAD_DIM) in DQ's dtype.
+    log2 units). Output: DQ (B, Sq, Hq, HEAD_DIM) in DQ's dtype. With DROPOUT (scalars as
+    flash_fwd_kernel's) dO.v is taken through the regenerated mask: ds = p * (Z dO.v / (1 - p) - delta).
     """
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
     pid_m, pid_bh = _program_tile(Sq, BLOCK_M)
@@ -978,9 +1051,14 @@ def flash_bwd_dq_kernel(
         )
         s = _scores(qa, qb, qc, ka, kb, kc, ROPE, PASS_PAD, DOT_PREC)
         q_rel = _alibi_rel(q_align, k_start + k_stride * start_n, HAS_ALIBI)
-        s, t = _score_mod(s, q_rel, k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI)
+        s, t = _score_mod(
+            s, q_rel, k_rel, scale_log2, softcap_in, softcap_out, slope_log2, SOFTCAP, HAS_ALIBI
+        )
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot_nt(do, v, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PREC)
+        if DROPOUT:  # dP = (dO V^T) Z / (1 - p), the mask regenerated
+            keep = _dropout_keep(q_idx, k_idx, pid_bh, seed_lo, seed_hi, drop_offset, drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)  # d(cap * tanh(s / cap)) / ds
@@ -1009,7 +1087,7 @@ def flash_bwd_dq_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DROPOUT_WORDS)
 def flash_bwd_dkdv_kernel(
     Q,
     K,
@@ -1073,6 +1151,11 @@ def flash_bwd_dkdv_kernel(
     win_right,
     softcap_in,
     softcap_out,
+    seed_lo,
+    seed_hi,
+    drop_offset,
+    drop_threshold,
+    drop_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1091,6 +1174,7 @@ def flash_bwd_dkdv_kernel(
     SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     K_DOCS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """dk, dv for one key tile of one KV head, summed over its GROUP query heads in registers.
 
@@ -1103,7 +1187,9 @@ def flash_bwd_dkdv_kernel(
     Inputs as flash_bwd_dq_kernel's, except that TileRange (cdiv(Sk, BLOCK_N), 2) int32 holds each
     key tile's [lo, hi) query rows (with K_DOCS also bounded by causal and the window, which the
     kernel cannot bound itself: aligned indices jump between documents). Outputs, in their own dtypes: DK (B, Sk, Hkv, HEAD_DIM), scaled
-    by the softmax scale and rotated back (RoPE backward), and DV (B, Sk, Hkv, HEAD_DIM).
+    by the softmax scale and rotated back (RoPE backward), and DV (B, Sk, Hkv, HEAD_DIM). With
+    DROPOUT the mask is regenerated per (key, query) element: dv sums the kept probabilities (scaled
+    by 1 / (1 - p) once, on store) and ds takes dO.v through the mask as flash_bwd_dq_kernel's.
     """
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ROPE, ROT_DIM, HALF_PAD, PASS_PAD)
     pid_n, pid_bh = _program_tile(Sk, BLOCK_N)
@@ -1177,6 +1263,7 @@ def flash_bwd_dkdv_kernel(
             dkc = tl.zeros([BLOCK_N, PASS_PAD], dtype=tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
+        bh = b * (Hkv * GROUP) + h  # dropout's counter word: batch * Hq + query head
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DOut + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
         slope_log2 = _alibi_log2(Alibi, b, h, Hkv * GROUP, HAS_ALIBI)
@@ -1238,8 +1325,17 @@ def flash_bwd_dkdv_kernel(
                 KEYS_ROWS=True,
             )  # fmt: skip
             p_t = tl.where(vis_t, tl.exp2(s_t - lse2[None, :]), 0.0)
-            dv = tl.dot(p_t.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
+            if DROPOUT:  # dV += (P Z)^T dO (1 / (1 - p) applied on store), dP = dO V^T Z / (1 - p)
+                keep_t = _dropout_keep(
+                    k_idx, q_idx, bh, seed_lo, seed_hi, drop_offset, drop_threshold, KEYS_ROWS=True
+                )
+                p_kept = tl.where(keep_t, p_t, 0.0)
+                dv = tl.dot(p_kept.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
+            else:
+                dv = tl.dot(p_t.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if DROPOUT:
+                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
             ds_t = p_t * (dp_t - delta[None, :])
             if SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
@@ -1266,6 +1362,8 @@ def flash_bwd_dkdv_kernel(
         HALF_PAD,
         PASS_PAD,
     )
+    if DROPOUT:
+        dv = dv * drop_scale
     tl.store(
         _row_ptrs(DV, b, hk, offs_n[:, None], stride_dvb, stride_dvh, stride_dvs)
         + offs_d[None, :] * stride_dvd,

@@ -59,6 +59,9 @@ def _launch_kwargs(args) -> dict:
         "softcap": args.softcap,
         "alibi_slopes": args.alibi_slopes,
         "k_cu_seqlens": mask.k_cu_seqlens,
+        "dropout_p": args.dropout_p,
+        "dropout_seed": args.dropout_seed,
+        "dropout_offset": args.dropout_offset,
     }
 
 
@@ -69,9 +72,12 @@ def _seq_major(t: torch.Tensor) -> torch.Tensor:
 
 class TritonBackend:
     name = "triton"
-    # deterministic: two-pass backward, no atomics, fixed per tile choice. The score features are
-    # constexpr variants of the kernels (tritonkernels/flash_kernels.py).
-    features = frozenset({"deterministic", "window_size", "softcap", "alibi_slopes", "cu_seqlens_k"})
+    # deterministic: two-pass backward, no atomics, fixed per tile choice. The score features and
+    # dropout (its mask regenerated in the backward from ringattn.dropout's counter-based
+    # generator) are constexpr variants of the kernels (tritonkernels/flash_kernels.py).
+    features = frozenset(
+        {"deterministic", "window_size", "softcap", "alibi_slopes", "cu_seqlens_k", "dropout_p"}
+    )
 
     def can_implement(self, q, k, v, args) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
