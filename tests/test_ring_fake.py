@@ -632,3 +632,26 @@ def test_modes_and_doc_zigzag_at_large_w(W):
     for mode in ("ring", "allgather"):
         ours, _ = fake_run(W, q, k, v, dout, "doc_zigzag", cp_mode=mode, **opts)
         check_against(ours, ref, peer_result)
+
+
+def test_a_compiled_graph_follows_the_group_it_is_given(monkeypatch):
+    """One compiled function, called with one ring and then another: each call runs on its own ring
+    (the group's key is a constant of the graph, so dynamo must not reuse one for the other)."""
+    seen = []
+    real = scheduler._op_plan
+
+    def spy(q, k, v, positions, cu, alibi, key, seed):
+        seen.append(scheduler._CONFIGS[key][0])
+        return real(q, k, v, positions, cu, alibi, key, seed)
+
+    monkeypatch.setattr(scheduler, "_op_plan", spy)
+    holder = type("Holder", (), {})()
+    f = torch.compile(
+        lambda q: ring_attn_func(q, q[:, :, :1], q[:, :, :1], group=holder.group), fullgraph=True
+    )
+    q = torch.randn(1, 8, 2, 16)
+    rings = [fake_ring(1)[0], fake_ring(1)[0]]
+    for ring in rings:
+        holder.group = ring
+        f(q)
+    assert seen == rings

@@ -156,7 +156,9 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
 
     Padding (``attention_mask`` (B, Sk) from ``ringattn_mask``) is unpadded into a varlen call;
     ``sliding_window`` and ``softcap`` run in the kernel. With a KV cache (Sq < Sk) the queries are the
-    last Sq tokens; fused RoPE then rotates the cached keys in the kernel at their positions.
+    last Sq tokens; fused RoPE then rotates the cached keys in the kernel at their positions. Under
+    ``torch.compile`` nothing here reads tensor data: packed documents must come as ``cu_seq_lens_q``/
+    ``_k`` (``shard_batch`` passes them), since restarts in ``position_ids`` are not looked for.
     """
     if dropout and module.training:
         raise NotImplementedError(f"dropout={dropout}: attention dropout is not supported")
@@ -178,8 +180,6 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     seq_len = Sk * (1 if comm is None else comm.world_size)
     window_size = (-1, -1)
     if window is not None and window < seq_len:  # transformers: keys in (q - window, q]
-        if comm is not None:
-            raise NotImplementedError(f"sliding_window={window} in a ring is not implemented yet")
         window_size = (window - 1, window - 1)
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     position_ids = kwargs.get("position_ids")
@@ -187,18 +187,19 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     cu_k = kwargs.get("cu_seq_lens_k")
     # Without a ring a row holds every token; in a ring the global length is checked by ring_attn_func.
     total = Sk if comm is None else None
+    eager = not torch.compiler.is_compiling()  # the checks below read tensor data
     for name, cu in (("cu_seq_lens_q", cu_seqlens), ("cu_seq_lens_k", cu_k)):
-        if cu is not None:
+        if cu is not None and eager:
             _check_cu_seqlens(name, cu, total)
-    if cu_k is not None and (
-        cu_seqlens is None or not torch.equal(cu_seqlens.long(), cu_k.to(cu_seqlens.device).long())
+    if (cu_k is not None and cu_seqlens is None) or (
+        cu_k is not None and eager and not torch.equal(cu_seqlens.long(), cu_k.to(cu_seqlens.device).long())
     ):
         raise NotImplementedError(
             "cu_seq_lens_k different from cu_seq_lens_q (or without it) is not supported"
         )
     if position_ids is not None and position_ids.shape[0] == 1:
         position_ids = position_ids[0]  # (1, S) is shared by every row of the batch
-    if cu_seqlens is None and position_ids is not None and key_valid is None and Sq == Sk:
+    if cu_seqlens is None and position_ids is not None and key_valid is None and Sq == Sk and eager:
         cu_seqlens = _documents(position_ids, comm, state.layout)
     q_positions = k_positions = None
     if state.rope is not None:
@@ -212,6 +213,7 @@ def ringattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         out = ring_attn_func(
             q, k, v, group=comm, causal=causal, layout=state.layout, rope=state.rope,
             positions=q_positions, cu_seqlens=cu_seqlens, softmax_scale=scaling,
+            window_size=window_size, softcap=softcap,
         )  # fmt: skip
         return out, None
     if key_valid is not None:
