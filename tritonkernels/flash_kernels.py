@@ -304,6 +304,36 @@ def _alibi_rel(q_align, k_first, HAS_ALIBI: tl.constexpr):
     return q_align.to(tl.float32)
 
 
+PHILOX_M0 = tl.constexpr(0xD2511F53)  # Philox4x32 round multipliers
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)  # key schedule (Weyl) increments
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _mulhilo(m: tl.constexpr, x):
+    """(high, low) uint32 words of m * x, one 32 x 32 -> 64-bit multiply (IMAD.WIDE.U32)."""
+    prod = x.to(tl.uint64) * m
+    return (prod >> 32).to(tl.uint32), prod.to(tl.uint32)
+
+
+@triton.jit
+def _philox_word0(c0, c1, c2, c3, k0, k1):
+    """Word 0 of Philox4x32-10 (uint32 counter words and key, broadcastable): the rounds of
+    ``tl.philox_impl`` (same constants and key schedule), each multiply a widening one that yields
+    both halves instead of a mul.hi and a mul.lo."""
+    for _ in tl.static_range(10):
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
+    return c0
+
+
 @triton.jit
 def _dropout_keep(
     row_idx, col_idx, bh, seed_lo, seed_hi, drop_offset, drop_threshold, KEYS_ROWS: tl.constexpr = False
@@ -319,21 +349,19 @@ def _dropout_keep(
     patterns. Kept when the top 24 bits of word 0, an integer u24, satisfy u24 * 2^-24 >= p, i.e.
     u24 >= drop_threshold = ceil(p * 2^24) (exact: no float rounding of p).
     """
-    shape: tl.constexpr = [row_idx.shape[0], col_idx.shape[0]]
+    # Counters stay [rows, 1] / [1, cols] / scalars: the first rounds mix only one of them into
+    # each word, so they run on vectors, and broadcasting happens where the words meet.
     if KEYS_ROWS:
-        k = tl.broadcast_to(row_idx[:, None], shape)
-        q = tl.broadcast_to(col_idx[None, :], shape)
+        k = row_idx[:, None]
+        q = col_idx[None, :]
     else:
-        q = tl.broadcast_to(row_idx[:, None], shape)
-        k = tl.broadcast_to(col_idx[None, :], shape)
-    zero = tl.zeros(shape, dtype=tl.uint32)
-    c2 = zero + tl.to_tensor(bh).to(tl.uint32, bitcast=True)
-    c3 = zero + tl.to_tensor(drop_offset).to(tl.uint32, bitcast=True)
+        q = row_idx[:, None]
+        k = col_idx[None, :]
+    c2 = tl.to_tensor(bh).to(tl.uint32, bitcast=True)
+    c3 = tl.to_tensor(drop_offset).to(tl.uint32, bitcast=True)
     k0 = tl.to_tensor(seed_lo).to(tl.uint32, bitcast=True)
     k1 = tl.to_tensor(seed_hi).to(tl.uint32, bitcast=True)
-    word, _, _, _ = tl.philox_impl(
-        k.to(tl.uint32, bitcast=True), q.to(tl.uint32, bitcast=True), c2, c3, k0, k1
-    )
+    word = _philox_word0(k.to(tl.uint32, bitcast=True), q.to(tl.uint32, bitcast=True), c2, c3, k0, k1)
     return (word >> 8).to(tl.int32, bitcast=True) >= drop_threshold
 
 
