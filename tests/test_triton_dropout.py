@@ -2,7 +2,8 @@
 
 Three levels, each against the spec (``ringattn.dropout``: plain torch integer Philox4x32-10):
 
-* Triton's generator (``tl.philox_impl``, which the kernels call) gives the spec's four words;
+* Triton's generator (``tl.philox_impl``) gives the spec's four words, and the kernels' own
+  rounds (``flash_kernels._philox_word0``, widening multiplies) its word 0;
 * the kernels' mask helper (``flash_kernels._dropout_keep``) in both orientations, with indices up
   to 2^31 - 2, key words >= 2^31 (negative int32 bit patterns), offsets >= 2^32 (only the low word
   counts) and p at a draw's exact value (kept: u >= p) and just above it (dropped);
@@ -37,7 +38,7 @@ SEEDS = [(0xDEAD_BEEF_F00D_CAFE & (2**63 - 1), 3), (2**63 - 1, 2**40 + 5), (2**3
 
 
 @triton.jit
-def _philox_words_kernel(C0, C1, C2, C3, Out, seed_lo, seed_hi, N: tl.constexpr):
+def _philox_words_kernel(C0, C1, C2, C3, Out, Word0, seed_lo, seed_hi, N: tl.constexpr):
     offs = tl.arange(0, N)
     c0 = tl.load(C0 + offs).to(tl.uint32, bitcast=True)
     c1 = tl.load(C1 + offs).to(tl.uint32, bitcast=True)
@@ -50,6 +51,7 @@ def _philox_words_kernel(C0, C1, C2, C3, Out, seed_lo, seed_hi, N: tl.constexpr)
     tl.store(Out + 4 * offs + 1, w1.to(tl.int64))
     tl.store(Out + 4 * offs + 2, w2.to(tl.int64))
     tl.store(Out + 4 * offs + 3, w3.to(tl.int64))
+    tl.store(Word0 + offs, fk._philox_word0(c0, c1, c2, c3, k0, k1).to(tl.int64))
 
 
 @triton.jit
@@ -78,10 +80,14 @@ def test_triton_philox_is_the_spec(seed):
     counters = [torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64) for _ in range(4)]
     counters[0][:4] = torch.tensor([0, 1, 2**31 - 1, 2**32 - 1])  # edges of the word
     out = torch.empty(n, 4, dtype=torch.int64, device=DEVICE)
+    word0 = torch.empty(n, dtype=torch.int64, device=DEVICE)
     seed_lo, seed_hi, _, _, _ = _dropout(0.5, seed, 0)
-    _philox_words_kernel[(1,)](*(_as_int32(c).to(DEVICE) for c in counters), out, seed_lo, seed_hi, N=n)
+    _philox_words_kernel[(1,)](
+        *(_as_int32(c).to(DEVICE) for c in counters), out, word0, seed_lo, seed_hi, N=n
+    )
     expected = torch.stack(philox4x32(tuple(counters), (seed, seed >> 32)), 1)
     assert torch.equal(out.cpu(), expected)
+    assert torch.equal(word0.cpu(), expected[:, 0])
 
 
 def _spec_keep(p, seed, offset, bh, q_idx, k_idx):
