@@ -25,6 +25,7 @@ import torch
 from .block import Span, check_devices, check_score_features
 from .dropout import keep_mask, new_seed
 from .layouts import LAYOUTS
+from .merge import merge_partials
 from .ops import attention
 from .reference import attention_probs_ref
 from .rope import RoPEConfig, cos_sin, rotate
@@ -484,23 +485,24 @@ def _append(cache: torch.Tensor, new: torch.Tensor, rows, seqlens, block_table) 
     )
 
 
-def _packed_cache(k_cache, v_cache, rows, leftpad, lengths, block_table, Sq):
-    """Keys and values (1, N, Hkv, D) holding every sequence's valid tokens, with key-side and query-side
-    document boundaries for the varlen mask. An unpaged cache in batch order is a view (no copy):
-    the gaps between sequences become documents without queries, which nobody attends."""
+def _packed_cache(k_cache, v_cache, rows, ranges, block_table, queries):
+    """Keys and values (1, N, Hkv, D) holding every sequence's key ranges (``ranges[b]``: (lo, hi) cache
+    positions), each range a document of ``queries`` queries, with the key-side and query-side document
+    boundaries for the varlen mask. An unpaged cache in batch order is a view (no copy): the gaps
+    between ranges become documents without queries, which nobody attends."""
     B = len(rows)
     if block_table is not None:
-        pages = block_table.cpu().long()
-        page = k_cache.shape[1]
+        pages, page = block_table.cpu().long(), k_cache.shape[1]
         picked = [
-            pages[b, torch.arange(int(leftpad[b]), int(lengths[b])) // page] * page
-            + torch.arange(int(leftpad[b]), int(lengths[b])) % page
+            pages[b, torch.arange(lo, hi) // page] * page + torch.arange(lo, hi) % page
             for b in range(B)
+            for lo, hi in ranges[b]
         ]
         flat = torch.cat(picked).to(k_cache.device)
         keys, values = (c.flatten(0, 1)[flat][None] for c in (k_cache, v_cache))
-        ends = torch.cumsum(lengths - leftpad, 0).tolist()
-        return keys, values, [0, *ends], [Sq * b for b in range(B + 1)]
+        sizes = [hi - lo for b in range(B) for lo, hi in ranges[b]]
+        k_bounds = [0, *torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist()]
+        return keys, values, k_bounds, [queries * d for d in range(len(sizes) + 1)]
     if torch.equal(rows, torch.arange(B)):
         keys, values = (c[:B].flatten(0, 1)[None] for c in (k_cache, v_cache))
     else:
@@ -509,13 +511,29 @@ def _packed_cache(k_cache, v_cache, rows, leftpad, lengths, block_table, Sq):
     S = k_cache.shape[1]
     k_bounds, q_bounds = [0], [0]
     for b in range(B):
-        start, end = b * S + int(leftpad[b]), b * S + int(lengths[b])
-        if start > k_bounds[-1]:  # a gap: a document with no queries
-            k_bounds.append(start)
-            q_bounds.append(q_bounds[-1])
-        k_bounds.append(end)
-        q_bounds.append(q_bounds[-1] + Sq)
+        for lo, hi in ranges[b]:
+            if b * S + lo > k_bounds[-1]:  # a gap: a document with no queries
+                k_bounds.append(b * S + lo)
+                q_bounds.append(q_bounds[-1])
+            k_bounds.append(b * S + hi)
+            q_bounds.append(q_bounds[-1] + queries)
     return keys, values, k_bounds, q_bounds
+
+
+SPLIT_KEYS = 4096  # keys per split that num_splits=0 aims at for single-query decoding
+
+
+def _split_count(num_splits: int, Sq: int, alibi_slopes, spans: torch.Tensor, device_type: str) -> int:
+    """How many key chunks each sequence's single query attends to separately (1: no split). Only a
+    single query (decoding) without ALiBi splits: its chunks need no causal or distance alignment. The
+    default splits on GPUs only: on the CPU the heads already keep every core busy (measured: no gain
+    on 2 cores at B = 1, Hq = 32, 32K keys)."""
+    if Sq != 1 or alibi_slopes is not None or not spans.numel():
+        return 1
+    longest = int(spans.max())
+    by_length = min(16, longest // SPLIT_KEYS) if device_type == "cuda" else 1
+    wanted = num_splits if num_splits > 0 else by_length
+    return max(1, min(wanted, longest))
 
 
 @torch.no_grad()
@@ -558,8 +576,10 @@ def flash_attn_with_kvcache(
     or ringattn's ``rope`` (exact phase at any position; cos/sin are built for the new tokens only,
     never for the cache). New keys are rotated at positions cache_seqlens - leftpad + i and stored
     rotated; queries at the same positions when causal or windowed, else all at cache_seqlens -
-    leftpad (flash-attn's rule). ``num_splits`` is accepted (int >= 0) and does not change the
-    computation. Returns out (B, Sq, Hq, D) [and lse (B, Hq, Sq) fp32, +inf on rows with no key].
+    leftpad (flash-attn's rule). ``num_splits``: a single query per sequence (decoding) without ALiBi
+    attends to its keys in that many chunks in one call, merged by lse (split-K: parallel work when
+    B x Hkv is small); 0 picks about one chunk per ``SPLIT_KEYS`` keys (up to 16) on a GPU and no split
+    on the CPU; 1, or several queries, no split. Returns out (B, Sq, Hq, D) [and lse (B, Hq, Sq) fp32, +inf on rows with no key].
     """
     check_tensors(q=q, k_cache=k_cache, v_cache=v_cache)
     _check_options(
@@ -647,15 +667,49 @@ def flash_attn_with_kvcache(
         _append(k_cache, k, rows, seqlens, block_table)
         _append(v_cache, v, rows, seqlens, block_table)
 
-    keys, values, k_bounds, q_bounds = _packed_cache(
-        k_cache, v_cache, rows, leftpad, lengths, block_table, Sq
-    )
+    window = _window(window_size, causal)
+    first = leftpad
+    if Sq == 1 and window[0] >= 0:  # one query: its window is a key range
+        first = torch.maximum(leftpad, lengths - 1 - window[0])
+    splits = _split_count(num_splits, Sq, alibi_slopes, lengths - first, q.device.type)
+    slopes = _per_sequence_slopes(q, alibi_slopes, B)
+    if splits == 1:
+        ranges = [[(int(leftpad[b]), int(lengths[b]))] for b in range(B)]
+        out, lse = _cache_attention(q, k_cache, v_cache, rows, ranges, block_table, Sq, causal=causal,
+                                    softmax_scale=softmax_scale, window_size=window, softcap=softcap,
+                                    alibi_slopes=slopes, backend=backend)  # fmt: skip
+        return _returns(out, lse, True, False)[:2] if return_softmax_lse else out
+    # Split-K decoding: each sequence's keys in `splits` chunks, one document each (so the chunks run in
+    # parallel in one call), the partial results merged by their lse. A single query sees every key up
+    # to its own, so the chunks need no causal mask; the window is already in the ranges.
+    ranges = [
+        [(int(lo) + int(first[b]), int(hi) + int(first[b])) for lo, hi in _chunk_bounds(int(lengths[b] - first[b]), splits)]
+        for b in range(B)
+    ]  # fmt: skip
+    out, lse = _cache_attention(q.repeat_interleave(splits, dim=0), k_cache, v_cache, rows, ranges, block_table,
+                                1, softmax_scale=softmax_scale, softcap=softcap, backend=backend)  # fmt: skip
+    out, lse = out.view(B, splits, Hq, D), lse.view(B, splits, Hq, 1)
+    merged_out, merged_lse = out[:, :1], lse[:, 0]  # (B, 1, Hq, D), (B, Hq, 1)
+    for j in range(1, splits):
+        merged_out, merged_lse = merge_partials(merged_out, merged_lse, out[:, j : j + 1], lse[:, j])
+    merged_out = merged_out.to(q.dtype)
+    return _returns(merged_out, merged_lse, True, False)[:2] if return_softmax_lse else merged_out
+
+
+def _chunk_bounds(length: int, n: int) -> list[tuple[int, int]]:
+    """[0, length) cut into n runs, the first length % n one longer."""
+    base, extra = divmod(length, n)
+    starts = [i * base + min(i, extra) for i in range(n + 1)]
+    return list(zip(starts[:-1], starts[1:], strict=True))
+
+
+def _cache_attention(q, k_cache, v_cache, rows, ranges, block_table, queries, **options):
+    """q (R, queries, Hq, D) against each of the R key ranges of ``ranges`` (in order): out (R, queries,
+    Hq, D) and lse (R, Hq, queries) fp32, -inf on rows that see no key."""
+    R, _, Hq, D = q.shape
+    keys, values, k_bounds, q_bounds = _packed_cache(k_cache, v_cache, rows, ranges, block_table, queries)
     out, lse = attention(
-        q.reshape(1, B * Sq, Hq, D), keys, values, causal=causal, softmax_scale=softmax_scale,
-        cu_seqlens=torch.tensor(q_bounds, device=q.device), k_cu_seqlens=torch.tensor(k_bounds, device=q.device),
-        window_size=_window(window_size, causal), softcap=softcap,
-        alibi_slopes=_per_sequence_slopes(q, alibi_slopes, B), backend=backend,
+        q.reshape(1, R * queries, Hq, D), keys, values, cu_seqlens=torch.tensor(q_bounds, device=q.device),
+        k_cu_seqlens=torch.tensor(k_bounds, device=q.device), **options,
     )  # fmt: skip
-    out = out.reshape(B, Sq, Hq, D)
-    lse = lse.reshape(Hq, B, Sq).transpose(0, 1)
-    return _returns(out, lse, True, False)[:2] if return_softmax_lse else out
+    return out.reshape(R, queries, Hq, D), lse.reshape(Hq, R, queries).transpose(0, 1)

@@ -333,3 +333,52 @@ def test_kvcache_without_new_tokens_attends_to_the_cache_prefix():
     want = _decode_reference(q, k_cache, v_cache, [4, 10], causal=True)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
     assert math.isfinite(float(out.abs().max()))
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("num_splits", [2, 5, 40])
+def test_kvcache_split_k_decode_equals_one_call_per_sequence(num_splits, paged):
+    """One new token per sequence against caches of different lengths (one shorter than the split
+    count, so some chunks are empty), with a window and the lse: split-K equals attention per sequence."""
+    B, H, D, S = 3, 2, 16, 48
+    k_cache, v_cache = _randn(B, S, H, D, seed=60), _randn(B, S, H, D, seed=61)
+    seqlens = torch.tensor([40, 3, 17], dtype=torch.int32)
+    new_k, new_v, q = (
+        _randn(B, 1, H, D, seed=62),
+        _randn(B, 1, H, D, seed=63),
+        _randn(B, 1, 2 * H, D, seed=64),
+    )
+    table = None
+    if paged:
+        table = torch.arange(B * 6, dtype=torch.int32).flip(0).view(B, 6)  # pages of 8, in reverse
+        k_pages, v_pages = torch.empty(B * 6, 8, H, D), torch.empty(B * 6, 8, H, D)
+        k_pages[table.flatten().long()] = k_cache.reshape(B * 6, 8, H, D)
+        v_pages[table.flatten().long()] = v_cache.reshape(B * 6, 8, H, D)
+    full_k, full_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(seqlens.tolist()):
+        full_k[b, n], full_v[b, n] = new_k[b, 0], new_v[b, 0]
+    caches = (k_pages, v_pages) if paged else (k_cache, v_cache)
+    out, lse = fa.flash_attn_with_kvcache(
+        q, *caches, new_k, new_v, cache_seqlens=seqlens, block_table=table, causal=True, window_size=(20, 0),
+        num_splits=num_splits, return_softmax_lse=True,
+    )  # fmt: skip
+    want, want_lse = [], []
+    for b, n in enumerate((seqlens + 1).tolist()):
+        o, l = fa.flash_attn_func(q[b : b + 1], full_k[b : b + 1, :n], full_v[b : b + 1, :n], causal=True,
+                                  window_size=(20, 0), return_lse=True)  # fmt: skip
+        want.append(o)
+        want_lse.append(l)
+    torch.testing.assert_close(out, torch.cat(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, torch.cat(want_lse), atol=1e-5, rtol=0)
+
+
+def test_kvcache_default_splits_long_caches_only():
+    from ringattn.flash_attn_interface import SPLIT_KEYS, _split_count
+
+    spans = torch.tensor([3 * SPLIT_KEYS + 5, 10])
+    assert _split_count(0, 1, None, spans, "cuda") == 3
+    assert _split_count(0, 1, None, spans, "cpu") == 1  # the heads keep the cores busy
+    assert _split_count(0, 1, None, torch.tensor([SPLIT_KEYS - 1]), "cuda") == 1
+    assert _split_count(0, 2, None, spans, "cuda") == 1  # several queries: no split
+    assert _split_count(4, 1, torch.ones(2), spans, "cpu") == 1  # ALiBi needs the distances: no split
+    assert _split_count(4, 1, None, spans, "cpu") == 4
