@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from attention_checks import peer_results, reference_results
 from harness import GRAD_FACTOR, OUTPUT_FACTOR, assert_within_peer_error, install_nan_poisoning
 
-from ringattn.ring import fake_ring, ring_attn_func, run_fake_ring, shard, shard_indices
+from ringattn.ring import fake_ring, ring_attn_func, run_fake_ring, shard, shard_indices, shard_pieces
 
 NAMES = ("out", "dq", "dk", "dv")
 
@@ -44,6 +44,20 @@ def _spec(
         softmax_scale=softmax_scale, window=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         dropout_p=dropout_p, dropout_seed=dropout_seed,
     )  # fmt: skip
+
+
+def fp8_roundtrip(x, W, layout, cu_seqlens=None):
+    """x (B, S, H, D) as the FP8 wire delivers it, written from the wire's definition: e4m3 with one
+    scale (largest magnitude / 448) per (batch, head) over each rank's piece of the layout."""
+    out = torch.empty_like(x)
+    for runs in shard_pieces(x.shape[1], W, layout, cu_seqlens):
+        for start, stride, length in (run for run in runs if run[2]):
+            rows = start + stride * torch.arange(length)
+            piece = x[:, rows].float()
+            amax = piece.abs().amax(dim=(1, 3), keepdim=True)
+            scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+            out[:, rows] = ((piece / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+    return out
 
 
 def reference(q, k, v, dout, **options):

@@ -9,7 +9,17 @@ import time
 
 import pytest
 import torch
-from ring_checks import NAMES, assemble, check_against, fake_run, local_run, make_inputs, peer, reference
+from ring_checks import (
+    NAMES,
+    assemble,
+    check_against,
+    fake_run,
+    fp8_roundtrip,
+    local_run,
+    make_inputs,
+    peer,
+    reference,
+)
 
 import ringattn.ring.scheduler as scheduler
 from ringattn import RoPEConfig
@@ -486,20 +496,6 @@ def test_auto_mode_follows_the_cost_model():
     assert cp_mode_for(1 << 20, 8, 32, 8, 128)[0] == "ring"  # long shards: the ring hides its wire
 
 
-def _fp8_roundtrip(x, W, layout, cu_seqlens=None):
-    """x (B, S, H, D) as the FP8 wire delivers it, written from the wire's definition: e4m3 with one
-    scale (largest magnitude / 448) per (batch, head) over each rank's piece of the layout."""
-    out = torch.empty_like(x)
-    for runs in shard_pieces(x.shape[1], W, layout, cu_seqlens):
-        for start, stride, length in (run for run in runs if run[2]):
-            rows = start + stride * torch.arange(length)
-            piece = x[:, rows].float()
-            amax = piece.abs().amax(dim=(1, 3), keepdim=True)
-            scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-            out[:, rows] = ((piece / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
-    return out
-
-
 @pytest.mark.parametrize("layout", ["zigzag", "doc_zigzag"])
 @pytest.mark.parametrize("cp_mode", ["ring", "allgather"])
 def test_fp8_wire_attends_to_the_dequantized_kv_at_half_the_bytes(layout, cp_mode):
@@ -507,7 +503,7 @@ def test_fp8_wire_attends_to_the_dequantized_kv_at_half_the_bytes(layout, cp_mod
     q, k, v, dout = make_inputs(2, 64, 4, 2, 16, torch.bfloat16)
     opts = dict(causal=True, cu_seqlens=cu, rope=RoPEConfig(16))
     ours, comms = fake_run(4, q, k, v, dout, layout, cp_mode=cp_mode, wire_dtype=torch.float8_e4m3fn, **opts)
-    k8, v8 = _fp8_roundtrip(k, 4, layout, cu), _fp8_roundtrip(v, 4, layout, cu)
+    k8, v8 = fp8_roundtrip(k, 4, layout, cu), fp8_roundtrip(v, 4, layout, cu)
     # Exactly attention on the dequantized K/V (gradients at those values, passed to k and v).
     check_against(ours, reference(q, k8, v8, dout, **opts), peer(q, k8, v8, dout, **opts))
     wide, wide_comms = fake_run(4, q, k, v, dout, layout, cp_mode=cp_mode, **opts)

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from ring_checks import NAMES, check_against, launch, local_run, make_inputs, peer, reference
+from ring_checks import NAMES, check_against, fp8_roundtrip, launch, local_run, make_inputs, peer, reference
 from torch.distributed.device_mesh import init_device_mesh
 
 from ringattn import RoPEConfig
@@ -83,6 +83,18 @@ def _correctness_job(rank, world_size, ring_sizes):
         for layout, mode in (("doc_zigzag", "ring"), ("doc_zigzag", "allgather"), ("stripe", "allgather")):
             _check_ring(comm, failures, f"docs-{mode}", layout, docs_case, cp_mode=mode)
             checks += 1
+        # FP8 K/V on the wire (uint8 messages over gloo): attention on the dequantized K/V exactly.
+        case = dict(docs_case)
+        S, cu = case.pop("S"), case["cu_seqlens"]
+        q, k, v, dout = make_inputs(2, S, case.pop("Hq"), case.pop("Hkv"), 16, case.pop("dtype"), seed=S)
+        k8, v8 = fp8_roundtrip(k, W, "doc_zigzag", cu), fp8_roundtrip(v, W, "doc_zigzag", cu)
+        local = local_run(comm, q, k, v, dout, "doc_zigzag", wire_dtype=torch.float8_e4m3fn, **case)
+        full = {n: unshard(local[n], 2 if n == "lse" else 1, comm, "doc_zigzag", cu) for n in (*NAMES, "lse")}
+        try:
+            check_against(full, reference(q, k8, v8, dout, **case), peer(q, k8, v8, dout, **case))
+        except AssertionError as exc:
+            failures.append(f"W={W} fp8 wire: {exc}")
+        checks += 1
         scores = dict(window_size=(6, 0), softcap=2.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
         _check_ring(comm, failures, "docs-window-softcap-alibi", "doc_zigzag", docs_case, **scores)
         checks += 1
@@ -158,8 +170,8 @@ def _error_checks(rank):
 
 def _expected_checks(rank, ring_sizes):
     members = {4: {0, 1, 2, 3}, 3: {1, 2, 3}, 2: {0, 3}, 8: set(range(8))}
-    # 3 layouts x 3 cases, 4 document/mode/score checks, bf16, bytes, and the mesh check on the world
-    return sum(3 * 3 + 4 + 2 + (W == ring_sizes[0]) for W in ring_sizes if rank in members[W])
+    # 3 layouts x 3 cases, 5 document/mode/wire/score checks, bf16, bytes, and the mesh check on the world
+    return sum(3 * 3 + 5 + 2 + (W == ring_sizes[0]) for W in ring_sizes if rank in members[W])
 
 
 _RING_SIZES = (4, 3, 2)
