@@ -114,12 +114,12 @@ def test_feature_variants_compile_within_budget_on_every_arch():
 
 def test_dropout_variant_compiles_on_sm89_head_dim_128():
     # Attention dropout on top of every score feature (the heaviest variant), each attention
-    # kernel's first bf16 candidate on the tuning target: one quick compile per kernel.
-    from tritonkernels.configs import CONFIGS
+    # kernel's first bf16 dropout candidate on the tuning target: one quick compile per kernel.
+    from tritonkernels.configs import get_configs
 
     specs = []
     for kernel in KERNELS:
-        c = CONFIGS[(89, 128)][kernel][0]
+        c = get_configs(kernel, 128, (8, 9), 2, dropout=True)[0]
         spec = dict(
             kernel=kernel, arch=89, head_dim=128, cfg=[c.block_m, c.block_n, c.num_warps, c.num_stages]
         )

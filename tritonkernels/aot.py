@@ -345,7 +345,8 @@ def shipped_specs(
     variants=("causal-docs-exact",),
 ):
     """compile_kernel arguments for every shipped config: each autotuning candidate, fp32's own, and
-    the elementwise kernels'; attention kernels once per name in ``variants`` (keys of VARIANTS)."""
+    the elementwise kernels'; attention kernels once per name in ``variants`` (keys of ALL_VARIANTS),
+    a dropout variant with dropout's candidates (``configs.get_configs(dropout=True)``)."""
     from .configs import get_configs
 
     specs = []
@@ -358,8 +359,9 @@ def shipped_specs(
                         specs.extend(aux_specs(kernel, arch, hd, dtype))
                         continue
                     size = 4 if dtype == "fp32" else 2
-                    for cfg in get_configs(kernel, hd, capability, size):
-                        for name in variants:
+                    for name in variants:
+                        dropout = ALL_VARIANTS[name].get("dropout", False)
+                        for cfg in get_configs(kernel, hd, capability, size, dropout):
                             spec = dict(kernel=kernel, arch=arch, head_dim=hd, dtype=dtype, cfg=cfg)
                             specs.append(dict(spec, variant=name, **ALL_VARIANTS[name]))
     return specs

@@ -127,6 +127,15 @@ def aux_rows(kernel: str, head_dim: int) -> int:
 
 _FP32_ARCH = {(90, 256, "bwd_dkdv"): _C(16, 32, 8, 1)}  # 16x16x4 spills 4 B on sm_90
 
+# Dropout's 16-bit candidates where they differ from CONFIGS' (every arch): a Philox draw per score
+# (~45 integer instructions and their registers) is more than the head-dim-64 tiles at 4 warps
+# can hold. Measured with every score feature + exact RoPE (aot.DROPOUT_VARIANTS), triton 3.9:
+# fwd 128x32x4 spills into the hot loop on sm_90 (64x64x4: on sm_80), dkdv 32x64x4 spills 84-100 B
+# outside it on sm_80; the tiles below compile clean on sm_80/89/90.
+_DROPOUT = {
+    64: {"fwd": (_C(128, 32, 8, 2), _C(64, 32, 4, 2)), "bwd_dkdv": (_C(16, 64, 4, 1),)},
+}
+
 # The interpreter runs numpy per tile op: larger tiles mean fewer ops. Any size is valid there.
 INTERPRETER_CONFIG = _C(32, 32, 4, 1)
 
@@ -142,10 +151,15 @@ def _arch_key(capability: tuple[int, int]) -> int:
 
 
 def get_configs(
-    kernel: str, head_dim: int, capability: tuple[int, int] | None, element_size: int = 2
+    kernel: str,
+    head_dim: int,
+    capability: tuple[int, int] | None,
+    element_size: int = 2,
+    dropout: bool = False,
 ) -> tuple[KernelConfig, ...]:
     """The shipped candidates for ``kernel`` at ``head_dim`` on a device of ``capability``
-    (None: the interpreter) for inputs of ``element_size`` bytes; the first is the default."""
+    (None: the interpreter) for inputs of ``element_size`` bytes, with or without attention
+    ``dropout`` (the kernels' DROPOUT variant); the first is the default."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if capability is None:
@@ -156,4 +170,6 @@ def get_configs(
     bd = block_d(head_dim)
     if element_size > 2:
         return (_FP32_ARCH.get((arch, bd, kernel), _FP32[bd][kernel]),)
+    if dropout and kernel in _DROPOUT.get(bd, {}):
+        return _DROPOUT[bd][kernel]
     return CONFIGS[(arch, bd)][kernel]

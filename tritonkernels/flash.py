@@ -352,7 +352,7 @@ class _LaunchArgs:
         """``given``, else the shipped config for ``kernel``, autotuned among candidates on a GPU."""
         if given is not None:
             return given
-        candidates = get_configs(kernel, self.D, self.capability, dtype.itemsize)
+        candidates = get_configs(kernel, self.D, self.capability, dtype.itemsize, self.has_dropout)
         rope = f"{'exact' if self.qr.exact else 'hf'}/{self.qr.rot_dim}" if self.rope else "none"
         key = TuneKey(
             kernel, self.device, dtype, self.D, self.Hq // self.Hkv, self.causal, self.cu is not None, rope,

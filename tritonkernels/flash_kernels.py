@@ -1358,16 +1358,16 @@ def flash_bwd_dkdv_kernel(
             )  # fmt: skip
             p_t = tl.where(vis_t, tl.exp2(s_t - lse2[None, :]), 0.0)
             if DROPOUT:  # dV += (P Z)^T dO (1 / (1 - p) applied on store), dP = dO V^T Z / (1 - p)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 keep_t = _dropout_keep(
                     k_idx, q_idx, bh, seed_lo, seed_hi, drop_offset, drop_threshold, KEYS_ROWS=True
                 )
                 p_kept = tl.where(keep_t, p_t, 0.0)
                 dv = tl.dot(p_kept.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
+                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
             else:
                 dv = tl.dot(p_t.to(DOut.dtype.element_ty), do, dv, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            if DROPOUT:
-                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             ds_t = p_t * (dp_t - delta[None, :])
             if SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
