@@ -310,6 +310,7 @@ void check_params(const AttnParams& p) {
   require(p.k_cu_seqlens == 0 || p.cu_seqlens != 0, "k_cu_seqlens needs cu_seqlens");
   require(p.window_left >= -1 && p.window_right >= -1, "window sides must be >= -1");
   require(p.softcap >= 0.0f, "softcap must be >= 0");
+  require(p.dropout_p >= 0.0 && p.dropout_p < 1.0, "dropout_p must be in [0, 1)");
   if (p.rope_mode != kRopeNone) {
     require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
     require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
@@ -460,6 +461,14 @@ void mod_scores(const Staged& st, const AttnParams& p, float slope, int64_t q0, 
   }
 }
 
+// Dropout's factor of each of n keys of one query row: `kept` where the mask keeps the probability,
+// 0 where it drops it (dropout_keep per element: the counter takes the keys' and the query's global
+// indices, so every tile, thread count and the backward draw the same mask).
+void dropout_factors(const Dropout& d, const int64_t* k_index, int n, int64_t q_index, uint32_t bh, float kept,
+                     float* z) {
+  for (int j = 0; j < n; ++j) z[j] = dropout_keep(d, k_index[j], q_index, bh) ? kept : 0.0f;
+}
+
 const int64_t* key_boundaries(const AttnParams& p) {
   return reinterpret_cast<const int64_t*>(p.k_cu_seqlens != 0 ? p.k_cu_seqlens : p.cu_seqlens);
 }
@@ -504,6 +513,7 @@ void attn_forward_cpu(const AttnParams& p) {
   const int64_t B = st.B, Sq = st.Sq, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G, Skp = st.Skp;
   const int64_t n_qt = static_cast<int64_t>(st.q_tiles.size());
   const bool score_mod_on = has_score_mod(p);
+  const Dropout drop = make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset);
   float* lse_out = reinterpret_cast<float*>(p.lse);
 
   parallel_for(B * Hq * n_qt, p.num_threads, [&](int64_t item) {
@@ -517,6 +527,7 @@ void attn_forward_cpu(const AttnParams& p) {
 
     std::vector<float> acc(rows * D, 0.0f), s(kBlockQ * kBlockK);
     std::vector<float> m(rows, -RA_INF), l(rows, 0.0f);
+    std::vector<float> z(drop.on ? kBlockK : 0);  // dropout's factors of one row
     const float slope = alibi_slope(p, b, h);
     int64_t t_begin, t_end;  // key tiles outside the causal range, window and documents are never visited
     key_tile_range(st, p, st.q_tiles[qt], &t_begin, &t_end);
@@ -550,8 +561,13 @@ void attn_forward_cpu(const AttnParams& p) {
         exp2_inplace(si, kBlockK);
         float sum = 0.0f;
         for (int j = 0; j < kBlockK; ++j) sum += si[j];
-        l[i] = l[i] * alpha + sum;
+        l[i] = l[i] * alpha + sum;  // the lse sums the probabilities before dropout
         m[i] = m_new;
+        if (drop.on) {  // P V takes only the kept probabilities (scaled by 1 / (1 - p) at the end)
+          dropout_factors(drop, st.k_index.data() + k0, kBlockK, p.q_start + p.q_stride * (q0 + i),
+                          static_cast<uint32_t>(bh), 1.0f, z.data());
+          for (int j = 0; j < kBlockK; ++j) si[j] *= z[j];
+        }
         if (alpha != 1.0f) {
           for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
         }
@@ -559,7 +575,8 @@ void attn_forward_cpu(const AttnParams& p) {
       accumulate_wx(acc.data(), D, rows, s.data(), kBlockK, 1, kBlockK, v + k0 * D, D, D);
     }
     for (int i = 0; i < rows; ++i) {
-      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      if (drop.on) inv *= drop.scale;
       for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= inv;
       store_row(p.out, p.out_dtype, b, q0 + i, h, D, acc.data() + i * D);
       lse_out[bh * Sq + q0 + i] = finish_lse(m[i], l[i]);
@@ -579,6 +596,7 @@ void attn_backward_cpu(const AttnParams& p) {
   const float scale = p.softmax_scale;
   const bool rope = p.rope_mode != kRopeNone;
   const bool score_mod_on = has_score_mod(p);
+  const Dropout drop = make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset);
 
   std::vector<float> lse(B * Hq * Sq);
   const float* lse_in = reinterpret_cast<const float*>(p.lse);
@@ -599,6 +617,8 @@ void attn_backward_cpu(const AttnParams& p) {
     const float* kr = st.k.data() + bkv * Skp * D;
     std::vector<float> dk(kBlockK * D), dv(kBlockK * D), pr(kBlockQ * kBlockK), ds(kBlockQ * kBlockK);
     std::vector<float> dscore(score_mod_on ? kBlockQ * kBlockK : 0);  // d(score)/d(scaled score)
+    // dropout: Z / (1 - p) per element (0 where dropped) and the dropped probabilities P Z / (1 - p)
+    std::vector<float> zt(drop.on ? kBlockQ * kBlockK : 0), pz(drop.on ? kBlockQ * kBlockK : 0);
     std::vector<float> part(std::max(kBlockK, kBlockQ) * D);
     std::vector<float> cs(p.rotary_dim / 2), sn(p.rotary_dim / 2);
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -631,16 +651,28 @@ void attn_backward_cpu(const AttnParams& p) {
             exp2_inplace(pi, kBlockK);
           }
           if (kind == TileMask::kPartial) apply_mask(st, p, q0, rows, k0, pr.data(), 0.0f);
+          if (drop.on) {  // the forward's mask, regenerated
+            for (int i = 0; i < rows; ++i) {
+              float* zi = zt.data() + i * kBlockK;
+              dropout_factors(drop, st.k_index.data() + k0, kBlockK, p.q_start + p.q_stride * (q0 + i),
+                              static_cast<uint32_t>(bh), drop.scale, zi);
+              for (int j = 0; j < kBlockK; ++j) pz[i * kBlockK + j] = pr[i * kBlockK + j] * zi[j];
+            }
+          }
           // Each product goes to a zeroed tile first and is then added to its running sum, so
           // sums over many query tiles, heads or key tiles are blocked, not one long fp32 chain.
-          // dV += P^T dO
-          add_product(dv.data(), part.data(), kBlockK, D, pr.data(), 1, kBlockK, rows, dout);
-          // dS = P * (dO V^T - delta) * scale
+          // dV += P^T dO (with dropout, (P Z / (1 - p))^T dO)
+          add_product(dv.data(), part.data(), kBlockK, D, drop.on ? pz.data() : pr.data(), 1, kBlockK, rows, dout);
+          // dS = P * (dO V^T - delta) * scale (with dropout, dO V^T Z / (1 - p) in place of dO V^T)
           matmul_abt_dot(dout, D, rows, v + k0 * D, D, D, ds.data());
           for (int i = 0; i < rows; ++i) {
             const float row_delta = delta[bh * Sq + q0 + i];
             float* dsi = ds.data() + i * kBlockK;
             const float* pi = pr.data() + i * kBlockK;
+            if (drop.on) {
+              const float* zi = zt.data() + i * kBlockK;
+              for (int j = 0; j < kBlockK; ++j) dsi[j] *= zi[j];
+            }
             for (int j = 0; j < kBlockK; ++j) dsi[j] = pi[j] * (dsi[j] - row_delta) * scale;
             if (score_mod_on) {  // through softcap's tanh (ALiBi's bias has derivative 1)
               const float* gi = dscore.data() + i * kBlockK;

@@ -249,6 +249,10 @@ bool needs_extra(const AttnParams& p) {
   return p.window_left >= 0 || p.window_right >= 0 || p.softcap > 0.0f || p.alibi_slopes != 0;
 }
 
+// Whether a call needs the DROPOUT variant (EXTRA with dropout's mask: the EXTRA features then
+// follow their parameters at run time, and the plain and EXTRA kernels draw no random numbers).
+bool needs_dropout(const AttnParams& p) { return p.dropout_p > 0.0; }
+
 // ---- forward ----------------------------------------------------------------------------------
 
 template <int DMAX>
@@ -262,8 +266,12 @@ struct FwdTiles {
 };
 
 // EXTRA: sliding window, softcap and ALiBi (attn_math.h: in_window, score_mod); false: none of them.
-template <int DT, int DMAX, bool EXTRA>
-__global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p, RowSide qs, RowSide ks) {
+// DROPOUT (only with EXTRA): attention dropout by `drop` (attn_math.h: dropout_keep), which the
+// other variants never read. The lse sums the probabilities before dropout; P V only the kept ones.
+template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
+__global__ void __launch_bounds__(128, 1)
+    attn_forward_kernel(const AttnParams p, RowSide qs, RowSide ks, Dropout drop) {
+  static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
   using Tiles = FwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -307,6 +315,8 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
   float o[DT8][4] = {};
   float m[2] = {-RA_INF, -RA_INF}, l[2] = {0.0f, 0.0f};
   const int r_lo = warp * 16 + g;  // this thread's rows r_lo and r_lo + 8 of the tile
+  // Dropout's counter takes global indices (not aligned ones): this thread's two query rows'.
+  const int64_t q_global0 = qs.start + qs.stride * (q0 + r_lo), q_global1 = q_global0 + 8 * qs.stride;
 
   for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {
     __syncthreads();
@@ -364,6 +374,11 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
         const float mi = m[e >> 1];
         s[nt][e] = mi == -RA_INF ? 0.0f : softmax_weight(s[nt][e], mi);  // masked: 0
         l[e >> 1] += s[nt][e];
+        if constexpr (DROPOUT) {  // after the sum: lse is of the probabilities before dropout
+          const int c = nt * 8 + 2 * t + (e & 1);
+          const int64_t qg = e >> 1 ? q_global1 : q_global0;
+          if (!dropout_keep(drop, k_index[c], qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
+        }
       }
     }
 #pragma unroll
@@ -396,7 +411,8 @@ __global__ void __launch_bounds__(128, 1) attn_forward_kernel(const AttnParams p
   for (int i = 0; i < 2; ++i) {
     const int64_t row = q0 + r_lo + 8 * i;
     if (row >= p.seqlen_q) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    if constexpr (DROPOUT) inv *= drop.scale;  // kept probabilities scaled by 1 / (1 - p)
     const int64_t offset = b * p.out.sb + row * p.out.ss + h * p.out.sh;
 #pragma unroll
     for (int dt = 0; dt < DT8; ++dt) {
@@ -433,10 +449,11 @@ struct BwdTiles {
   static_assert(kSmem <= kMaxSmemSm89, "backward tiles exceed sm_89's shared memory per block");
 };
 
-// EXTRA: as the forward's.
-template <int DT, int DMAX, bool EXTRA>
+// EXTRA, DROPOUT: as the forward's; the mask is regenerated here (never stored).
+template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
 __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
-    attn_backward_kernel(const AttnParams p, RowSide qs, RowSide ks) {
+    attn_backward_kernel(const AttnParams p, RowSide qs, RowSide ks, Dropout drop) {
+  static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
   using Tiles = BwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, LDS = Tiles::kLdS;
   constexpr int COLS = Tiles::kCols, CT8 = COLS / 8, NT = BQ / 8;
@@ -505,6 +522,19 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
       }
       __syncthreads();
 
+      // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn
+      // before S^T and dP^T are live and one Philox stream at a time: registers stay below 255.
+      uint32_t keep_bits = 0;
+      static_assert(NT * 4 <= 32, "one bit per element of a thread's S^T fragments");
+      if constexpr (DROPOUT) {
+#pragma unroll 1
+        for (int i = 0; i < NT * 4; ++i) {
+          const int key = key_lo + ((i >> 1) & 1) * 8, qr = (i >> 2) * 8 + 2 * t + (i & 1);
+          const int64_t q_global = qs.start + qs.stride * (q0 + qr);
+          keep_bits |= static_cast<uint32_t>(dropout_keep(drop, k_index[key], q_global, static_cast<uint32_t>(bh)))
+                       << i;
+        }
+      }
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
       float pt[NT][4] = {}, dpt[NT][4] = {};
 #pragma unroll
@@ -536,8 +566,15 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
             dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
           }
           const float pv = ok ? softmax_weight(score, lse_s[qr]) : 0.0f;
-          pt[nt][e] = pv;
-          dpt[nt][e] = pv * (dpt[nt][e] - delta_s[qr]) * dscore;
+          float dp = dpt[nt][e];
+          if constexpr (DROPOUT) {  // dV takes P Z / (1 - p), dS the product dO V^T Z / (1 - p)
+            const float z = (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;
+            pt[nt][e] = pv * z;
+            dp *= z;
+          } else {
+            pt[nt][e] = pv;
+          }
+          dpt[nt][e] = pv * (dp - delta_s[qr]) * dscore;
         }
       }
       // dV += P^T dO and dK += dS^T Q over this CTA's columns.
@@ -676,6 +713,7 @@ void check_params(const AttnParams& p, bool backward) {
   require(p.k_cu_seqlens == 0 || p.cu_seqlens != 0, "k_cu_seqlens needs cu_seqlens");
   require(p.window_left >= -1 && p.window_right >= -1, "window sides must be >= -1");
   require(p.softcap >= 0.0f, "softcap must be >= 0");
+  require(p.dropout_p >= 0.0 && p.dropout_p < 1.0, "dropout_p must be in [0, 1)");
   if (p.rope_mode != kRopeNone) {
     require(p.rope_mode == kRopeExact || p.rope_mode == kRopeHf, "rope_mode must be 0, 1 or 2");
     require(p.rotary_dim >= 2 && p.rotary_dim % 2 == 0 && p.rotary_dim <= p.head_dim,
@@ -704,18 +742,18 @@ unsigned grid_x(int64_t rows, int64_t block_rows, int64_t batch_heads) {
   return static_cast<unsigned>(blocks);
 }
 
-template <int DT, int DMAX, bool EXTRA>
+template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
 void launch_forward(const AttnParams& p) {
   using Tiles = FwdTiles<DMAX>;
   const dim3 grid(grid_x(p.seqlen_q, Tiles::kBlockQ, p.batch * p.heads_q));
-  auto kernel = attn_forward_kernel<DT, DMAX, EXTRA>;
+  auto kernel = attn_forward_kernel<DT, DMAX, EXTRA, DROPOUT>;
   set_smem(kernel, Tiles::kSmem);
   RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
-      p, q_side(p), k_side(p));
+      p, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
   check(cudaGetLastError(), "attn_forward_kernel launch");
 }
 
-template <int DT, int DMAX, bool EXTRA>
+template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
 void launch_backward(const AttnParams& p) {
   using Tiles = BwdTiles<DMAX>;
   const auto stream = reinterpret_cast<cudaStream_t>(p.stream);
@@ -727,9 +765,10 @@ void launch_backward(const AttnParams& p) {
                                   ") exceed CUDA's 65535 grid rows; split the keys into smaller blocks");
     }
     const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(key_tiles), Tiles::kSplit);
-    auto kernel = attn_backward_kernel<DT, DMAX, EXTRA>;
+    auto kernel = attn_backward_kernel<DT, DMAX, EXTRA, DROPOUT>;
     set_smem(kernel, Tiles::kSmem);
-    RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(p, q_side(p), k_side(p));
+    RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(
+        p, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
     check(cudaGetLastError(), "attn_backward_kernel launch");
   }
   const int D = static_cast<int>(p.head_dim);
@@ -744,30 +783,32 @@ void launch_backward(const AttnParams& p) {
   finish(reinterpret_cast<const float*>(p.dk_accum), p.dk, p.seqlen_k, p.heads_kv, k_side(p));
 }
 
-template <int DT, bool EXTRA>
+template <int DT, bool EXTRA, bool DROPOUT>
 void forward_variant(const AttnParams& p) {
-  if (p.head_dim <= 64) return launch_forward<DT, 64, EXTRA>(p);
-  if (p.head_dim <= 128) return launch_forward<DT, 128, EXTRA>(p);
-  return launch_forward<DT, 256, EXTRA>(p);
+  if (p.head_dim <= 64) return launch_forward<DT, 64, EXTRA, DROPOUT>(p);
+  if (p.head_dim <= 128) return launch_forward<DT, 128, EXTRA, DROPOUT>(p);
+  return launch_forward<DT, 256, EXTRA, DROPOUT>(p);
 }
 
 template <int DT>
 void forward_dtype(const AttnParams& p) {
-  if (needs_extra(p)) return forward_variant<DT, true>(p);
-  forward_variant<DT, false>(p);
+  if (needs_dropout(p)) return forward_variant<DT, true, true>(p);
+  if (needs_extra(p)) return forward_variant<DT, true, false>(p);
+  forward_variant<DT, false, false>(p);
 }
 
-template <int DT, bool EXTRA>
+template <int DT, bool EXTRA, bool DROPOUT>
 void backward_variant(const AttnParams& p) {
-  if (p.head_dim <= 64) return launch_backward<DT, 64, EXTRA>(p);
-  if (p.head_dim <= 128) return launch_backward<DT, 128, EXTRA>(p);
-  return launch_backward<DT, 256, EXTRA>(p);
+  if (p.head_dim <= 64) return launch_backward<DT, 64, EXTRA, DROPOUT>(p);
+  if (p.head_dim <= 128) return launch_backward<DT, 128, EXTRA, DROPOUT>(p);
+  return launch_backward<DT, 256, EXTRA, DROPOUT>(p);
 }
 
 template <int DT>
 void backward_dtype(const AttnParams& p) {
-  if (needs_extra(p)) return backward_variant<DT, true>(p);
-  backward_variant<DT, false>(p);
+  if (needs_dropout(p)) return backward_variant<DT, true, true>(p);
+  if (needs_extra(p)) return backward_variant<DT, true, false>(p);
+  backward_variant<DT, false, false>(p);
 }
 
 }  // namespace

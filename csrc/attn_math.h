@@ -140,6 +140,65 @@ RA_HOST_DEVICE float score_mod(float s, float softcap, float inv_softcap, float 
   return s;
 }
 
+// ---- attention dropout (ringattn.dropout is the spec) ----------------------------------------
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;  // Philox4x32 round multipliers
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;  // key schedule (Weyl) increments
+
+// Philox4x32-10 (Salmon et al., SC'11, Random123's constants) of counter c, in place, with key
+// (k0, k1). Each multiply is one widening 32 x 32 -> 64-bit product that yields both halves (one
+// IMAD.WIDE.U32 on the GPU, where a mul.hi and a mul.lo would take two).
+RA_HOST_DEVICE void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c[0];
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c[2];
+    const uint32_t c1 = c[1], c3 = c[3];
+    c[0] = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    c[1] = static_cast<uint32_t>(p1);
+    c[2] = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c[3] = static_cast<uint32_t>(p0);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// One call's dropout: the Philox key words, the counter's last word, the integer threshold of the
+// keep test and the scale of kept probabilities. `on` is false for p = 0 (then nothing is drawn).
+struct Dropout {
+  uint32_t key0 = 0, key1 = 0, offset = 0;
+  uint32_t threshold = 0;  // kept when the top 24 bits u24 of the draw satisfy u24 >= threshold
+  float scale = 1.0f;      // 1 / (1 - p)
+  bool on = false;
+};
+
+// From AttnParams' dropout_p (in [0, 1)), dropout_seed and dropout_offset (host side). The spec keeps
+// an element when u24 * 2^-24 >= p; p * 2^24 is exact in a double, so that is u24 >= ceil(p * 2^24),
+// an integer test with no rounding of p.
+inline Dropout make_dropout(double p, int64_t seed, int64_t offset) {
+  Dropout d;
+  if (!(p > 0.0)) return d;
+  const uint64_t s = static_cast<uint64_t>(seed);
+  d.key0 = static_cast<uint32_t>(s);
+  d.key1 = static_cast<uint32_t>(s >> 32);
+  d.offset = static_cast<uint32_t>(static_cast<uint64_t>(offset));
+  d.threshold = static_cast<uint32_t>(std::ceil(p * 16777216.0));
+  d.scale = static_cast<float>(1.0 / (1.0 - p));
+  d.on = true;
+  return d;
+}
+
+// Whether dropout keeps the probability of (query q_index, key k_index) of row bh = batch * Hq +
+// query head: Philox4x32-10 word 0 of counter (k_index, q_index, bh, offset), global token indices
+// (mod 2^32, as the spec's words).
+RA_HOST_DEVICE bool dropout_keep(const Dropout& d, int64_t k_index, int64_t q_index, uint32_t bh) {
+  uint32_t c[4] = {static_cast<uint32_t>(k_index), static_cast<uint32_t>(q_index), bh, d.offset};
+  philox4x32_10(c, d.key0, d.key1);
+  return (c[0] >> 8) >= d.threshold;
+}
+
 // ---- ranges of rows that can see each other (loop bounds) -------------------------------------
 
 constexpr int64_t kIndexMin = -(int64_t{1} << 62), kIndexMax = int64_t{1} << 62;  // "unbounded"

@@ -36,6 +36,10 @@ struct AttnParams {
   float softcap = 0.0f;  // scores -> softcap * tanh(scores / softcap); 0: off
   uintptr_t alibi_slopes = 0;  // fp32, slope of (b, h) at b * alibi_sb + h; 0: no ALiBi
   int64_t alibi_sb = 0;  // heads_q for (B, Hq) slopes, 0 for (Hq,)
+  // Attention dropout (ringattn.dropout): probability in [0, 1), 0: off; the Philox key is
+  // (seed mod 2^32, seed >> 32) and the counter's last word offset mod 2^32 (attn_math.h: Dropout).
+  double dropout_p = 0.0;
+  int64_t dropout_seed = 0, dropout_offset = 0;
 
   int rope_mode = 0;  // RopeMode
   int rotary_dim = 0;

@@ -116,6 +116,9 @@ void bind_params(py::module_& m) {
   RA_FIELD(softcap);
   RA_FIELD(alibi_slopes);
   RA_FIELD(alibi_sb);
+  RA_FIELD(dropout_p);
+  RA_FIELD(dropout_seed);
+  RA_FIELD(dropout_offset);
   RA_FIELD(rope_mode);
   RA_FIELD(rotary_dim);
   RA_FIELD(interleaved);
@@ -146,6 +149,21 @@ PYBIND11_MODULE(_C, m) {
         return std::make_tuple(l, w1, w2);
       },
       "The kernels' guarded merge of two natural-log lse values: (lse, w1, w2).");
+  m.def(
+      "philox4x32",
+      [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+        uint32_t c[4] = {c0, c1, c2, c3};
+        ringattn::philox4x32_10(c, k0, k1);
+        return std::make_tuple(c[0], c[1], c[2], c[3]);
+      },
+      "The kernels' Philox4x32-10 (attn_math.h): counter words c0..c3, key k0, k1 -> four words.");
+  m.def(
+      "dropout_keep",
+      [](double p, int64_t seed, int64_t offset, int64_t k_index, int64_t q_index, int64_t bh) {
+        return ringattn::dropout_keep(ringattn::make_dropout(p, seed, offset), k_index, q_index,
+                                      static_cast<uint32_t>(bh));
+      },
+      "The kernels' dropout test (attn_math.h) of one (key, query, batch * Hq + head) element.");
   m.def("attn_forward_cpu", &attn_forward_cpu, "Block attention forward on the CPU (fills out, lse).");
   m.def("attn_backward_cpu", &attn_backward_cpu, "Block attention backward on the CPU (fills dq, dk, dv).");
 #ifdef RINGATTN_WITH_CUDA

@@ -25,7 +25,7 @@ import pytest
 import torch
 from attention_checks import Case, assert_matches_reference, make_inputs
 
-from ringattn.backends.compiled import DTYPE_CODES, INT_FIELDS, op_inputs, rowsum_delta
+from ringattn.backends.compiled import DTYPE_CODES, FLOAT_FIELDS, INT_FIELDS, op_inputs, rowsum_delta
 from ringattn.block import block_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +184,9 @@ class AttnParams(ctypes.Structure):
         ("softcap", _F32),
         ("alibi_slopes", _U64),
         ("alibi_sb", _I64),
+        ("dropout_p", ctypes.c_double),
+        ("dropout_seed", _I64),
+        ("dropout_offset", _I64),
         ("rope_mode", _INT),
         ("rotary_dim", _INT),
         ("interleaved", _BOOL),
@@ -288,7 +291,7 @@ def _nan(*shape, dtype) -> torch.Tensor:
 def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, fp32_grads=False) -> Run:
     """Forward and backward of ``case`` through ``ra_emu_attn_*``, parameters filled as the cuda
     backend fills them (``op_inputs``: frequency tables, positions, spans, documents, window, softcap,
-    ALiBi; delta from our out), into NaN-filled outputs and dk workspace (dq's is zero-filled, as the
+    ALiBi, dropout; delta from our out), into NaN-filled outputs and dk workspace (dq's is zero-filled, as the
     backend does)."""
     q, k, v, dout = make_inputs(case, dtype) if inputs is None else inputs
     qp, kp = case.positions()
@@ -303,7 +306,8 @@ def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, f
     p.q, p.k, p.v = _view(q), _view(k), _view(v)
     for name, value in zip(INT_FIELDS, ints, strict=True):
         setattr(p, name, value)
-    p.softmax_scale, p.attention_factor, p.softcap = floats
+    for name, value in zip(FLOAT_FIELDS, floats, strict=True):
+        setattr(p, name, value)
     if cu is not None:
         p.cu_seqlens, p.n_cu = cu.data_ptr(), cu.numel()
     if k_cu is not None:

@@ -19,7 +19,7 @@ from cuda_emulator import KERNEL_SOURCE, Emulator, assert_clean, build_library, 
 from ringattn import RoPEConfig
 from ringattn._extension import compiled
 from ringattn.backends import BACKENDS
-from ringattn.backends.compiled import MAX_WINDOW, op_inputs
+from ringattn.backends.compiled import FLOAT_FIELDS, INT_FIELDS, MAX_WINDOW, op_inputs
 from ringattn.block import Span, block_args, block_backward, block_forward, select_backend
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -118,7 +118,7 @@ def test_cpu_window_wider_than_any_distance_is_unbounded():
         torch.testing.assert_close(lse, plain[1], rtol=0, atol=0)
     args = block_args(q, k, v, case.mask(), window_size=(2**63 - 1, 0))
     ints = op_inputs(args, q.device)[-2]
-    assert ints[-2:] == [MAX_WINDOW, 0]
+    assert [ints[INT_FIELDS.index(n)] for n in ("window_left", "window_right")] == [MAX_WINDOW, 0]
 
 
 def test_compiled_backends_declare_the_features():
@@ -155,10 +155,22 @@ def test_ops_refuse_malformed_feature_inputs():
     with pytest.raises(ValueError, match="k_cu_seqlens needs cu_seqlens"):
         op(q, k, v, cu, k_cu[:2], alibi, *rest, False)
     *_, ints, floats = rest
+
+    def with_int(name, value):
+        return [value if n == name else x for n, x in zip(INT_FIELDS, ints, strict=True)]
+
+    def with_float(name, value):
+        return [value if n == name else x for n, x in zip(FLOAT_FIELDS, floats, strict=True)]
+
     with pytest.raises(ValueError, match="window sides must be >= -1"):
-        op(q, k, v, cu, k_cu, alibi, *rest[:-2], ints[:-2] + [-2, 0], floats, False)
+        op(q, k, v, cu, k_cu, alibi, *rest[:-2], with_int("window_left", -2), floats, False)
     with pytest.raises(ValueError, match="softcap must be >= 0"):
-        op(q, k, v, cu, k_cu, alibi, *rest[:-2], ints, floats[:-1] + [-1.0], False)
+        op(q, k, v, cu, k_cu, alibi, *rest[:-2], ints, with_float("softcap", -1.0), False)
+    for p in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p must be a probability"):
+            op(q, k, v, cu, k_cu, alibi, *rest[:-2], ints, with_float("dropout_p", p), False)
+    with pytest.raises(ValueError, match="dropout_seed must be in"):
+        op(q, k, v, cu, k_cu, alibi, *rest[:-2], with_int("dropout_seed", -1), floats, False)
     out, lse = op(q, k, v, cu, k_cu, alibi, *rest, False)  # the well-formed call runs
     assert torch.isfinite(out).all() and lse.shape == (1, 4, 8)
 

@@ -118,7 +118,8 @@ def test_cuda_custom_ops_have_fake_implementations():
     # Shapes and dtypes come from the fake implementations on meta tensors: no GPU needed.
     q = torch.empty(1, 12, 4, 64, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, 9, 2, 64, dtype=torch.bfloat16, device="meta")
-    args = (None, None, None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0, -1, -1], [0.125, 1.0, 0.0])
+    ints, floats = [1, 0, 1, 0, 1, 0, 0, 0, -1, -1, 0, 0], [0.125, 1.0, 0.0, 0.0]  # INT_FIELDS, FLOAT_FIELDS
+    args = (None, None, None, None, None, None, None, ints, floats)
     out, lse = torch.ops.ringattn.cuda_block_forward(q, k, k, *args, False)
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (1, 4, 12)
     dq, dk, dv = torch.ops.ringattn.cuda_block_backward(q, q, k, k, lse, lse, *args, True)

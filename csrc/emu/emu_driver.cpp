@@ -100,6 +100,9 @@ RA_EMU_API size_t ra_emu_params_layout(char* buf, size_t len) {
   RA_F(AttnParams, softcap);
   RA_F(AttnParams, alibi_slopes);
   RA_F(AttnParams, alibi_sb);
+  RA_F(AttnParams, dropout_p);
+  RA_F(AttnParams, dropout_seed);
+  RA_F(AttnParams, dropout_offset);
   RA_F(AttnParams, rope_mode);
   RA_F(AttnParams, rotary_dim);
   RA_F(AttnParams, interleaved);

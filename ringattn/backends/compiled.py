@@ -11,7 +11,8 @@ Each device gets a forward and a backward ``torch.library`` custom op from one d
 ``ints`` and ``floats`` carry the scalar fields of ``_C.AttnParams`` named in ``INT_FIELDS`` and
 ``FLOAT_FIELDS``; ``op_inputs`` builds all of them from a block's ``BlockArgs``. ``k_cu_seqlens``
 (int64, the keys' own document boundaries, only with ``cu_seqlens``) and ``alibi_slopes`` (fp32 (Hq,)
-or (B, Hq) contiguous) may be None. The kernels read any (B, S, H) strides directly (transformers'
+or (B, Hq) contiguous) may be None. Dropout travels as ``dropout_seed``/``dropout_offset`` (ints) and
+``dropout_p`` (a float, 0: off); the backward regenerates the forward's mask from them. The kernels read any (B, S, H) strides directly (transformers'
 transposed views need no copy); a tensor whose last dimension is not unit-stride is copied with
 ``.contiguous()`` first.
 """
@@ -45,8 +46,10 @@ INT_FIELDS = (
     "interleaved",
     "window_left",
     "window_right",
+    "dropout_seed",
+    "dropout_offset",
 )
-FLOAT_FIELDS = ("softmax_scale", "attention_factor", "softcap")
+FLOAT_FIELDS = ("softmax_scale", "attention_factor", "softcap", "dropout_p")
 # Window sides beyond any index distance mean "unbounded" already; clamped so the kernels' int64
 # index arithmetic (a - left, a + right) cannot overflow.
 MAX_WINDOW = 2**62
@@ -65,9 +68,11 @@ def op_inputs(args, device: torch.device) -> tuple:
         alibi = alibi.to(device=device, dtype=torch.float32).contiguous()
     spans = [mask.q_span.start, mask.q_span.stride, mask.k_span.start, mask.k_span.stride]
     window = [min(int(w), MAX_WINDOW) for w in args.window]
+    dropout = [int(args.dropout_seed), int(args.dropout_offset)] if args.dropout_p else [0, 0]
     if rope is None:
-        ints = [int(mask.causal), *spans, 0, 0, 0, *window]
-        return cu, k_cu, alibi, None, None, None, None, ints, [args.scale, 1.0, float(args.softcap)]
+        ints = [int(mask.causal), *spans, 0, 0, 0, *window, *dropout]
+        floats = [args.scale, 1.0, float(args.softcap), float(args.dropout_p)]
+        return cu, k_cu, alibi, None, None, None, None, ints, floats
     q_freqs = kernel_frequencies(rope, args.q_rope.seq_len, str(device))
     k_freqs = kernel_frequencies(rope, args.k_rope.seq_len, str(device))
     ints = [
@@ -77,8 +82,9 @@ def op_inputs(args, device: torch.device) -> tuple:
         rope.rotary_dim,
         int(rope.interleaved),
         *window,
+        *dropout,
     ]
-    floats = [args.scale, float(rope.attention_factor), float(args.softcap)]
+    floats = [args.scale, float(rope.attention_factor), float(args.softcap), float(args.dropout_p)]
     return cu, k_cu, alibi, q_freqs, k_freqs, args.q_rope.positions, args.k_rope.positions, ints, floats
 
 
@@ -177,6 +183,12 @@ def check_op_inputs(
         raise ValueError(f"window sides must be >= -1 (-1: unbounded), got ({left}, {right})")
     if not floats[FLOAT_FIELDS.index("softcap")] >= 0:
         raise ValueError(f"softcap must be >= 0 (0: off), got {floats[FLOAT_FIELDS.index('softcap')]}")
+    dropout_p = floats[FLOAT_FIELDS.index("dropout_p")]
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a probability in [0, 1) (0: off), got {dropout_p}")
+    for name in ("dropout_seed", "dropout_offset"):
+        if not 0 <= ints[INT_FIELDS.index(name)] < 2**63:
+            raise ValueError(f"{name} must be in [0, 2^63), got {ints[INT_FIELDS.index(name)]}")
     if ints[INT_FIELDS.index("rope_mode")]:
         for name, t, length in (("q_pos", q_pos, Sq), ("k_pos", k_pos, Sk)):
             if t is None or t.dtype != torch.int32 or tuple(t.shape) not in ((1, length), (B, length)):
@@ -333,7 +345,7 @@ class CompiledBackend:
     device_type: str
     dtypes: tuple[torch.dtype, ...]
     # BlockArgs features both compiled backends implement (argument names, BlockArgs.unsupported).
-    features = frozenset({"window_size", "softcap", "alibi_slopes", "cu_seqlens_k"})
+    features = frozenset({"window_size", "softcap", "alibi_slopes", "cu_seqlens_k", "dropout_p"})
     forward_op = None  # the torch.library ops from define_block_ops, set by each subclass
     backward_op = None
 
