@@ -37,6 +37,7 @@ test: setup lint
 
 demo: setup
 	$(PYTHON) -m ringattn.demo
+	$(PYTHON) -m ringattn.examples.train --out bench_results/demo/train
 	$(PYTHON) -m ringattn.bench all --quick --out bench_results/demo
 
 bench: setup
