@@ -43,6 +43,12 @@ def _cpu(quick: bool, out_dir: Path) -> Results:
     )
 
 
+def _memory(quick: bool, out_dir: Path) -> Results:
+    from ..examples import memory  # each case in a fresh process (CPU RSS or CUDA max-allocated)
+
+    return memory.run(quick, out_dir)
+
+
 _SUITES = (
     Suite(
         "kernels",
@@ -68,6 +74,12 @@ _SUITES = (
         "window", features.run_window, "sliding window cost vs S: ours vs plain causal vs SDPA with a mask"
     ),
     Suite("cp", features.run_cp, "bytes per context-parallel mode and layout balance (exact counts)", ()),
+    Suite(
+        "memory",
+        _memory,
+        "one attention layer's peak memory (fwd+bwd) vs S: ringattn vs SDPA vs eager",
+        ("matplotlib", "transformers"),
+    ),
     Suite(
         "gpu-check",
         gpu_check.run,
