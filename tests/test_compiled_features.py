@@ -1,4 +1,4 @@
-"""Sliding window, softcap, ALiBi and key-side documents in the compiled kernels, forward and backward.
+"""Sliding window, softcap, ALiBi, key-side documents and dropout in the compiled kernels, forward and backward.
 
 The CPU kernels run through the block contract (``backend="cpu"``); the CUDA kernels' own source runs
 under the CPU emulation (``cuda_emulator``: whole grids, checkers on every shared/global access).
@@ -6,14 +6,23 @@ Both are held to the fp64 spec (``ringattn.reference``) by the project's toleran
 (``attention_checks.assert_matches_reference``), each feature alone and combined with causal masks,
 documents, GQA, RoPE and strided spans. Key tiles outside the window must be skipped by the loop
 bounds: keys there are NaN in ``test_*_skips_keys_outside_the_window``, and out, lse and every
-gradient must stay finite and correct.
+gradient must stay finite and correct. Dropout's mask (``ringattn.dropout``) must be the spec's bit for
+bit (``test_*_dropout_mask_is_the_spec``, V the identity: out's zeros are the dropped elements), and
+the kernels' Philox4x32-10 must give Random123's known answers.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from attention_checks import Case, assert_matches_reference, check_block, make_inputs
+from attention_checks import (
+    DROPOUT_OFFSET,
+    DROPOUT_SEED,
+    Case,
+    assert_matches_reference,
+    check_block,
+    make_inputs,
+)
 from cuda_emulator import KERNEL_SOURCE, Emulator, assert_clean, build_library, check_case, run_case
 
 from ringattn import RoPEConfig
@@ -21,9 +30,11 @@ from ringattn._extension import compiled
 from ringattn.backends import BACKENDS
 from ringattn.backends.compiled import FLOAT_FIELDS, INT_FIELDS, MAX_WINDOW, op_inputs
 from ringattn.block import Span, block_args, block_backward, block_forward, select_backend
+from ringattn.dropout import keep_mask
+from ringattn.reference import visible_mask
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-FEATURES = {"window_size", "softcap", "alibi_slopes", "cu_seqlens_k"}
+FEATURES = {"window_size", "softcap", "alibi_slopes", "cu_seqlens_k", "dropout_p"}
 R32 = RoPEConfig(32, theta=45.2e9)
 R64 = RoPEConfig(64, theta=1e4)
 
@@ -62,6 +73,25 @@ CASES = {
 }  # fmt: skip
 
 
+# Dropout alone and with every other feature; the counter takes global indices (aligned ones differ
+# with key-side documents, and strided spans), the seed is above 2^32 (DROPOUT_SEED).
+DROPOUT_CASES = {
+    "dropout-sq130-sk150": Case(130, 150, D=32, dropout_p=0.2),
+    "dropout-causal-gqa2": Case(150, Hq=4, Hkv=2, D=32, causal=True, dropout_p=0.3),
+    "dropout-window-rope-gqa4": Case(
+        140, Hq=4, Hkv=1, D=64, causal=True, rope=R64, window=(40, 3), dropout_p=0.25
+    ),
+    "dropout-docs-k-docs-softcap-alibi": Case(
+        130, 160, B=2, Hq=4, Hkv=2, D=32, causal=True, cu_seqlens=(0, 70, 130), k_cu_seqlens=(0, 90, 160),
+        softcap=2.0, alibi="batch", dropout_p=0.1,
+    ),
+    "dropout-docs-zigzag-spans": Case(
+        70, 80, Hq=4, Hkv=2, D=32, causal=True, q_span=Span(5, 2), k_span=Span(0, 2), rope=R32,
+        cu_seqlens=(0, 60, 160), dropout_p=0.5,
+    ),
+}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------- cpu
 
 
@@ -70,6 +100,79 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_cpu_features_match_reference(name, dtype):
     check_block(CASES[name], dtype, "cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", DROPOUT_CASES)
+def test_cpu_dropout_matches_reference(name, dtype):
+    check_block(DROPOUT_CASES[name], dtype, "cpu")
+
+
+# Key-side documents make the aligned query index differ from the global one (the counter's); several
+# tiles on both sides, a query span offset, GQA and two batch entries (counter word batch * Hq + head).
+MASK_CASE = Case(
+    100, 120, B=2, Hq=4, Hkv=2, D=128, q_span=Span(30), cu_seqlens=(30, 80, 130), k_cu_seqlens=(0, 70, 120),
+    dropout_p=0.4,
+)  # fmt: skip
+
+
+def _identity_values(case: Case, dtype) -> torch.Tensor:
+    """V (B, Sk, Hkv, D) with V[b, j, h] = e_j: then out[b, i, h, j] is the dropped probability P Z / (1 - p)."""
+    assert case.sk <= case.D
+    eye = torch.eye(case.sk, case.D, dtype=dtype)
+    return eye[None, :, None, :].expand(case.B, case.sk, case.Hkv, case.D).contiguous()
+
+
+def _assert_mask_is_the_spec(out: torch.Tensor, case: Case, p: float, seed: int, offset: int):
+    spec = case.spec_kwargs()
+    q_index, k_index = spec["q_index"], spec["k_index"]
+    keep = keep_mask(p, seed, offset, case.B, case.Hq, q_index, k_index)
+    visible = visible_mask(
+        q_index, k_index, case.causal, spec["cu_seqlens"], k_cu_seqlens=spec["k_cu_seqlens"]
+    )
+    assert visible.any() and not visible.all()
+    kept = out[..., : case.sk].permute(0, 2, 1, 3).float() != 0  # (B, Hq, Sq, Sk)
+    assert torch.equal(kept, keep & visible), f"{int((kept != (keep & visible)).sum())} elements differ"
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "p, seed, offset",
+    [(0.4, DROPOUT_SEED, DROPOUT_OFFSET), (0.75, 2**63 - 1, 2**32 + 3), (0.05, 12345, 0)],
+    ids=["p0.4", "p0.75-max-seed-offset-above-2^32", "p0.05"],
+)
+def test_cpu_dropout_mask_is_the_spec(p, seed, offset):
+    case = MASK_CASE
+    q, k, _, _ = make_inputs(case, FP32)
+    v = _identity_values(case, FP32)
+    out, _ = block_forward(
+        q, k, v, case.mask(), dropout_p=p, dropout_seed=seed, dropout_offset=offset, backend="cpu"
+    )
+    _assert_mask_is_the_spec(out, case, p, seed, offset)
+
+
+@needs_extension
+def test_cpu_dropout_repeats_and_follows_the_seed():
+    """The backward regenerates the forward's mask: the same call twice gives the same bits, another
+    seed or offset another mask; p = 0 is the plain kernel's result bit for bit."""
+    case = DROPOUT_CASES["dropout-causal-gqa2"]
+    q, k, v, dout = make_inputs(case, BF16)
+    kw = case.feature_kwargs()
+
+    def run(**over):
+        out, lse = block_forward(q, k, v, case.mask(), backend="cpu", **(kw | over))
+        return (out, lse, *block_backward(dout, q, k, v, out, lse, case.mask(), backend="cpu", **(kw | over)))
+
+    first, again = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    for over in ({"dropout_seed": DROPOUT_SEED + 2**32}, {"dropout_offset": DROPOUT_OFFSET + 1}):
+        other = run(**over)
+        assert torch.equal(other[1], first[1]), "lse is of the probabilities before dropout"
+        assert not torch.equal(other[0], first[0]) and not torch.equal(other[4], first[4])
+    plain = block_forward(q, k, v, case.mask(), backend="cpu")
+    off = run(dropout_p=0.0, dropout_seed=0, dropout_offset=0)
+    assert torch.equal(off[0], plain[0]) and torch.equal(off[1], plain[1])
 
 
 def _window_poisoned(case: Case, dtype, poisoned_keys: int, seed=0):
@@ -131,7 +234,7 @@ def test_compiled_backends_declare_the_features():
 def test_auto_picks_cpu_for_every_feature():
     case = Case(
         20, Hq=4, Hkv=2, D=32, causal=True, cu_seqlens=(0, 7, 20), k_cu_seqlens=(0, 9, 20), window=(4, 0),
-        softcap=1.0, alibi="head",
+        softcap=1.0, alibi="head", dropout_p=0.1,
     )  # fmt: skip
     q, k, v, _ = make_inputs(case, BF16)
     args = block_args(q, k, v, case.mask(), **case.feature_kwargs())
@@ -219,12 +322,51 @@ EMU_CASES = {
 }  # fmt: skip
 
 
+# Dropout alone and combined, each head-dim tile (64-key and 32-key backward tiles, split columns).
+EMU_DROPOUT_CASES = {
+    "dropout-causal-gqa2-d32": (Case(70, Hq=4, Hkv=2, D=32, causal=True, dropout_p=0.3), BF16),
+    "dropout-k-docs-window-rope-d64": (
+        Case(70, 90, Hq=2, Hkv=1, D=64, causal=True, cu_seqlens=(0, 30, 70), k_cu_seqlens=(0, 40, 90),
+             window=(20, 0), rope=R64, dropout_p=0.2),
+        FP16,
+    ),
+    "dropout-spans-softcap-alibi-d80": (
+        Case(33, 40, Hq=4, Hkv=2, D=80, causal=True, q_span=Span(5, 2), k_span=Span(0, 3), softcap=3.0,
+             alibi="head", dropout_p=0.5),
+        BF16,
+    ),
+    "dropout-docs-d256": (Case(40, 70, Hq=2, Hkv=1, D=256, cu_seqlens=(0, 25, 70), dropout_p=0.15), FP16),
+}  # fmt: skip
+
+
+def _assert_variant(run, case: Case):
+    """The launches ran the variant the case needs: EXTRA for any score feature, DROPOUT for dropout."""
+    extra = case.window != (-1, -1) or case.softcap or case.alibi or case.dropout_p
+    for entry in ("forward", "backward"):
+        site = run.reports[entry]["launches"][0]["site"]
+        assert ("EXTRA = true" in site) == bool(extra), site
+        assert ("DROPOUT = true" in site) == bool(case.dropout_p), site
+
+
 @pytest.mark.parametrize("name", EMU_CASES)
 def test_cuda_source_features_match_reference(emu, name):
     case, dtype = EMU_CASES[name]
-    run = check_case(emu, case, dtype)
-    extra = case.window != (-1, -1) or case.softcap or case.alibi
-    assert ("EXTRA = true" in run.reports["forward"]["launches"][0]["site"]) == bool(extra)
+    _assert_variant(check_case(emu, case, dtype), case)
+
+
+@pytest.mark.parametrize("name", EMU_DROPOUT_CASES)
+def test_cuda_source_dropout_matches_reference(emu, name):
+    case, dtype = EMU_DROPOUT_CASES[name]
+    _assert_variant(check_case(emu, case, dtype), case)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
+def test_cuda_source_dropout_mask_is_the_spec(emu, dtype):
+    case = MASK_CASE
+    q, k, _, dout = make_inputs(case, dtype)
+    run = run_case(emu, case, dtype, inputs=(q, k, _identity_values(case, dtype), dout))
+    assert_clean(run)
+    _assert_mask_is_the_spec(run.out, case, case.dropout_p, DROPOUT_SEED, DROPOUT_OFFSET)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
@@ -263,3 +405,35 @@ def test_window_skip_test_catches_a_full_loop(name):
     ours = {"out": run.out, "lse": run.lse, "dq": run.dq, "dk": run.dk, "dv": run.dv}
     with pytest.raises(AssertionError, match="NaN from keys outside the window"):
         _assert_skip_result(ours, clean, SKIP_CASE)
+
+
+# Planted in attn_cuda.cu: dropout's counter with the aligned query index (differs from the global one
+# with key-side documents) in the backward only, and the forward's lse of the kept probabilities. The
+# dropout cases' tolerance checks must catch each.
+DROPOUT_MUTATIONS = {
+    "backward-counter-takes-the-aligned-index": (
+        "const int64_t q_global = qs.start + qs.stride * (q0 + qr);",
+        "const int64_t q_global = q_index[qr];",
+    ),
+    "forward-lse-after-dropout": (
+        "        l[e >> 1] += s[nt][e];\n",
+        "",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DROPOUT_MUTATIONS)
+def test_dropout_cases_catch_a_wrong_mask(name):
+    original, planted = DROPOUT_MUTATIONS[name]
+    text = KERNEL_SOURCE.read_text()
+    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
+    text = text.replace(original, planted)
+    if name == "forward-lse-after-dropout":  # the sum moves after the mask
+        mask_end = "s[nt][e] = 0.0f;\n        }\n"
+        assert text.count(mask_end) == 1
+        text = text.replace(mask_end, mask_end + "        l[e >> 1] += s[nt][e];\n")
+    mutant = Emulator(build_library(text))
+    case, dtype = EMU_DROPOUT_CASES["dropout-k-docs-window-rope-d64"]
+    with pytest.raises(AssertionError, match="exceeds bound"):
+        check_case(mutant, case, dtype)

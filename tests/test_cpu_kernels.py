@@ -15,6 +15,7 @@ from ringattn import RoPEConfig, merge_partials
 from ringattn._extension import compiled
 from ringattn.backends import BACKENDS
 from ringattn.block import BlockMask, Span, block_args, block_backward, block_forward, select_backend
+from ringattn.dropout import keep_mask, philox4x32
 
 pytestmark = pytest.mark.skipif(compiled() is None, reason="ringattn._C not built")
 
@@ -92,6 +93,47 @@ def test_kernel_merge_matches_reference_merge():
         assert 3.0 * w1 - w2 == pytest.approx(ref_o.item(), abs=1e-6)
 
 
+# Random123's kat_vectors for philox4x32_10 (Salmon et al., SC'11): (counter, key, result).
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+def test_kernel_philox_gives_the_known_answers():
+    """attn_math.h's Philox4x32-10, the one copy the CPU and CUDA kernels both use."""
+    for counter, key, want in PHILOX_KNOWN_ANSWERS:
+        assert compiled().philox4x32(*counter, *key) == want
+
+
+@pytest.mark.parametrize(
+    "p, seed, offset", [(0.3, 0x5EED_1234_ABCD, 7), (0.9, 2**63 - 1, 2**32 + 5), (1e-6, 1, 2**40)]
+)
+def test_kernel_dropout_keep_is_the_spec(p, seed, offset):
+    """attn_math.h's keep test (key words, counter words, integer threshold) against ringattn.dropout,
+    indices up to 2^31 - 1, and its edge: p equal to an element's draw keeps it, the next double drops it."""
+    keep_test = compiled().dropout_keep
+    q_index = torch.tensor([0, 1, 77, 2**31 - 1])
+    k_index = torch.tensor([0, 3, 2**20 + 5, 2**31 - 2])
+    B, H = 2, 3
+    keep = keep_mask(p, seed, offset, B, H, q_index, k_index)
+    for b in range(B):
+        for h in range(H):
+            for i, qi in enumerate(q_index.tolist()):
+                for j, kj in enumerate(k_index.tolist()):
+                    assert keep_test(p, seed, offset, kj, qi, b * H + h) == bool(keep[b, h, i, j])
+    words = philox4x32((k_index[:, None], q_index[None, :], 4, offset), (seed, seed >> 32))[0]
+    j, i = divmod(int(torch.argmax(words)), len(q_index))
+    u = int(words[j, i] >> 8) * 2.0**-24
+    assert keep_test(u, seed, offset, int(k_index[j]), int(q_index[i]), 4)
+    assert not keep_test(math.nextafter(u, 1.0), seed, offset, int(k_index[j]), int(q_index[i]), 4)
+
+
 def test_dispatch_and_can_implement_reasons():
     cpu = BACKENDS["cpu"]
     q, k, v, _ = make_inputs(Case(8, Hq=4, Hkv=2, D=64), torch.float32)
@@ -126,7 +168,9 @@ def test_custom_ops_have_fake_implementations():
     q, k, v, dout = make_inputs(Case(12, 9, Hq=4, Hkv=2, D=64), torch.bfloat16)
     with FakeTensorMode() as mode:
         fq, fk, fv, fd = (mode.from_tensor(t) for t in (q, k, v, dout))
-        args = (None, None, None, None, None, None, None, [1, 0, 1, 0, 1, 0, 0, 0, -1, -1], [0.125, 1.0, 0.0])
+        # INT_FIELDS and FLOAT_FIELDS of ringattn.backends.compiled, dropout (p 0.2, seed above 2^32) on
+        ints, floats = [1, 0, 1, 0, 1, 0, 0, 0, -1, -1, 2**40 + 9, 3], [0.125, 1.0, 0.0, 0.2]
+        args = (None, None, None, None, None, None, None, ints, floats)
         out, lse = torch.ops.ringattn.cpu_block_forward(fq, fk, fv, *args, True)
         assert out.shape == (1, 12, 4, 64) and out.dtype == torch.float32 and lse.shape == (1, 4, 12)
         dq, dk, dv = torch.ops.ringattn.cpu_block_backward(fd, fq, fk, fv, lse, lse, *args, False)
