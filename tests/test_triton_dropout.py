@@ -11,7 +11,8 @@ Three levels, each against the spec (``ringattn.dropout``: plain torch integer P
   visible probability > 0), V = I in the forward and dO = I with delta = 0 in the backward, the
   zeros of out, dq, dk and dv are exactly the dropped (or invisible) elements, per query head.
 
-Values (out, lse, dq, dk, dv) with dropout against the fp64 reference are in test_triton_features.py.
+Values (out, lse, dq, dk, dv) with dropout against the fp64 reference are in test_triton_features.py,
+and here for every tile shape dropout's own candidates (``configs.get_configs(dropout=True)``) use.
 Without a GPU everything runs under the Triton interpreter: shapes stay small.
 """
 
@@ -21,15 +22,20 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from attention_checks import backend_device
+from attention_checks import Case, assert_matches_reference, backend_device, make_inputs
+from harness import nan_filled
 
+from ringattn import RoPEConfig
+from ringattn.backends.triton import rope_tables_for
+from ringattn.block import block_args
 from ringattn.dropout import keep_mask, philox4x32
 from tritonkernels import flash_kernels as fk
-from tritonkernels.configs import KernelConfig
+from tritonkernels.configs import CONFIGS, KERNELS, KernelConfig, get_configs
 from tritonkernels.flash import _dropout, flash_attn_bwd, flash_attn_fwd
 
 pytestmark = pytest.mark.gpu  # CUDA tensors on a GPU machine, the interpreter elsewhere
 DEVICE = backend_device("triton")
+R16 = RoPEConfig(16, theta=1e4)
 
 # (seed, offset): a seed above 2^32 with a low word >= 2^31, the largest seed (both words with the
 # top bit pattern of int32 -1 / 2^31 - 1) with an offset above 2^32, and words equal to 1 (a value
@@ -179,3 +185,53 @@ def test_kernel_masks_are_keep_mask(tile, seed, offset):
         assert (dq[:, :, other] == 0).all()
         for name, grad in (("dk", dk), ("dv", dv)):  # (B, Sk, Hkv, D): [k, q] at column q
             assert torch.equal(grad[..., :SQ].permute(0, 2, 3, 1).cpu() != 0, heads), f"{name}, g={g}"
+
+
+# ---------------------------------------------------------------------- dropout's own tile candidates
+
+
+def _tiles(dropout: bool) -> set[tuple[int, int]]:
+    tiles = set()
+    for arch, bd in CONFIGS:
+        for kernel in KERNELS:
+            for size in (2, 4):
+                for cfg in get_configs(kernel, bd, divmod(arch, 10), size, dropout=dropout):
+                    tiles.add((cfg.block_m, cfg.block_n))
+    return tiles
+
+
+def _dropout_tile_params():
+    plain = _tiles(False)  # those run every masking path in test_triton_autotune.py already
+    for m, n in sorted(_tiles(True)):
+        marks = [pytest.mark.slow] if (m, n) in plain else []
+        yield pytest.param(KernelConfig(m, n, 4, 1), id=f"{m}x{n}", marks=marks)
+
+
+@pytest.mark.parametrize("tile", list(_dropout_tile_params()))
+def test_dropout_tile_candidates_match_reference(tile):
+    # Every tile shape a GPU may pick with dropout (configs.get_configs(dropout=True)): documents
+    # (one empty), causal, RoPE, GQA, a length no tile divides, against the fp64 spec.
+    case = Case(70, Hq=4, Hkv=2, causal=True, rope=R16, cu_seqlens=(0, 30, 30, 70), dropout_p=0.3)
+    check_dropout_launchers(case, torch.float32, tile)
+
+
+def check_dropout_launchers(case: Case, dtype, tile):
+    """The launchers with ``case``'s dropout (and mask, RoPE) into NaN-filled buffers, tile shape
+    ``tile`` for all three kernels, against the fp64 reference with the tolerance rule."""
+    q, k, v, dout = make_inputs(case, dtype, device=DEVICE)
+    mask, features = case.mask(DEVICE), case.feature_kwargs(DEVICE)
+    kw = dict(causal=case.causal, q_span=case.q_span, k_span=case.k_span, cu_seqlens=mask.cu_seqlens)
+    kw |= {name: features[name] for name in ("dropout_p", "dropout_seed", "dropout_offset")}
+    if case.rope is not None:
+        args = block_args(q, k, v, mask, rope=case.rope)
+        kw |= {
+            "q_rope": rope_tables_for(case.rope, args.q_rope),
+            "k_rope": rope_tables_for(case.rope, args.k_rope),
+        }
+    out = nan_filled(*q.shape, dtype=dtype, device=DEVICE)
+    lse = nan_filled(case.B, case.Hq, case.Sq, device=DEVICE)
+    flash_attn_fwd(q, k, v, out=out, lse=lse, config=tile, **kw)
+    dq, dk, dv = (nan_filled(*t.shape, dtype=dtype, device=DEVICE) for t in (q, k, v))
+    flash_attn_bwd(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, config_dq=tile, config_dkdv=tile, **kw)
+    ours = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    assert_matches_reference(ours, q, k, v, dout, case.spec_kwargs(DEVICE))

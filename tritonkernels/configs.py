@@ -135,6 +135,8 @@ _FP32_ARCH = {(90, 256, "bwd_dkdv"): _C(16, 32, 8, 1)}  # 16x16x4 spills 4 B on 
 _DROPOUT = {
     64: {"fwd": (_C(128, 32, 8, 2), _C(64, 32, 4, 2)), "bwd_dkdv": (_C(16, 64, 4, 1),)},
 }
+# fp32: bwd_dq 32x32x4 at head dim 64 spills into the hot loop on sm_89 (3 local loads/stores)
+_DROPOUT_FP32 = {(64, "bwd_dq"): _C(32, 32, 8, 1)}
 
 # The interpreter runs numpy per tile op: larger tiles mean fewer ops. Any size is valid there.
 INTERPRETER_CONFIG = _C(32, 32, 4, 1)
@@ -169,6 +171,8 @@ def get_configs(
         arch = 89  # same 99 KB per-block shared memory as sm_89
     bd = block_d(head_dim)
     if element_size > 2:
+        if dropout and (bd, kernel) in _DROPOUT_FP32:
+            return (_DROPOUT_FP32[bd, kernel],)
         return (_FP32_ARCH.get((arch, bd, kernel), _FP32[bd][kernel]),)
     if dropout and kernel in _DROPOUT.get(bd, {}):
         return _DROPOUT[bd][kernel]
