@@ -8,6 +8,11 @@
 // workspace with atomics, dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
 // and writes the gradients in the caller's dtype and strides.
 //
+// Variants (template flags): plain; EXTRA (sliding window, softcap, ALiBi); EXTRA + DROPOUT
+// (attention dropout, attn_math.h's Philox per element from global indices, regenerated in the
+// backward). The plain and EXTRA kernels never read the Dropout argument: their code is the same
+// with or without the dropout variant (ptxas: same registers, no spills).
+//
 // Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts), worst case
 // head dim 256: forward (64 + 2 * 32) * 264 * 2 = 67,584 B; backward (2 * 32 + 2 * 32) * 264 * 2 +
 // 32 * 40 * 2 + row data = 71,424 B: within sm_89's 101,376 B.

@@ -61,8 +61,10 @@ def test_ptxas_sm89_no_spills_and_registers(ptxas_sm89):
         _kernels(ptxas_sm89, "attn_forward_kernel"),
         _kernels(ptxas_sm89, "attn_backward_kernel"),
     )
-    # bf16 and fp16, head-dim tiles 64 / 128 / 256, plain and EXTRA (window, softcap, ALiBi).
-    assert len(forward) == 12 and len(backward) == 12, sorted(ptxas_sm89)
+    # bf16 and fp16, head-dim tiles 64 / 128 / 256; plain, EXTRA (window, softcap, ALiBi) and
+    # EXTRA + DROPOUT (the mangled names end in the two flags: ...ELb1ELb1E for the dropout variant).
+    assert len(forward) == 18 and len(backward) == 18, sorted(ptxas_sm89)
+    assert len(_kernels(ptxas_sm89, "Lb1ELb1EEEv")) == 12
     for name, info in ptxas_sm89.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
         assert info["registers"] is not None and info["registers"] <= 255, f"{name}: {info}"
@@ -71,12 +73,12 @@ def test_ptxas_sm89_no_spills_and_registers(ptxas_sm89):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
 def test_ptxas_other_archs_no_spills(arch, tmp_path):
-    """The build's other archs (CMakeLists.txt RINGATTN_CUDA_ARCHS): every kernel, plain and EXTRA,
-    without spills (sm_89's shared-memory limit is the smallest of them, checked above)."""
+    """The build's other archs (CMakeLists.txt RINGATTN_CUDA_ARCHS): every kernel, plain, EXTRA and
+    DROPOUT, without spills (sm_89's shared-memory limit is the smallest of them, checked above)."""
     report = ptxas_report(arch, tmp_path)
     assert (
-        len(_kernels(report, "attn_forward_kernel")) == 12
-        and len(_kernels(report, "attn_backward_kernel")) == 12
+        len(_kernels(report, "attn_forward_kernel")) == 18
+        and len(_kernels(report, "attn_backward_kernel")) == 18
     )
     for name, info in report.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{arch} {name} spills: {info}"
