@@ -32,9 +32,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -393,6 +395,9 @@ def _run_processes(targets: list[tuple], what: str, timeout: float | None = None
 
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=fn, args=fn_args) for fn, fn_args in targets]
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (timeout, kill) stops them too
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     for p in procs:
         p.start()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -413,6 +418,12 @@ def _run_processes(targets: list[tuple], what: str, timeout: float | None = None
             if p.is_alive():
                 p.kill()
             p.join()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through _run_processes, which stops the processes it started
 
 
 def launch_ranks(args) -> None:
