@@ -11,7 +11,8 @@ forward and backward with three attention implementations:
 Each (implementation, S) runs in a fresh process. Inputs (hidden states, RoPE tables, the eager
 path's causal mask, the output gradient) are made first; then the peak is measured over the forward
 and backward alone: the CPU's RSS high-water mark above the RSS before (``/proc/self/clear_refs``), or
-on a GPU ``torch.cuda.max_memory_allocated`` above the allocation before. Attention that keeps O(S)
+on a GPU ``torch.cuda.max_memory_allocated`` above the allocation before (CPU processes run with
+glibc's ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave the RSS). Attention that keeps O(S)
 for backward (q, k, v, out, lse) grows linearly in S; materialised scores grow as S^2, which the
 ``x2 S`` column (the peak's growth when S doubles) shows as ~2 against ~4.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +102,8 @@ def measure_one(impl: str, S: int, device: str = "cpu") -> dict:
 
 def _run_child(impl: str, S: int, device: str, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "ringattn.examples.memory", "--one", impl, str(S), "--device", device]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the RSS (glibc)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
         return {"impl": impl, "S": S, "device": device, "error": tail[0]}

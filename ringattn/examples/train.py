@@ -20,6 +20,10 @@ memory per rank and of the one process, bytes on the wire per step) and ``train.
 curves; peak memory per rank vs one process). In fp32 the ring's loss must equal the one-process loss
 to ``PARITY_RTOL`` (1e-5) relative at every step; the exit status is 1 when it does not.
 
+Peak memory is CPU RSS above the start of training (``/proc``'s high-water mark; the processes started
+here run with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS), or on a
+GPU ``torch.cuda.max_memory_allocated`` above the start.
+
 Defaults (``DEFAULTS``) are sized so that the whole run takes under 5 minutes on a 2-core CPU machine:
 4 ranks, 16384 tokens, 4 layers of hidden size 128 (head dim 16), 6 steps. A run of the model the
 issue describes (hidden 256, head dim 32, 20 steps) is ``--hidden 256 --steps 20``; on GPUs raise
@@ -304,6 +308,7 @@ def run_rank(args) -> None:
             "param_checksum": checksum.item(),
             "threads": torch.get_num_threads(),
             "device": str(device),
+            "malloc": {k: os.environ.get(k) for k in MALLOC_ENV},
         }
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
@@ -426,8 +431,20 @@ def _exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through _run_processes, which stops the processes it started
 
 
+# glibc keeps freed heap memory resident, so a CPU RSS peak would count fragmentation left by earlier
+# steps; with every allocation of 64 KiB or more mmapped, freed tensors leave the RSS and the peak is
+# the live memory. Set for the processes this module starts (under torchrun, set it yourself).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _measured_malloc() -> None:
+    for name, value in MALLOC_ENV.items():
+        os.environ.setdefault(name, value)  # inherited by the processes spawned next
+
+
 def launch_ranks(args) -> None:
     """torchrun's environment for ``args.ranks`` local processes, started here."""
+    _measured_malloc()
     port = _free_port()
     targets = [(_rank_entry, (rank, args.ranks, port, args)) for rank in range(args.ranks)]
     _run_processes(targets, f"ring run over {args.ranks} ranks")
@@ -435,6 +452,7 @@ def launch_ranks(args) -> None:
 
 def run_reference(args) -> None:
     """``run_single`` in a fresh process, so its peak memory is its own."""
+    _measured_malloc()
     _run_processes([(_single_entry, (args,))], "one-process reference")
 
 
@@ -532,6 +550,7 @@ def report(args, wall_s: float | None = None) -> dict:
         "replicas_in_sync": len({r["param_checksum"] for r in ring["per_rank"]}) == 1,
         "wall_s": {"ring": ring["wall_s"], "single": single["wall_s"], "total": wall_s},
         "threads": {"ring_rank": ring["per_rank"][0]["threads"], "single": single["threads"]},
+        "malloc_env_ring_rank0": ring["per_rank"][0].get("malloc"),
         "environment": _environment(),
     }
     (out / "train.json").write_text(json.dumps(result, indent=1))
