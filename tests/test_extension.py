@@ -15,7 +15,9 @@ STATUS = ringattn.extension_status()
 
 
 def test_status_reports_availability_and_reason():
-    assert set(STATUS) == {"available", "cuda", "cuda_archs", "nvcc_version", "reason", "build_seconds"}
+    assert set(STATUS) == {
+        "available", "cuda", "cuda_archs", "nvcc_version", "cpu_march", "cpu_isa", "reason", "build_seconds"
+    }  # fmt: skip
     if STATUS["available"]:
         assert STATUS["reason"] == ""
     else:

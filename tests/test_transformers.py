@@ -168,7 +168,9 @@ def test_ring_model_compiles_fullgraph_and_matches_eager():
         model = copy.deepcopy(base)
         ra_hf.apply(model, group=comm)
         local = ra_hf.shard_batch(batch, group=comm)
-        fn = torch.compile(model, fullgraph=True) if compiled else model
+        # aot_eager: dynamo and AOT autograd without inductor, whose process state (it exports
+        # _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR) breaks ranks that later tests spawn
+        fn = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
         inputs = {n: local[n] for n in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")}
         logits = fn(**inputs).logits
         logits.square().mean().backward()

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from ..block import block_backward, block_forward, check_score_features
+from ..block import block_backward, block_forward, check_devices, check_inputs
 from ..dropout import new_seed
 from ..merge import merge_partials
 from ..rope import RoPEConfig
@@ -318,6 +318,10 @@ def _ring_attention_fwd(
 
 @_ring_attention_fwd.register_fake
 def _(q, k, v, positions, cu_seqlens, alibi_slopes, key, seed):
+    # The dispatcher also runs a fake on real tensors when one input is a meta tensor: refuse what the
+    # real op would (mixed devices above all) instead of returning uninitialised memory.
+    check_inputs(q, k, v)
+    check_devices(q, positions=positions, alibi_slopes=alibi_slopes)
     B, S, H, _ = q.shape
     return (
         torch.empty_like(q),
@@ -451,13 +455,15 @@ def ring_attn_func(
     Returns:
         out (B, S_local, Hq, D) in q's dtype, and lse when ``return_lse``.
     """
-    if not torch.compiler.is_compiling():  # eager: every local check here, with the user's names
-        check_score_features(q, window_size, softcap, alibi_slopes)
     static = (causal, layout, softmax_scale, deterministic, backend, dkv_dtype, timeout,
               tuple(window_size), softcap, dropout_p, cp_mode, wire_dtype)  # fmt: skip
     if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
         raise ValueError(f"dropout_seed must be an int in [0, 2^63) or None, got {dropout_seed!r}")
     seed = -1 if dropout_seed is None else dropout_seed
+    if not torch.compiler.is_compiling():  # eager: every local check before the op, with the user's names
+        local = dict(zip(_STATIC, (rope, *static), strict=True))
+        _check_local(q, k, v, _Options(**local, positions=positions, cu_seqlens=cu_seqlens,
+                                       alibi_slopes=alibi_slopes, dropout_seed=max(seed, 0), return_lse=return_lse))  # fmt: skip
     if isinstance(alibi_slopes, torch.Tensor):
         alibi_slopes = alibi_slopes.detach()
     key = _config_key(group, rope, static)

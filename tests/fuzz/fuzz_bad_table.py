@@ -342,7 +342,7 @@ def _cases() -> list[Case]:
     err("fa-deterministic-str", fa(deterministic="no"), "deterministic")
     err("fa-dropout", fa(dropout_p=0.1), "dropout_p", errors=("NotImplementedError",))
     err("sdpa-attn-mask", sdpa(attn_mask=torch.ones(8, 8, dtype=torch.bool)), "attn_mask", errors=("NotImplementedError",))
-    err("sdpa-dropout", sdpa(dropout_p=0.5), "dropout_p", errors=("NotImplementedError",))
+    err("sdpa-dropout", sdpa(dropout_p=1.5), "dropout_p")
     err("sdpa-query-list", sdpa(query=[[1.0]]), "query")
     err("sdpa-is-causal-str", sdpa(is_causal="x"), "is_causal")
     err("sdpa-enable-gqa-none", sdpa(enable_gqa=None), "enable_gqa")
