@@ -35,6 +35,7 @@ described above.
 
 from __future__ import annotations
 
+import atexit
 import math
 from typing import Any
 
@@ -263,6 +264,10 @@ def _reduce_scatter(plan: _Plan, local: torch.Tensor, acc, dkv_dtype) -> torch.T
 
 _CONFIGS: list[tuple] = []  # key -> (group, static options); kept alive for the ops that name them
 _KEYS: dict = {}
+# Drop the groups before interpreter finalization, as dist_comm does for its cache: a gloo group
+# destroyed then aborts the process ("terminate called without an active exception").
+atexit.register(_KEYS.clear)
+atexit.register(_CONFIGS.clear)
 
 
 @torch._dynamo.assume_constant_result
