@@ -206,16 +206,21 @@ BACKEND_NAMES = sorted(BACKENDS)
 INTERPRETED = backend_device("triton") == "cpu"
 
 
+FEATURES = {"window", "softcap", "alibi", "cross", "dropout"}  # words of the feature cases' names
+
+
 def _slow(backend: str, name: str, case: Case, dtype_index: int) -> bool:
     """In the slow tier: the reference's sanity row beyond the d16/d32 cases (those already hand the
     spec every kind of span, document and position), and, under the Triton interpreter, the d64+
     cases past their first dtype (1-3 s each there; the d16/d32 cases run every dtype) and the
     interpreter's slowest case (d128-len257, 8 s a dtype; d16-len63-gqa4 and d32-gqa8 cover GQA over
-    several tiles)."""
+    several tiles), and the feature cases past their first dtype there."""
     if backend == "reference":
         return case.D >= 64
     if backend == "triton" and INTERPRETED and case.D >= 64:
         return dtype_index > 0 or name == "d128-len257-causal-gqa8"
+    if backend == "triton" and INTERPRETED and FEATURES.intersection(name.split("-")):
+        return dtype_index > 0  # tests/test_triton_features.py runs every feature in both dtypes
     return False
 
 

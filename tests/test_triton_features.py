@@ -181,9 +181,14 @@ CASES = {
 
 
 def _params():
+    """Each case in its first dtype in the default tier, its other dtypes in the slow tier (the
+    interpreter takes 1-3 s a case; the backend table in test_attention.py runs these features too)."""
     for name, (case, tile, dtypes) in CASES.items():
-        for dtype in dtypes:
-            yield pytest.param(case, tile, dtype, id=f"{'bf16' if dtype == BF16 else 'fp32'}-{name}")
+        for index, dtype in enumerate(dtypes):
+            marks = [pytest.mark.slow] if index else []
+            yield pytest.param(
+                case, tile, dtype, id=f"{'bf16' if dtype == BF16 else 'fp32'}-{name}", marks=marks
+            )
 
 
 @pytest.mark.parametrize("case,tile,dtype", list(_params()))
