@@ -160,7 +160,12 @@ def test_ring_suite_rows_ratios_and_bytes(tmp_path):
         assert row["n"] >= 6  # two rounds of three interleaved iterations at least
         assert row["overlap_lo"] <= row["overlap"] <= row["overlap_hi"]
         assert row["efficiency_lo"] <= row["efficiency"] <= row["efficiency_hi"]
-        shown = f"{row['overlap']:.2f} [" if not row["overlap_within_noise"] else "within noise ["
+        if row.get("overlap_below_zero"):  # the whole interval below 0 (timing-dependent on a busy machine)
+            shown = "below 0: exposed > wire ["
+        elif row["overlap_within_noise"]:
+            shown = "within noise ["
+        else:
+            shown = f"{row['overlap']:.2f} ["
         assert shown in table
     fwd = next(r for r in rows if r["mode"] == "fwd")
     # K and V of one 32-token shard travel per hop: 2 * B * S_local * Hkv * D * 4 bytes (fp32)
