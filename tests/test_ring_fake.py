@@ -385,6 +385,9 @@ def test_dead_rank_releases_the_others_with_a_named_error():
 
 def test_silent_peer_times_out_naming_peer_and_hop():
     comms = fake_ring(3, timeout=1.0)
+    # Rank 0 also waits on the chain (for rank 2 at hop 2); a longer timeout there makes the rank
+    # that waits on the silent peer itself the first to give up, however the threads are scheduled.
+    comms[0].timeout = 5.0
     original = comms[1]._exchange
 
     def stall(sends, recvs, record, timeout):  # alive but silent until another rank gives up
