@@ -5,7 +5,9 @@ Environment:
   RINGATTN_REQUIRE_EXT=1     fail the install when the extension cannot be built (CI)
   RINGATTN_CUDA_ARCHS=80;89  CUDA SM archs (default 80;86;89;90); CUDA only where nvcc is found
   RINGATTN_DISABLE_CUDA=1    build the CPU part of the extension only
-  RINGATTN_CPU_MARCH=x86-64-v3  -march of the CPU kernels (default native)
+  RINGATTN_CPU_MARCH=native  override: the CPU kernels built once with -march=<value> (empty: the
+                             compiler's default flags) instead of the portable build, which carries one
+                             variant per x86-64 ISA level and picks the CPU's best at run time
   MAX_JOBS=N                 parallel compile jobs (default: number of CPUs)
 
 If the extension cannot be built the install still succeeds; the reason is stored next to the
@@ -37,14 +39,6 @@ TOOLCHAIN_FILE = "ringattn_toolchain.json"
 # Read by CMake from the environment at the first configure only, then kept in its cache.
 CACHED_ENV = ("CXX", "CXXFLAGS", "LDFLAGS", "CUDACXX", "CUDAFLAGS", "CUDAHOSTCXX", "CMAKE_GENERATOR")
 CXX_CANDIDATES = ("c++", "g++", "clang++")  # CMake's search order when CXX is unset (first found)
-# Vector ISA the compiler enables, by predefined macro, named as Linux /proc/cpuinfo names the flags
-# (ringattn's environment report compares the build's list with the CPU it runs on).
-ISA_MACROS = {
-    "__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
-    "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
-    "__AVX512VNNI__": "avx512_vnni", "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16",
-    "__AMX_BF16__": "amx_bf16", "__ARM_NEON": "asimd", "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2",
-}  # fmt: skip
 
 
 def _first_line(cmd: list[str]) -> str:
@@ -81,26 +75,6 @@ def toolchain_fingerprint(cmake: str, generator: str, with_cuda: bool, env=None)
         "nvcc_version": _first_line([nvcc, "--version"]) if nvcc else "",
         "env": {name: env.get(name, "") for name in CACHED_ENV},
     }
-
-
-def cpu_isa(cxx: str, march: str) -> tuple[str, list[str]]:
-    """The ``-march`` the CPU kernels get and the vector ISA it enables (``ISA_MACROS`` names), asked
-    of the compiler as CMakeLists.txt uses it: ``-march=<march>`` when the compiler accepts it, else
-    the compiler's default (returned as ""). ("", []) when the compiler cannot be run."""
-    for flags in ([f"-march={march}"], []) if march else ([],):
-        try:
-            done = subprocess.run(
-                [*cxx.split(), *flags, "-dM", "-E", "-x", "c++", os.devnull],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return "", []
-        if done.returncode == 0:
-            defined = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ")}
-            return (march if flags else ""), [name for macro, name in ISA_MACROS.items() if macro in defined]
-    return "", []
 
 
 def _cached_cxx(cache: Path) -> str:
@@ -142,10 +116,11 @@ def _write_record(build_dir: Path, fingerprint: dict, configured: bool) -> None:
     )
 
 
-def cpu_march(env=None) -> str:
-    """The -march CMakeLists.txt gives the CPU kernels: RINGATTN_CPU_MARCH, default native ("" : none)."""
+def cpu_march(env=None) -> str | None:
+    """The RINGATTN_CPU_MARCH override CMakeLists.txt builds the CPU kernels with ("" : the compiler's
+    default flags), None for the portable build (one variant per ISA level, chosen at run time)."""
     env = os.environ if env is None else env
-    return env.get("RINGATTN_CPU_MARCH", "native")
+    return env.get("RINGATTN_CPU_MARCH")
 
 
 def announce(message: str) -> None:
@@ -256,13 +231,11 @@ class CMakeBuild(build_ext):
             subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout if with_cuda else ""
         )
         release = next((line.strip() for line in text.splitlines() if "release" in line), "")
-        march, isa = cpu_isa(_cached_cxx(build_dir / "CMakeCache.txt") or fingerprint["cxx"], cpu_march())
         return {
             "cuda": with_cuda,
             "cuda_archs": archs if with_cuda else "",
             "nvcc_version": release,
-            "cpu_march": march,
-            "cpu_isa": isa,
+            "cpu_march": cpu_march(),
         }
 
 

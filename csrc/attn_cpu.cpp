@@ -5,21 +5,51 @@
 // runs flash-attention tiles over worker threads. Staging reads any (B, S, H) strides, so views need no copy, and rotates
 // each (batch, token) row for all heads with one cos/sin table. The inner loops are written so the
 // compiler vectorises them: every innermost loop runs over a contiguous, fixed-width run of floats.
-#include "attn_cpu.h"
+//
+// This file is compiled once per ISA variant (CMakeLists.txt): RINGATTN_CPU_NS names the variant's
+// namespace and RINGATTN_CPU_VARIANT_NAME the variant, and the variant's -m flags decide what the
+// compiler (and cpu_simd.h, by the predefined macros) emits. Everything this file and the project
+// headers below define lives in that namespace. An inline function the compiler keeps out of line is
+// emitted in every object that uses it and the linker keeps one copy; without the namespace, the
+// AVX-512 variant's copy of a helper could serve the generic kernels on a CPU without AVX-512.
+#include "attn_cpu.h"  // AttnParams, View, CpuVariant: the types every variant shares with the dispatcher
 
+// Standard and intrinsic headers at global scope first: the project headers include them again inside
+// the variant's namespace, where their include guards make that a no-op.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#ifndef RINGATTN_CPU_NS  // a plain compile of this file is the generic variant
+#define RINGATTN_CPU_NS ringattn_cpu_generic
+#define RINGATTN_CPU_VARIANT_NAME "generic"
+#endif
+
+namespace RINGATTN_CPU_NS {
+namespace ringattn {
+using ::ringattn::AttnParams;
+using ::ringattn::CpuVariant;
+using ::ringattn::View;
+}  // namespace ringattn
 
 #include "attn_math.h"
+#include "cpu_simd.h"
 
 namespace ringattn {
 namespace {
@@ -66,11 +96,44 @@ void parallel_for(int64_t n, int threads, const F& fn) {
   if (error) std::rethrow_exception(error);
 }
 
+// IEEE half -> float, exact (subnormals, infinities and NaN payloads included).
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  return bits_to_float(sign | float_to_bits(static_cast<float>(mantissa) * 5.9604644775390625e-8f));  // m * 2^-24
+}
+
+// float -> IEEE half, rounded to nearest even as F16C's vcvtps2ph (and torch) round; NaN stays NaN.
+uint16_t float_to_half(float f) {
+  const uint32_t x = float_to_bits(f), ax = x & 0x7fffffffu;
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  if (ax >= 0x7f800000u) return sign | (ax > 0x7f800000u ? 0x7e00u | ((ax >> 13) & 0x3ffu) : 0x7c00u);
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // 65520 and above round to infinity
+  if (ax >= 0x38800000u) {  // a normal half: rebias the exponent, round the 13 dropped bits (ties to even)
+    return sign | static_cast<uint16_t>((ax + 0xfffu + ((ax >> 13) & 1u) - 0x38000000u) >> 13);
+  }
+  // Subnormal or zero: adding 0.5 leaves float ulps of 2^-24, the half's subnormal step, so the
+  // float addition does the rounding; 0x400 (a carry into the exponent) is the smallest normal.
+  return sign | static_cast<uint16_t>(float_to_bits(bits_to_float(ax) + 0.5f) - 0x3f000000u);
+}
+
+// One (B, S, H) row of n elements of `dtype` to fp32, and back. fp16 converts with F16C in the variants
+// that have it (8 lanes at a time), in software elsewhere.
 void load_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int64_t n, float* dst) {
   const int64_t offset = b * view.sb + s * view.ss + h * view.sh;
   if (dtype == kBFloat16) {
     const uint16_t* src = reinterpret_cast<const uint16_t*>(view.ptr) + offset;
     for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(src[d]);
+  } else if (dtype == kFloat16) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(view.ptr) + offset;
+    int64_t d = 0;
+#ifdef __F16C__
+    for (; d + 8 <= n; d += 8) {
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+    }
+#endif
+    for (; d < n; ++d) dst[d] = half_to_float(src[d]);
   } else {
     const float* src = reinterpret_cast<const float*>(view.ptr) + offset;
     for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
@@ -82,6 +145,16 @@ void store_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int
   if (dtype == kBFloat16) {
     uint16_t* dst = reinterpret_cast<uint16_t*>(view.ptr) + offset;
     for (int64_t d = 0; d < n; ++d) dst[d] = float_to_bf16(src[d]);
+  } else if (dtype == kFloat16) {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(view.ptr) + offset;
+    int64_t d = 0;
+#ifdef __F16C__
+    for (; d + 8 <= n; d += 8) {
+      const __m128i half = _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), half);
+    }
+#endif
+    for (; d < n; ++d) dst[d] = float_to_half(src[d]);
   } else {
     float* dst = reinterpret_cast<float*>(view.ptr) + offset;
     for (int64_t d = 0; d < n; ++d) dst[d] = src[d];
@@ -303,7 +376,7 @@ void check_params(const AttnParams& p) {
   require(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0, "sizes must be >= 0");
   require(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0, "heads_q must be a multiple of heads_kv > 0");
   require(p.head_dim > 0, "head_dim must be > 0");
-  require(p.dtype == kFloat32 || p.dtype == kBFloat16, "dtype must be fp32 or bf16");
+  require(p.dtype == kFloat32 || p.dtype == kBFloat16 || p.dtype == kFloat16, "dtype must be fp32, bf16 or fp16");
   require(p.q_stride >= 1 && p.k_stride >= 1 && p.q_start >= 0 && p.k_start >= 0,
           "spans need start >= 0 and stride >= 1");
   require(p.cu_seqlens == 0 || p.n_cu >= 1, "cu_seqlens needs at least one entry");
@@ -506,8 +579,8 @@ void query_tile_range(const Staged& st, const AttnParams& p, const TileInfo& k, 
 
 void attn_forward_cpu(const AttnParams& p) {
   check_params(p);
-  if (p.out_dtype != kFloat32 && p.out_dtype != kBFloat16) {
-    throw std::invalid_argument("ringattn cpu attention: out_dtype must be fp32 or bf16");
+  if (p.out_dtype != kFloat32 && p.out_dtype != kBFloat16 && p.out_dtype != kFloat16) {
+    throw std::invalid_argument("ringattn cpu attention: out_dtype must be fp32, bf16 or fp16");
   }
   const Staged st = stage(p, false);
   const int64_t B = st.B, Sq = st.Sq, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G, Skp = st.Skp;
@@ -586,8 +659,8 @@ void attn_forward_cpu(const AttnParams& p) {
 
 void attn_backward_cpu(const AttnParams& p) {
   check_params(p);
-  if (p.grad_dtype != kFloat32 && p.grad_dtype != kBFloat16) {
-    throw std::invalid_argument("ringattn cpu attention: grad_dtype must be fp32 or bf16");
+  if (p.grad_dtype != kFloat32 && p.grad_dtype != kBFloat16 && p.grad_dtype != kFloat16) {
+    throw std::invalid_argument("ringattn cpu attention: grad_dtype must be fp32, bf16 or fp16");
   }
   const Staged st = stage(p, true);
   const int64_t B = st.B, Sq = st.Sq, Sk = st.Sk, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G;
@@ -714,4 +787,80 @@ void attn_backward_cpu(const AttnParams& p) {
   });
 }
 
+// What this variant's flags enabled, from the compiler's predefined macros: `isa` names the vector
+// extensions (reports), `needs` every feature the code may use (checked before it runs; cpuinfo names).
+CpuVariant variant() {
+  CpuVariant v;
+  v.name = RINGATTN_CPU_VARIANT_NAME;
+  auto add = [&](bool vector, const char* feature) {
+    if (vector) v.isa.push_back(feature);
+    v.needs.push_back(feature);
+  };
+  (void)add;  // unused where the flags enable no extension
+#ifdef __SSE4_2__
+  add(true, "sse4_2");
+#endif
+#ifdef __POPCNT__
+  add(false, "popcnt");
+#endif
+#ifdef __AVX__
+  add(true, "avx");
+#endif
+#ifdef __AVX2__
+  add(true, "avx2");
+#endif
+#ifdef __FMA__
+  add(true, "fma");
+#endif
+#ifdef __F16C__
+  add(true, "f16c");
+#endif
+#ifdef __BMI__
+  add(false, "bmi1");
+#endif
+#ifdef __BMI2__
+  add(false, "bmi2");
+#endif
+#ifdef __LZCNT__
+  add(false, "abm");
+#endif
+#ifdef __MOVBE__
+  add(false, "movbe");
+#endif
+#ifdef __AVX512F__
+  add(true, "avx512f");
+#endif
+#ifdef __AVX512CD__
+  add(true, "avx512cd");
+#endif
+#ifdef __AVX512BW__
+  add(true, "avx512bw");
+#endif
+#ifdef __AVX512DQ__
+  add(true, "avx512dq");
+#endif
+#ifdef __AVX512VL__
+  add(true, "avx512vl");
+#endif
+#ifdef __AVX512VNNI__
+  add(true, "avx512_vnni");
+#endif
+#ifdef __AVX512BF16__
+  add(true, "avx512_bf16");
+#endif
+#ifdef __AVX512FP16__
+  add(true, "avx512_fp16");
+#endif
+#ifdef __ARM_NEON
+  v.isa.push_back("asimd");
+#endif
+#ifdef __ARM_FEATURE_SVE
+  v.isa.push_back("sve");
+#endif
+  v.forward = &attn_forward_cpu;
+  v.backward = &attn_backward_cpu;
+  return v;
+}
+
 }  // namespace ringattn
+}  // namespace RINGATTN_CPU_NS

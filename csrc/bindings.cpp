@@ -4,6 +4,8 @@
 
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "attn_cpu.h"
 #include "attn_math.h"
@@ -32,14 +34,24 @@ void rope_cos_sin_cpu(uintptr_t positions, int64_t n_positions, uintptr_t turns_
                              as_ptr<float>(cos_out), as_ptr<float>(sin_out));
 }
 
-void attn_forward_cpu(const ringattn::AttnParams& p) {
+void attn_forward_cpu(const ringattn::AttnParams& p, const std::string& variant) {
   py::gil_scoped_release release;
-  ringattn::attn_forward_cpu(p);
+  ringattn::attn_forward_cpu(p, variant);
 }
 
-void attn_backward_cpu(const ringattn::AttnParams& p) {
+void attn_backward_cpu(const ringattn::AttnParams& p, const std::string& variant) {
   py::gil_scoped_release release;
-  ringattn::attn_backward_cpu(p);
+  ringattn::attn_backward_cpu(p, variant);
+}
+
+// [(name, isa, missing)] of the compiled CPU variants, least to most capable: the vector ISA each was
+// compiled for and the features this CPU lacks to run it (empty: it runs here).
+std::vector<std::tuple<std::string, std::vector<std::string>, std::vector<std::string>>> cpu_variants() {
+  std::vector<std::tuple<std::string, std::vector<std::string>, std::vector<std::string>>> out;
+  for (const ringattn::CpuVariant& v : ringattn::cpu_variants()) {
+    out.emplace_back(v.name, v.isa, ringattn::cpu_variant_missing(v));
+  }
+  return out;
 }
 
 #ifdef RINGATTN_WITH_CUDA
@@ -164,8 +176,17 @@ PYBIND11_MODULE(_C, m) {
                                       static_cast<uint32_t>(bh));
       },
       "The kernels' dropout test (attn_math.h) of one (key, query, batch * Hq + head) element.");
-  m.def("attn_forward_cpu", &attn_forward_cpu, "Block attention forward on the CPU (fills out, lse).");
-  m.def("attn_backward_cpu", &attn_backward_cpu, "Block attention backward on the CPU (fills dq, dk, dv).");
+  m.def("attn_forward_cpu", &attn_forward_cpu, py::arg("params"), py::arg("variant") = "",
+        "Block attention forward on the CPU (fills out, lse) with the named compiled variant, \"\": the best "
+        "this CPU runs.");
+  m.def("attn_backward_cpu", &attn_backward_cpu, py::arg("params"), py::arg("variant") = "",
+        "Block attention backward on the CPU (fills dq, dk, dv); variant as in attn_forward_cpu.");
+  m.def("cpu_variants", &cpu_variants,
+        "[(name, isa, missing)] of the compiled CPU kernel variants, least to most capable: the vector ISA "
+        "each was compiled for and the CPU features this machine lacks to run it (empty: it runs here).");
+  m.def(
+      "cpu_variant", []() { return ringattn::cpu_variant("").name; },
+      "The CPU kernel variant calls use by default: the most capable one this CPU runs (RuntimeError when none).");
 #ifdef RINGATTN_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_archs") = RINGATTN_CUDA_ARCHS_STR;

@@ -49,29 +49,48 @@ def _warn_missing() -> None:
 
 
 def extension_status() -> dict:
-    """What was built: ``{"available", "cuda", "cuda_archs", "nvcc_version", "cpu_march", "cpu_isa",
-    "reason", "build_seconds"}``.
+    """What was built: ``{"available", "cuda", "cuda_archs", "nvcc_version", "cpu_march", "cpu_variant",
+    "cpu_variants", "cpu_isa", "reason", "build_seconds"}``.
 
     ``nvcc_version`` is the CUDA release the kernels were compiled with (nvcc's ``release`` line; the
     statically linked runtime needs a driver that supports that CUDA version: R580+ for CUDA 13),
     "" without CUDA or for builds that did not record it. ``reason`` explains an unavailable
     extension (skipped with RINGATTN_SKIP_EXT=1, the build failed, or the import failed); it is
-    empty when the extension loaded. ``cpu_march`` and ``cpu_isa`` are the ``-march`` the CPU kernels
-    were compiled with ("" for the compiler's default) and the vector ISA it enabled (Linux cpuinfo
-    flag names); None for builds that did not record them.
+    empty when the extension loaded. The CPU kernels are compiled once per ISA variant:
+    ``cpu_variants`` maps each compiled variant (least to most capable) to the vector ISA it was
+    compiled for (Linux cpuinfo flag names) and the features this CPU lacks to run it;
+    ``cpu_variant`` is the one calls use (the most capable this CPU runs; None when none runs here)
+    and ``cpu_isa`` its ISA. ``cpu_march`` is the ``RINGATTN_CPU_MARCH`` override the build used
+    ("" for the compiler's default flags), None for the portable multi-variant build. Without the
+    extension the CPU fields are None.
     """
     recorded = json.loads(_STATUS_FILE.read_text()) if _STATUS_FILE.exists() else {}
     module, error = _load()
+    variants = _cpu_variants(module)
+    chosen = (
+        next((name for name, v in reversed(variants.items()) if not v["missing"]), None) if variants else None
+    )
     status = {
         "available": module is not None,
         "cuda": bool(getattr(module, "with_cuda", False)),
         "cuda_archs": getattr(module, "cuda_archs", ""),
         "nvcc_version": recorded.get("nvcc_version", "") if module is not None else "",
         "cpu_march": recorded.get("cpu_march") if module is not None else None,
-        "cpu_isa": recorded.get("cpu_isa") if module is not None else None,
+        "cpu_variant": chosen,
+        "cpu_variants": variants,
+        "cpu_isa": variants[chosen]["isa"] if chosen is not None else None,
         "reason": "",
         "build_seconds": recorded.get("build_seconds"),
     }
     if module is None:
         status["reason"] = recorded.get("reason") or f"import failed: {error}"
     return status
+
+
+def _cpu_variants(module) -> dict | None:
+    """{name: {"isa": [...], "missing": [...]}} of the module's CPU kernel variants (None without it)."""
+    if module is None or not hasattr(module, "cpu_variants"):
+        return None
+    return {
+        name: {"isa": list(isa), "missing": list(missing)} for name, isa, missing in module.cpu_variants()
+    }

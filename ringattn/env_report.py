@@ -135,15 +135,13 @@ def extension() -> dict:
         warnings.simplefilter("ignore")
         status = extension_status()
         module = _load()[0]
-    built_isa = status["cpu_isa"]  # vector ISA the CPU kernels were compiled for (cpuinfo names)
     host = host_cpu_flags()
     info = {
         **status,
         "host_cpu_isa": [flag for flag in VECTOR_FLAGS if flag in host],
         "torch_cpu_capability": _safe(torch.backends.cpu.get_cpu_capability),
+        "cpu_isa_forced": os.environ.get("RINGATTN_CPU_ISA") or None,  # read by the cpu backend per call
     }
-    if built_isa is not None and host:
-        info["cpu_isa_missing_here"] = [flag for flag in built_isa if flag not in host]
     status_fn = getattr(module, "cuda_device_status", None)
     if status_fn is not None:
         count, error = status_fn()
@@ -269,22 +267,29 @@ def format_report(info: dict) -> str:
                     f" ({e['cuda_device_error']})" if e["cuda_device_error"] else ""
                 )
                 out.append(_line("CUDA devices it sees", seen))
-        march = e.get("cpu_march")
-        built = e.get("cpu_isa")
-        variant = "not recorded (a build from before ringattn recorded it)"
-        if march is not None or built is not None:
-            variant = f"-march={march or '(compiler default)'}: {' '.join(built or []) or 'no vector ISA'}"
-        out.append(_line("CPU ISA (build)", variant))
-        out.append(_line("CPU ISA (this CPU)", " ".join(e["host_cpu_isa"]) or "unknown"))
-        missing = e.get("cpu_isa_missing_here")
-        if missing:
-            out.append(
-                _line(
-                    "WARNING",
-                    f"this CPU lacks {' '.join(missing)}: the CPU kernels may stop with an illegal "
-                    "instruction; reinstall with RINGATTN_CPU_MARCH=native (or x86-64-v3)",
-                )
+        variants = e.get("cpu_variants")
+        if variants:
+            chosen = e.get("cpu_variant")
+            build = (
+                "portable build" if e.get("cpu_march") is None else f"-march={e['cpu_march'] or '(default)'}"
             )
+            out.append(_line("CPU kernel variants", f"{' '.join(variants)} ({build})"))
+            if chosen is not None:
+                out.append(
+                    _line("CPU variant used", f"{chosen}: {' '.join(e['cpu_isa']) or 'no vector ISA'}")
+                )
+            else:
+                lacks = " ".join(sorted({f for v in variants.values() for f in v["missing"]}))
+                out.append(
+                    _line(
+                        "WARNING",
+                        f"no compiled CPU variant runs on this CPU (it lacks {lacks}): the CPU kernels refuse "
+                        "to run; reinstall without RINGATTN_CPU_MARCH (the portable build)",
+                    )
+                )
+            if e.get("cpu_isa_forced"):
+                out.append(_line("RINGATTN_CPU_ISA", f"{e['cpu_isa_forced']} (forces this variant)"))
+        out.append(_line("CPU ISA (this CPU)", " ".join(e["host_cpu_isa"]) or "unknown"))
         out.append(_line("torch CPU capability", e["torch_cpu_capability"]))
     s = info["representative_block"]
     out += [

@@ -5,7 +5,7 @@ dtypes it runs in) x every backend of ``ringattn.backends.BACKENDS``, run by
 ``attention_checks.check_block``: ``block_forward``/``block_backward(..., backend=name)`` held to the
 tolerance rule for out, lse, dq, dk and dv. A backend that cannot run a case here skips with its
 ``can_implement`` reason: without a GPU, ``cuda`` skips everything, ``triton`` runs under the
-interpreter, ``cpu`` skips fp16. ``reference`` (the spec itself) is a sanity row: it checks that the
+interpreter. ``reference`` (the spec itself) is a sanity row: it checks that the
 contract hands the spec the case's masks, spans and positions, and that the rule accepts the spec.
 Output buffers are NaN-poisoned by tests/conftest.py, so an unwritten element fails.
 """
@@ -351,7 +351,7 @@ def test_unwritten_outputs_fail_the_check(backend, stage, monkeypatch):
     if where == "compiled":
         from ringattn._extension import compiled
 
-        module, no_op = compiled(), lambda params: None
+        module, no_op = compiled(), lambda params, *variant: None
     else:
         from tritonkernels import flash_kernels as module
 

@@ -104,20 +104,27 @@ def test_a_failing_section_is_reported_not_raised(monkeypatch):
     assert "simulated probe failure" in env_report.format_report(info)
 
 
-def test_build_isa_missing_on_this_cpu_is_a_warning(monkeypatch):
+def test_report_names_the_cpu_variant_and_warns_when_none_runs_here(monkeypatch):
     import ringattn._extension as ext
 
     real = ext.extension_status
+    variants = {"generic": {"isa": [], "missing": []}, "avx2": {"isa": ["avx", "avx2"], "missing": []}}
 
-    def status():
-        return {**real(), "available": True, "cpu_march": "made-up", "cpu_isa": ["avx", "made_up_isa"]}
+    def status(**over):
+        return {**real(), "available": True, "cpu_march": None, "cpu_variants": variants, **over}
 
-    monkeypatch.setattr(ext, "extension_status", status)
-    monkeypatch.setattr(env_report, "host_cpu_flags", lambda: {"avx", "sse4_2"})
-    info = env_report.collect()
-    assert info["extension"]["cpu_isa_missing_here"] == ["made_up_isa"]
-    text = env_report.format_report(info)
-    assert "-march=made-up: avx made_up_isa" in text
+    monkeypatch.setattr(ext, "extension_status", lambda: status(cpu_variant="avx2", cpu_isa=["avx", "avx2"]))
+    monkeypatch.setenv("RINGATTN_CPU_ISA", "generic")
+    text = env_report.format_report(env_report.collect())
+    assert "generic avx2 (portable build)" in text and "avx2: avx avx2" in text
+    assert "generic (forces this variant)" in text and "WARNING" not in text
+
+    lacking = {"znver9": {"isa": ["avx512f"], "missing": ["made_up_isa"]}}
+    monkeypatch.setattr(
+        ext, "extension_status", lambda: status(cpu_march="znver9", cpu_variants=lacking, cpu_variant=None)
+    )
+    text = env_report.format_report(env_report.collect())
+    assert "znver9 (-march=znver9)" in text
     assert "WARNING" in text and "lacks made_up_isa" in text
 
 

@@ -16,7 +16,8 @@ STATUS = ringattn.extension_status()
 
 def test_status_reports_availability_and_reason():
     assert set(STATUS) == {
-        "available", "cuda", "cuda_archs", "nvcc_version", "cpu_march", "cpu_isa", "reason", "build_seconds"
+        "available", "cuda", "cuda_archs", "nvcc_version", "cpu_march", "cpu_variant", "cpu_variants", "cpu_isa",
+        "reason", "build_seconds",
     }  # fmt: skip
     if STATUS["available"]:
         assert STATUS["reason"] == ""
