@@ -46,6 +46,26 @@ namespace ringattn {
 using ::ringattn::AttnParams;
 using ::ringattn::CpuVariant;
 using ::ringattn::View;
+
+// The standard library's templates are instantiated in every object that uses them and merged the same
+// way, so std::vector<float>'s members compiled for AVX-512 could serve the generic kernels too. Within
+// this file `std::vector` names a vector over an allocator of this variant's own, which makes every
+// vector member this variant's own function; `std::` finds everything else in ::std.
+template <class T>
+struct VariantAllocator : ::std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = VariantAllocator<U>;
+  };
+  VariantAllocator() = default;
+  template <class U>
+  VariantAllocator(const VariantAllocator<U>&) noexcept {}
+};
+namespace std {
+using namespace ::std;
+template <class T>
+using vector = ::std::vector<T, VariantAllocator<T>>;
+}  // namespace std
 }  // namespace ringattn
 
 #include "attn_math.h"
@@ -370,8 +390,8 @@ struct Staged {
 };
 
 void check_params(const AttnParams& p) {
-  auto require = [](bool ok, const std::string& what) {
-    if (!ok) throw std::invalid_argument("ringattn cpu attention: " + what);
+  auto require = [](bool ok, const char* what) {  // append: libstdc++'s own copy, not one compiled here
+    if (!ok) throw std::invalid_argument(std::string("ringattn cpu attention: ").append(what));
   };
   require(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0, "sizes must be >= 0");
   require(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0, "heads_q must be a multiple of heads_kv > 0");
@@ -789,77 +809,117 @@ void attn_backward_cpu(const AttnParams& p) {
 
 // What this variant's flags enabled, from the compiler's predefined macros: `isa` names the vector
 // extensions (reports), `needs` every feature the code may use (checked before it runs; cpuinfo names).
-CpuVariant variant() {
-  CpuVariant v;
-  v.name = RINGATTN_CPU_VARIANT_NAME;
-  auto add = [&](bool vector, const char* feature) {
-    if (vector) v.isa.push_back(feature);
-    v.needs.push_back(feature);
-  };
-  (void)add;  // unused where the flags enable no extension
 #ifdef __SSE4_2__
-  add(true, "sse4_2");
+#define RA_SSE42 " sse4_2"
+#else
+#define RA_SSE42 ""
 #endif
 #ifdef __POPCNT__
-  add(false, "popcnt");
+#define RA_POPCNT " popcnt"
+#else
+#define RA_POPCNT ""
 #endif
 #ifdef __AVX__
-  add(true, "avx");
+#define RA_AVX " avx"
+#else
+#define RA_AVX ""
 #endif
 #ifdef __AVX2__
-  add(true, "avx2");
+#define RA_AVX2 " avx2"
+#else
+#define RA_AVX2 ""
 #endif
 #ifdef __FMA__
-  add(true, "fma");
+#define RA_FMA " fma"
+#else
+#define RA_FMA ""
 #endif
 #ifdef __F16C__
-  add(true, "f16c");
+#define RA_F16C " f16c"
+#else
+#define RA_F16C ""
 #endif
 #ifdef __BMI__
-  add(false, "bmi1");
+#define RA_BMI " bmi1"
+#else
+#define RA_BMI ""
 #endif
 #ifdef __BMI2__
-  add(false, "bmi2");
+#define RA_BMI2 " bmi2"
+#else
+#define RA_BMI2 ""
 #endif
 #ifdef __LZCNT__
-  add(false, "abm");
+#define RA_LZCNT " abm"
+#else
+#define RA_LZCNT ""
 #endif
 #ifdef __MOVBE__
-  add(false, "movbe");
+#define RA_MOVBE " movbe"
+#else
+#define RA_MOVBE ""
 #endif
 #ifdef __AVX512F__
-  add(true, "avx512f");
+#define RA_AVX512F " avx512f"
+#else
+#define RA_AVX512F ""
 #endif
 #ifdef __AVX512CD__
-  add(true, "avx512cd");
+#define RA_AVX512CD " avx512cd"
+#else
+#define RA_AVX512CD ""
 #endif
 #ifdef __AVX512BW__
-  add(true, "avx512bw");
+#define RA_AVX512BW " avx512bw"
+#else
+#define RA_AVX512BW ""
 #endif
 #ifdef __AVX512DQ__
-  add(true, "avx512dq");
+#define RA_AVX512DQ " avx512dq"
+#else
+#define RA_AVX512DQ ""
 #endif
 #ifdef __AVX512VL__
-  add(true, "avx512vl");
+#define RA_AVX512VL " avx512vl"
+#else
+#define RA_AVX512VL ""
 #endif
 #ifdef __AVX512VNNI__
-  add(true, "avx512_vnni");
+#define RA_AVX512VNNI " avx512_vnni"
+#else
+#define RA_AVX512VNNI ""
 #endif
 #ifdef __AVX512BF16__
-  add(true, "avx512_bf16");
+#define RA_AVX512BF16 " avx512_bf16"
+#else
+#define RA_AVX512BF16 ""
 #endif
 #ifdef __AVX512FP16__
-  add(true, "avx512_fp16");
+#define RA_AVX512FP16 " avx512_fp16"
+#else
+#define RA_AVX512FP16 ""
 #endif
 #ifdef __ARM_NEON
-  v.isa.push_back("asimd");
+#define RA_NEON " asimd"
+#else
+#define RA_NEON ""
 #endif
 #ifdef __ARM_FEATURE_SVE
-  v.isa.push_back("sve");
+#define RA_SVE " sve"
+#else
+#define RA_SVE ""
 #endif
-  v.forward = &attn_forward_cpu;
-  v.backward = &attn_backward_cpu;
-  return v;
+#define RA_VECTOR_ISA                                                                                          \
+  RA_SSE42 RA_AVX RA_AVX2 RA_FMA RA_F16C RA_AVX512F RA_AVX512CD RA_AVX512BW RA_AVX512DQ RA_AVX512VL RA_AVX512VNNI \
+      RA_AVX512BF16 RA_AVX512FP16 RA_NEON RA_SVE
+
+CpuVariant variant() {
+  // x86 features beyond the vector ones are checked too (the compiler may emit BMI, LZCNT, MOVBE); the
+  // Arm ones are not: off x86 only the generic variant is built.
+  return {RINGATTN_CPU_VARIANT_NAME, RA_VECTOR_ISA,
+          RA_SSE42 RA_POPCNT RA_AVX RA_AVX2 RA_FMA RA_F16C RA_BMI RA_BMI2 RA_LZCNT RA_MOVBE RA_AVX512F RA_AVX512CD
+              RA_AVX512BW RA_AVX512DQ RA_AVX512VL RA_AVX512VNNI RA_AVX512BF16 RA_AVX512FP16,
+          &attn_forward_cpu, &attn_backward_cpu};
 }
 
 }  // namespace ringattn

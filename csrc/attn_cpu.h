@@ -10,15 +10,18 @@ namespace ringattn {
 // module, each copy in its own namespace with its own -m flags (CMakeLists.txt); attn_cpu_dispatch.cpp
 // picks among them at run time.
 struct CpuVariant {
-  std::string name;                  // "generic", "avx2", "avx512", "avx512bf16" (or the -march override's)
-  std::vector<std::string> isa;      // vector ISA its flags enabled (Linux cpuinfo names), for reports
-  std::vector<std::string> needs;    // every CPU feature its code may use, checked before it runs
+  const char* name;   // "generic", "avx2", "avx512", "avx512bf16" (or the -march override's)
+  const char* isa;    // vector ISA its flags enabled (Linux cpuinfo names, space-separated), for reports
+  const char* needs;  // every CPU feature its code may use (same names), checked before it runs
   void (*forward)(const AttnParams&);
   void (*backward)(const AttnParams&);
 };
 
 // Compiled variants, least to most capable.
 const std::vector<CpuVariant>& cpu_variants();
+
+// A space-separated feature list (CpuVariant::isa, ::needs) as names.
+std::vector<std::string> split_features(const char* features);
 
 // Features of `v` this CPU (and OS) lacks; empty when it can run `v`.
 std::vector<std::string> cpu_variant_missing(const CpuVariant& v);

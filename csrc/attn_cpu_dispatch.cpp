@@ -1,6 +1,7 @@
 // Runtime ISA dispatch of the CPU kernels: attn_cpu.cpp is compiled once per variant (CMakeLists.txt
 // writes the list, least to most capable, to ringattn_cpu_variants.inc); this file, compiled for the
 // baseline ISA, asks the CPU which variants it can run and calls the one a caller names or the best.
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -60,7 +61,7 @@ bool cpu_has(const std::string& feature) {
 
 std::string names(const std::vector<const CpuVariant*>& variants) {
   std::string out;
-  for (const CpuVariant* v : variants) out += (out.empty() ? "" : ", ") + v->name;
+  for (const CpuVariant* v : variants) out += (out.empty() ? "" : ", ") + std::string(v->name);
   return out.empty() ? "none" : out;
 }
 
@@ -75,9 +76,16 @@ const std::vector<CpuVariant>& cpu_variants() {
   return all;
 }
 
+std::vector<std::string> split_features(const char* features) {
+  std::istringstream in(features);
+  std::vector<std::string> out;
+  for (std::string feature; in >> feature;) out.push_back(feature);
+  return out;
+}
+
 std::vector<std::string> cpu_variant_missing(const CpuVariant& v) {
   std::vector<std::string> missing;
-  for (const std::string& feature : v.needs) {
+  for (const std::string& feature : split_features(v.needs)) {
     if (!cpu_has(feature)) missing.push_back(feature);
   }
   return missing;
@@ -102,7 +110,7 @@ const CpuVariant& cpu_variant(const std::string& name) {
     return *supported.back();
   }
   for (const CpuVariant* v : compiled) {
-    if (v->name != name) continue;
+    if (name != v->name) continue;
     const std::vector<std::string> missing = cpu_variant_missing(*v);
     if (!missing.empty()) {
       throw std::invalid_argument("ringattn cpu attention: variant '" + name + "' needs " + missing.front() +

@@ -49,7 +49,7 @@ void attn_backward_cpu(const ringattn::AttnParams& p, const std::string& variant
 std::vector<std::tuple<std::string, std::vector<std::string>, std::vector<std::string>>> cpu_variants() {
   std::vector<std::tuple<std::string, std::vector<std::string>, std::vector<std::string>>> out;
   for (const ringattn::CpuVariant& v : ringattn::cpu_variants()) {
-    out.emplace_back(v.name, v.isa, ringattn::cpu_variant_missing(v));
+    out.emplace_back(v.name, ringattn::split_features(v.isa), ringattn::cpu_variant_missing(v));
   }
   return out;
 }

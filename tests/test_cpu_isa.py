@@ -3,6 +3,9 @@ fp64 reference, what each was compiled for, the errors for a variant that cannot
 conversions (exact widening, round-to-nearest-even narrowing) through each variant's kernels."""
 
 import platform
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -131,3 +134,40 @@ def test_fp16_conversions_are_exact_and_round_to_nearest_even(variant, monkeypat
     out, _ = block_forward(q, k, v, mask, backend="cpu")
     expected = ((a.float() + b.float()) / 2).half()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not PORTABLE_X86 or shutil.which("objdump") is None, reason="the portable x86-64 build, and objdump"
+)
+def test_code_shared_between_variants_uses_no_avx():
+    # The linker keeps one copy of a function several objects emit (a template instantiation, an inline
+    # function): if an AVX-512 variant's copy were kept, the generic kernels would call it on any CPU.
+    # Such functions are the exported ones (the rest is hidden); outside the variants' namespaces none
+    # may contain an AVX instruction (any v-prefixed mnemonic, ymm/zmm or mask registers).
+    so = compiled().__file__
+    symbols = subprocess.run(["objdump", "-T", "-C", so], capture_output=True, text=True, check=True).stdout
+    functions = []
+    for line in symbols.splitlines():
+        m = re.match(r"^([0-9a-f]+)\s.*\sDF\s+\.text\s+([0-9a-f]+)\s+\S+\s+(.*)$", line)
+        if m and "ringattn_cpu_" not in m.group(3):
+            functions.append((int(m.group(1), 16), int(m.group(2), 16), m.group(3).strip()))
+    assert any(name == "PyInit__C" for _, _, name in functions), "objdump -T output not understood"
+    code = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-j", ".text", so], capture_output=True, text=True, check=True
+    ).stdout
+    instructions = {}
+    for line in code.splitlines():
+        m = re.match(r"^\s+([0-9a-f]+):\s+(\S+)(.*)$", line)
+        if m:
+            instructions[int(m.group(1), 16)] = (m.group(2), m.group(3))
+    offenders = {}
+    for start, size, name in functions:
+        avx = {
+            op
+            for address, (op, operands) in instructions.items()
+            if start <= address < start + size
+            and (op.startswith("v") or re.search(r"%[yz]mm|%k[0-7]\b", operands))
+        }
+        if avx:
+            offenders[name] = sorted(avx)
+    assert offenders == {}

@@ -41,8 +41,15 @@ def main(argv: list[str] | None = None, prog: str = "ringattn-bench") -> int:
         default="sdpa",
         help="comma-separated peers that must be present: sdpa, flash-attn",
     )
+    parser.add_argument(
+        "--cpu-isa",
+        default="",
+        help="CPU kernel variants ringattn cpu runs in (kernels, cpu suites): comma-separated names "
+        "(generic, avx2, avx512, avx512bf16), 'all' for every one this CPU runs; default: the best only",
+    )
     args = parser.parse_args(argv)
     kernels.check_baselines([b for b in args.baselines.split(",") if b])
+    cpu_isas = kernels.cpu_variants(args.cpu_isa)
     names = [args.suite]
     if args.suite == "all":
         cuda = torch.cuda.is_available()
@@ -57,7 +64,9 @@ def main(argv: list[str] | None = None, prog: str = "ringattn-bench") -> int:
         )
     out_dir = args.out or Path("bench_results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     for name in names:
-        results = SUITES[name].run(args.quick, out_dir)
+        suite = SUITES[name]
+        options = {"cpu_isas": cpu_isas} if suite.takes_cpu_isas else {}
+        results = suite.run(args.quick, out_dir, **options)
         print(f"\n## {name}\n")
         print((out_dir / f"{name}.md").read_text().split("\n", 2)[-1].strip())
         print(f"\n{len(results.rows)} rows -> {out_dir}/{name}.json")

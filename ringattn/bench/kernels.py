@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -33,6 +35,7 @@ COLUMNS = {
     "spread": "half the interquartile range of the timing samples, relative to the median",
     "tflops": f"TFLOP/s from the FLOP formula ({FLOP_FORMULA}) over the median",
     "vs_sdpa": "SDPA's seconds / this row's seconds, same mode and RoPE (> 1: faster than SDPA)",
+    "isa": "CPU rows: the kernel variant ringattn cpu ran (forced with --cpu-isa), torch's CPU capability for peers",
 }
 CELLS = {"spread": lambda row: "" if row.get("spread") is None else f"±{100 * row['spread']:.0f}%"}
 OPTIONAL_BASELINES = {"flash-attn": "flash_attn"}
@@ -87,6 +90,55 @@ def _our_backends(device: torch.device, requested: list[str] | None, q, k, v, ro
     return usable
 
 
+def cpu_variants(requested: str) -> tuple[str, ...]:
+    """The CPU kernel variants ``--cpu-isa`` names (comma-separated; "all": every one this CPU runs;
+    "": the default, the most capable). Exits naming the compiled and runnable ones on a bad name."""
+    from ringattn._extension import compiled
+
+    if not requested:
+        return ("",)
+    module = compiled()
+    if module is None:
+        raise SystemExit("--cpu-isa needs the compiled extension ringattn._C, which is not built")
+    runs = [name for name, _, missing in module.cpu_variants() if not missing]
+    names = runs if requested == "all" else [n for n in requested.split(",") if n]
+    bad = [n for n in names if n not in runs]
+    if bad:
+        compiled_names = ", ".join(name for name, _, _ in module.cpu_variants())
+        raise SystemExit(
+            f"--cpu-isa {','.join(bad)}: not a variant this CPU runs; compiled: {compiled_names}; runs here: "
+            + ", ".join(runs)
+        )
+    return tuple(names)
+
+
+@contextmanager
+def _forced_cpu_variant(name: str):
+    """RINGATTN_CPU_ISA=name (read by the cpu backend at every call) inside the block; "" leaves it."""
+    from ringattn.backends.cpu import ISA_ENV
+
+    before = os.environ.get(ISA_ENV)
+    if name:
+        os.environ[ISA_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ISA_ENV, None)
+        else:
+            os.environ[ISA_ENV] = before
+
+
+def _variant_used(name: str) -> str:
+    """The CPU kernel variant a call makes under ``_forced_cpu_variant(name)``."""
+    from ringattn._extension import compiled
+    from ringattn.backends.cpu import forced_variant
+
+    module = compiled()
+    with _forced_cpu_variant(name):
+        return forced_variant(module) or module.cpu_variant()
+
+
 def run(
     quick: bool,
     out_dir,
@@ -98,7 +150,9 @@ def run(
     heads=(32, 8),
     backends: list[str] | None = None,
     suite: str = "kernels",
+    cpu_isas: tuple[str, ...] = ("",),
 ) -> Results:
+    """``cpu_isas``: the CPU kernel variants the cpu backend runs in, each its own rows ("": the default)."""
     results = Results(suite)
     dev = torch.device(device)
     Hq, Hkv = heads
@@ -109,7 +163,7 @@ def run(
     gen = torch.Generator(device=dev).manual_seed(0)
     cases = [(dt, S, D) for dt in dtypes for S in seq_lens for D in head_dims]
     for dtype, S, D in progress(cases, suite):
-        _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick)
+        _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick, cpu_isas)
     results.save(out_dir, COLUMNS, CELLS)
     series = {}
     plot_dtype = str(dtypes[0]).removeprefix("torch.")
@@ -130,7 +184,7 @@ def run(
     return results
 
 
-def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick=False):
+def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick=False, cpu_isas=("",)):
     # quick: 2 rounds of 3 calls (enough to see the spread); else rounds of 5 until the median settles
     timing = partial(_timing, repeats=3, max_rounds=2) if quick else _timing
     q = torch.randn(1, S, Hq, D, device=dev, dtype=dtype, generator=gen)
@@ -141,7 +195,9 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick=False):
     mask = BlockMask(causal=True)
     common = dict(dtype=str(dtype).removeprefix("torch."), S=S, D=D, causal=True, flop_formula=FLOP_FORMULA)
 
-    def record(impl, mode, seconds, sdpa_seconds, rope_on, spread=None):
+    torch_isa = torch.backends.cpu.get_cpu_capability() if dev.type == "cpu" else ""
+
+    def record(impl, mode, seconds, sdpa_seconds, rope_on, spread=None, isa=torch_isa):
         flops = attention_flops(1, Hq, S, S, D, causal=True, mode=mode)
         results.add(
             impl=impl,
@@ -151,6 +207,7 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick=False):
             spread=spread,
             tflops=flops / seconds / 1e12,
             vs_sdpa=sdpa_seconds / seconds,
+            isa=isa,
             **common,
         )
 
@@ -193,14 +250,21 @@ def _bench_case(results, dev, gen, dtype, S, D, Hq, Hkv, backends, quick=False):
             record("flash-attn 2", mode, t, sdpa[False][mode], False, spread)
 
     for name in _our_backends(dev, backends, q, k, v, rope):
-        for r in (None, rope):
-            out, lse = block_forward(q, k, v, mask, rope=r, backend=name)
-            fwd = timing(partial(block_forward, q, k, v, mask, rope=r, backend=name))
-            bwd = timing(partial(block_backward, dout, q, k, v, out, lse, mask, rope=r, backend=name))
-            label = f"ringattn {name}" + (" fused rope" if r else "")
-            for mode, t, spread in (
-                ("fwd", fwd.median, fwd.spread),
-                ("bwd", bwd.median, bwd.spread),
-                ("fwd+bwd", fwd.median + bwd.median, None),
-            ):
-                record(label, mode, t, sdpa[r is not None][mode], r is not None, spread)
+        for variant in cpu_isas if name == "cpu" else ("",):
+            with _forced_cpu_variant(variant):
+                isa = _variant_used(variant) if name == "cpu" else ""
+                for r in (None, rope):
+                    out, lse = block_forward(q, k, v, mask, rope=r, backend=name)
+                    fwd = timing(partial(block_forward, q, k, v, mask, rope=r, backend=name))
+                    bwd = timing(partial(block_backward, dout, q, k, v, out, lse, mask, rope=r, backend=name))
+                    label = (
+                        f"ringattn {name}"
+                        + (f" [{variant}]" if variant else "")
+                        + (" fused rope" if r else "")
+                    )
+                    for mode, t, spread in (
+                        ("fwd", fwd.median, fwd.spread),
+                        ("bwd", bwd.median, bwd.spread),
+                        ("fwd+bwd", fwd.median + bwd.median, None),
+                    ):
+                        record(label, mode, t, sdpa[r is not None][mode], r is not None, spread, isa)

@@ -20,26 +20,25 @@ class Suite:
     needs: tuple[str, ...] = ("matplotlib",)  # modules it imports (from the `bench` extra)
     needs_cuda: bool = False
     in_all_without_cuda: bool = True  # run by `all` on a machine without a CUDA device
+    takes_cpu_isas: bool = False  # run(quick, out_dir, cpu_isas=...) runs the cpu backend per variant
 
 
-def _kernels(quick: bool, out_dir: Path) -> Results:
-    return kernels.run(quick, out_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+def _kernels(quick: bool, out_dir: Path, cpu_isas: tuple[str, ...] = ("",)) -> Results:
+    cuda = torch.cuda.is_available()
+    return kernels.run(quick, out_dir, device="cuda" if cuda else "cpu", cpu_isas=cpu_isas)
 
 
-def _cpu(quick: bool, out_dir: Path) -> Results:
+def _cpu(quick: bool, out_dir: Path, cpu_isas: tuple[str, ...] = ("",)) -> Results:
     """Compiled CPU kernels with fused RoPE vs torch SDPA + transformers RoPE.
 
-    Llama-3-8B attention shapes: B=1, Hq=32, Hkv=8, D=128, causal, fp32 and bf16 at S=2048 and 4096.
+    Llama-3-8B attention shapes: B=1, Hq=32, Hkv=8, D=128, causal, fp32, bf16 and fp16 at S=2048 and
+    4096; ``cpu_isas``: the kernel variants to run (each its own rows, against the same SDPA runs).
     """
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     if quick:
-        return kernels.run(True, out_dir, device="cpu", backends=None, suite="cpu")
+        return kernels.run(True, out_dir, device="cpu", dtypes=dtypes, suite="cpu", cpu_isas=cpu_isas)
     return kernels.run(
-        False,
-        out_dir,
-        device="cpu",
-        dtypes=(torch.float32, torch.bfloat16),
-        seq_lens=(2048, 4096),
-        suite="cpu",
+        False, out_dir, device="cpu", dtypes=dtypes, seq_lens=(2048, 4096), suite="cpu", cpu_isas=cpu_isas
     )
 
 
@@ -55,6 +54,7 @@ _SUITES = (
         _kernels,
         "every backend vs torch SDPA (and flash-attn on a GPU), fused vs unfused RoPE",
         ("matplotlib", "transformers"),
+        takes_cpu_isas=True,
     ),
     Suite(
         "rope",
@@ -68,6 +68,7 @@ _SUITES = (
         "the kernels suite on the CPU at Llama-3-8B shapes",
         ("matplotlib", "transformers"),
         in_all_without_cuda=False,  # without a GPU `kernels` already runs on the CPU
+        takes_cpu_isas=True,
     ),
     Suite("ring", ring.run, "W local ranks: ring overlap and efficiency", ("matplotlib",)),
     Suite(
