@@ -696,14 +696,26 @@ void attn_backward_cpu(const AttnParams& p) {
   const float* delta = reinterpret_cast<const float*>(p.delta);
   for (int64_t i = 0; i < B * Hq * Sq; ++i) lse[i] = backward_lse(lse_in[i]);
 
-  // Key tiles of each (batch, kv head) are split into chunks that run in parallel; each chunk
-  // owns a dq buffer, summed at the end (deterministic, no atomics).
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(n_kt, ceil_div(2 * p.num_threads, std::max<int64_t>(1, B * Hkv))));
+  // Work items: (batch, kv head, query-head group, key chunk), about two per thread so the atomic
+  // counter can balance them. A kv head's G query heads are split into groups first, then its key
+  // tiles into chunks, only as far as the threads need items: a group costs a partial dK and dV (2 Sk D
+  // floats per kv head), a chunk a partial dQ (G Sq D, larger under GQA). Partials are summed in a fixed
+  // order at the end (deterministic, no atomics), so the scratch grows with the parallelism the
+  // problem's heads lack, not with the thread count.
+  const int64_t want = 2 * static_cast<int64_t>(std::max(1, p.num_threads));
+  int64_t groups = 1;
+  while (B * Hkv * groups < want && groups < G) {
+    ++groups;
+    while (G % groups != 0) ++groups;  // groups of equal size
+  }
+  const int64_t per_chunk = std::max<int64_t>(1, B * Hkv * groups);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(n_kt, ceil_div(want, per_chunk)));
   std::vector<float> dq_acc(chunks * B * Hq * Sq * D, 0.0f);
+  std::vector<float> dk_part(groups > 1 ? groups * B * Hkv * Sk * D : 0), dv_part(dk_part.size());
 
-  parallel_for(B * Hkv * chunks, p.num_threads, [&](int64_t item) {
-    const int64_t c = item % chunks, bkv = item / chunks, b = bkv / Hkv, hk = bkv % Hkv;
+  parallel_for(B * Hkv * groups * chunks, p.num_threads, [&](int64_t item) {
+    const int64_t c = item % chunks, grp = item / chunks % groups, bkv = item / (chunks * groups);
+    const int64_t b = bkv / Hkv, hk = bkv % Hkv;
     const int64_t t_begin = n_kt * c / chunks, t_end = n_kt * (c + 1) / chunks;
     const float* kt = st.kt.data() + bkv * D * Skp;
     const float* v = st.v.data() + bkv * Skp * D;
@@ -720,7 +732,7 @@ void attn_backward_cpu(const AttnParams& p) {
       std::fill(dv.begin(), dv.end(), 0.0f);
       int64_t qt_begin, qt_end;  // query tiles that cannot see this key tile are never visited
       query_tile_range(st, p, st.k_tiles[t], &qt_begin, &qt_end);
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = G * grp / groups; g < G * (grp + 1) / groups; ++g) {
         const int64_t bh = b * Hq + hk * G + g;
         const float slope = alibi_slope(p, b, hk * G + g);
         for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
@@ -779,6 +791,12 @@ void attn_backward_cpu(const AttnParams& p) {
         }
       }
       const int64_t valid = std::min<int64_t>(kBlockK, Sk - k0);
+      if (groups > 1) {  // this group's share: summed over the groups, rotated and stored below
+        const int64_t at = ((grp * B * Hkv + bkv) * Sk + k0) * D;
+        std::copy(dk.begin(), dk.begin() + valid * D, dk_part.begin() + at);
+        std::copy(dv.begin(), dv.begin() + valid * D, dv_part.begin() + at);
+        continue;
+      }
       for (int64_t j = 0; j < valid; ++j) {
         float* dkj = dk.data() + j * D;
         if (rope) {
@@ -790,6 +808,26 @@ void attn_backward_cpu(const AttnParams& p) {
       }
     }
   });
+
+  if (groups > 1) {
+    parallel_for(B * Sk, p.num_threads, [&](int64_t row) {
+      const int64_t b = row / Sk, s = row % Sk;
+      std::vector<float> cs(p.rotary_dim / 2), sn(p.rotary_dim / 2), dk(D), dv(D);
+      if (rope) rope_table(p, true, position(p.k_positions, p.k_positions_sb, b, s), cs.data(), sn.data());
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        std::fill(dk.begin(), dk.end(), 0.0f);
+        std::fill(dv.begin(), dv.end(), 0.0f);
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          const int64_t at = ((grp * B * Hkv + b * Hkv + hk) * Sk + s) * D;
+          for (int64_t d = 0; d < D; ++d) dk[d] += dk_part[at + d];
+          for (int64_t d = 0; d < D; ++d) dv[d] += dv_part[at + d];
+        }
+        if (rope) rotate_row(p, dk.data(), cs.data(), sn.data(), -1.0f);
+        store_row(p.dk, p.grad_dtype, b, s, hk, D, dk.data());
+        store_row(p.dv, p.grad_dtype, b, s, hk, D, dv.data());
+      }
+    });
+  }
 
   parallel_for(B * Sq, p.num_threads, [&](int64_t row) {
     const int64_t b = row / Sq, s = row % Sq;

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from attention_checks import Case, make_inputs
+from attention_checks import Case, check_block, make_inputs
 from harness import nan_filled
 
 from ringattn import RoPEConfig, merge_partials
@@ -191,3 +191,15 @@ def test_cpu_and_triton_interpreter_agree():
         results[name] = (out, lse, *grads)
     for a, b in zip(results["cpu"], results["triton"], strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 64])
+def test_backward_at_any_thread_count_matches_the_reference(threads):
+    # The backward splits work by query-head groups, then key chunks, as far as the thread count asks
+    # (64 threads: every head its own group and several key chunks, each with partial sums).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_block(Case(200, B=2, Hq=4, Hkv=1, D=64, causal=True, rope=FAR_ROPE), torch.float32, "cpu")
+    finally:
+        torch.set_num_threads(before)
