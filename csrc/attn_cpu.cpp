@@ -76,8 +76,6 @@ namespace {
 
 constexpr int kBlockQ = 64;  // query rows per tile
 constexpr int kBlockK = 64;  // key columns per tile
-constexpr int kRegRows = 6;  // rows per register block: 6 x 64 floats = 24 AVX-512 accumulators
-constexpr int kRegCols = 64;  // feature columns per register block of accumulate_wx
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -181,158 +179,34 @@ void store_row(const View& view, int dtype, int64_t b, int64_t s, int64_t h, int
   }
 }
 
-// In place 2^x for a run of floats; x < -126 (including -inf) gives exactly 0 and NaN stays NaN.
-// Range-reduced to |f| <= 1/2 and a degree-7 Taylor polynomial: relative error below 1e-7,
-// vectorisable.
-void exp2_inplace(float* x, int n) {
-  for (int i = 0; i < n; ++i) {
-    const float xi = std::min(std::max(x[i], -127.0f), 127.0f);  // NaN stays NaN (so do f and poly)
-    const float k = std::nearbyint(xi);
-    const float f = (xi - k) * kLn2;
-    float poly = 1.0f / 5040.0f;
-    poly = poly * f + 1.0f / 720.0f;
-    poly = poly * f + 1.0f / 120.0f;
-    poly = poly * f + 1.0f / 24.0f;
-    poly = poly * f + 1.0f / 6.0f;
-    poly = poly * f + 0.5f;
-    poly = poly * f + 1.0f;
-    poly = poly * f + 1.0f;
-    const float k_int = k == k ? k : 0.0f;  // converting NaN to int is undefined
-    const float two_k = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(k_int) + 127) << 23);
-    x[i] = x[i] < -126.0f ? 0.0f : poly * two_k;
-  }
-}
-
-// R rows of s[r][j] = sum_d a[r][d] * bt[d][j], j < kBlockK. R * kBlockK / 16 accumulators stay in
-// vector registers; each bt row is loaded once per R rows.
-template <int R>
-void abt_rows(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth, float* s) {
-  float acc[R][kBlockK] = {};
-  for (int64_t d = 0; d < depth; ++d) {
-    const float* brow = bt + d * ldb;
-    float x[R];
-    for (int i = 0; i < R; ++i) x[i] = a[i * lda + d];
-    for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < kBlockK; ++j) acc[i][j] += x[i] * brow[j];
-    }
-  }
-  for (int i = 0; i < R; ++i) std::copy(acc[i], acc[i] + kBlockK, s + i * kBlockK);
-}
+// The products and exp2 run in the explicit SIMD micro-kernels of cpu_simd.h (one set per ISA level).
+void exp2_inplace(float* x, int n) { simd::exp2_inplace(x, n); }
 
 // s[r][j] = sum_d a[r][d] * bt[d][j] for r < rows, j < kBlockK; a has rows of `lda`, bt rows of `ldb`.
-void matmul_abt(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb, int64_t depth,
-                float* s) {
-  int r = 0;
-  for (; r + kRegRows <= rows; r += kRegRows) abt_rows<kRegRows>(a + r * lda, lda, bt, ldb, depth, s + r * kBlockK);
-  for (; r + 2 <= rows; r += 2) abt_rows<2>(a + r * lda, lda, bt, ldb, depth, s + r * kBlockK);
-  if (r < rows) abt_rows<1>(a + r * lda, lda, bt, ldb, depth, s + r * kBlockK);
+void matmul_abt(const float* a, int64_t lda, int rows, const float* bt, int64_t ldb, int64_t depth, float* s) {
+  simd::gemm<simd::Mode::kStore>(s, kBlockK, rows, kBlockK, a, lda, 1, static_cast<int>(depth), bt, ldb);
 }
 
-// 16 fp32 lanes (GCC/Clang vector extension; split into narrower registers without AVX-512).
-typedef float Lanes16 __attribute__((vector_size(64)));
-
-// Pairwise sums of 16 vectors in one vector: out[k] = sum of the lanes of v[k]. Each stage adds the
-// two halves of every vector's partials, packing two vectors' results into one register.
-Lanes16 transpose_sum16(const Lanes16 (&v)[16]) {
-  Lanes16 w[8], x[4], y[2];
-  for (int k = 0; k < 8; ++k) {
-    w[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                   30, 31);
-  }
-  for (int k = 0; k < 4; ++k) {
-    x[k] = __builtin_shufflevector(w[2 * k], w[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(w[2 * k], w[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  }
-  for (int k = 0; k < 2; ++k) {
-    y[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(x[2 * k], x[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  }
-  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// 4 x 4 block of s[r][j] = sum_d a[r][d] * b[j][d] (b row-major, rows of ldb), each pair summed in 16
-// independent lanes and reduced pairwise: the rounding error of a dot product rather than of a
-// length-D chain. Used for dP = dO V^T, whose difference dP - delta cancels to ~0 in easy rows.
-void dot_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* s) {
-  constexpr int R = 4, C = 4;
-  Lanes16 acc[R * C] = {};
-  int64_t d = 0;
-  for (; d + 16 <= depth; d += 16) {
-    Lanes16 av[R], bv[C];
-    for (int i = 0; i < R; ++i) std::memcpy(&av[i], a + i * lda + d, sizeof(Lanes16));
-    for (int j = 0; j < C; ++j) std::memcpy(&bv[j], b + j * ldb + d, sizeof(Lanes16));
-    for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < C; ++j) acc[i * C + j] += av[i] * bv[j];
-    }
-  }
-  for (int tail = 0; d + tail < depth; ++tail) {
-    for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < C; ++j) acc[i * C + j][tail] += a[i * lda + d + tail] * b[j * ldb + d + tail];
-    }
-  }
-  const Lanes16 sums = transpose_sum16(acc);
-  for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < C; ++j) s[i * kBlockK + j] = sums[i * C + j];
-  }
-}
-
-// s[r][j] = sum_d a[r][d] * b[j][d] for r < rows, j < kBlockK, with dot_block's accuracy. Rows past
-// `rows` read a's padding: callers give a with at least round_up(rows, 4) rows.
-void matmul_abt_dot(const float* a, int64_t lda, int rows, const float* b, int64_t ldb, int64_t depth,
-                    float* s) {
-  for (int r = 0; r < rows; r += 4) {
-    for (int j = 0; j < kBlockK; j += 4) dot_block(a + r * lda, lda, b + j * ldb, ldb, depth, s + r * kBlockK + j);
-  }
-}
-
-// R rows, W columns of acc[r][d] += sum_t w(r, t) * x[t][d], w(r, t) = w[r * w_rs + t * w_cs].
-template <int R, int W>
-void wx_block(float* acc, int64_t lda, const float* w, int64_t w_rs, int64_t w_cs, int inner, const float* x,
-              int64_t ldx) {
-  float a[R][W];
-  for (int i = 0; i < R; ++i) std::copy(acc + i * lda, acc + i * lda + W, a[i]);
-  for (int t = 0; t < inner; ++t) {
-    const float* xr = x + t * ldx;
-    float wv[R];
-    for (int i = 0; i < R; ++i) wv[i] = w[i * w_rs + t * w_cs];
-    for (int i = 0; i < R; ++i) {
-      for (int d = 0; d < W; ++d) a[i][d] += wv[i] * xr[d];
-    }
-  }
-  for (int i = 0; i < R; ++i) std::copy(a[i], a[i] + W, acc + i * lda);
-}
-
-template <int W>
-void wx_cols(float* acc, int64_t lda, int rows, const float* w, int64_t w_rs, int64_t w_cs, int inner,
-             const float* x, int64_t ldx) {
-  int r = 0;
-  for (; r + kRegRows <= rows; r += kRegRows) {
-    wx_block<kRegRows, W>(acc + r * lda, lda, w + r * w_rs, w_rs, w_cs, inner, x, ldx);
-  }
-  for (; r + 2 <= rows; r += 2) wx_block<2, W>(acc + r * lda, lda, w + r * w_rs, w_rs, w_cs, inner, x, ldx);
-  if (r < rows) wx_block<1, W>(acc + r * lda, lda, w + r * w_rs, w_rs, w_cs, inner, x, ldx);
+// s[r][j] = sum_d a[r][d] * b[j][d] for r < rows, j < kBlockK, each a blocked dot product (dP = dO V^T,
+// whose difference dP - delta cancels to ~0 in easy rows). Rows past `rows` read a's padding: callers
+// give a with at least round_up(rows, 4) rows.
+static_assert(simd::kDotRows <= 4 && kBlockK % simd::kDotCols == 0, "dout is staged with 3 padding rows");
+void matmul_abt_dot(const float* a, int64_t lda, int rows, const float* b, int64_t ldb, int64_t depth, float* s) {
+  simd::matmul_abt_dot(a, lda, rows, b, ldb, kBlockK, static_cast<int>(depth), s, kBlockK);
 }
 
 // acc[r][d] += sum_t w(r, t) * x[t][d] for r < rows, t < inner, d < width, where
 // w(r, t) = w[r * w_rs + t * w_cs]; acc rows have stride lda, x rows stride ldx.
 void accumulate_wx(float* acc, int64_t lda, int rows, const float* w, int64_t w_rs, int64_t w_cs,
                    int inner, const float* x, int64_t ldx, int64_t width) {
-  int64_t d0 = 0;
-  for (; d0 + kRegCols <= width; d0 += kRegCols) {
-    wx_cols<kRegCols>(acc + d0, lda, rows, w, w_rs, w_cs, inner, x + d0, ldx);
-  }
-  for (; d0 + 16 <= width; d0 += 16) wx_cols<16>(acc + d0, lda, rows, w, w_rs, w_cs, inner, x + d0, ldx);
-  for (; d0 < width; ++d0) wx_cols<1>(acc + d0, lda, rows, w, w_rs, w_cs, inner, x + d0, ldx);
+  simd::gemm<simd::Mode::kAccumulate>(acc, lda, rows, width, w, w_rs, w_cs, inner, x, ldx);
 }
 
-// dst[r][d] += sum_t w(r, t) * x[t][d] (rows x D, all rows of stride D) via a zeroed scratch tile.
-void add_product(float* dst, float* scratch, int rows, int64_t D, const float* w, int64_t w_rs, int64_t w_cs,
-                 int inner, const float* x) {
-  std::fill(scratch, scratch + rows * D, 0.0f);
-  accumulate_wx(scratch, D, rows, w, w_rs, w_cs, inner, x, D, D);
-  for (int64_t i = 0; i < rows * D; ++i) dst[i] += scratch[i];
+// dst[r][d] += sum_t w(r, t) * x[t][d] (rows x D, all rows of stride D): the product is summed from
+// zero and then added, so sums over many tiles are blocked, not one long fp32 chain.
+void add_product(float* dst, int rows, int64_t D, const float* w, int64_t w_rs, int64_t w_cs, int inner,
+                 const float* x) {
+  simd::gemm<simd::Mode::kAddAfter>(dst, D, rows, D, w, w_rs, w_cs, inner, x, D);
 }
 
 // Per-tile summary of the indices and documents of a run of rows: for query tiles the aligned
@@ -595,6 +469,118 @@ void query_tile_range(const Staged& st, const AttnParams& p, const TileInfo& k, 
   }
 }
 
+// ---- bf16 operands for vdpbf16ps (cpu_simd.h; the AVX512_BF16 variant with bf16 inputs) ----------------
+// bf16 copies of the staged operands, packed in pairs along each product's reduction dimension: 2x the
+// fp32 FMA throughput with the same fp32 accumulation. Only operands that are bf16 already go to bf16
+// (the inputs as given; P and dS round to bf16 for their products, as GPU flash attention does): with
+// RoPE, rotated Q and K are not bf16 and their products (Q K^T, dS^T Q, dS K) stay fp32, since rounding
+// them would add an error the inputs' dtype does not have. Words are uint32_t bf16 pairs; Dp is D rounded
+// up to even (the pad is 0).
+struct Bf16Staged {
+  bool on = false;  // P V, dO V^T and P^T dO in bf16
+  bool qk = false;  // also Q K^T, dS^T Q and dS K (no RoPE)
+  int64_t Dw = 0, Sqe = 0;  // Dw = Dp / 2 words per row along D; Sqe = Sq rounded up to even
+  std::vector<uint32_t> q;     // (B, Hq, Sq, Dw): QK^T's A
+  std::vector<uint32_t> kt;    // (B, Hkv, Skp / kBlockK, Dw, kBlockK): QK^T's B, one block per key tile
+  std::vector<uint32_t> v;     // (B, Hkv, Skp / 2, D), pairs of keys: P V's B (forward)
+  std::vector<uint32_t> dout;  // (B, Hq, Sq + 3, Dw): dO V^T's A (backward, and below; + 3 rows of padding)
+  std::vector<uint32_t> vr;    // (B, Hkv, Skp, Dw): dO V^T's B
+  std::vector<uint32_t> k;     // (B, Hkv, Skp / 2, D), pairs of keys: dS K's B
+  std::vector<uint32_t> q2;    // (B, Hq, Sqe / 2, D), pairs of queries: dS^T Q's B
+  std::vector<uint32_t> dout2; // (B, Hq, Sqe / 2, D), pairs of queries: P^T dO's B
+};
+
+// Key tiles of a (B, Hkv, Skp, D) fp32 matrix as (Dw, kBlockK) words per tile: pairs along D. `src` holds
+// each tile as (kBlockK, D) rows, or already transposed as (D, kBlockK) (Staged::kt).
+void pack_key_tiles(const std::vector<float>& src, bool transposed, int64_t n_mats, int64_t Skp, int64_t D,
+                    int64_t Dw, std::vector<uint32_t>& dst, int threads) {
+  dst.assign(n_mats * Skp * Dw, 0u);
+  parallel_for(n_mats * (Skp / kBlockK), threads, [&](int64_t tile) {
+    const float* x = src.data() + tile * kBlockK * D;
+    std::vector<float> t(transposed ? 0 : D * kBlockK);
+    if (!transposed) {
+      for (int j = 0; j < kBlockK; ++j) {
+        for (int64_t d = 0; d < D; ++d) t[d * kBlockK + j] = x[j * D + d];
+      }
+      x = t.data();
+    }
+    simd::to_bf16_row_pairs(x, kBlockK, static_cast<int>(D), kBlockK, dst.data() + tile * Dw * kBlockK, kBlockK);
+  });
+}
+
+// (n_mats, rows, D) fp32 -> (n_mats, rows_e / 2, D) words, pairs of rows (rows_e: rows rounded up to even).
+void pack_row_pairs(const float* src, int64_t n_mats, int64_t rows, int64_t D, std::vector<uint32_t>& dst,
+                    int threads) {
+  const int64_t half = (rows + 1) / 2, chunk = 32;  // 64 rows per item
+  dst.assign(n_mats * half * D, 0u);
+  parallel_for(n_mats * ceil_div(half, chunk), threads, [&](int64_t item) {
+    const int64_t m = item / ceil_div(half, chunk), p0 = item % ceil_div(half, chunk) * chunk;
+    const int n = static_cast<int>(std::min<int64_t>(2 * chunk, rows - 2 * p0));
+    simd::to_bf16_row_pairs(src + (m * rows + 2 * p0) * D, D, n, static_cast<int>(D),
+                            dst.data() + (m * half + p0) * D, D);
+  });
+}
+
+// (n, D) fp32 rows -> (n + pad, Dw) words, pairs along D (pad rows of 0).
+void pack_rows(const float* src, int64_t n, int64_t D, int64_t Dw, std::vector<uint32_t>& dst, int threads,
+               int64_t pad = 0) {
+  dst.assign((n + pad) * Dw, 0u);
+  const int64_t chunk = 256;
+  parallel_for(ceil_div(n, chunk), threads, [&](int64_t item) {
+    const int64_t r0 = item * chunk;
+    const int rows = static_cast<int>(std::min(chunk, n - r0));
+    simd::to_bf16_rows(src + r0 * D, D, rows, static_cast<int>(D), reinterpret_cast<uint16_t*>(dst.data() + r0 * Dw),
+                       2 * Dw);
+  });
+}
+
+Bf16Staged stage_bf16(const Staged& st, const AttnParams& p, bool backward) {
+  Bf16Staged b;
+  b.on = simd::kHasBf16Dot && p.dtype == kBFloat16;
+  b.qk = b.on && p.rope_mode == kRopeNone;
+  if (!b.on) return b;
+  b.Dw = (st.D + 1) / 2;
+  b.Sqe = st.Sq + st.Sq % 2;
+  const int64_t nq = st.B * st.Hq, nk = st.B * st.Hkv;
+  if (b.qk) {
+    pack_rows(st.q.data(), nq * st.Sq, st.D, b.Dw, b.q, p.num_threads);
+    pack_key_tiles(st.kt, true, nk, st.Skp, st.D, b.Dw, b.kt, p.num_threads);
+  }
+  if (!backward) {
+    pack_row_pairs(st.v.data(), nk, st.Skp, st.D, b.v, p.num_threads);
+    return b;
+  }
+  pack_rows(st.dout.data(), nq * st.Sq, st.D, b.Dw, b.dout, p.num_threads, 3);  // dot rows come in fours
+  pack_rows(st.v.data(), nk * st.Skp, st.D, b.Dw, b.vr, p.num_threads);
+  pack_row_pairs(st.dout.data(), nq, st.Sq, st.D, b.dout2, p.num_threads);
+  if (b.qk) {
+    pack_row_pairs(st.k.data(), nk, st.Skp, st.D, b.k, p.num_threads);
+    pack_row_pairs(st.q.data(), nq, st.Sq, st.D, b.q2, p.num_threads);
+  }
+  return b;
+}
+// S (rows x kBlockK) = A B^T of `rows` rows of a (Dw words each) and one key tile of bt (matmul_abt's twin).
+void matmul_abt_bf16(const Bf16Staged& b, const uint32_t* a, int rows, const uint32_t* bt, float* s) {
+  const int pairs = static_cast<int>(b.Dw);
+  simd::gemm_bf16<simd::Mode::kStore>(s, kBlockK, rows, kBlockK, a, b.Dw, 1, pairs, bt, kBlockK);
+}
+
+// acc (rows x D) += W X over one key tile: W (rows x kBlockK fp32) rounded to bf16 into w16, X as pairs of
+// keys (x2: the tile's first pair row) (accumulate_wx's twin; add_product's with kAddAfter).
+template <simd::Mode M>
+void add_wx_bf16(float* acc, int rows, int64_t D, const float* w, const uint32_t* x2, uint32_t* w16) {
+  simd::to_bf16_rows(w, kBlockK, rows, kBlockK, reinterpret_cast<uint16_t*>(w16), kBlockK);
+  simd::gemm_bf16<M>(acc, D, rows, D, w16, kBlockK / 2, 1, kBlockK / 2, x2, D);
+}
+
+// dst (kBlockK x D) += W^T X: W (rows x kBlockK fp32, rows of one query tile) rounded to bf16 into w16 as
+// pairs of rows, X as pairs of the same queries (x2: the tile's first pair row) (add_product's twin).
+void add_wtx_bf16(float* dst, int rows, int64_t D, const float* w, const uint32_t* x2, uint32_t* w16) {
+  simd::to_bf16_row_pairs(w, kBlockK, rows, kBlockK, w16, kBlockK);
+  simd::gemm_bf16<simd::Mode::kAddAfter>(dst, D, kBlockK, D, w16, 1, kBlockK, (rows + 1) / 2, x2, D);
+}
+// ---- end of the bf16 operands ------------------------------------------------------------------------------
+
 }  // namespace
 
 void attn_forward_cpu(const AttnParams& p) {
@@ -603,6 +589,7 @@ void attn_forward_cpu(const AttnParams& p) {
     throw std::invalid_argument("ringattn cpu attention: out_dtype must be fp32, bf16 or fp16");
   }
   const Staged st = stage(p, false);
+  const Bf16Staged b16 = stage_bf16(st, p, false);
   const int64_t B = st.B, Sq = st.Sq, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G, Skp = st.Skp;
   const int64_t n_qt = static_cast<int64_t>(st.q_tiles.size());
   const bool score_mod_on = has_score_mod(p);
@@ -621,6 +608,7 @@ void attn_forward_cpu(const AttnParams& p) {
     std::vector<float> acc(rows * D, 0.0f), s(kBlockQ * kBlockK);
     std::vector<float> m(rows, -RA_INF), l(rows, 0.0f);
     std::vector<float> z(drop.on ? kBlockK : 0);  // dropout's factors of one row
+    std::vector<uint32_t> w16(b16.on ? kBlockQ * kBlockK / 2 : 0);  // P in bf16
     const float slope = alibi_slope(p, b, h);
     int64_t t_begin, t_end;  // key tiles outside the causal range, window and documents are never visited
     key_tile_range(st, p, st.q_tiles[qt], &t_begin, &t_end);
@@ -630,7 +618,12 @@ void attn_forward_cpu(const AttnParams& p) {
       const int64_t k0 = t * kBlockK;
       // Scores as the backward computes them (same kernel, same staging), so exp(s - lse) there
       // reproduces these weights.
-      matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, s.data());
+      if (b16.qk) {
+        matmul_abt_bf16(b16, b16.q.data() + (bh * Sq + q0) * b16.Dw, rows, b16.kt.data() + (bkv * Skp + k0) * b16.Dw,
+                        s.data());
+      } else {
+        matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, s.data());
+      }
       for (int i = 0; i < rows * kBlockK; ++i) s[i] *= p.softmax_scale;
       if (score_mod_on) mod_scores(st, p, slope, q0, rows, k0, s.data(), nullptr);
       if (kind == TileMask::kPartial) apply_mask(st, p, q0, rows, k0, s.data(), -RA_INF);
@@ -665,7 +658,12 @@ void attn_forward_cpu(const AttnParams& p) {
           for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= alpha;
         }
       }
-      accumulate_wx(acc.data(), D, rows, s.data(), kBlockK, 1, kBlockK, v + k0 * D, D, D);
+      if (b16.on) {
+        add_wx_bf16<simd::Mode::kAccumulate>(acc.data(), rows, D, s.data(), b16.v.data() + (bkv * Skp + k0) / 2 * D,
+                                             w16.data());
+      } else {
+        accumulate_wx(acc.data(), D, rows, s.data(), kBlockK, 1, kBlockK, v + k0 * D, D, D);
+      }
     }
     for (int i = 0; i < rows; ++i) {
       float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
@@ -683,6 +681,7 @@ void attn_backward_cpu(const AttnParams& p) {
     throw std::invalid_argument("ringattn cpu attention: grad_dtype must be fp32, bf16 or fp16");
   }
   const Staged st = stage(p, true);
+  const Bf16Staged b16 = stage_bf16(st, p, true);
   const int64_t B = st.B, Sq = st.Sq, Sk = st.Sk, Hq = st.Hq, Hkv = st.Hkv, D = st.D, G = st.G;
   const int64_t Skp = st.Skp;
   const int64_t n_kt = static_cast<int64_t>(st.k_tiles.size());
@@ -724,8 +723,8 @@ void attn_backward_cpu(const AttnParams& p) {
     std::vector<float> dscore(score_mod_on ? kBlockQ * kBlockK : 0);  // d(score)/d(scaled score)
     // dropout: Z / (1 - p) per element (0 where dropped) and the dropped probabilities P Z / (1 - p)
     std::vector<float> zt(drop.on ? kBlockQ * kBlockK : 0), pz(drop.on ? kBlockQ * kBlockK : 0);
-    std::vector<float> part(std::max(kBlockK, kBlockQ) * D);
     std::vector<float> cs(p.rotary_dim / 2), sn(p.rotary_dim / 2);
+    std::vector<uint32_t> w16(b16.on ? kBlockQ * kBlockK / 2 : 0);  // P or dS in bf16
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t k0 = t * kBlockK;
       std::fill(dk.begin(), dk.end(), 0.0f);
@@ -743,7 +742,13 @@ void attn_backward_cpu(const AttnParams& p) {
           const float* q = st.q.data() + (bh * Sq + q0) * D;
           const float* dout = st.dout.data() + (bh * Sq + q0) * D;
           // P = exp(score - lse), score = S * scale (then score_mod)
-          matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, pr.data());
+          const int64_t q_words = (bh * Sq + q0) * b16.Dw, tile_words = (bkv * Skp + k0) * b16.Dw;
+          const int64_t q_pairs = (bh * b16.Sqe + q0) / 2 * D, k_pairs = (bkv * Skp + k0) / 2 * D;
+          if (b16.qk) {
+            matmul_abt_bf16(b16, b16.q.data() + q_words, rows, b16.kt.data() + tile_words, pr.data());
+          } else {
+            matmul_abt(q, D, rows, kt + k0 * D, kBlockK, D, pr.data());
+          }
           if (score_mod_on) {
             for (int i = 0; i < rows * kBlockK; ++i) pr[i] *= scale;
             mod_scores(st, p, slope, q0, rows, k0, pr.data(), dscore.data());
@@ -767,9 +772,19 @@ void attn_backward_cpu(const AttnParams& p) {
           // Each product goes to a zeroed tile first and is then added to its running sum, so
           // sums over many query tiles, heads or key tiles are blocked, not one long fp32 chain.
           // dV += P^T dO (with dropout, (P Z / (1 - p))^T dO)
-          add_product(dv.data(), part.data(), kBlockK, D, drop.on ? pz.data() : pr.data(), 1, kBlockK, rows, dout);
+          const float* pw = drop.on ? pz.data() : pr.data();
+          if (b16.on) {
+            add_wtx_bf16(dv.data(), rows, D, pw, b16.dout2.data() + q_pairs, w16.data());
+          } else {
+            add_product(dv.data(), kBlockK, D, pw, 1, kBlockK, rows, dout);
+          }
           // dS = P * (dO V^T - delta) * scale (with dropout, dO V^T Z / (1 - p) in place of dO V^T)
-          matmul_abt_dot(dout, D, rows, v + k0 * D, D, D, ds.data());
+          if (b16.on) {  // as blocked dot products, like matmul_abt_dot (dP - delta cancels)
+            simd::matmul_abt_dot_bf16(b16.dout.data() + q_words, b16.Dw, rows, b16.vr.data() + tile_words, b16.Dw,
+                                      kBlockK, static_cast<int>(b16.Dw), ds.data(), kBlockK);
+          } else {
+            matmul_abt_dot(dout, D, rows, v + k0 * D, D, D, ds.data());
+          }
           for (int i = 0; i < rows; ++i) {
             const float row_delta = delta[bh * Sq + q0 + i];
             float* dsi = ds.data() + i * kBlockK;
@@ -785,9 +800,14 @@ void attn_backward_cpu(const AttnParams& p) {
             }
           }
           // dK += dS^T Q, dQ += dS K (rotated coordinates)
-          add_product(dk.data(), part.data(), kBlockK, D, ds.data(), 1, kBlockK, rows, q);
           float* dq = dq_acc.data() + ((c * B * Hq + bh) * Sq + q0) * D;
-          add_product(dq, part.data(), rows, D, ds.data(), kBlockK, 1, kBlockK, kr + k0 * D);
+          if (b16.qk) {
+            add_wtx_bf16(dk.data(), rows, D, ds.data(), b16.q2.data() + q_pairs, w16.data());
+            add_wx_bf16<simd::Mode::kAddAfter>(dq, rows, D, ds.data(), b16.k.data() + k_pairs, w16.data());
+          } else {
+            add_product(dk.data(), kBlockK, D, ds.data(), 1, kBlockK, rows, q);
+            add_product(dq, rows, D, ds.data(), kBlockK, 1, kBlockK, kr + k0 * D);
+          }
         }
       }
       const int64_t valid = std::min<int64_t>(kBlockK, Sk - k0);

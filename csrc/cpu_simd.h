@@ -155,6 +155,140 @@ inline void gemm(float* c, int64_t ldc, int rows, int64_t cols, const float* a, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// bf16 products with vdpbf16ps (AVX512_BF16): operands are bf16 pairs packed in one 32-bit word along the
+// reduction dimension; each instruction adds a[2p] b[2p] + a[2p+1] b[2p+1] to 16 fp32 lanes.
+// c[i][j] (op)= sum_p pair(a[i * a_rs + p * a_ps]) . pair(b[p * ldb + j]) for i < rows, j < cols,
+// p < pairs (a, b and their strides in 32-bit words; bf16 products are exact in fp32, the sums fp32).
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+constexpr int kBf16Rows = 8, kBf16Cols = 2;  // 16 zmm accumulators
+
+template <int R, int C, Mode M>
+inline void gemm_bf16_block(float* c, int64_t ldc, const uint32_t* a, int64_t a_rs, int64_t a_ps, int pairs,
+                            const uint32_t* b, int64_t ldb) {
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) acc[i][j] = M == Mode::kAccumulate ? _mm512_loadu_ps(c + i * ldc + j * 16) : vzero();
+  }
+  for (int p = 0; p < pairs; ++p) {
+    const uint32_t* brow = b + p * ldb;
+    __m512bh bv[C];
+    for (int j = 0; j < C; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(brow + j * 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * a_rs + p * a_ps]));
+      for (int j = 0; j < C; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, bv[j]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) {
+      float* dst = c + i * ldc + j * 16;
+      _mm512_storeu_ps(dst, M == Mode::kAddAfter ? _mm512_add_ps(_mm512_loadu_ps(dst), acc[i][j]) : acc[i][j]);
+    }
+  }
+}
+
+template <int C, Mode M, int R = kBf16Rows - 1>
+inline void gemm_bf16_tail_rows(int rows, float* c, int64_t ldc, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+                                int pairs, const uint32_t* b, int64_t ldb) {
+  if constexpr (R >= 1) {
+    if (rows == R) return gemm_bf16_block<R, C, M>(c, ldc, a, a_rs, a_ps, pairs, b, ldb);
+    gemm_bf16_tail_rows<C, M, R - 1>(rows, c, ldc, a, a_rs, a_ps, pairs, b, ldb);
+  }
+}
+
+template <int C, Mode M>
+inline void gemm_bf16_rows(float* c, int64_t ldc, int rows, const uint32_t* a, int64_t a_rs, int64_t a_ps, int pairs,
+                           const uint32_t* b, int64_t ldb) {
+  int r = 0;
+  for (; r + kBf16Rows <= rows; r += kBf16Rows) {
+    gemm_bf16_block<kBf16Rows, C, M>(c + r * ldc, ldc, a + r * a_rs, a_rs, a_ps, pairs, b, ldb);
+  }
+  if (r < rows) gemm_bf16_tail_rows<C, M>(rows - r, c + r * ldc, ldc, a + r * a_rs, a_rs, a_ps, pairs, b, ldb);
+}
+#else
+constexpr bool kHasBf16Dot = false;
+#endif
+
+inline float bf16_bits_to_float(uint32_t h) {
+  const uint32_t bits = h << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Columns narrower than one vector (and every column where vdpbf16ps is missing), one at a time, in the
+// same order: each pair's two products, then the running sum.
+template <Mode M>
+inline void gemm_bf16_scalar(float* c, int64_t ldc, int rows, int cols, const uint32_t* a, int64_t a_rs,
+                             int64_t a_ps, int pairs, const uint32_t* b, int64_t ldb) {
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) {
+      float s = M == Mode::kAccumulate ? c[i * ldc + j] : 0.0f;
+      for (int p = 0; p < pairs; ++p) {
+        const uint32_t x = a[i * a_rs + p * a_ps], y = b[p * ldb + j];
+        s += bf16_bits_to_float(x & 0xFFFF) * bf16_bits_to_float(y & 0xFFFF) +
+             bf16_bits_to_float(x >> 16) * bf16_bits_to_float(y >> 16);
+      }
+      c[i * ldc + j] = M == Mode::kAddAfter ? c[i * ldc + j] + s : s;
+    }
+  }
+}
+
+template <Mode M>
+inline void gemm_bf16(float* c, int64_t ldc, int rows, int64_t cols, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+                      int pairs, const uint32_t* b, int64_t ldb) {
+  int64_t j = 0;
+#if defined(__AVX512BF16__)
+  for (; j + kBf16Cols * 16 <= cols; j += kBf16Cols * 16) {
+    gemm_bf16_rows<kBf16Cols, M>(c + j, ldc, rows, a, a_rs, a_ps, pairs, b + j, ldb);
+  }
+  for (; j + 16 <= cols; j += 16) gemm_bf16_rows<1, M>(c + j, ldc, rows, a, a_rs, a_ps, pairs, b + j, ldb);
+#endif
+  if (j < cols) gemm_bf16_scalar<M>(c + j, ldc, rows, static_cast<int>(cols - j), a, a_rs, a_ps, pairs, b + j, ldb);
+}
+
+// fp32 -> bf16, round to nearest even (NaN stays NaN), as vcvtneps2bf16 does.
+inline uint32_t bf16_round(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// dst[i][j] = bf16(src[i][j]) for i < rows, j < cols (dst rows of ldd bf16).
+inline void to_bf16_rows(const float* src, int64_t lds, int rows, int cols, uint16_t* dst, int64_t ldd) {
+  for (int i = 0; i < rows; ++i) {
+    int j = 0;
+#if defined(__AVX512BF16__)
+    for (; j + 16 <= cols; j += 16) {
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i * lds + j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * ldd + j), (__m256i)h);
+    }
+#endif
+    for (; j < cols; ++j) dst[i * ldd + j] = static_cast<uint16_t>(bf16_round(src[i * lds + j]));
+  }
+}
+
+// Pairs of rows: dst[p][j] = bf16(src[2p][j]) | bf16(src[2p + 1][j]) << 16 for p < ceil(rows / 2), j < cols;
+// a row past `rows` reads as 0 (dst rows of ldd words). The layout vdpbf16ps takes for a reduction over rows.
+inline void to_bf16_row_pairs(const float* src, int64_t lds, int rows, int cols, uint32_t* dst, int64_t ldd) {
+  for (int p = 0; 2 * p < rows; ++p) {
+    const float* lo = src + 2 * p * lds;
+    const bool has_hi = 2 * p + 1 < rows;
+    int j = 0;
+#if defined(__AVX512BF16__)
+    for (; j + 16 <= cols; j += 16) {
+      const __m512 hi_f = has_hi ? _mm512_loadu_ps(lo + lds + j) : _mm512_setzero_ps();
+      const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + j)));
+      const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi_f));
+      _mm512_storeu_si512(dst + p * ldd + j, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+    }
+#endif
+    for (; j < cols; ++j) dst[p * ldd + j] = bf16_round(lo[j]) | (has_hi ? bf16_round(lo[lds + j]) << 16 : 0u);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Dot-product blocks for dP = dO V^T: each (row, column) pair is summed in kDotLanes independent lanes
 // along the depth and the lanes are then reduced pairwise, so its rounding error is that of a blocked
 // dot product rather than of one length-D chain (dP - delta cancels to ~0 in easy rows, where a chain's
@@ -250,6 +384,58 @@ inline void matmul_abt_dot(const float* a, int64_t lda, int rows, const float* b
     for (int j = 0; j < cols; j += kDotCols) dot_block(a + r * lda, lda, b + j * ldb, ldb, depth, s + r * lds + j, lds);
   }
 }
+
+#if defined(__AVX512BF16__)
+// dot_block over bf16 pairs (a, b rows of `words` 32-bit words, strides in words): s[i][j] = sum_d a[i][d]
+// b[j][d], 16 lanes each summing its pairs (two exact products per step) and then reduced as dot_block
+// does: the same chain length per lane as the fp32 dot_block, so the same accuracy for dP - delta.
+inline void dot_block_bf16(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int words, float* s,
+                           int64_t lds) {
+  constexpr int R = kDotRows, C = kDotCols;
+  static_assert(R * C == 16, "one zmm of sums");
+  Vec acc[R * C];
+  for (auto& x : acc) x = vzero();
+  for (int w = 0; w < words; w += 16) {
+    const __mmask16 m = words - w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (words - w)) - 1);
+    __m512bh av[R], bv[C];
+    for (int i = 0; i < R; ++i) av[i] = (__m512bh)_mm512_maskz_loadu_epi32(m, a + i * lda + w);
+    for (int j = 0; j < C; ++j) bv[j] = (__m512bh)_mm512_maskz_loadu_epi32(m, b + j * ldb + w);
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < C; ++j) acc[i * C + j] = _mm512_dpbf16_ps(acc[i * C + j], av[i], bv[j]);
+    }
+  }
+  const Vec sums = transpose_sum(acc);
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) s[i * lds + j] = sums[i * C + j];
+  }
+}
+
+// matmul_abt_dot over bf16 pairs (rows past `rows` read a's padding, as there).
+inline void matmul_abt_dot_bf16(const uint32_t* a, int64_t lda, int rows, const uint32_t* b, int64_t ldb, int cols,
+                                int words, float* s, int64_t lds) {
+  for (int r = 0; r < rows; r += kDotRows) {
+    for (int j = 0; j < cols; j += kDotCols) {
+      dot_block_bf16(a + r * lda, lda, b + j * ldb, ldb, words, s + r * lds + j, lds);
+    }
+  }
+}
+#else
+// Without vdpbf16ps (the kernels then take the fp32 path; this keeps the variant complete): pair by pair.
+inline void matmul_abt_dot_bf16(const uint32_t* a, int64_t lda, int rows, const uint32_t* b, int64_t ldb, int cols,
+                                int words, float* s, int64_t lds) {
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) {
+      float sum = 0.0f;
+      for (int w = 0; w < words; ++w) {
+        const uint32_t x = a[i * lda + w], y = b[j * ldb + w];
+        sum += bf16_bits_to_float(x & 0xFFFF) * bf16_bits_to_float(y & 0xFFFF) +
+               bf16_bits_to_float(x >> 16) * bf16_bits_to_float(y >> 16);
+      }
+      s[i * lds + j] = sum;
+    }
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // In place 2^x for a run of floats; x < -126 (including -inf) gives exactly 0 and NaN stays NaN.
