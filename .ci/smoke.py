@@ -18,7 +18,9 @@ assert ringattn.__version__ == importlib.metadata.version("ringattn"), ringattn.
 status = ringattn.extension_status()
 print("extension_status():", status)
 assert status["available"], f"the install did not build ringattn._C: {status['reason']}"
-assert status["cpu_isa"] is not None, "the build did not record its CPU ISA"
+assert status["cpu_variant"] is not None, (
+    f"no compiled CPU kernel variant runs here: {status['cpu_variants']}"
+)
 
 info = env_report.collect()
 text = env_report.format_report(info)
@@ -35,7 +37,11 @@ for r in rows:
         verdicts[(r["dtype"], r["backend"])].add(r["verdict"].split(":")[0])
 failed = [r for r in rows if r["verdict"] == "FAIL"]
 assert not failed, failed
-for dtype in ("float32", "bfloat16"):  # the compiled CPU backend and the fp64 spec run on every CPU
+for dtype in (
+    "float32",
+    "bfloat16",
+    "float16",
+):  # the compiled CPU backend and the fp64 spec run on every CPU
     for backend in ("cpu", "reference"):
         assert verdicts[(dtype, backend)] == {"PASS"}, (dtype, backend, verdicts[(dtype, backend)])
 print(f"smoke: ringattn {ringattn.__version__} from {where.parent}: OK")

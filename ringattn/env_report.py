@@ -29,7 +29,7 @@ import torch
 
 # A Llama-3-8B attention block (the project's reference workload), causal with fused RoPE.
 REPRESENTATIVE = dict(B=1, S=4096, Hq=32, Hkv=8, D=128, causal=True, rope_theta=5e5)
-DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16, torch.float16)}
+DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16, torch.float16)}
 DIST_BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "TRITON_INTERPRET", "OMP_NUM_THREADS")
 # cpuinfo flag names of the vector ISAs the CPU kernels may be compiled for (setup.py records the
