@@ -203,3 +203,27 @@ def test_backward_at_any_thread_count_matches_the_reference(threads):
         check_block(Case(200, B=2, Hq=4, Hkv=1, D=64, causal=True, rope=FAR_ROPE), torch.float32, "cpu")
     finally:
         torch.set_num_threads(before)
+
+
+def _runnable_variants() -> list[str]:
+    module = compiled()
+    return [name for name, _, missing in module.cpu_variants() if not missing] if module is not None else []
+
+
+# The SIMD micro-kernels' tails (csrc/cpu_simd.h) in every variant this CPU runs: query rows that fill no
+# register block (70 = 64 + 6; 7 rows), keys past the last whole 64-key tile, head dims with a partial
+# vector (72) and an odd one (33: bf16 pairs padded). Without RoPE the bf16 variant runs every product in
+# bf16 (vdpbf16ps), with RoPE the rotated Q K^T in fp32.
+TAIL_CASES = {
+    "sq70-sk135-d72-causal-gqa2": Case(70, 135, Hq=4, Hkv=2, D=72, causal=True),
+    "sq7-sk70-d33": Case(7, 70, Hq=2, Hkv=1, D=33),
+    "sq70-d80-rope": Case(70, Hq=2, Hkv=1, D=80, causal=True, rope=RoPEConfig(80, theta=1e4)),
+}
+
+
+@pytest.mark.parametrize("variant", _runnable_variants())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(TAIL_CASES))
+def test_simd_tails_in_every_variant(name, dtype, variant, monkeypatch):
+    monkeypatch.setenv("RINGATTN_CPU_ISA", variant)
+    check_block(TAIL_CASES[name], dtype, "cpu")
