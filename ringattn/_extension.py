@@ -40,7 +40,7 @@ def _warn_missing() -> None:
     reason = next(iter(extension_status()["reason"].splitlines()), "reason unknown")
     warnings.warn(
         f"ringattn._C is not built ({reason}): the compiled CPU and CUDA kernels are unavailable, so "
-        "attention on CPU tensors in fp32 or bf16 runs on the fp64 reference backend, which is much "
+        "attention on CPU tensors in fp32, bf16 or fp16 runs on the fp64 reference backend, which is much "
         "slower. Reinstall ringattn with cmake, ninja and a C++17 compiler (ringattn.extension_status() "
         "has the full reason).",
         RuntimeWarning,
