@@ -175,7 +175,7 @@ class CMakeBuild(build_ext):
             message = (
                 f"ringattn: the compiled extension ringattn._C was NOT built; installing pure Python.\n"
                 f"Reason: {status['reason']}\n"
-                "CPU attention in fp32/bf16 will run on the slow fp64 reference backend. Fix the toolchain\n"
+                "CPU attention in fp32/bf16/fp16 will run on the slow fp64 reference backend. Fix the toolchain\n"
                 "(cmake, ninja, a C++17 compiler) and reinstall; ringattn.extension_status() repeats this."
             )
             if os.environ.get("RINGATTN_REQUIRE_EXT") == "1" and os.environ.get("RINGATTN_SKIP_EXT") != "1":
