@@ -1,5 +1,6 @@
 #pragma once
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attn_params.h"
@@ -19,6 +20,13 @@ struct CpuVariant {
 
 // Compiled variants, least to most capable.
 const std::vector<CpuVariant>& cpu_variants();
+
+// The x86 features the variants may need (Linux cpuinfo names) and whether this CPU and OS provide each
+// (CPUID and XCR0, read once); empty off x86, where only the generic variant is built.
+const std::vector<std::pair<std::string, bool>>& cpu_features();
+
+// Whether this CPU and OS provide `feature` (a cpu_features name; true off x86).
+bool cpu_has(const std::string& feature);
 
 // A space-separated feature list (CpuVariant::isa, ::needs) as names.
 std::vector<std::string> split_features(const char* features);

@@ -4,7 +4,11 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "attn_cpu.h"
 
@@ -20,44 +24,55 @@
 namespace ringattn {
 namespace {
 
-// Whether this CPU has a feature (Linux cpuinfo name). GCC and Clang's __builtin_cpu_supports also
-// checks that the OS saves the AVX and AVX-512 register state, so "avx2" or "avx512f" means usable.
-bool cpu_has(const std::string& feature) {
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();  // needed when this runs before the runtime's constructors (static init)
-  struct Probe {
-    const char* name;
-    bool present;
-  };
-  static const Probe probes[] = {
-      {"sse4_2", __builtin_cpu_supports("sse4.2") != 0},
-      {"popcnt", __builtin_cpu_supports("popcnt") != 0},
-      {"avx", __builtin_cpu_supports("avx") != 0},
-      {"avx2", __builtin_cpu_supports("avx2") != 0},
-      {"fma", __builtin_cpu_supports("fma") != 0},
-      {"f16c", __builtin_cpu_supports("f16c") != 0},
-      {"bmi1", __builtin_cpu_supports("bmi") != 0},
-      {"bmi2", __builtin_cpu_supports("bmi2") != 0},
-      {"abm", __builtin_cpu_supports("lzcnt") != 0},
-      {"movbe", __builtin_cpu_supports("movbe") != 0},
-      {"avx512f", __builtin_cpu_supports("avx512f") != 0},
-      {"avx512cd", __builtin_cpu_supports("avx512cd") != 0},
-      {"avx512bw", __builtin_cpu_supports("avx512bw") != 0},
-      {"avx512dq", __builtin_cpu_supports("avx512dq") != 0},
-      {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
-      {"avx512_vnni", __builtin_cpu_supports("avx512vnni") != 0},
-      {"avx512_bf16", __builtin_cpu_supports("avx512bf16") != 0},
-      {"avx512_fp16", __builtin_cpu_supports("avx512fp16") != 0},
-  };
-  for (const Probe& probe : probes) {
-    if (feature == probe.name) return probe.present;
+#if defined(__x86_64__) || defined(__i386__)
+// The features a variant may need that this CPU and OS provide, from CPUID (bits as the Intel SDM, vol.
+// 2A, and AMD's APM number them) and XCR0: AVX needs the OS to save the SSE and AVX registers, AVX-512
+// also the opmask and both halves of the ZMM registers. CPUID rather than __builtin_cpu_supports, whose
+// feature names differ between compilers and versions (Clang before 18 refuses "f16c").
+std::vector<std::pair<std::string, bool>> detect_features() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return {};
+  const unsigned c1 = c;
+  unsigned long long xcr0 = 0;
+  if ((c1 >> 27) & 1u) {  // OSXSAVE: XGETBV is usable
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
   }
-  return false;  // a feature this file cannot check is treated as missing
-#else
-  (void)feature;
-  return true;  // non-x86: only the generic variant is built, with the compiler's default flags
-#endif
+  const bool avx_state = (xcr0 & 0x6) == 0x6, avx512_state = (xcr0 & 0xe6) == 0xe6;
+  unsigned b7 = 0, c7 = 0, d7 = 0, a71 = 0;
+  if (__get_cpuid_max(0, nullptr) >= 7) {
+    unsigned a7 = 0;
+    __cpuid_count(7, 0, a7, b7, c7, d7);
+    if (a7 >= 1) __cpuid_count(7, 1, a71, b, c, d);
+  }
+  unsigned c81 = 0;
+  if (__get_cpuid(0x80000001, &a, &b, &c, &d)) c81 = c;
+  auto bit = [](unsigned reg, int i) { return ((reg >> i) & 1u) != 0; };
+  return {
+      {"sse4_2", bit(c1, 20)},
+      {"popcnt", bit(c1, 23)},
+      {"movbe", bit(c1, 22)},
+      {"avx", bit(c1, 28) && avx_state},
+      {"fma", bit(c1, 12) && avx_state},
+      {"f16c", bit(c1, 29) && avx_state},
+      {"avx2", bit(b7, 5) && avx_state},
+      {"bmi1", bit(b7, 3)},
+      {"bmi2", bit(b7, 8)},
+      {"abm", bit(c81, 5)},  // LZCNT
+      {"avx512f", bit(b7, 16) && avx512_state},
+      {"avx512dq", bit(b7, 17) && avx512_state},
+      {"avx512cd", bit(b7, 28) && avx512_state},
+      {"avx512bw", bit(b7, 30) && avx512_state},
+      {"avx512vl", bit(b7, 31) && avx512_state},
+      {"avx512_vnni", bit(c7, 11) && avx512_state},
+      {"avx512_fp16", bit(d7, 23) && avx512_state},
+      {"avx512_bf16", bit(a71, 5) && avx512_state},
+  };
 }
+#else
+std::vector<std::pair<std::string, bool>> detect_features() { return {}; }  // only the generic variant
+#endif
 
 std::string names(const std::vector<const CpuVariant*>& variants) {
   std::string out;
@@ -66,6 +81,23 @@ std::string names(const std::vector<const CpuVariant*>& variants) {
 }
 
 }  // namespace
+
+const std::vector<std::pair<std::string, bool>>& cpu_features() {
+  static const std::vector<std::pair<std::string, bool>> features = detect_features();
+  return features;
+}
+
+bool cpu_has(const std::string& feature) {
+#if defined(__x86_64__) || defined(__i386__)
+  for (const auto& [name, present] : cpu_features()) {
+    if (name == feature) return present;
+  }
+  return false;  // a feature this file cannot check is treated as missing
+#else
+  (void)feature;
+  return true;  // off x86 only the generic variant is built, with the compiler's default flags
+#endif
+}
 
 const std::vector<CpuVariant>& cpu_variants() {
   static const std::vector<CpuVariant> all = {

@@ -184,6 +184,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_variants", &cpu_variants,
         "[(name, isa, missing)] of the compiled CPU kernel variants, least to most capable: the vector ISA "
         "each was compiled for and the CPU features this machine lacks to run it (empty: it runs here).");
+  m.def("cpu_features", &ringattn::cpu_features,
+        "[(feature, present)]: the x86 features the CPU variants may need (Linux cpuinfo names) and whether "
+        "this CPU and OS provide each (CPUID, XCR0); empty off x86.");
   m.def(
       "cpu_variant", []() { return ringattn::cpu_variant("").name; },
       "The CPU kernel variant calls use by default: the most capable one this CPU runs (RuntimeError when none).");

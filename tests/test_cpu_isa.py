@@ -6,6 +6,7 @@ import platform
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,17 @@ def test_code_shared_between_variants_uses_no_avx():
         if avx:
             offenders[name] = sorted(avx)
     assert offenders == {}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or not PORTABLE_X86, reason="Linux on x86-64")
+def test_feature_detection_agrees_with_the_kernel():
+    # CPUID and XCR0 as the dispatcher reads them against Linux's flags (which also drop what the OS
+    # does not enable).
+    flags = next(
+        set(line.split(":", 1)[1].split())
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+    )
+    features = dict(compiled().cpu_features())
+    assert {"avx2", "f16c", "avx512f", "avx512_bf16", "abm", "movbe"} <= set(features)
+    assert features == {name: name in flags for name in features}
