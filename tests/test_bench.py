@@ -34,6 +34,9 @@ def _rows(out_dir: Path, suite: str) -> list[dict]:
 
 
 def test_kernels_suite_rows_and_ratios(tmp_path):
+    # With the extension, the cpu backend runs in its least and most capable variant (--cpu-isa).
+    variants = kernels.cpu_variants("all") if compiled() is not None else ("",)
+    chosen = tuple(dict.fromkeys((variants[0], variants[-1])))
     kernels.run(
         True,
         tmp_path,
@@ -42,8 +45,18 @@ def test_kernels_suite_rows_and_ratios(tmp_path):
         head_dims=(16,),
         heads=(2, 1),
         suite="kernels",
+        cpu_isas=chosen,
     )
     rows = _rows(tmp_path, "kernels")
+    if compiled() is not None:
+        assert variants[0] == "generic"
+        for variant in chosen:
+            mine = [r for r in rows if r["impl"].startswith(f"ringattn cpu [{variant}]")]
+            assert len(mine) == 6 and all(r["isa"] == variant for r in mine)
+        with pytest.raises(
+            SystemExit, match="--cpu-isa sse9: not a variant this CPU runs; compiled: generic"
+        ):
+            kernels.cpu_variants("sse9")
     assert (tmp_path / "kernels_tflops.png").stat().st_size > 0
     sdpa = {(r["rope"], r["mode"]): r["seconds"] for r in rows if r["impl"].startswith("torch sdpa")}
     assert len(sdpa) == 6
@@ -313,20 +326,3 @@ def test_window_suite_cost_grows_slower_than_causal(tmp_path):
     assert [row["S"] for row in rows] == [512, 1024, 2048]
     # 4x the tokens: plain causal costs ~16x at large S; the window's skipped tiles keep it near 4x.
     assert rows[-1]["t_window"] / rows[0]["t_window"] < rows[-1]["t_causal"] / rows[0]["t_causal"]
-
-
-@pytest.mark.skipif(compiled() is None, reason="ringattn._C not built")
-def test_cpu_rows_per_forced_isa_variant(tmp_path):
-    variants = kernels.cpu_variants("all")
-    assert variants and variants[0] == "generic"
-    chosen = (variants[0], variants[-1])
-    kernels.run(
-        True, tmp_path, dtypes=(torch.float16,), seq_lens=(32,), head_dims=(16,), heads=(2, 1),
-        backends=["cpu"], suite="kernels", cpu_isas=chosen,
-    )  # fmt: skip
-    rows = [r for r in _rows(tmp_path, "kernels") if r["impl"].startswith("ringattn cpu")]
-    for variant in chosen:
-        mine = [r for r in rows if r["impl"].startswith(f"ringattn cpu [{variant}]")]
-        assert len(mine) == 6 and all(r["isa"] == variant and r["dtype"] == "float16" for r in mine)
-    with pytest.raises(SystemExit, match="--cpu-isa sse9: not a variant this CPU runs; compiled: generic"):
-        kernels.cpu_variants("sse9")
