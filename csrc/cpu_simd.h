@@ -396,7 +396,8 @@ inline void dot_block_bf16(const uint32_t* a, int64_t lda, const uint32_t* b, in
   Vec acc[R * C];
   for (auto& x : acc) x = vzero();
   for (int w = 0; w < words; w += 16) {
-    const __mmask16 m = words - w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (words - w)) - 1);
+    const int n = std::min(16, words - w);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     __m512bh av[R], bv[C];
     for (int i = 0; i < R; ++i) av[i] = (__m512bh)_mm512_maskz_loadu_epi32(m, a + i * lda + w);
     for (int j = 0; j < C; ++j) bv[j] = (__m512bh)_mm512_maskz_loadu_epi32(m, b + j * ldb + w);
@@ -466,8 +467,11 @@ inline float exp2_one(float x) {
 // exp2_one on one vector (the same steps; the polynomial's FMAs are fused).
 inline Vec exp2_vec(Vec x) {
 #if defined(__AVX512F__)
-  const Vec xi = _mm512_min_ps(vset1(127.0f), _mm512_max_ps(vset1(-127.0f), x));  // NaN passes through
-  const Vec k = _mm512_roundscale_ps(xi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // The maskz forms with a full mask: the plain ones pass _mm512_undefined_ps, which GCC 12 reports as
+  // maybe-uninitialized under -Wall.
+  constexpr __mmask16 all = 0xFFFF;
+  const Vec xi = _mm512_maskz_min_ps(all, vset1(127.0f), _mm512_maskz_max_ps(all, vset1(-127.0f), x));  // NaN stays
+  const Vec k = _mm512_maskz_roundscale_ps(all, xi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const Vec f = _mm512_mul_ps(_mm512_sub_ps(xi, k), vset1(kLn2f));
 #else
   const Vec xi = _mm256_min_ps(vset1(127.0f), _mm256_max_ps(vset1(-127.0f), x));
@@ -484,7 +488,8 @@ inline Vec exp2_vec(Vec x) {
   poly = vfma(poly, f, vset1(1.0f));
 #if defined(__AVX512F__)
   // NaN converts to INT_MIN: two_k is then some finite power (or 0) and poly (NaN) makes the result NaN
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+  const __m512i biased = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, k), _mm512_set1_epi32(127));
+  const __m512i e = _mm512_maskz_slli_epi32(all, biased, 23);
   const Vec y = _mm512_mul_ps(poly, _mm512_castsi512_ps(e));
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset1(-126.0f), _CMP_LT_OQ), y, vzero());
 #else
