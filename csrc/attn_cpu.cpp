@@ -629,9 +629,7 @@ void attn_forward_cpu(const AttnParams& p) {
       if (kind == TileMask::kPartial) apply_mask(st, p, q0, rows, k0, s.data(), -RA_INF);
       for (int i = 0; i < rows; ++i) {
         float* si = s.data() + i * kBlockK;
-        float row_max = -RA_INF;
-        for (int j = 0; j < kBlockK; ++j) row_max = std::max(row_max, si[j]);
-        float m_new = std::max(m[i], row_max);
+        float m_new = simd::row_max(si, kBlockK, m[i]);  // NaN scores skipped, as std::max does
         // std::max drops NaN. A NaN score (NaN in q or in a visible key) with a finite maximum
         // makes exp and the sums below NaN; with no finite one the row would look empty, so look
         // for a NaN before taking it for empty: NaN in, NaN out, as in the reference.
@@ -643,10 +641,7 @@ void attn_forward_cpu(const AttnParams& p) {
           continue;
         }
         const float alpha = online_rescale(m[i], m_new);
-        for (int j = 0; j < kBlockK; ++j) si[j] = (si[j] - m_new) * kLog2e;
-        exp2_inplace(si, kBlockK);
-        float sum = 0.0f;
-        for (int j = 0; j < kBlockK; ++j) sum += si[j];
+        const float sum = simd::exp_shift_sum(si, kBlockK, m_new, kLog2e);
         l[i] = l[i] * alpha + sum;  // the lse sums the probabilities before dropout
         m[i] = m_new;
         if (drop.on) {  // P V takes only the kept probabilities (scaled by 1 / (1 - p) at the end)

@@ -508,5 +508,60 @@ inline void exp2_inplace(float* x, int n) {
   for (; i < n; ++i) x[i] = exp2_one(x[i]);
 }
 
+// Softmax row helpers of the forward: one pass each instead of scalar chains (a chain of 64 dependent
+// max or add operations per row costs about as much as the row's share of a product).
+
+// The maximum of init and x[0..n), NaN elements skipped (as std::max(m, x) skips a NaN x).
+inline float row_max(const float* x, int n, float init) {
+  int i = 0;
+  float m = init;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (n >= kLanes) {
+    Vec acc = vset1(init);
+    for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+      acc = _mm512_max_ps(vload(x + i), acc);  // (x > acc) ? x : acc: a NaN x keeps acc
+#else
+      acc = _mm256_max_ps(vload(x + i), acc);
+#endif
+    }
+    alignas(64) float lanes[kLanes];
+    vstore(lanes, acc);
+    for (float v : lanes) m = std::max(m, v);
+  }
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// x[j] = 2^((x[j] - m) * log2e) in place (exp2_inplace's function); returns their sum, summed in lanes.
+inline float exp_shift_sum(float* x, int n, float m, float log2e) {
+  int i = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (n >= kLanes) {
+    Vec acc = vzero();
+    const Vec mv = vset1(m), l2 = vset1(log2e);
+    for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+      const Vec e = exp2_vec(_mm512_mul_ps(_mm512_sub_ps(vload(x + i), mv), l2));
+#else
+      const Vec e = exp2_vec(_mm256_mul_ps(_mm256_sub_ps(vload(x + i), mv), l2));
+#endif
+      vstore(x + i, e);
+      acc = vadd(acc, e);
+    }
+    alignas(64) float lanes[kLanes];
+    vstore(lanes, acc);
+    for (float v : lanes) sum += v;
+  }
+#endif
+  for (; i < n; ++i) {
+    x[i] = exp2_one((x[i] - m) * log2e);
+    sum += x[i];
+  }
+  return sum;
+}
+
 }  // namespace simd
 }  // namespace ringattn
