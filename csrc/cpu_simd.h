@@ -161,7 +161,7 @@ inline void gemm(float* c, int64_t ldc, int rows, int64_t cols, const float* a, 
 // p < pairs (a, b and their strides in 32-bit words; bf16 products are exact in fp32, the sums fp32).
 #if defined(__AVX512BF16__)
 constexpr bool kHasBf16Dot = true;
-constexpr int kBf16Rows = 8, kBf16Cols = 2;  // 16 zmm accumulators
+constexpr int kBf16Rows = 4, kBf16Cols = 4;  // 16 zmm accumulators; measured 3-8% faster than 8 x 2, 6 x 4, 12 x 2
 
 template <int R, int C, Mode M>
 inline void gemm_bf16_block(float* c, int64_t ldc, const uint32_t* a, int64_t a_rs, int64_t a_ps, int pairs,
