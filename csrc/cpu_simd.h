@@ -289,15 +289,16 @@ inline void to_bf16_row_pairs(const float* src, int64_t lds, int rows, int cols,
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Dot-product blocks for dP = dO V^T: each (row, column) pair is summed in kDotLanes independent lanes
+// Dot-product blocks for dP = dO V^T: each (row, column) pair is summed in kLanes independent lanes
 // along the depth and the lanes are then reduced pairwise, so its rounding error is that of a blocked
 // dot product rather than of one length-D chain (dP - delta cancels to ~0 in easy rows, where a chain's
-// error would dominate). The kDotRows x kDotCols accumulators (kDotLanes of them) reduce into one vector.
+// error would dominate). The kDotRows x kDotCols accumulators (kLanes of them) reduce into one vector.
+// Profiled (bench/cpu_simd_profile.cpp): AVX-512 4 x 4 at ~100 GFLOP/s, AVX2 2 x 4 at ~65 (4 x 2: ~40).
 // Vec is a GCC vector type in every variant (the intrinsic types are), so __builtin_shufflevector works on it.
 #if defined(__AVX512F__)
 constexpr int kDotRows = 4, kDotCols = 4;  // 16 zmm accumulators reduce into one vector of 16 sums
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kDotRows = 4, kDotCols = 2;  // 8 ymm accumulators (16 would spill on 16 registers)
+constexpr int kDotRows = 2, kDotCols = 4;  // 8 ymm accumulators + 6 loaded (16 would spill)
 #else
 constexpr int kDotRows = 2, kDotCols = 2;
 #endif
@@ -343,33 +344,50 @@ inline Vec transpose_sum(const Vec (&v)[kLanes]) {
 }
 
 // s[i][j] = sum_d a[i * lda + d] * b[j * ldb + d] for i < kDotRows, j < kDotCols (s rows of lds).
+// Lane sets per pair: the generic variant's 4-lane vectors take 4 sets, so every variant's per-lane chains
+// are at most as long as 16 lanes' (the sets are summed pairwise before the reduction).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+constexpr int kDotSplit = 1;
+#else
+constexpr int kDotSplit = 4;
+#endif
+constexpr int kDotStep = kLanes * kDotSplit;  // depth per step
+
+inline void dot_block_steps(Vec (&acc)[kDotSplit][kDotRows * kDotCols], const float* a, int64_t lda, const float* b,
+                            int64_t ldb, int depth) {
+  constexpr int R = kDotRows, C = kDotCols;
+  for (int d = 0; d + kDotStep <= depth; d += kDotStep) {
+    for (int k = 0; k < kDotSplit; ++k) {
+      Vec av[R], bv[C];
+      for (int i = 0; i < R; ++i) av[i] = vload(a + i * lda + d + k * kLanes);
+      for (int j = 0; j < C; ++j) bv[j] = vload(b + j * ldb + d + k * kLanes);
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j < C; ++j) acc[k][i * C + j] = vfma(av[i], bv[j], acc[k][i * C + j]);
+      }
+    }
+  }
+}
+
 inline void dot_block(const float* a, int64_t lda, const float* b, int64_t ldb, int depth, float* s, int64_t lds) {
   constexpr int R = kDotRows, C = kDotCols;
-  Vec acc[R * C];
-  for (auto& x : acc) x = vzero();
-  auto step = [&](const float* const* ar, const float* const* br) {
-    Vec av[R], bv[C];
-    for (int i = 0; i < R; ++i) av[i] = vload(ar[i]);
-    for (int j = 0; j < C; ++j) bv[j] = vload(br[j]);
-    for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < C; ++j) acc[i * C + j] = vfma(av[i], bv[j], acc[i * C + j]);
+  Vec acc[kDotSplit][R * C];
+  for (auto& set : acc) {
+    for (auto& x : set) x = vzero();
+  }
+  dot_block_steps(acc, a, lda, b, ldb, depth);
+  const int d = depth / kDotStep * kDotStep;
+  if (d < depth) {  // the last depth % kDotStep terms, zero padded
+    float pad[R + C][kDotStep] = {};
+    for (int i = 0; i < R; ++i) std::copy(a + i * lda + d, a + i * lda + depth, pad[i]);
+    for (int j = 0; j < C; ++j) std::copy(b + j * ldb + d, b + j * ldb + depth, pad[R + j]);
+    dot_block_steps(acc, pad[0], kDotStep, pad[R], kDotStep, kDotStep);
+  }
+  for (int w = kDotSplit; w > 1; w /= 2) {
+    for (int k = 0; k < w / 2; ++k) {
+      for (int x = 0; x < R * C; ++x) acc[k][x] = vadd(acc[k][x], acc[k + w / 2][x]);
     }
-  };
-  const float* ar[R];
-  const float* br[C];
-  int d = 0;
-  for (; d + kLanes <= depth; d += kLanes) {
-    for (int i = 0; i < R; ++i) ar[i] = a + i * lda + d;
-    for (int j = 0; j < C; ++j) br[j] = b + j * ldb + d;
-    step(ar, br);
   }
-  if (d < depth) {  // the last depth % kLanes terms, zero padded
-    float pad[R + C][kLanes] = {};
-    for (int i = 0; i < R; ++i) std::copy(a + i * lda + d, a + i * lda + depth, pad[i]), ar[i] = pad[i];
-    for (int j = 0; j < C; ++j) std::copy(b + j * ldb + d, b + j * ldb + depth, pad[R + j]), br[j] = pad[R + j];
-    step(ar, br);
-  }
-  const Vec sums = transpose_sum(acc);
+  const Vec sums = transpose_sum(acc[0]);
   for (int i = 0; i < R; ++i) {
     for (int j = 0; j < C; ++j) s[i * lds + j] = sums[i * C + j];
   }
