@@ -1,0 +1,420 @@
+"""Static issue model of the compiled CUDA attention kernels (``csrc/attn_cuda.cu``), without a GPU.
+
+``python -m ringattn.bench.cuda_aot --mix [--arch sm_89] [--source csrc/attn_cuda.cu | --rev REV] [--json]``
+
+The CUDA counterpart of ``python -m tritonkernels.aot --mix``, sharing its SASS parser, hot-loop
+choice, sm_89 issue model and occupancy (``tritonkernels/aot.py``). Per kernel instantiation:
+
+1. nvcc compiles the source as ``tests/test_cuda_kernels.py::ptxas_report`` does (``-std=c++17 -O3
+   -arch=ARCH -Xptxas -v``, keeping the cubin): registers, static shared memory, spills and stack frame.
+2. The dynamic shared memory of each kernel is the extension's own answer: a small host program linked
+   with the compiled object calls ``attn_cuda_smem_bytes()`` (host-only; keys ``forward_d64`` ...),
+   matched to a kernel by its name (forward/backward) and its second template argument (the head-dim
+   tile). Threads per CTA are the kernel's ``__launch_bounds__`` (``EIATTR_MAX_THREADS``), which the
+   launches use. Occupancy (warps per SM) follows from registers and static + dynamic shared memory.
+3. ``nvdisasm`` gives the SASS; the hot loop is the loop with the most MMAs (``aot.hot_loop``). Its
+   static mix counts every instruction once, as the Triton model does. These kernels also run loops
+   *inside* the hot loop (tile loads strided by the block size, the backward's dQ items strided by
+   the warp count), so the model weights each loop directly inside the hot loop by its trip count,
+   read from its SASS exit test: ``i += stride; if (i < N) repeat`` with N an immediate and stride
+   an immediate or ``blockDim.x`` gives ceil(N / stride) (the loop starts at a thread or warp index
+   below the stride). A loop whose test has another form counts once and is flagged ``?``. Loops
+   nested deeper, and cold paths (e.g. sincosf's large-argument reduction), count once per
+   iteration of their parent, as in the static mix.
+4. One hot-loop iteration of one warp on sm_89: MMA cycles (weighted MMAs x ``MMA_CYCLES_SM89``)
+   against issue cycles (weighted instructions, one per cycle): tensor-bound when MMA cycles >=
+   issue cycles. Latency, memory and barrier stalls are ignored: a MODELED lower bound for comparing
+   versions of the kernels, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tritonkernels import aot
+
+__all__ = ["loop_trips", "weighted_hot_loop", "parse_ptxas", "kernel_label", "analyze", "report", "main"]
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPILE_FLAGS = ("-std=c++17", "-O3")  # tests/test_cuda_kernels.py::ptxas_report
+_DTYPES = {"1": "bf16", "2": "fp16"}  # csrc/attn_math.h: DType
+_IMMEDIATE = re.compile(r"^-?(0x[0-9a-fA-F]+|\d+)$")
+_BLOCK_DIM_X = "c[0x0][0x0]"  # blockDim.x in the constant bank
+
+
+def _immediate(text: str) -> int | None:
+    return int(text, 0) if _IMMEDIATE.match(text) else None
+
+
+def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int | None) -> int | None:
+    """Trip count of the loop ``span`` (label index, back-branch index) from its exit test, or None.
+
+    Recognised: the back branch's predicate set by ``ISETP.GE`` (taken on ``!P``) or ``ISETP.LT`` /
+    ``ISETP.NE`` (taken on ``P``) of a register against an immediate N, the register advanced in the
+    loop by ``IADD3 R, R, stride, RZ`` with an immediate stride or blockDim.x (= ``threads``).
+    """
+    begin, end = span
+    guard = instrs[end].guard
+    if not guard:
+        return None
+    negated, pred = guard.startswith("@!"), guard.lstrip("@!")
+    for instr in reversed(instrs[begin:end]):
+        operands = [o.strip() for o in instr.operands.split(",")]
+        if instr.opcode == "ISETP" and operands[0] == pred:
+            break
+    else:
+        return None
+    if len(operands) < 4 or (bound := _immediate(operands[3])) is None or bound <= 0:
+        return None
+    reg, test = operands[2], instr.mnemonic.split(".")[1]
+    if not ((test == "GE" and negated) or (test in ("LT", "NE") and not negated)):
+        return None
+    stride = None
+    for step in instrs[begin:end]:
+        ops = [o.strip() for o in step.operands.split(",")]
+        if step.opcode == "IADD3" and not step.guard and len(ops) == 4 and ops[0] == reg and ops[3] == "RZ":
+            other = ops[2] if ops[1] == reg else ops[1] if ops[2] == reg else None
+            if other == _BLOCK_DIM_X:
+                stride = threads
+            elif other is not None:
+                stride = _immediate(other)
+    if not stride or stride <= 0:
+        return None
+    return math.ceil(bound / stride)
+
+
+def weighted_hot_loop(sass: str, threads: int | None) -> dict:
+    """The hot loop of one kernel's SASS (``aot.hot_loop``): its static mix (as ``aot.hot_loop_mix``)
+    and the counts per iteration with each loop directly inside it weighted by ``loop_trips``."""
+    instrs, loops = aot.parse_sass(sass)
+    begin, end = aot.hot_loop(instrs, loops)
+    inside = [s for s in loops if begin <= s[0] and s[1] < end and s != (begin, end)]
+    children = sorted(
+        {s for s in inside if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in inside)}
+    )
+    weight = [1] * (end + 1 - begin)
+    inner = []
+    for span in children:
+        trips = loop_trips(instrs, span, threads)
+        for i in range(span[0], span[1] + 1):
+            weight[i - begin] = trips or 1
+        size = sum(x.opcode != "NOP" for x in instrs[span[0] : span[1] + 1])
+        inner.append(dict(instructions=size, trips=trips))
+    static: dict[str, int] = {}
+    weighted: dict[str, int] = {}
+    for instr, w in zip(instrs[begin : end + 1], weight, strict=True):
+        if instr.opcode == "NOP":
+            continue
+        static[instr.opcode] = static.get(instr.opcode, 0) + 1
+        weighted[instr.opcode] = weighted.get(instr.opcode, 0) + w
+
+    def mma(counts):
+        return sum(n for op, n in counts.items() if op in aot.MMA_OPCODES)
+
+    def local(counts):
+        return counts.get("LDL", 0) + counts.get("STL", 0)
+
+    return dict(
+        loop_instructions=sum(static.values()),
+        loop_mma=mma(static),
+        loop_local=local(static),
+        inner_loops=inner,
+        iter_instructions=sum(weighted.values()),
+        iter_mma=mma(weighted),
+        iter_local=local(weighted),
+        iter_top_opcodes=aot.top_opcodes(weighted, 8),
+    )
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """``ptxas -v`` output as {mangled kernel: {registers, smem, stack, spill_stores, spill_loads}}."""
+    report: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        if m := _ENTRY.search(line):
+            current = m.group(1)
+            report[current] = dict(registers=None, smem=0, stack=0, spill_stores=None, spill_loads=None)
+        elif current is None:
+            continue
+        elif m := re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line
+        ):
+            report[current].update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        elif m := re.search(r"Used (\d+) registers", line):
+            report[current]["registers"] = int(m[1])
+            if s := re.search(r"(\d+) bytes smem", line):
+                report[current]["smem"] = int(s[1])
+    return report
+
+
+def _split_template_args(text: str) -> list[str]:
+    args, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+            continue
+        depth += (ch in "<(") - (ch in ">)")
+        cur += ch
+    return [*args, cur.strip()] if cur.strip() else args
+
+
+def kernel_label(demangled: str) -> dict:
+    """Readable parts of a demangled attention kernel name, e.g. ``void ringattn::(anonymous
+    namespace)::attn_forward_kernel<1, 128, false, false>(...)`` -> pass "forward", dtype "bf16",
+    head-dim tile 128, variant "plain" (EXTRA: "extra", EXTRA + DROPOUT: "extra+dropout"); template
+    arguments past these four are appended to the variant as ``argN=value``."""
+    m = re.search(r"(\w+)<(.*)>\(", demangled)
+    if not m:
+        name = re.search(r"(\w+)\(", demangled)
+        return dict(function=name.group(1) if name else demangled, label=name.group(1) if name else demangled)
+    function, args = m.group(1), _split_template_args(m.group(2))
+    info = dict(function=function)
+    passes = {"attn_forward_kernel": "forward", "attn_backward_kernel": "backward"}
+    if function in passes and len(args) >= 4 and args[1].isdigit():
+        flags = [a == "true" for a in args[2:4]]
+        variant = (
+            "extra+dropout" if all(flags) else "extra" if flags[0] else "dropout" if flags[1] else "plain"
+        )
+        extra = [f"arg{i}={a}" for i, a in enumerate(args[4:], start=4)]
+        info.update(
+            pass_=passes[function],
+            dtype=_DTYPES.get(args[0], f"dtype{args[0]}"),
+            head_dim=int(args[1]),
+            variant=" ".join([variant, *extra]),
+        )
+        info["label"] = f"{info['pass_']} {info['dtype']} D={info['head_dim']} {info['variant']}"
+    else:
+        info["label"] = f"{function}<{', '.join(args)}>"
+    return info
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None or not names:
+        return {n: n for n in names}
+    res = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True)
+    return dict(zip(names, res.stdout.splitlines(), strict=True))
+
+
+def _sections(sass: str) -> tuple[dict[str, str], dict[str, int]]:
+    """nvdisasm output split into {kernel: text section} and {kernel: EIATTR_MAX_THREADS x}."""
+    parts = re.split(r"^//-+ \.(text|nv\.info)\.(\S+) -+$", sass, flags=re.M)
+    text, threads = {}, {}
+    for kind, name, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
+        if kind == "text":
+            text[name] = body
+        elif m := re.search(r"EIATTR_MAX_THREADS.*?\.word\s+(0x[0-9a-f]+)", body, re.S):
+            threads[name] = int(m.group(1), 16)
+    return text, threads
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=False)
+    if res.returncode:
+        raise RuntimeError(f"{what} failed ({' '.join(cmd[:3])} ...): {res.stderr[-3000:]}")
+    return res
+
+
+def compile_source(source: Path, arch: str, workdir: Path, include: Path | None = None) -> dict:
+    """Compile ``source`` for ``arch``; returns ptxas text, SASS, and the dynamic shared memory table
+    (None with ``dynamic_smem_error`` when the host query cannot be built or run)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found on PATH")
+    include = include or source.parent
+    obj = workdir / "attn_cuda.o"
+    cmd = [nvcc, *COMPILE_FLAGS, f"-arch={arch}", "-Xptxas", "-v", f"-I{include}", "-c", str(source)]
+    res = _run([*cmd, "-o", str(obj), "-keep", "-keep-dir", str(workdir)], "nvcc")
+    cubins = sorted(workdir.glob(f"*.{arch}.cubin"))
+    if len(cubins) != 1:
+        raise RuntimeError(f"expected one {arch} cubin from nvcc -keep, found {[c.name for c in cubins]}")
+    sass = _run([aot.nvidia_tool("nvdisasm"), str(cubins[0])], "nvdisasm").stdout
+    out = dict(ptxas=res.stdout + res.stderr, sass=sass, dynamic_smem=None, dynamic_smem_error=None)
+    probe = workdir / "smem_probe.cpp"
+    probe.write_text(
+        '#include <cstdio>\n#include "attn_cuda.h"\n'
+        "int main() {\n  for (const auto& [name, bytes] : ringattn::attn_cuda_smem_bytes())\n"
+        '    std::printf("%s %zu\\n", name.c_str(), bytes);\n}\n'
+    )
+    try:
+        exe = workdir / "smem_probe"
+        _run([nvcc, "-std=c++17", f"-I{include}", str(probe), str(obj), "-o", str(exe)], "smem probe build")
+        lines = _run([str(exe)], "smem probe").stdout.split()
+        out["dynamic_smem"] = {k: int(v) for k, v in zip(lines[::2], lines[1::2], strict=True)}
+    except RuntimeError as err:  # the extension's table is gone or renamed: report without it
+        out["dynamic_smem_error"] = str(err)[:300]
+    return out
+
+
+def analyze(compiled: dict, arch: str, mix: bool = True) -> list[dict]:
+    """One row per attention kernel instantiation (kernels whose hot loop has no MMA are left out)."""
+    ptxas = parse_ptxas(compiled["ptxas"])
+    text, threads = _sections(compiled["sass"])
+    names = _demangle(sorted(ptxas))
+    dynamic = compiled["dynamic_smem"] or {}
+    rows = []
+    for mangled, usage in ptxas.items():
+        info = kernel_label(names[mangled])
+        if "pass_" not in info or mangled not in text:
+            continue
+        row = dict(
+            kernel=info["label"],
+            mangled=mangled,
+            arch=arch,
+            **{k: v for k, v in info.items() if k != "label"},
+        )
+        row["pass"] = row.pop("pass_")
+        row.update(usage, threads=threads.get(mangled))
+        dyn = dynamic.get(f"{row['pass']}_d{row['head_dim']}")
+        row["dynamic_smem"] = dyn
+        if arch == "sm_89" and row["threads"]:
+            warps = row["threads"] // 32
+            row["occupancy_warps"] = aot.occupancy(usage["registers"], usage["smem"] + (dyn or 0), warps)[0]
+        if mix:
+            row.update(weighted_hot_loop(text[mangled], row["threads"]))
+            if arch == "sm_89":
+                model = aot.issue_model_sm89(row["iter_mma"], row["iter_instructions"])
+                row.update(
+                    mma_cycles=round(model["mma_cycles"]),
+                    issue_cycles=row["iter_instructions"],
+                    bound=model["bound"],
+                    tensor_share=round(model["mma_cycles"] / model["modeled_cycles"], 2),
+                )
+        rows.append(row)
+    order = {"forward": 0, "backward": 1}
+    return sorted(rows, key=lambda r: (order[r["pass"]], r["dtype"], r["head_dim"], r["variant"]))
+
+
+# One line per column of the markdown table (as the benchmark tables explain theirs).
+COLUMNS = {
+    "kernel": "pass, dtype, head-dim tile, variant (plain; extra = window/softcap/ALiBi; +dropout)",
+    "regs": "registers per thread (ptxas)",
+    "smem": "shared memory per CTA, static + dynamic bytes (ptxas + attn_cuda_smem_bytes())",
+    "stack/spill": "stack frame bytes / spill store + load bytes (ptxas)",
+    "warps/SM": "resident warps per SM on sm_89 from registers, shared memory and threads per CTA",
+    "loop": "hot loop's static instructions / MMAs (each instruction once, as the Triton --mix)",
+    "inner loops": "loops directly inside the hot loop, instructions x trips per iteration (? = unknown, once)",
+    "instr/iter": "instructions one warp issues per hot-loop iteration, inner loops weighted by trips",
+    "MMA/iter": "m16n8k16 MMAs per warp per iteration",
+    "MMA cyc": "MMA/iter x MMA_CYCLES_SM89 (tensor-core cycles of the warp's sub-partition)",
+    "bound": "tensor when MMA cycles >= issue cycles (= instr/iter), else issue",
+    "TC share": "MMA cycles / max(MMA cycles, issue cycles): modeled tensor-core busy fraction",
+    "local": "local-memory loads + stores per iteration (weighted)",
+    "top opcodes": "most issued opcodes per iteration (weighted)",
+}
+
+
+def report(rows: list[dict], header: str) -> str:
+    """Markdown: the header, one line per column, then the table; every number MODELED."""
+    lines = [header, ""] + [f"- {name}: {meaning}" for name, meaning in COLUMNS.items()] + [""]
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "---|" * len(COLUMNS))
+    for r in rows:
+        inner = " + ".join(
+            f"{i['instructions']}x{i['trips'] if i['trips'] else '?'}" for i in r.get("inner_loops", [])
+        )
+        dyn = "?" if r["dynamic_smem"] is None else r["dynamic_smem"]
+        cells = [
+            r["kernel"],
+            r["registers"],
+            f"{r['smem']}+{dyn}",
+            f"{r['stack']}/{r['spill_stores'] + r['spill_loads']}",
+            r.get("occupancy_warps", "-"),
+            f"{r['loop_instructions']}/{r['loop_mma']}" if "loop_mma" in r else "-",
+            inner or "-",
+            r.get("iter_instructions", "-"),
+            r.get("iter_mma", "-"),
+            r.get("mma_cycles", "-"),
+            r.get("bound", "-"),
+            r.get("tensor_share", "-"),
+            r.get("iter_local", "-"),
+            " ".join(f"{k} {v}" for k, v in r.get("iter_top_opcodes", {}).items()) or "-",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _describe_source(source: Path, rev: str | None) -> str:
+    def git(*args):
+        res = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=False)
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    if rev:
+        return f"csrc at commit {git('rev-parse', '--short=12', rev) or rev}"
+    head = git("rev-parse", "--short=12", "HEAD")
+    try:
+        rel = source.resolve().relative_to(ROOT)
+    except ValueError:
+        return f"{source} (outside the repository)"
+    dirty = git("status", "--porcelain", "--", str(rel.parent))
+    return f"{rel} at commit {head}" + (" + uncommitted changes in its directory" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ringattn.bench.cuda_aot", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--arch", default="sm_89", help="nvcc arch (the issue model and occupancy: sm_89 only)"
+    )
+    parser.add_argument("--source", type=Path, default=ROOT / "csrc" / "attn_cuda.cu")
+    parser.add_argument("--rev", default=None, help="git revision: analyze csrc/ as committed there")
+    parser.add_argument("--mix", action="store_true", help="add the hot loop's SASS mix and the sm_89 model")
+    parser.add_argument("--dtype", nargs="*", default=["bf16"], help="dtypes to list (bf16, fp16)")
+    parser.add_argument("--head-dim", type=int, nargs="*", default=None, help="head-dim tiles to list")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of the markdown table")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"sm_\d+a?", args.arch):
+        parser.error(f"--arch must look like sm_89, got {args.arch!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = args.source
+        if args.rev:
+            archive = subprocess.run(
+                ["git", "archive", args.rev, "csrc"], capture_output=True, cwd=ROOT, check=False
+            )
+            if archive.returncode:
+                parser.error(f"--rev {args.rev!r}: {archive.stderr.decode()[-300:]}")
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+            source = tmp / "csrc" / "attn_cuda.cu"
+        elif not source.is_file():
+            parser.error(f"--source {source}: no such file")
+        build = tmp / "build"
+        build.mkdir()
+        compiled = compile_source(source, args.arch, build)
+    rows = [
+        r
+        for r in analyze(compiled, args.arch, mix=args.mix)
+        if r["dtype"] in args.dtype and (args.head_dim is None or r["head_dim"] in args.head_dim)
+    ]
+    described = _describe_source(args.source, args.rev)
+    nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=False).stdout
+    release = re.search(r"release ([\d.]+)", nvcc)
+    header = (
+        f"MODELED (static SASS issue model, not measured; no GPU ran): {described}, {args.arch}, "
+        f"nvcc {release.group(1) if release else '?'} {' '.join(COMPILE_FLAGS)}"
+    )
+    if compiled["dynamic_smem_error"]:
+        header += f"; dynamic shared memory unknown ({compiled['dynamic_smem_error'][:120]})"
+    if args.json:
+        for row in rows:
+            print(json.dumps(dict(row, source=described, modeled=True)))
+    else:
+        print(report(rows, header), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
