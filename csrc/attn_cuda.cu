@@ -1,10 +1,13 @@
 // CUDA block attention on tensor cores (mma.sync m16n8k16, bf16/fp16 in, fp32 accumulate).
 //
 // Forward: one CTA per (64 query rows, batch * query head); each warp owns 16 query rows and keeps
-// its output tile and online-softmax state in registers. K and V tiles are loaded (K rotated) into
-// shared memory per step; Q is rotated once at load. Backward: one CTA per (key tile, batch * kv
+// its output tile and online-softmax state in registers. K and V tiles are loaded into shared memory
+// per step; Q is rotated once at load, K once for the whole call by a rotate_rows pass into the
+// rope_work workspace (no rotation per query tile). Backward: one CTA per (key tile, batch * kv
 // head, column split); each warp owns 16 keys and keeps their dK, dV columns in registers while it
-// walks every query tile of every head of its group (GQA reduced in the kernel). dQ goes to an fp32
+// walks every query tile of every head of its group (GQA reduced in the kernel); K is rotated as it
+// loads (once per CTA), Q once for the call by rotate_rows (no rotation per key tile). RoPE's angles
+// are integer turns (attn_math.h: rope_turns, sincos_turns; no sincosf stack frame). dQ goes to an fp32
 // workspace with atomics, dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
 // and writes the gradients in the caller's dtype and strides.
 //
@@ -162,6 +165,28 @@ struct RowSide {  // one operand's rows: global index and RoPE position of row i
   const int64_t* align_cu;  // queries: the keys' own boundaries, to align by (null: no shift)
 };
 
+// Features (*ea, *eb) of pair i of a row: RoPE's pair (attn_math.h) for i < half_rot, else the
+// next two pass-through features.
+__device__ __forceinline__ void pair_features(int i, int half_rot, const AttnParams& p, int* ea, int* eb) {
+  if (i < half_rot) {
+    rope_pair(i, p.rotary_dim, p.interleaved, ea, eb);
+  } else {
+    *ea = 2 * half_rot + 2 * (i - half_rot);
+    *eb = *ea + 1;
+  }
+}
+
+// RoPE of rotary pair i of row `row` of batch b (its position from `side`), scaled by the attention
+// factor; sign -1 applies the transpose (the gradients' way back). Angles as integer turns
+// (attn_math.h: rope_turns, sincos_turns): no sincosf, whose large-argument path needs a stack frame.
+__device__ __forceinline__ void rope_pair_apply(float* xa, float* xb, int i, int64_t b, int64_t row,
+                                                const AttnParams& p, const RowSide& side, float sign) {
+  const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + row]);
+  float sn, cs;
+  sincos_turns(rope_turns(p.rope_mode, pos, side.freqs, i), p.attention_factor, &sn, &cs);
+  rope_rotate(*xa, *xb, cs, sign * sn, xa, xb);
+}
+
 // Rows [row0, row0 + rows) of (b, h) from a (B, S, H, D) view into shared [rows][ld], rotated when
 // `rotate`, zero-filled past S and past D (up to DMAX). Work item = one feature pair of one row.
 template <int DT, int DMAX>
@@ -173,24 +198,13 @@ __device__ void load_rows(uint16_t* s, int ld, const View& view, int64_t b, int6
     const int r = item / (DMAX / 2), i = item % (DMAX / 2);
     const int64_t row = row0 + r;
     int ea, eb;
-    const bool rot = i < half_rot;
-    if (rot) {
-      rope_pair(i, p.rotary_dim, p.interleaved, &ea, &eb);
-    } else {
-      ea = 2 * half_rot + 2 * (i - half_rot);
-      eb = ea + 1;
-    }
+    pair_features(i, half_rot, p, &ea, &eb);
     float xa = 0.0f, xb = 0.0f;
     if (row < S && eb < D) {
       const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh;
       xa = to_float<DT>(src[ea]);
       xb = to_float<DT>(src[eb]);
-      if (rot) {
-        const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + row]);
-        float sn, cs;
-        sincosf(rope_angle(p.rope_mode, pos, side.freqs, i), &sn, &cs);
-        rope_rotate(xa, xb, cs * p.attention_factor, sn * p.attention_factor, &xa, &xb);
-      }
+      if (i < half_rot) rope_pair_apply(&xa, &xb, i, b, row, p, side, 1.0f);
     }
     s[r * ld + ea] = to_bits<DT>(xa);
     s[r * ld + eb] = to_bits<DT>(xb);
@@ -325,7 +339,8 @@ __global__ void __launch_bounds__(128, 1)
 
   for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {
     __syncthreads();
-    load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, rope);
+    // K arrives rotated (launch_forward's rotate_rows pass): no rotation per query tile.
+    load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
     load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
     load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
     __syncthreads();
@@ -516,7 +531,8 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
     }
     for (int64_t q0 = q_begin / BQ * BQ; q0 < q_end; q0 += BQ) {
       __syncthreads();
-      load_rows<DT, DMAX>(q_s, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, p, qs, rope);
+      // Q arrives rotated (launch_backward's rotate_rows pass): no rotation per key tile.
+      load_rows<DT, DMAX>(q_s, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
       load_rows<DT, DMAX>(do_s, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
       load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
       for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
@@ -669,20 +685,10 @@ __global__ void finish_grad_kernel(const float* __restrict__ accum, View out, in
     const int i = static_cast<int>(item % (D / 2));
     const int64_t bsh = item / (D / 2), h = bsh % H, bs = bsh / H, s = bs % S, b = bs / S;
     int ea, eb;
-    if (i < half_rot) {
-      rope_pair(i, p.rotary_dim, p.interleaved, &ea, &eb);
-    } else {
-      ea = 2 * half_rot + 2 * (i - half_rot);
-      eb = ea + 1;
-    }
+    pair_features(i, half_rot, p, &ea, &eb);
     const float* src = accum + bsh * D;
     float xa = src[ea], xb = src[eb];
-    if (i < half_rot) {
-      const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + s]);
-      float sn, cs;
-      sincosf(rope_angle(p.rope_mode, pos, side.freqs, i), &sn, &cs);
-      rope_rotate(xa, xb, cs * p.attention_factor, -sn * p.attention_factor, &xa, &xb);
-    }
+    if (i < half_rot) rope_pair_apply(&xa, &xb, i, b, s, p, side, -1.0f);
     const int64_t offset = b * out.sb + s * out.ss + h * out.sh;
     if (out_dtype == kFloat32) {
       float* dst = reinterpret_cast<float*>(out.ptr) + offset;
@@ -693,6 +699,30 @@ __global__ void finish_grad_kernel(const float* __restrict__ accum, View out, in
       dst[ea] = to_bits<DT>(xa);
       dst[eb] = to_bits<DT>(xb);
     }
+  }
+}
+
+// RoPE once per row ahead of a sweep: rows of a (B, S, H, D) view rotated into a contiguous
+// (B, S, H, D) workspace in the input dtype, rounded once as load_rows rounds a rotated tile. The
+// sweeps load these rows as they are (the forward's K, the backward's Q) instead of rotating each
+// row again for every tile that visits it.
+template <int DT>
+__global__ void rotate_rows_kernel(View in, uint16_t* __restrict__ out, int64_t B, int64_t S, int64_t H, int D,
+                                   AttnParams p, RowSide side) {
+  const int64_t pairs = B * S * H * (D / 2);
+  const int half_rot = p.rotary_dim / 2;
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(in.ptr);
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < pairs;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(item % (D / 2));
+    const int64_t bsh = item / (D / 2), h = bsh % H, bs = bsh / H, s = bs % S, b = bs / S;
+    int ea, eb;
+    pair_features(i, half_rot, p, &ea, &eb);
+    const uint16_t* src = base + b * in.sb + s * in.ss + h * in.sh;
+    float xa = to_float<DT>(src[ea]), xb = to_float<DT>(src[eb]);
+    if (i < half_rot) rope_pair_apply(&xa, &xb, i, b, s, p, side, 1.0f);
+    out[bsh * D + ea] = to_bits<DT>(xa);
+    out[bsh * D + eb] = to_bits<DT>(xb);
   }
 }
 
@@ -729,6 +759,9 @@ void check_params(const AttnParams& p, bool backward) {
   if (backward) {
     require((p.dq_accum != 0 || !q_rows) && (p.dk_accum != 0 || !k_rows), "backward needs dq_accum and dk_accum");
   }
+  const bool rotated_rows = backward ? q_rows : k_rows;  // rotate_rows' input: the backward's Q, the forward's K
+  require(p.rope_mode == kRopeNone || p.rope_work != 0 || !rotated_rows,
+          std::string("RoPE needs rope_work (") + (backward ? "Q's" : "K's") + " shape, in dtype)");
 }
 
 template <class Kernel>
@@ -747,14 +780,31 @@ unsigned grid_x(int64_t rows, int64_t block_rows, int64_t batch_heads) {
   return static_cast<unsigned>(blocks);
 }
 
+// Rows of `in` (S rows, H heads) rotated into p.rope_work (rotate_rows_kernel); returns p with
+// `*side_view` (its q or k) replaced by the workspace's contiguous view. Without RoPE: p itself.
+template <int DT>
+AttnParams with_rotated_rows(const AttnParams& p, View AttnParams::*side_view, int64_t S, int64_t H,
+                             const RowSide& side) {
+  AttnParams out = p;
+  const int64_t D = p.head_dim, pairs = p.batch * S * H * (D / 2);
+  if (p.rope_mode == kRopeNone || pairs == 0) return out;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65535));
+  RA_LAUNCH(rotate_rows_kernel<DT>, blocks, 256, 0, reinterpret_cast<cudaStream_t>(p.stream))(
+      p.*side_view, reinterpret_cast<uint16_t*>(p.rope_work), p.batch, S, H, static_cast<int>(D), p, side);
+  check(cudaGetLastError(), "rotate_rows_kernel launch");
+  out.*side_view = View{p.rope_work, S * H * D, H * D, D};
+  return out;
+}
+
 template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
 void launch_forward(const AttnParams& p) {
   using Tiles = FwdTiles<DMAX>;
   const dim3 grid(grid_x(p.seqlen_q, Tiles::kBlockQ, p.batch * p.heads_q));
   auto kernel = attn_forward_kernel<DT, DMAX, EXTRA, DROPOUT>;
   set_smem(kernel, Tiles::kSmem);
+  const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::k, p.seqlen_k, p.heads_kv, k_side(p));
   RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
-      p, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
+      run, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
   check(cudaGetLastError(), "attn_forward_kernel launch");
 }
 
@@ -772,8 +822,9 @@ void launch_backward(const AttnParams& p) {
     const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(key_tiles), Tiles::kSplit);
     auto kernel = attn_backward_kernel<DT, DMAX, EXTRA, DROPOUT>;
     set_smem(kernel, Tiles::kSmem);
+    const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::q, p.seqlen_q, p.heads_q, q_side(p));
     RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(
-        p, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
+        run, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
     check(cudaGetLastError(), "attn_backward_kernel launch");
   }
   const int D = static_cast<int>(p.head_dim);

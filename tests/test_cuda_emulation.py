@@ -73,6 +73,11 @@ FAST_CASES = {
         Case(40, Hq=2, Hkv=1, D=80, causal=True, rope=RoPEConfig(80, theta=45.2e9), position_offset=FAR),
         BF16,
     ),
+    # hf angles up to ~4.2M rad: reduced in integer turns (attn_math.h rope_turns), not by sincosf
+    "d64-hf-rope-pos-4.19M": (
+        Case(20, Hq=2, Hkv=1, D=64, rope=RoPEConfig(64, precision="hf"), position_offset=FAR),
+        FP16,
+    ),
     "d64-strided-spans": (
         Case(33, 40, Hq=4, Hkv=2, D=64, causal=True, q_span=Span(5, 2), k_span=Span(0, 3)),
         FP16,
@@ -133,16 +138,25 @@ def _dmax(D: int) -> int:
 def assert_whole_grids(run: Run, case: Case) -> None:
     """The launches are the ones attn_cuda.cu's dispatch makes for this shape, and every block ran."""
     dmax = _dmax(case.D)
-    fwd, *_ = run.reports["forward"]["launches"]
+    rope = case.rope is not None
+    # With RoPE, each entry first rotates one side's rows once (the forward's K, the backward's Q).
+    rotations = {}
+    for entry, S, H in (("forward", case.sk, case.Hkv), ("backward", case.Sq, case.Hq)):
+        launches = run.reports[entry]["launches"]
+        assert [("with_rotated_rows" in launch["site"]) for launch in launches][:1] == [rope], launches
+        if rope:
+            rotations[entry] = launches[0]
+            assert launches[0]["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
+    fwd, *_ = run.reports["forward"]["launches"][rope:]
     assert f"DMAX = {dmax}" in fwd["site"]
     assert fwd["grid"] == [math.ceil(case.Sq / 64) * case.B * case.Hq, 1, 1] and fwd["block"] == [128, 1, 1]
-    bwd, finish_dq, finish_dk = run.reports["backward"]["launches"]
+    bwd, finish_dq, finish_dk = run.reports["backward"]["launches"][rope:]
     block_k = 32 if dmax > 128 else 64
     assert bwd["grid"] == [case.B * case.Hkv, math.ceil(case.sk / block_k), 2 if dmax > 128 else 1]
     assert bwd["block"] == [block_k * 2, 1, 1]
     for launch, S, H in ((finish_dq, case.Sq, case.Hq), (finish_dk, case.sk, case.Hkv)):
         assert launch["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
-    for launch in (fwd, bwd, finish_dq, finish_dk):
+    for launch in (fwd, bwd, finish_dq, finish_dk, *rotations.values()):
         assert launch["blocks_run"] == math.prod(launch["grid"]), launch
 
 
