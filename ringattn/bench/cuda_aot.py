@@ -293,8 +293,19 @@ def analyze(compiled: dict, arch: str, mix: bool = True) -> list[dict]:
                     tensor_share=round(model["mma_cycles"] / model["modeled_cycles"], 2),
                 )
         rows.append(row)
-    order = {"forward": 0, "backward": 1}
-    return sorted(rows, key=lambda r: (order[r["pass"]], r["dtype"], r["head_dim"], r["variant"]))
+    passes, variants = ["forward", "backward"], ["plain", "extra", "extra+dropout"]
+
+    def key(r):
+        v = r["variant"].split()[0]
+        return (
+            passes.index(r["pass"]),
+            r["dtype"],
+            r["head_dim"],
+            variants.index(v) if v in variants else 9,
+            r["variant"],
+        )
+
+    return sorted(rows, key=key)
 
 
 # One line per column of the markdown table (as the benchmark tables explain theirs).
