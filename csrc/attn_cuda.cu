@@ -74,12 +74,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-__device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // ---- tensor-core fragments (PTX ISA, mma.m16n8k16 layouts) -----------------------------------
 // g = lane / 4, t = lane % 4. A 16x16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..).
 // B 16x8: b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g). C 16x8: c0,c1 (g, 2t..), c2,c3 (g+8, 2t..).
@@ -109,40 +103,74 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const 
   }
 }
 
-// A tile at (m0, k0) of a row-major [m][k] shared matrix.
+// ---- fragment loads: ldmatrix from padded shared rows ------------------------------------------
+// ldmatrix.m8n8 (PTX ISA): lane 8 j + r addresses row r of 8x8 matrix j (16 bytes); register j of lane
+// (g, t) receives that matrix's row g, elements 2t and 2t + 1 (.trans: column g, rows 2t and 2t + 1).
+// Rows are padded by 8 elements (kPad): a row pitch of an odd number of 16-byte units puts the 8 rows
+// of a matrix in 8 distinct 4-bank groups, so each matrix is one conflict-free shared access.
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const uint16_t* row) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.shared.b16", r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const uint16_t* row) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const uint16_t* row) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16", r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+// A tile at (m0, k0) of a row-major [m][k] shared matrix: a0..a3 are the 8x8 blocks at (m0, k0),
+// (m0 + 8, k0), (m0, k0 + 8), (m0 + 8, k0 + 8).
 __device__ __forceinline__ void load_a(uint32_t a[4], const uint16_t* s, int ld, int m0, int k0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (m0 + g) * ld + k0 + 2 * t;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * ld);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * ld + 8);
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4(a, s + (m0 + r + 8 * (j & 1)) * ld + k0 + 8 * (j >> 1));
 }
 
-// A tile at (m0, k0) of a matrix stored transposed, [k][m].
+// A tile at (m0, k0) of a matrix stored transposed, [k][m]: the same blocks, each transposed.
 __device__ __forceinline__ void load_a_t(uint32_t a[4], const uint16_t* s, int ld, int m0, int k0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (k0 + 2 * t) * ld + m0 + g;
-  a[0] = pack_bits(p[0], p[ld]);
-  a[1] = pack_bits(p[8], p[ld + 8]);
-  a[2] = pack_bits(p[8 * ld], p[9 * ld]);
-  a[3] = pack_bits(p[8 * ld + 8], p[9 * ld + 8]);
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4_t(a, s + (k0 + r + 8 * (j >> 1)) * ld + m0 + 8 * (j & 1));
 }
 
-// B tile at (k0, n0) of a matrix stored as [n][k] (e.g. K rows for S = Q K^T).
-__device__ __forceinline__ void load_b_nk(uint32_t b[2], const uint16_t* s, int ld, int k0, int n0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (n0 + g) * ld + k0 + 2 * t;
-  b[0] = ld32(p);
-  b[1] = ld32(p + 8);
+// Two B tiles, columns n0 .. n0 + 7 (b[0], b[1]) and n0 + 8 .. n0 + 15 (b[2], b[3]), at k0 of a
+// matrix stored as [n][k] (e.g. K rows for S = Q K^T): blocks (n0, k0), (n0, k0 + 8), (n0 + 8, ...).
+__device__ __forceinline__ void load_b_nk2(uint32_t b[4], const uint16_t* s, int ld, int k0, int n0) {
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));
 }
 
-// B tile at (k0, n0) of a matrix stored as [k][n] (e.g. V rows for O = P V).
+// Two B tiles (as load_b_nk2) of a matrix stored as [k][n] (e.g. V rows for O = P V): the blocks at
+// (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8), transposed.
+__device__ __forceinline__ void load_b_kn2(uint32_t b[4], const uint16_t* s, int ld, int k0, int n0) {
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4_t(b, s + (k0 + r + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));
+}
+
+// One B tile at (k0, n0) of a [k][n] matrix: blocks (k0, n0), (k0 + 8, n0), transposed (lanes
+// 16..31 give addresses ldmatrix .x2 does not use; theirs repeat lanes 0..15's).
 __device__ __forceinline__ void load_b_kn(uint32_t b[2], const uint16_t* s, int ld, int k0, int n0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (k0 + 2 * t) * ld + n0 + g;
-  b[0] = pack_bits(p[0], p[ld]);
-  b[1] = pack_bits(p[8 * ld], p[9 * ld]);
+  const int j = (threadIdx.x & 15) >> 3, r = threadIdx.x & 7;
+  ldsm_x2_t(b, s + (k0 + r + 8 * j) * ld + n0);
 }
 
 // Accumulator pair of 16x8 tiles (keys 2kk*8 .. 2kk*8+15) repacked as the A operand of the next mma.
@@ -293,6 +321,7 @@ __global__ void __launch_bounds__(128, 1)
   static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
   using Tiles = FwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
+  static_assert(NT % 2 == 0 && DT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* k_s = q_s + BQ * LD;
@@ -346,15 +375,18 @@ __global__ void __launch_bounds__(128, 1)
     __syncthreads();
 
     float s[NT][4] = {};
-#pragma unroll
+    // Not unrolled over kk (no register array is indexed by it): unrolled, ptxas hoists the ldmatrix
+    // of later steps and spills at head dim 256.
+#pragma unroll 1
     for (int kk = 0; kk < DMAX / 16; ++kk) {
       uint32_t a[4];
       load_a(a, q_s, LD, warp * 16, kk * 16);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bf[2];
-        load_b_nk(bf, k_s, LD, kk * 16, nt * 8);
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t bf[4];
+        load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
         mma16816<DT>(s[nt], a, bf);
+        mma16816<DT>(s[nt + 1], a, bf + 2);
       }
     }
     float row_max[2] = {-RA_INF, -RA_INF};
@@ -413,10 +445,11 @@ __global__ void __launch_bounds__(128, 1)
       uint32_t a[4];
       acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-      for (int dt = 0; dt < DT8; ++dt) {
-        uint32_t bf[2];
-        load_b_kn(bf, v_s, LD, kk * 16, dt * 8);
+      for (int dt = 0; dt < DT8; dt += 2) {
+        uint32_t bf[4];
+        load_b_kn2(bf, v_s, LD, kk * 16, dt * 8);
         mma16816<DT>(o[dt], a, bf);
+        mma16816<DT>(o[dt + 1], a, bf + 2);
       }
     }
   }
@@ -477,6 +510,7 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   using Tiles = BwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, LDS = Tiles::kLdS;
   constexpr int COLS = Tiles::kCols, CT8 = COLS / 8, NT = BQ / 8;
+  static_assert(NT % 2 == 0 && CT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* v_s = k_s + BK * LD;
@@ -558,18 +592,21 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
       }
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
       float pt[NT][4] = {}, dpt[NT][4] = {};
-#pragma unroll
+      // Not unrolled over kk, as the forward's S loop (ptxas would spill).
+#pragma unroll 1
       for (int kk = 0; kk < DMAX / 16; ++kk) {
         uint32_t ak[4], av[4];
         load_a(ak, k_s, LD, warp * 16, kk * 16);
         load_a(av, v_s, LD, warp * 16, kk * 16);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bq[2], bo[2];
-          load_b_nk(bq, q_s, LD, kk * 16, nt * 8);
-          load_b_nk(bo, do_s, LD, kk * 16, nt * 8);
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t bq[4], bo[4];
+          load_b_nk2(bq, q_s, LD, kk * 16, nt * 8);
+          load_b_nk2(bo, do_s, LD, kk * 16, nt * 8);
           mma16816<DT>(pt[nt], ak, bq);
+          mma16816<DT>(pt[nt + 1], ak, bq + 2);
           mma16816<DT>(dpt[nt], av, bo);
+          mma16816<DT>(dpt[nt + 1], av, bo + 2);
         }
       }
       // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
@@ -605,12 +642,14 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
         acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
         acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-        for (int ct = 0; ct < CT8; ++ct) {
-          uint32_t bo[2], bq[2];
-          load_b_kn(bo, do_s, LD, kk * 16, col0 + ct * 8);
-          load_b_kn(bq, q_s, LD, kk * 16, col0 + ct * 8);
+        for (int ct = 0; ct < CT8; ct += 2) {
+          uint32_t bo[4], bq[4];
+          load_b_kn2(bo, do_s, LD, kk * 16, col0 + ct * 8);
+          load_b_kn2(bq, q_s, LD, kk * 16, col0 + ct * 8);
           mma16816<DT>(dv[ct], ap, bo);
+          mma16816<DT>(dv[ct + 1], ap, bo + 2);
           mma16816<DT>(dk[ct], ads, bq);
+          mma16816<DT>(dk[ct + 1], ads, bq + 2);
         }
       }
       // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)

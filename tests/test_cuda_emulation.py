@@ -255,8 +255,8 @@ def test_source_uses_only_what_the_emulator_emulates():
     array would become per-thread in the emulation)."""
     text = KERNEL_SOURCE.read_text()
     hooks = re.findall(
-        r'#if defined\(RINGATTN_CUDA_EMULATION\)\s*::ringattn_emu::mma_sync\("([^"]+)", c, a, b\);\s*'
-        r'#else\s*asm volatile\(\s*"([^ "]+) ',
+        r'#if defined\(RINGATTN_CUDA_EMULATION\)\s*::ringattn_emu::(?:mma_sync|ldmatrix|cp_async\w*)\("([^"]+)"[^;]*\);\s*'
+        r'#else\s*asm volatile\(\s*"([^ ";]+)[ ;]',
         text,
     )
     assert hooks and len(hooks) == text.count("asm volatile") == text.count("asm"), hooks
@@ -365,6 +365,11 @@ SELFTESTS = {  # kernel in csrc/emu/emu_selftest.cu: (the categories reported, t
     "shuffle_deadlock": ({"deadlock"}, 719),
     "global_oob": ({"global_out_of_bounds"}, 700),
     "global_race": ({"global_race"}, 0),  # plain writes race, the atomics beside them do not
+    "ldmatrix_race": ({"shared_race"}, 0),  # rows rewritten by another warp while ldmatrix reads them
+    "ldmatrix_misaligned": ({"misaligned_access"}, 716),
+    "cp_async_early_read": ({"cp_async_in_flight"}, 0),  # before any wait_group
+    "cp_async_wait_too_few": ({"cp_async_in_flight"}, 0),  # wait_group 1 leaves the newest group flying
+    "cp_async_no_barrier": ({"shared_race"}, 0),  # another thread's copy, read without a barrier
 }
 
 
@@ -379,7 +384,8 @@ def _selftest(emu: Emulator, name: str, smem=256, grid_y=1) -> tuple[int, dict, 
 @pytest.mark.parametrize("name", SELFTESTS)
 def test_checkers_report_planted_defects(emu, name):
     categories, error = SELFTESTS[name]
-    rc, report, _ = _selftest(emu, name)
+    # 64 floats (one per thread, shared_oob's bound); the ldmatrix / cp.async kernels use 2 KiB
+    rc, report, _ = _selftest(emu, name, smem=2048 if name.startswith(("ldmatrix", "cp_async")) else 256)
     assert rc == error and set(report["counts"]) == categories, _describe(report)
 
 
@@ -399,6 +405,54 @@ def test_clean_kernel_barriers_shuffles_atomics(emu):
     assert out[-1] == 128  # atomics from every thread of both blocks
 
 
+def test_ldmatrix_follows_the_ptx_table(emu):
+    """ldmatrix .x4, .x4.trans and .x2.trans by the PTX ISA ("Warp-level matrix load instruction:
+    ldmatrix"): lane 8 j + r addresses row r of matrix j; register j of lane l holds row l // 4,
+    elements 2 (l % 4) and 2 (l % 4) + 1 (.trans: column l // 4 of rows 2 (l % 4), 2 (l % 4) + 1).
+    The kernel's shared matrix is m[r][c] = 16 r + c, and lane l of warp w addresses m[l][8 w]."""
+    rc, report, out = _selftest(emu, "ldmatrix", smem=2048)
+    assert rc == 0 and not report["counts"], _describe(report)
+    words = out[:-1].view(torch.int32).view(2, 64, 8).numpy().astype(np.int64) & 0xFFFFFFFF
+    for block, forms in ((0, ((0, 4, False), (4, 4, True))), (1, ((0, 2, True),))):
+        for t in range(64):
+            lane, warp = t % 32, t // 32
+            g, tig = lane // 4, lane % 4
+            for first, matrices, trans in forms:
+                for j in range(matrices):
+                    # matrix j's element (row, col) is m[8 j + row][8 w + col]
+                    def element(row, col, j=j, warp=warp):
+                        return 16 * (8 * j + row) + 8 * warp + col
+
+                    lo, hi = (
+                        (element(2 * tig, g), element(2 * tig + 1, g))
+                        if trans
+                        else (element(g, 2 * tig), element(g, 2 * tig + 1))
+                    )
+                    assert words[block, t, first + j] == lo | (hi << 16), (block, t, first, j)
+
+
+def test_cp_async_completes_at_wait_group(emu):
+    """cp.async copies land at the wait_group that completes their group, src-size zero-fills the
+    rest, and after wait_group 0 and a barrier another thread reads them."""
+    rc, report, out = _selftest(emu, "cp_async", smem=2048)
+    assert rc == 0 and not report["counts"], _describe(report)
+    o = out[:-1].view(2, 64, 8)
+
+    def value(b, x, i):  # out[8 x + i] of block b, as the kernel wrote it before copying
+        return (1000 * b + 10 * x + i + 1).float()
+
+    for b in range(2):
+        t = torch.arange(64)
+        u = (t + 1) % 64
+        assert torch.equal(o[b, :, 4], value(b, t, 1))
+        assert torch.equal(o[b, :, 5], torch.where(t % 2 == 0, value(b, t, 3), 0.0))  # odd: 8 of 16 bytes
+        assert torch.equal(o[b, :, 6], value(b, u, 1))
+        assert torch.equal(o[b, :, 7], torch.where(u % 2 == 0, value(b, u, 3), 0.0))
+    # Read before its wait_group, a destination still holds its old bytes (-1 there), not the copy's 2.
+    rc, report, out = _selftest(emu, "cp_async_early_read", smem=2048)
+    assert (out[:-1].view(128, 8)[:, 4] == -1).all(), _describe(report)
+
+
 def test_launch_configuration_errors(emu):
     """Dynamic shared memory beyond the default 48 KiB without the opt-in, and grid.y > 65535."""
     rc, report, _ = _selftest(emu, "clean", smem=49 * 1024)
@@ -410,19 +464,19 @@ def test_launch_configuration_errors(emu):
 # ------------------------------------------------------------------------------------- mutations
 
 MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case must fail)
-    "swapped-fragment-register": (  # A fragment registers a1 (rows g+8) and a2 (columns +8) exchanged
-        "  a[1] = ld32(p + 8 * ld);\n  a[2] = ld32(p + 8);\n",
-        "  a[1] = ld32(p + 8);\n  a[2] = ld32(p + 8 * ld);\n",
+    "swapped-ldmatrix-blocks": (  # A fragment registers a1 (rows +8) and a2 (columns +8) exchanged
+        "  ldsm_x4(a, s + (m0 + r + 8 * (j & 1)) * ld + k0 + 8 * (j >> 1));",
+        "  ldsm_x4(a, s + (m0 + r + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));",
         "out: max error",
     ),
-    "wrong-k-offset": (  # B fragment b2, b3 from k = 2t + 4 instead of 2t + 8
-        "  b[0] = ld32(p);\n  b[1] = ld32(p + 8);\n}",
-        "  b[0] = ld32(p);\n  b[1] = ld32(p + 4);\n}",
+    "untransposed-v-fragments": (  # V's B fragments without ldmatrix .trans
+        "  ldsm_x4_t(b, s + (k0 + r + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));",
+        "  ldsm_x4(b, s + (k0 + r + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));",
         "out: max error",
     ),
-    "misaligned-k-offset": (  # k = t instead of 2t: a 32-bit load from an odd element
-        "  const uint16_t* p = s + (n0 + g) * ld + k0 + 2 * t;\n  b[0] = ld32(p);",
-        "  const uint16_t* p = s + (n0 + g) * ld + k0 + t;\n  b[0] = ld32(p);",
+    "misaligned-ldmatrix-row": (  # K's second block 4 columns (8 bytes) in instead of 8
+        "  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));",
+        "  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 4 * (j & 1));",
         "misaligned_access",
     ),
     "removed-barrier-before-ds-reads": (  # backward: dS^T read by other warps before it is written
