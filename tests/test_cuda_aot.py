@@ -96,6 +96,8 @@ def test_loop_trips_reads_only_the_forms_it_knows():
     assert trips(loop("ISETP.GE.AND P0, PT, R2, R5, PT", "@!P0")) is None  # bound in a register
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "IADD3 R2, R2, R7, RZ")) is None
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "IADD3 R2, R2, c[0x0][0x0], RZ")) == 1
+    assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "VIADD R2, R2, 0x10")) == 4  # sm_90's add
+    assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "@P1 IADD3 R2, R2, 0x8, RZ")) is None
 
 
 def test_parse_ptxas_reads_each_kernel():
@@ -133,6 +135,10 @@ def test_kernel_labels_read_the_template_arguments():
     # Template arguments past the four known ones stay visible.
     assert cuda_aot.kernel_label(f"{prefix}attn_forward_kernel<1, 80, true, false, 3>{args}")["variant"] == (
         "extra arg4=3"
+    )
+    # Another attention pass (e.g. a separate dQ kernel) is named after its function.
+    assert cuda_aot.kernel_label(f"{prefix}attn_backward_dq_kernel<1, 128, false, false>{args}")["label"] == (
+        "backward_dq bf16 D=128 plain"
     )
     other = cuda_aot.kernel_label(f"{prefix}finish_grad_kernel<1>(float const*)")
     assert "pass_" not in other and other["label"] == "finish_grad_kernel<1>"

@@ -59,7 +59,8 @@ def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int 
 
     Recognised: the back branch's predicate set by ``ISETP.GE`` (taken on ``!P``) or ``ISETP.LT`` /
     ``ISETP.NE`` (taken on ``P``) of a register against an immediate N, the register advanced in the
-    loop by ``IADD3 R, R, stride, RZ`` with an immediate stride or blockDim.x (= ``threads``).
+    loop by ``IADD3 R, R, stride, RZ`` (``VIADD R, R, stride`` on sm_90) with an immediate stride or
+    blockDim.x (= ``threads``).
     """
     begin, end = span
     guard = instrs[end].guard
@@ -80,7 +81,11 @@ def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int 
     stride = None
     for step in instrs[begin:end]:
         ops = [o.strip() for o in step.operands.split(",")]
-        if step.opcode == "IADD3" and not step.guard and len(ops) == 4 and ops[0] == reg and ops[3] == "RZ":
+        if step.opcode == "IADD3" and len(ops) == 4 and ops[3] == "RZ":
+            ops = ops[:3]
+        elif step.opcode != "VIADD":  # sm_90's add (IADD3 on sm_80/89)
+            continue
+        if not step.guard and len(ops) == 3 and ops[0] == reg:
             other = ops[2] if ops[1] == reg else ops[1] if ops[2] == reg else None
             if other == _BLOCK_DIM_X:
                 stride = threads
@@ -171,32 +176,30 @@ def _split_template_args(text: str) -> list[str]:
 
 
 def kernel_label(demangled: str) -> dict:
-    """Readable parts of a demangled attention kernel name, e.g. ``void ringattn::(anonymous
-    namespace)::attn_forward_kernel<1, 128, false, false>(...)`` -> pass "forward", dtype "bf16",
-    head-dim tile 128, variant "plain" (EXTRA: "extra", EXTRA + DROPOUT: "extra+dropout"); template
-    arguments past these four are appended to the variant as ``argN=value``."""
-    m = re.search(r"(\w+)<(.*)>\(", demangled)
-    if not m:
-        name = re.search(r"(\w+)\(", demangled)
-        return dict(function=name.group(1) if name else demangled, label=name.group(1) if name else demangled)
-    function, args = m.group(1), _split_template_args(m.group(2))
+    """Readable parts of a demangled kernel name. An attention kernel ``attn_<pass>_kernel<DT, D,
+    EXTRA, DROPOUT, ...>``, e.g. ``void ringattn::(anonymous namespace)::attn_forward_kernel<1, 128,
+    false, false>(...)``, gives pass "forward", dtype "bf16", head-dim tile 128 and variant "plain"
+    (EXTRA: "extra", EXTRA + DROPOUT: "extra+dropout"); further template arguments are appended to
+    the variant as ``argN=value``. Any other kernel keeps its name and template arguments."""
+    m = re.search(r"(\w+)<(.*)>\(", demangled) or re.search(r"(\w+)\(", demangled)
+    function = m.group(1) if m else demangled
+    args = _split_template_args(m.group(2)) if m and m.lastindex == 2 else []
     info = dict(function=function)
-    passes = {"attn_forward_kernel": "forward", "attn_backward_kernel": "backward"}
-    if function in passes and len(args) >= 4 and args[1].isdigit():
-        flags = [a == "true" for a in args[2:4]]
+    attn = re.fullmatch(r"attn_(\w+)_kernel", function)
+    if attn and len(args) >= 4 and args[1].isdigit() and {args[2], args[3]} <= {"true", "false"}:
+        extra, dropout = args[2] == "true", args[3] == "true"
         variant = (
-            "extra+dropout" if all(flags) else "extra" if flags[0] else "dropout" if flags[1] else "plain"
+            "extra+dropout" if extra and dropout else "extra" if extra else "dropout" if dropout else "plain"
         )
-        extra = [f"arg{i}={a}" for i, a in enumerate(args[4:], start=4)]
         info.update(
-            pass_=passes[function],
+            pass_=attn.group(1),
             dtype=_DTYPES.get(args[0], f"dtype{args[0]}"),
             head_dim=int(args[1]),
-            variant=" ".join([variant, *extra]),
+            variant=" ".join([variant, *(f"arg{i}={a}" for i, a in enumerate(args[4:], start=4))]),
         )
         info["label"] = f"{info['pass_']} {info['dtype']} D={info['head_dim']} {info['variant']}"
     else:
-        info["label"] = f"{function}<{', '.join(args)}>"
+        info["label"] = f"{function}<{', '.join(args)}>" if args else function
     return info
 
 
@@ -259,31 +262,38 @@ def compile_source(source: Path, arch: str, workdir: Path, include: Path | None 
 
 
 def analyze(compiled: dict, arch: str, mix: bool = True) -> list[dict]:
-    """One row per attention kernel instantiation (kernels whose hot loop has no MMA are left out)."""
+    """One row per kernel whose hot loop has MMAs (the attention kernels; elementwise ones are left
+    out), the ``mix`` columns only with ``mix``."""
     ptxas = parse_ptxas(compiled["ptxas"])
     text, threads = _sections(compiled["sass"])
     names = _demangle(sorted(ptxas))
     dynamic = compiled["dynamic_smem"] or {}
     rows = []
     for mangled, usage in ptxas.items():
-        info = kernel_label(names[mangled])
-        if "pass_" not in info or mangled not in text:
+        if mangled not in text or not aot.parse_sass(text[mangled])[1]:
             continue
+        loop = weighted_hot_loop(text[mangled], threads.get(mangled))
+        if not loop["loop_mma"]:
+            continue
+        info = kernel_label(names[mangled])
         row = dict(
             kernel=info["label"],
             mangled=mangled,
             arch=arch,
-            **{k: v for k, v in info.items() if k != "label"},
+            function=info["function"],
+            dtype=info.get("dtype", "-"),
+            head_dim=info.get("head_dim", 0),
+            variant=info.get("variant", ""),
+            threads=threads.get(mangled),
+            **usage,
         )
-        row["pass"] = row.pop("pass_")
-        row.update(usage, threads=threads.get(mangled))
-        dyn = dynamic.get(f"{row['pass']}_d{row['head_dim']}")
-        row["dynamic_smem"] = dyn
+        row["pass"] = info.get("pass_", info["function"])
+        row["dynamic_smem"] = dyn = dynamic.get(f"{row['pass']}_d{row['head_dim']}")
         if arch == "sm_89" and row["threads"]:
             warps = row["threads"] // 32
             row["occupancy_warps"] = aot.occupancy(usage["registers"], usage["smem"] + (dyn or 0), warps)[0]
         if mix:
-            row.update(weighted_hot_loop(text[mangled], row["threads"]))
+            row.update(loop)
             if arch == "sm_89":
                 model = aot.issue_model_sm89(row["iter_mma"], row["iter_instructions"])
                 row.update(
@@ -296,9 +306,11 @@ def analyze(compiled: dict, arch: str, mix: bool = True) -> list[dict]:
     passes, variants = ["forward", "backward"], ["plain", "extra", "extra+dropout"]
 
     def key(r):
-        v = r["variant"].split()[0]
+        v = (r["variant"].split() or [""])[0]
+        p = passes.index(r["pass"]) if r["pass"] in passes else len(passes)
         return (
-            passes.index(r["pass"]),
+            p,
+            r["pass"],
             r["dtype"],
             r["head_dim"],
             variants.index(v) if v in variants else 9,
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         r
         for r in analyze(compiled, args.arch, mix=args.mix)
-        if r["dtype"] in args.dtype and (args.head_dim is None or r["head_dim"] in args.head_dim)
+        if r["dtype"] in (*args.dtype, "-") and (args.head_dim is None or r["head_dim"] in args.head_dim)
     ]
     described = _describe_source(args.source, args.rev)
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=False).stdout
