@@ -139,7 +139,7 @@ def weighted_hot_loop(sass: str, threads: int | None) -> dict:
     )
 
 
-_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_\w+'")
 
 
 def parse_ptxas(text: str) -> dict[str, dict]:
@@ -223,8 +223,8 @@ def _sections(sass: str) -> tuple[dict[str, str], dict[str, int]]:
     return text, threads
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=False)
+def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
         raise RuntimeError(f"{what} failed ({' '.join(cmd[:3])} ...): {res.stderr[-3000:]}")
     return res
@@ -392,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch", default="sm_89", help="nvcc arch (the issue model and occupancy: sm_89 only)"
     )
-    parser.add_argument("--source", type=Path, default=ROOT / "csrc" / "attn_cuda.cu")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=ROOT / "csrc" / "attn_cuda.cu",
+        help="default: the checkout's csrc/attn_cuda.cu",
+    )
     parser.add_argument("--rev", default=None, help="git revision: analyze csrc/ as committed there")
     parser.add_argument("--mix", action="store_true", help="add the hot loop's SASS mix and the sm_89 model")
     parser.add_argument("--dtype", nargs="*", default=["bf16"], help="dtypes to list (bf16, fp16)")
