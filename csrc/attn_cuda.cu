@@ -1,9 +1,11 @@
 // CUDA block attention on tensor cores (mma.sync m16n8k16, bf16/fp16 in, fp32 accumulate).
 //
 // Forward: one CTA per (64 query rows, batch * query head); each warp owns 16 query rows and keeps
-// its output tile and online-softmax state in registers. K and V tiles are loaded into shared memory
-// per step; Q is rotated once at load, K once for the whole call by a rotate_rows pass into the
-// rope_work workspace (no rotation per query tile). Backward: one CTA per (key tile, batch * kv
+// its output tile, online-softmax state and (head dim <= 128) Q's fragments in registers. K and V
+// tiles stream through two shared-memory stages by cp.async (the next tile's copy in flight during
+// the current tile's math); Q is rotated once at load, K once for the whole call by a rotate_rows
+// pass into the rope_work workspace (no rotation per query tile). Fragments come from the padded
+// (conflict-free) shared rows by ldmatrix. Backward: one CTA per (key tile, batch * kv
 // head, column split); each warp owns 16 keys and keeps their dK, dV columns in registers while it
 // walks every query tile of every head of its group (GQA reduced in the kernel); K is rotated as it
 // loads (once per CTA), Q once for the call by rotate_rows (no rotation per key tile). RoPE's angles
@@ -16,9 +18,10 @@
 // backward). The plain and EXTRA kernels never read the Dropout argument: their code is the same
 // with or without the dropout variant (ptxas: same registers, no spills).
 //
-// Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts), worst case
-// head dim 256: forward (64 + 2 * 32) * 264 * 2 = 67,584 B; backward (2 * 32 + 2 * 32) * 264 * 2 +
-// 32 * 40 * 2 + row data = 71,424 B: within sm_89's 101,376 B.
+// Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts): forward
+// (FwdTiles) 39,936 / 36,864 / 69,120 B at head dim 64 / 128 / 256 (two CTAs per sm_89 SM up to
+// 128); backward (BwdTiles), worst case head dim 256: (2 * 32 + 2 * 32) * 264 * 2 + 32 * 40 * 2 +
+// row data = 71,424 B: within sm_89's 101,376 B.
 #if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -239,6 +242,64 @@ __device__ void load_rows(uint16_t* s, int ld, const View& view, int64_t b, int6
   }
 }
 
+// ---- asynchronous tile copies (cp.async, 16 bytes, L2 only) ----------------------------------------
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", dst, src, src_bytes);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are in flight (the older ones landed).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Whether rows of a (B, S, H, D) view can be copied in 16-byte pieces: 8-element aligned address,
+// strides and head dim (otherwise issue_rows copies element by element).
+__device__ __forceinline__ bool rows_vectorizable(const View& v, int D) {
+  return v.ptr % 16 == 0 && v.sb % 8 == 0 && v.ss % 8 == 0 && v.sh % 8 == 0 && D % 8 == 0;
+}
+
+// Rows [row0, row0 + rows) of (b, h), as they are (no RoPE), into shared [rows][ld], zero past S and
+// past D (up to DMAX): by cp.async when `vec` (the bytes land at the wait_group that completes the
+// group the caller commits), else by plain loads and stores (visible at the next barrier).
+template <int DMAX>
+__device__ void issue_rows(uint16_t* s, int ld, const View& view, int64_t b, int64_t h, int64_t row0, int rows,
+                           int64_t S, int D, bool vec) {
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(view.ptr);
+  for (int item = threadIdx.x; item < rows * (DMAX / 8); item += blockDim.x) {
+    const int r = item / (DMAX / 8), c = item % (DMAX / 8) * 8;
+    const int64_t row = row0 + r;
+    const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh + c;
+    uint16_t* dst = s + r * ld + c;
+    if (vec) {
+      const bool in = row < S && c < D;  // D % 8 == 0: a piece is wholly inside or outside
+      cp_async16(dst, in ? src : base, in ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = row < S && c + e < D ? src[e] : uint16_t{0};
+    }
+  }
+}
+
 // Index and document of rows [row0, row0 + rows) into shared arrays (rows past S: doc -2). Query
 // rows get their aligned index (attn_math.h), key rows their global index.
 __device__ void load_row_meta(int64_t* index, int64_t* doc, int64_t row0, int rows, int64_t S,
@@ -302,13 +363,21 @@ bool needs_dropout(const AttnParams& p) { return p.dropout_p > 0.0; }
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// K/V tiles go through kStages shared buffers (cp.async: the next tile's copy is in flight during
+// the current tile's math). Up to head dim 128, Q's A fragments stay in registers for the whole
+// sweep and its tile is staged in the K/V buffers (before the first K/V copy), so that two CTAs
+// (8 warps) fit an sm_89 SM (100 KB): D 64: 39,936 B, D 128: 36,864 B. Head dim 256 keeps Q in
+// shared memory (its fragments would need 64 more registers) with 16-key tiles: 69,120 B.
 template <int DMAX>
 struct FwdTiles {
-  static constexpr int kBlockQ = 64, kWarps = 4;
-  static constexpr int kBlockK = DMAX > 128 ? 32 : 64;  // keeps head dim 256 within 99 KB
+  static constexpr int kBlockQ = 64, kWarps = 4, kStages = 2;
+  static constexpr int kBlockK = DMAX <= 64 ? 64 : DMAX <= 128 ? 32 : 16;
+  static constexpr bool kQInRegs = DMAX <= 128;
   static constexpr int kLd = DMAX + kPad;
-  static constexpr size_t kSmem =
-      (kBlockQ + 2 * kBlockK) * kLd * sizeof(uint16_t) + 2 * (kBlockQ + kBlockK) * sizeof(int64_t);
+  static constexpr int kQRows = kQInRegs ? 0 : kBlockQ;  // Q's own shared rows
+  static constexpr size_t kMeta = 2 * (kBlockQ + kStages * kBlockK) * sizeof(int64_t);
+  static constexpr size_t kSmem = kMeta + (kQRows + kStages * 2 * kBlockK) * kLd * sizeof(uint16_t);
+  static_assert(kQInRegs ? kStages * 2 * kBlockK >= kBlockQ : true, "Q's tile is staged in the K/V buffers");
   static_assert(kSmem <= kMaxSmemSm89, "forward tiles exceed sm_89's shared memory per block");
 };
 
@@ -322,14 +391,14 @@ __global__ void __launch_bounds__(128, 1)
   using Tiles = FwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
   static_assert(NT % 2 == 0 && DT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
+  constexpr int STAGES = Tiles::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* k_s = q_s + BQ * LD;
-  uint16_t* v_s = k_s + BK * LD;
-  int64_t* q_index = reinterpret_cast<int64_t*>(v_s + BK * LD);
+  int64_t* q_index = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* q_doc = q_index + BQ;
-  int64_t* k_index = q_doc + BQ;
-  int64_t* k_doc = k_index + BK;
+  int64_t* k_index = q_doc + BQ;  // [STAGES][BK]
+  int64_t* k_doc = k_index + STAGES * BK;
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(k_doc + STAGES * BK);
+  uint16_t* kv_s = q_s + Tiles::kQRows * LD;  // stage i: K rows at kv_s + 2 i BK LD, then V rows
 
   const int D = static_cast<int>(p.head_dim);
   // grid.x enumerates (batch * head, query tile) with tiles fastest: a head's tiles share its K/V in L2
@@ -343,6 +412,11 @@ __global__ void __launch_bounds__(128, 1)
   load_rows<DT, DMAX>(q_s, LD, p.q, b, h, q0, BQ, p.seqlen_q, D, p, qs, rope);
   load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
   __syncthreads();
+  uint32_t qf[Tiles::kQInRegs ? DMAX / 16 : 1][4];
+  if constexpr (Tiles::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < DMAX / 16; ++kk) load_a(qf[kk], q_s, LD, warp * 16, kk * 16);
+  }
   // Keys this tile may see (causal, window, documents): the loop visits only their tiles.
   int64_t k_begin = 0, k_end = 0;
   {
@@ -366,27 +440,58 @@ __global__ void __launch_bounds__(128, 1)
   // Dropout's counter takes global indices (not aligned ones): this thread's two query rows'.
   const int64_t q_global0 = qs.start + qs.stride * (q0 + r_lo), q_global1 = q_global0 + 8 * qs.stride;
 
-  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {
-    __syncthreads();
-    // K arrives rotated (launch_forward's rotate_rows pass): no rotation per query tile.
-    load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
-    load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
-    load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
-    __syncthreads();
+  // K and V rows of key tile k0 (and their index and document) into stage `st`: one cp.async group
+  // per tile, committed by the caller. K arrives rotated (launch_forward's rotate_rows pass).
+  const bool vec = rows_vectorizable(p.k, D) && rows_vectorizable(p.v, D);
+  auto issue_tile = [&](int64_t k0, int st) {
+    uint16_t* k_dst = kv_s + st * 2 * BK * LD;
+    issue_rows<DMAX>(k_dst, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, vec);
+    issue_rows<DMAX>(k_dst + BK * LD, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, vec);
+    load_row_meta(k_index + st * BK, k_doc + st * BK, k0, BK, p.seqlen_k, ks, p);
+  };
+  int64_t k0 = k_begin / BK * BK;
+  // Q's tile (staged in the K/V buffers when its fragments live in registers) is read by now.
+  if constexpr (Tiles::kQInRegs) __syncthreads();
+  if (k0 < k_end) issue_tile(k0, 0);
+  cp_async_commit();
+  for (int st = 0; k0 < k_end; k0 += BK, st = (st + 1) % STAGES) {
+    static_assert(STAGES == 2, "one tile in flight while one is read");
+    __syncthreads();  // every warp is done with stage st + 1 (read in the previous step)
+    if (k0 + BK < k_end) issue_tile(k0 + BK, (st + 1) % STAGES);
+    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group flying
+    cp_async_wait<1>();  // this thread's copies of tile k0 landed
+    __syncthreads();     // and everyone's (and the plain stores of the fallback and the row data)
+    const uint16_t* k_s = kv_s + st * 2 * BK * LD;
+    const uint16_t* v_s = k_s + BK * LD;
+    const int64_t* k_idx = k_index + st * BK;
+    const int64_t* k_dc = k_doc + st * BK;
 
     float s[NT][4] = {};
-    // Not unrolled over kk (no register array is indexed by it): unrolled, ptxas hoists the ldmatrix
-    // of later steps and spills at head dim 256.
-#pragma unroll 1
-    for (int kk = 0; kk < DMAX / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, q_s, LD, warp * 16, kk * 16);
+    if constexpr (Tiles::kQInRegs) {
 #pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t bf[4];
-        load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
-        mma16816<DT>(s[nt], a, bf);
-        mma16816<DT>(s[nt + 1], a, bf + 2);
+      for (int kk = 0; kk < DMAX / 16; ++kk) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t bf[4];
+          load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
+          mma16816<DT>(s[nt], qf[kk], bf);
+          mma16816<DT>(s[nt + 1], qf[kk], bf + 2);
+        }
+      }
+    } else {
+      // Not unrolled over kk (no register array is indexed by it): unrolled, ptxas hoists the
+      // ldmatrix of later steps and spills at head dim 256.
+#pragma unroll 1
+      for (int kk = 0; kk < DMAX / 16; ++kk) {
+        uint32_t a[4];
+        load_a(a, q_s, LD, warp * 16, kk * 16);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t bf[4];
+          load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
+          mma16816<DT>(s[nt], a, bf);
+          mma16816<DT>(s[nt + 1], a, bf + 2);
+        }
       }
     }
     float row_max[2] = {-RA_INF, -RA_INF};
@@ -395,12 +500,12 @@ __global__ void __launch_bounds__(128, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r_lo + (e >> 1) * 8, c = nt * 8 + 2 * t + (e & 1);
-        bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
+        bool ok = visible(q_index[r], k_idx[c], q_doc[r], k_dc[c], p.causal);
         float score = s[nt][e] * p.softmax_scale;
         if constexpr (EXTRA) {
-          ok = ok && in_window(q_index[r], k_index[c], p.window_left, p.window_right);
+          ok = ok && in_window(q_index[r], k_idx[c], p.window_left, p.window_right);
           float unused;
-          score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], k_index[c], &unused);
+          score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], k_idx[c], &unused);
         }
         s[nt][e] = ok ? score : -RA_INF;
         row_max[e >> 1] = max_nan(row_max[e >> 1], s[nt][e]);  // fmaxf would drop a NaN score
@@ -429,7 +534,7 @@ __global__ void __launch_bounds__(128, 1)
         if constexpr (DROPOUT) {  // after the sum: lse is of the probabilities before dropout
           const int c = nt * 8 + 2 * t + (e & 1);
           const int64_t qg = e >> 1 ? q_global1 : q_global0;
-          if (!dropout_keep(drop, k_index[c], qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
+          if (!dropout_keep(drop, k_idx[c], qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
         }
       }
     }

@@ -78,6 +78,7 @@ FAST_CASES = {
         Case(20, Hq=2, Hkv=1, D=64, rope=RoPEConfig(64, precision="hf"), position_offset=FAR),
         FP16,
     ),
+    "d36-rows-copied-element-wise": (Case(20, 70, Hq=2, Hkv=1, D=36, causal=True), BF16),  # D % 8 != 0
     "d64-strided-spans": (
         Case(33, 40, Hq=4, Hkv=2, D=64, causal=True, q_span=Span(5, 2), k_span=Span(0, 3)),
         FP16,
@@ -484,9 +485,19 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
         "      }\n      for (int item = warp;",
         "shared_race",
     ),
-    "removed-barrier-before-tile-reload": (  # forward: the next K/V tile overwrites the one being read
-        "  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {\n    __syncthreads();\n",
-        "  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {\n",
+    "removed-barrier-before-tile-reload": (  # forward: the next K/V copy lands in a stage being read
+        "    __syncthreads();  // every warp is done with stage st + 1",
+        "    // every warp is done with stage st + 1",
+        "shared_race",
+    ),
+    "waited-for-too-few-copies": (  # forward: tile k0's group may still be in flight when read
+        "    cp_async_wait<1>();",
+        "    cp_async_wait<2>();",
+        "cp_async_in_flight",
+    ),
+    "removed-barrier-after-wait": (  # forward: other threads' copies read before they are visible
+        "    __syncthreads();     // and everyone's",
+        "    // and everyone's",
         "shared_race",
     ),
 }
