@@ -88,7 +88,7 @@ def test_loop_trips_reads_only_the_forms_it_knows():
         from tritonkernels.aot import parse_sass
 
         instrs, loops = parse_sass(text)
-        return cuda_aot.loop_trips(instrs, loops[0], threads=64)
+        return cuda_aot.loop_trips(instrs, loops[-1], threads=64)
 
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0")) == 8
     assert trips(loop("ISETP.LT.AND P0, PT, R2, 64, PT", "@P0")) == 8
@@ -98,6 +98,14 @@ def test_loop_trips_reads_only_the_forms_it_knows():
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "IADD3 R2, R2, c[0x0][0x0], RZ")) == 1
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "VIADD R2, R2, 0x10")) == 4  # sm_90's add
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "@P1 IADD3 R2, R2, 0x8, RZ")) is None
+    # sm_90 keeps blockDim.x in a register loaded before the loop.
+    assert (
+        trips(
+            "        /*0000*/                   LDC R24, c[0x0][RZ] ;\n"
+            + loop("ISETP.GE.AND P0, PT, R2, 0x100, PT", "@!P0", "IMAD.IADD R2, R24, 0x1, R2")
+        )
+        == 256 // 64
+    )
 
 
 def test_parse_ptxas_reads_each_kernel():

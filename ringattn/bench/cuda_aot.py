@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPILE_FLAGS = ("-std=c++17", "-O3")  # tests/test_cuda_kernels.py::ptxas_report
 _DTYPES = {"1": "bf16", "2": "fp16"}  # csrc/attn_math.h: DType
 _IMMEDIATE = re.compile(r"^-?(0x[0-9a-fA-F]+|\d+)$")
-_BLOCK_DIM_X = "c[0x0][0x0]"  # blockDim.x in the constant bank
+_BLOCK_DIM_X = ("c[0x0][0x0]", "c[0x0][RZ]")  # blockDim.x in the constant bank
 
 
 def _immediate(text: str) -> int | None:
@@ -59,8 +59,8 @@ def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int 
 
     Recognised: the back branch's predicate set by ``ISETP.GE`` (taken on ``!P``) or ``ISETP.LT`` /
     ``ISETP.NE`` (taken on ``P``) of a register against an immediate N, the register advanced in the
-    loop by ``IADD3 R, R, stride, RZ`` (``VIADD R, R, stride`` on sm_90) with an immediate stride or
-    blockDim.x (= ``threads``).
+    loop by ``IADD3 R, R, stride, RZ`` (sm_90: ``VIADD`` or ``IMAD.IADD R, R, 0x1, stride``) with an
+    immediate stride or blockDim.x (= ``threads``), directly or through a register set before the loop.
     """
     begin, end = span
     guard = instrs[end].guard
@@ -81,19 +81,37 @@ def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int 
     stride = None
     for step in instrs[begin:end]:
         ops = [o.strip() for o in step.operands.split(",")]
-        if step.opcode == "IADD3" and len(ops) == 4 and ops[3] == "RZ":
-            ops = ops[:3]
-        elif step.opcode != "VIADD":  # sm_90's add (IADD3 on sm_80/89)
+        if step.guard or not ops or ops[0] != reg:
             continue
-        if not step.guard and len(ops) == 3 and ops[0] == reg:
-            other = ops[2] if ops[1] == reg else ops[1] if ops[2] == reg else None
-            if other == _BLOCK_DIM_X:
-                stride = threads
-            elif other is not None:
-                stride = _immediate(other)
+        if step.opcode == "IADD3" and len(ops) == 4 and ops[3] == "RZ":
+            terms = ops[1:3]
+        elif step.opcode == "VIADD" and len(ops) == 3:  # sm_90's add
+            terms = ops[1:3]
+        elif step.mnemonic == "IMAD.IADD" and len(ops) == 4 and ops[2] == "0x1":
+            terms = [ops[1], ops[3]]
+        else:
+            continue
+        if reg in terms:
+            terms.remove(reg)
+            stride = _value(instrs[:begin], terms[0], threads)
     if not stride or stride <= 0:
         return None
     return math.ceil(bound / stride)
+
+
+def _value(before: list[aot.SassInstr], operand: str, threads: int | None) -> int | None:
+    """An operand's value: an immediate, blockDim.x (``threads``), or a register last written before
+    the loop with one of them (sm_90 keeps blockDim.x in a register: ``LDC R, c[0x0][RZ]``)."""
+    if operand in _BLOCK_DIM_X:
+        return threads
+    if (value := _immediate(operand)) is not None or not re.fullmatch(r"R\d+", operand):
+        return value
+    for instr in reversed(before):
+        ops = [o.strip() for o in instr.operands.split(",")]
+        if ops and ops[0] == operand:
+            source = ops[-1] if instr.opcode in ("LDC", "MOV") or instr.mnemonic == "IMAD.MOV.U32" else None
+            return None if source is None or source == operand else _value([], source, threads)
+    return None
 
 
 def weighted_hot_loop(sass: str, threads: int | None) -> dict:
