@@ -7,8 +7,9 @@
 // pass into the rope_work workspace (no rotation per query tile). Fragments come from the padded
 // (conflict-free) shared rows by ldmatrix. Backward: one CTA per (key tile, batch * kv
 // head, column split); each warp owns 16 keys and keeps their dK, dV columns in registers while it
-// walks every query tile of every head of its group (GQA reduced in the kernel); K is rotated as it
-// loads (once per CTA), Q once for the call by rotate_rows (no rotation per key tile). RoPE's angles
+// walks every query tile of every head of its group (GQA reduced in the kernel), their Q and dO
+// tiles streaming through cp.async stages; K is rotated as it loads (once per CTA), Q once for the
+// call by rotate_rows (no rotation per key tile). RoPE's angles
 // are integer turns (attn_math.h: rope_turns, sincos_turns; no sincosf stack frame). dQ goes to an fp32
 // workspace with atomics, dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
 // and writes the gradients in the caller's dtype and strides.
@@ -20,8 +21,7 @@
 //
 // Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts): forward
 // (FwdTiles) 39,936 / 36,864 / 69,120 B at head dim 64 / 128 / 256 (two CTAs per sm_89 SM up to
-// 128); backward (BwdTiles), worst case head dim 256: (2 * 32 + 2 * 32) * 264 * 2 + 32 * 40 * 2 +
-// row data = 71,424 B: within sm_89's 101,376 B.
+// 128); backward (BwdTiles) 44,544 / 77,312 / 88,960 B: within sm_89's 101,376 B.
 #if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -593,17 +593,23 @@ __global__ void __launch_bounds__(128, 1)
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// Q and dO tiles (with their lse, delta, index and document) stream through kStages shared buffers
+// by cp.async, as the forward's K/V. 64 keys (4 warps) per CTA at every head dim; head dim 256 takes
+// 16-query tiles and one stage (two would pass 99 KB): D 64: 44,544 B (two CTAs, 8 warps per sm_89
+// SM), D 128: 77,312 B, D 256: 88,960 B (4 warps).
 template <int DMAX>
 struct BwdTiles {
-  static constexpr int kBlockQ = 32;
-  static constexpr int kBlockK = DMAX > 128 ? 32 : 64;
+  static constexpr int kBlockQ = DMAX > 128 ? 16 : 32;
+  static constexpr int kBlockK = 64;
   static constexpr int kWarps = kBlockK / 16;  // each warp owns 16 keys
   static constexpr int kSplit = DMAX > 128 ? 2 : 1;  // dK/dV/dQ columns split over CTAs (registers)
+  static constexpr int kStages = DMAX > 128 ? 1 : 2;
   static constexpr int kCols = DMAX / kSplit;
   static constexpr int kLd = DMAX + kPad, kLdS = kBlockQ + kPad;
-  static constexpr size_t kSmem = (2 * kBlockK + 2 * kBlockQ) * kLd * sizeof(uint16_t) +
-                                  kBlockK * kLdS * sizeof(uint16_t) + 2 * kBlockQ * sizeof(float) +
-                                  2 * (kBlockQ + kBlockK) * sizeof(int64_t);
+  static constexpr size_t kSmem = 2 * (kStages * kBlockQ + kBlockK) * sizeof(int64_t) +
+                                  kStages * 2 * kBlockQ * sizeof(float) +
+                                  (2 * kBlockK + kStages * 2 * kBlockQ) * kLd * sizeof(uint16_t) +
+                                  kBlockK * kLdS * sizeof(uint16_t);
   static_assert(kSmem <= kMaxSmemSm89, "backward tiles exceed sm_89's shared memory per block");
 };
 
@@ -616,18 +622,18 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, LDS = Tiles::kLdS;
   constexpr int COLS = Tiles::kCols, CT8 = COLS / 8, NT = BQ / 8;
   static_assert(NT % 2 == 0 && CT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
+  constexpr int STAGES = Tiles::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* v_s = k_s + BK * LD;
-  uint16_t* q_s = v_s + BK * LD;
-  uint16_t* do_s = q_s + BQ * LD;
-  uint16_t* ds_s = do_s + BQ * LD;  // dS^T: [key][query]
-  float* lse_s = reinterpret_cast<float*>(ds_s + BK * LDS);
-  float* delta_s = lse_s + BQ;
-  int64_t* q_index = reinterpret_cast<int64_t*>(delta_s + BQ);
-  int64_t* q_doc = q_index + BQ;
-  int64_t* k_index = q_doc + BQ;
+  int64_t* k_index = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* k_doc = k_index + BK;
+  int64_t* q_index = k_doc + BK;  // [STAGES][BQ], as q_doc, lse_s, delta_s
+  int64_t* q_doc = q_index + STAGES * BQ;
+  float* lse_s = reinterpret_cast<float*>(q_doc + STAGES * BQ);
+  float* delta_s = lse_s + STAGES * BQ;
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(delta_s + STAGES * BQ);
+  uint16_t* v_s = k_s + BK * LD;
+  uint16_t* qo_s = v_s + BK * LD;  // stage i: Q rows at qo_s + 2 i BQ LD, then dO rows
+  uint16_t* ds_s = qo_s + STAGES * 2 * BQ * LD;  // dS^T: [key][query]
 
   const int D = static_cast<int>(p.head_dim);
   // grid: x = batch * KV head (up to 2^31 - 1), y = key tile; no division (this kernel is at 255 registers)
@@ -662,132 +668,164 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   float dk[CT8][4] = {}, dv[CT8][4] = {};
   const int key_lo = warp * 16 + g;  // this thread's keys key_lo and key_lo + 8 of the tile
 
-  for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
+  // The (head, query tile) steps of this CTA, in order: query tiles from q_first, head by head of
+  // the group. Step (hq, q0)'s Q (rotated by launch_backward's rotate_rows pass) and dO rows, lse,
+  // delta, index and document go to stage st; one cp.async group per step, committed by the caller.
+  const int64_t q_first = q_begin / BQ * BQ;
+  const int64_t h_end = q_first < q_end ? (hk + 1) * G : hk * G;  // no query tile: no step
+  auto next_step = [&](int64_t* hq, int64_t* q0) {
+    *q0 += BQ;
+    if (*q0 >= q_end) *q0 = q_first, ++*hq;
+  };
+  const bool vec = rows_vectorizable(p.q, D) && rows_vectorizable(p.dout, D);
+  auto issue_step = [&](int64_t hq, int64_t q0, int st) {
+    uint16_t* q_dst = qo_s + st * 2 * BQ * LD;
+    issue_rows<DMAX>(q_dst, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, vec);
+    issue_rows<DMAX>(q_dst + BQ * LD, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, vec);
+    load_row_meta(q_index + st * BQ, q_doc + st * BQ, q0, BQ, p.seqlen_q, qs, p);
+    const int64_t bh = b * p.heads_q + hq;
+    for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+      const int64_t row = q0 + r;
+      lse_s[st * BQ + r] = backward_lse(row < p.seqlen_q ? lse_in[bh * p.seqlen_q + row] : -RA_INF);
+      delta_s[st * BQ + r] = row < p.seqlen_q ? delta_in[bh * p.seqlen_q + row] : 0.0f;
+    }
+  };
+  if constexpr (STAGES == 2) {
+    if (hk * G < h_end) issue_step(hk * G, q_first, 0);
+  }
+  cp_async_commit();
+  int st = 0;
+  for (int64_t hq = hk * G, q0 = q_first; hq < h_end; next_step(&hq, &q0), st = (st + 1) % STAGES) {
+    static_assert(STAGES == 1 || STAGES == 2, "at most one step in flight while one is read");
+    // No barrier first: the stage written next was last read before the previous step's dS^T
+    // barrier (its dQ part reads only dS^T and K), and dS^T is rewritten only after the one below.
+    if constexpr (STAGES == 1) {
+      issue_step(hq, q0, 0);
+    } else {
+      int64_t hn = hq, qn = q0;
+      next_step(&hn, &qn);
+      if (hn < h_end) issue_step(hn, qn, (st + 1) % STAGES);
+    }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();  // this thread's copies of step (hq, q0) landed
+    __syncthreads();              // and everyone's (and the fallback's stores and the row data)
     const int64_t bh = b * p.heads_q + hq;
     float slope = 0.0f;
     if constexpr (EXTRA) {
       if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + hq];
     }
-    for (int64_t q0 = q_begin / BQ * BQ; q0 < q_end; q0 += BQ) {
-      __syncthreads();
-      // Q arrives rotated (launch_backward's rotate_rows pass): no rotation per key tile.
-      load_rows<DT, DMAX>(q_s, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
-      load_rows<DT, DMAX>(do_s, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
-      load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
-      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
-        const int64_t row = q0 + r;
-        const float lse = row < p.seqlen_q ? lse_in[bh * p.seqlen_q + row] : -RA_INF;
-        lse_s[r] = backward_lse(lse);
-        delta_s[r] = row < p.seqlen_q ? delta_in[bh * p.seqlen_q + row] : 0.0f;
-      }
-      __syncthreads();
+    const uint16_t* q_s = qo_s + st * 2 * BQ * LD;
+    const uint16_t* do_s = q_s + BQ * LD;
+    const int64_t* q_idx = q_index + st * BQ;
+    const int64_t* q_dc = q_doc + st * BQ;
+    const float* lse_t = lse_s + st * BQ;
+    const float* delta_t = delta_s + st * BQ;
 
-      // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn
-      // before S^T and dP^T are live and one Philox stream at a time: registers stay below 255.
-      uint32_t keep_bits = 0;
-      static_assert(NT * 4 <= 32, "one bit per element of a thread's S^T fragments");
-      if constexpr (DROPOUT) {
+    // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn
+    // before S^T and dP^T are live and one Philox stream at a time: registers stay below 255.
+    uint32_t keep_bits = 0;
+    static_assert(NT * 4 <= 32, "one bit per element of a thread's S^T fragments");
+    if constexpr (DROPOUT) {
 #pragma unroll 1
-        for (int i = 0; i < NT * 4; ++i) {
-          const int key = key_lo + ((i >> 1) & 1) * 8, qr = (i >> 2) * 8 + 2 * t + (i & 1);
-          const int64_t q_global = qs.start + qs.stride * (q0 + qr);
-          keep_bits |= static_cast<uint32_t>(dropout_keep(drop, k_index[key], q_global, static_cast<uint32_t>(bh)))
-                       << i;
-        }
+      for (int i = 0; i < NT * 4; ++i) {
+        const int key = key_lo + ((i >> 1) & 1) * 8, qr = (i >> 2) * 8 + 2 * t + (i & 1);
+        const int64_t q_global = qs.start + qs.stride * (q0 + qr);
+        keep_bits |= static_cast<uint32_t>(dropout_keep(drop, k_index[key], q_global, static_cast<uint32_t>(bh)))
+                     << i;
       }
-      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
-      float pt[NT][4] = {}, dpt[NT][4] = {};
-      // Not unrolled over kk, as the forward's S loop (ptxas would spill).
+    }
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
+    float pt[NT][4] = {}, dpt[NT][4] = {};
+    // Not unrolled over kk, as the forward's S loop (ptxas would spill).
 #pragma unroll 1
-      for (int kk = 0; kk < DMAX / 16; ++kk) {
-        uint32_t ak[4], av[4];
-        load_a(ak, k_s, LD, warp * 16, kk * 16);
-        load_a(av, v_s, LD, warp * 16, kk * 16);
+    for (int kk = 0; kk < DMAX / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      load_a(ak, k_s, LD, warp * 16, kk * 16);
+      load_a(av, v_s, LD, warp * 16, kk * 16);
 #pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-          uint32_t bq[4], bo[4];
-          load_b_nk2(bq, q_s, LD, kk * 16, nt * 8);
-          load_b_nk2(bo, do_s, LD, kk * 16, nt * 8);
-          mma16816<DT>(pt[nt], ak, bq);
-          mma16816<DT>(pt[nt + 1], ak, bq + 2);
-          mma16816<DT>(dpt[nt], av, bo);
-          mma16816<DT>(dpt[nt + 1], av, bo + 2);
-        }
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t bq[4], bo[4];
+        load_b_nk2(bq, q_s, LD, kk * 16, nt * 8);
+        load_b_nk2(bo, do_s, LD, kk * 16, nt * 8);
+        mma16816<DT>(pt[nt], ak, bq);
+        mma16816<DT>(pt[nt + 1], ak, bq + 2);
+        mma16816<DT>(dpt[nt], av, bo);
+        mma16816<DT>(dpt[nt + 1], av, bo + 2);
       }
-      // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
+    }
+    // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
-          bool ok = visible(q_index[qr], k_index[key], q_doc[qr], k_doc[key], p.causal);
-          float score = pt[nt][e] * scale, dscore = scale;
-          if constexpr (EXTRA) {
-            ok = ok && in_window(q_index[qr], k_index[key], p.window_left, p.window_right);
-            float grad;
-            score = score_mod(score, p.softcap, inv_softcap, slope, q_index[qr], k_index[key], &grad);
-            dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
-          }
-          const float pv = ok ? softmax_weight(score, lse_s[qr]) : 0.0f;
-          float dp = dpt[nt][e];
-          if constexpr (DROPOUT) {  // dV takes P Z / (1 - p), dS the product dO V^T Z / (1 - p)
-            const float z = (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;
-            pt[nt][e] = pv * z;
-            dp *= z;
-          } else {
-            pt[nt][e] = pv;
-          }
-          dpt[nt][e] = pv * (dp - delta_s[qr]) * dscore;
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
+        bool ok = visible(q_idx[qr], k_index[key], q_dc[qr], k_doc[key], p.causal);
+        float score = pt[nt][e] * scale, dscore = scale;
+        if constexpr (EXTRA) {
+          ok = ok && in_window(q_idx[qr], k_index[key], p.window_left, p.window_right);
+          float grad;
+          score = score_mod(score, p.softcap, inv_softcap, slope, q_idx[qr], k_index[key], &grad);
+          dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
         }
+        const float pv = ok ? softmax_weight(score, lse_t[qr]) : 0.0f;
+        float dp = dpt[nt][e];
+        if constexpr (DROPOUT) {  // dV takes P Z / (1 - p), dS the product dO V^T Z / (1 - p)
+          const float z = (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;
+          pt[nt][e] = pv * z;
+          dp *= z;
+        } else {
+          pt[nt][e] = pv;
+        }
+        dpt[nt][e] = pv * (dp - delta_t[qr]) * dscore;
       }
-      // dV += P^T dO and dK += dS^T Q over this CTA's columns.
+    }
+    // dV += P^T dO and dK += dS^T Q over this CTA's columns.
 #pragma unroll
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        uint32_t ap[4], ads[4];
-        acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
-        acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t ap[4], ads[4];
+      acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
+      acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-        for (int ct = 0; ct < CT8; ct += 2) {
-          uint32_t bo[4], bq[4];
-          load_b_kn2(bo, do_s, LD, kk * 16, col0 + ct * 8);
-          load_b_kn2(bq, q_s, LD, kk * 16, col0 + ct * 8);
-          mma16816<DT>(dv[ct], ap, bo);
-          mma16816<DT>(dv[ct + 1], ap, bo + 2);
-          mma16816<DT>(dk[ct], ads, bq);
-          mma16816<DT>(dk[ct + 1], ads, bq + 2);
-        }
+      for (int ct = 0; ct < CT8; ct += 2) {
+        uint32_t bo[4], bq[4];
+        load_b_kn2(bo, do_s, LD, kk * 16, col0 + ct * 8);
+        load_b_kn2(bq, q_s, LD, kk * 16, col0 + ct * 8);
+        mma16816<DT>(dv[ct], ap, bo);
+        mma16816<DT>(dv[ct + 1], ap, bo + 2);
+        mma16816<DT>(dk[ct], ads, bq);
+        mma16816<DT>(dk[ct + 1], ads, bq + 2);
       }
-      // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
-      // items and adds its 16x8 result to the fp32 workspace.
+    }
+    // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
+    // items and adds its 16x8 result to the fp32 workspace.
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int qr = nt * 8 + 2 * t;
-        ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
-        ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
-        ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
-        ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
+    for (int nt = 0; nt < NT; ++nt) {
+      const int qr = nt * 8 + 2 * t;
+      ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
+      ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
+      ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
+      ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
+    }
+    __syncthreads();
+    for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
+      const int rb = item / CT8, ct = item % CT8;
+      const int c = col0 + ct * 8 + 2 * t;
+      if (col0 + ct * 8 >= D) continue;
+      float acc[4] = {};
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t a[4], bk[2];
+        load_a_t(a, ds_s, LDS, rb * 16, kk * 16);
+        load_b_kn(bk, k_s, LD, kk * 16, col0 + ct * 8);
+        mma16816<DT>(acc, a, bk);
       }
-      __syncthreads();
-      for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
-        const int rb = item / CT8, ct = item % CT8;
-        const int c = col0 + ct * 8 + 2 * t;
-        if (col0 + ct * 8 >= D) continue;
-        float acc[4] = {};
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          uint32_t a[4], bk[2];
-          load_a_t(a, ds_s, LDS, rb * 16, kk * 16);
-          load_b_kn(bk, k_s, LD, kk * 16, col0 + ct * 8);
-          mma16816<DT>(acc, a, bk);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int64_t row = q0 + rb * 16 + g + 8 * i;
-          if (row >= p.seqlen_q || c >= D) continue;
-          float* dst = dq_accum + ((b * p.seqlen_q + row) * p.heads_q + hq) * D + c;
-          atomicAdd(dst, acc[2 * i]);
-          atomicAdd(dst + 1, acc[2 * i + 1]);
-        }
+      for (int i = 0; i < 2; ++i) {
+        const int64_t row = q0 + rb * 16 + g + 8 * i;
+        if (row >= p.seqlen_q || c >= D) continue;
+        float* dst = dq_accum + ((b * p.seqlen_q + row) * p.heads_q + hq) * D + c;
+        atomicAdd(dst, acc[2 * i]);
+        atomicAdd(dst + 1, acc[2 * i + 1]);
       }
     }
   }

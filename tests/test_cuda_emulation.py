@@ -152,9 +152,8 @@ def assert_whole_grids(run: Run, case: Case) -> None:
     assert f"DMAX = {dmax}" in fwd["site"]
     assert fwd["grid"] == [math.ceil(case.Sq / 64) * case.B * case.Hq, 1, 1] and fwd["block"] == [128, 1, 1]
     bwd, finish_dq, finish_dk = run.reports["backward"]["launches"][rope:]
-    block_k = 32 if dmax > 128 else 64
-    assert bwd["grid"] == [case.B * case.Hkv, math.ceil(case.sk / block_k), 2 if dmax > 128 else 1]
-    assert bwd["block"] == [block_k * 2, 1, 1]
+    assert bwd["grid"] == [case.B * case.Hkv, math.ceil(case.sk / 64), 2 if dmax > 128 else 1]
+    assert bwd["block"] == [128, 1, 1]  # 64 keys, 16 per warp
     for launch, S, H in ((finish_dq, case.Sq, case.Hq), (finish_dk, case.sk, case.Hkv)):
         assert launch["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
     for launch in (fwd, bwd, finish_dq, finish_dk, *rotations.values()):
@@ -480,9 +479,19 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
         "  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 4 * (j & 1));",
         "misaligned_access",
     ),
+    "removed-barrier-after-q-wait": (  # backward: other threads' Q/dO copies read before they are visible
+        "    __syncthreads();              // and everyone's",
+        "    // and everyone's",
+        "shared_race",
+    ),
+    "waited-for-too-few-q-copies": (  # backward: step (hq, q0)'s group may still be in flight when read
+        "    cp_async_wait<STAGES - 1>();",
+        "    cp_async_wait<STAGES>();",
+        "cp_async_in_flight",
+    ),
     "removed-barrier-before-ds-reads": (  # backward: dS^T read by other warps before it is written
-        "      }\n      __syncthreads();\n      for (int item = warp;",
-        "      }\n      for (int item = warp;",
+        "    }\n    __syncthreads();\n    for (int item = warp;",
+        "    }\n    for (int item = warp;",
         "shared_race",
     ),
     "removed-barrier-before-tile-reload": (  # forward: the next K/V copy lands in a stage being read
