@@ -384,12 +384,12 @@ def test_cuda_source_skips_keys_outside_the_window(emu, dtype):
 # the NaN keys outside the window: 0 * NaN in P V and dP).
 BOUND_MUTATIONS = {
     "forward-visits-every-key-tile": (
-        "for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {",
-        "for (int64_t k0 = 0; k0 < p.seqlen_k; k0 += BK) {",
+        "  int64_t k0 = k_begin / BK * BK;\n",
+        "  int64_t k0 = 0;\n  k_end = p.seqlen_k;\n",
     ),
     "backward-visits-every-query-tile": (
-        "for (int64_t q0 = q_begin / BQ * BQ; q0 < q_end; q0 += BQ) {",
-        "for (int64_t q0 = 0; q0 < p.seqlen_q; q0 += BQ) {",
+        "  const int64_t q_first = q_begin / BQ * BQ;\n",
+        "  q_end = p.seqlen_q;\n  const int64_t q_first = 0;\n",
     ),
 }
 
