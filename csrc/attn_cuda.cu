@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -278,24 +279,36 @@ __device__ __forceinline__ bool rows_vectorizable(const View& v, int D) {
   return v.ptr % 16 == 0 && v.sb % 8 == 0 && v.ss % 8 == 0 && v.sh % 8 == 0 && D % 8 == 0;
 }
 
-// Rows [row0, row0 + rows) of (b, h), as they are (no RoPE), into shared [rows][ld], zero past S and
-// past D (up to DMAX): by cp.async when `vec` (the bytes land at the wait_group that completes the
-// group the caller commits), else by plain loads and stores (visible at the next barrier).
-template <int DMAX>
-__device__ void issue_rows(uint16_t* s, int ld, const View& view, int64_t b, int64_t h, int64_t row0, int rows,
-                           int64_t S, int D, bool vec) {
+// ROWS rows from row0 of (b, h), as they are (no RoPE), into shared [ROWS][ld], zero past S and past
+// D (up to DMAX), by THREADS threads: by cp.async when VEC (the bytes land at the wait_group that
+// completes the group the caller commits), else by plain loads and stores (visible at the next
+// barrier). The sweeps pick VEC once per launch (rows_vectorizable), outside their loops, so the
+// aligned sweep carries no element-wise code. A thread's 16-byte pieces share one column and step
+// THREADS / (DMAX / 8) rows: one base address, then constant offsets.
+template <int DMAX, int ROWS, int THREADS, bool VEC>
+__device__ __forceinline__ void issue_rows(uint16_t* s, int ld, const View& view, int64_t b, int64_t h, int64_t row0,
+                                           int64_t S, int D) {
+  constexpr int PIECES = DMAX / 8, ITEMS = ROWS * PIECES;
   const uint16_t* base = reinterpret_cast<const uint16_t*>(view.ptr);
-  for (int item = threadIdx.x; item < rows * (DMAX / 8); item += blockDim.x) {
-    const int r = item / (DMAX / 8), c = item % (DMAX / 8) * 8;
-    const int64_t row = row0 + r;
-    const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh + c;
+  if constexpr (VEC) {
+    static_assert(THREADS % PIECES == 0 && ITEMS % THREADS == 0, "whole rows per pass, whole passes");
+    constexpr int STEP = THREADS / PIECES;
+    const int r = static_cast<int>(threadIdx.x) / PIECES, c = static_cast<int>(threadIdx.x) % PIECES * 8;
+    const uint16_t* src = base + b * view.sb + (row0 + r) * view.ss + h * view.sh + c;
     uint16_t* dst = s + r * ld + c;
-    if (vec) {
-      const bool in = row < S && c < D;  // D % 8 == 0: a piece is wholly inside or outside
-      cp_async16(dst, in ? src : base, in ? 16 : 0);
-    } else {
+    const int64_t rows_in = c < D ? S - row0 - r : 0;  // D % 8 == 0: a piece is wholly inside or outside
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = row < S && c + e < D ? src[e] : uint16_t{0};
+    for (int j = 0; j < ITEMS / THREADS; ++j) {
+      const bool in = j * STEP < rows_in;
+      cp_async16(dst + j * STEP * ld, in ? src + j * STEP * view.ss : base, in ? 16 : 0);
+    }
+  } else {
+#pragma unroll 1
+    for (int item = threadIdx.x; item < ITEMS; item += THREADS) {
+      const int r = item / PIECES, c = item % PIECES * 8;
+      const int64_t row = row0 + r;
+      const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh + c;
+      for (int e = 0; e < 8; ++e) s[r * ld + c + e] = row < S && c + e < D ? src[e] : uint16_t{0};
     }
   }
 }
@@ -376,7 +389,7 @@ struct FwdTiles {
   static constexpr bool kQInRegs = DMAX <= 128;
   static constexpr int kLd = DMAX + kPad;
   static constexpr int kQRows = kQInRegs ? 0 : kBlockQ;  // Q's own shared rows
-  static constexpr size_t kMeta = 2 * (kBlockQ + kStages * kBlockK) * sizeof(int64_t);
+  static constexpr size_t kMeta = 2 * (kBlockQ + kBlockK) * sizeof(int64_t);  // index, document: Q, a key tile
   static constexpr size_t kSmem = kMeta + (kQRows + kStages * 2 * kBlockK) * kLd * sizeof(uint16_t);
   static_assert(kQInRegs ? kStages * 2 * kBlockK >= kBlockQ : true, "Q's tile is staged in the K/V buffers");
   static_assert(kSmem <= kMaxSmemSm89, "forward tiles exceed sm_89's shared memory per block");
@@ -396,9 +409,9 @@ __global__ void __launch_bounds__(128, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* q_index = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* q_doc = q_index + BQ;
-  int64_t* k_index = q_doc + BQ;  // [STAGES][BK]
-  int64_t* k_doc = k_index + STAGES * BK;
-  uint16_t* q_s = reinterpret_cast<uint16_t*>(k_doc + STAGES * BK);
+  int64_t* k_index = q_doc + BQ;  // [BK]: the current masked tile's
+  int64_t* k_doc = k_index + BK;
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(k_doc + BK);
   uint16_t* kv_s = q_s + Tiles::kQRows * LD;  // stage i: K rows at kv_s + 2 i BK LD, then V rows
 
   const int D = static_cast<int>(p.head_dim);
@@ -419,10 +432,10 @@ __global__ void __launch_bounds__(128, 1)
     for (int kk = 0; kk < DMAX / 16; ++kk) load_a(qf[kk], q_s, LD, warp * 16, kk * 16);
   }
   // Keys this tile may see (causal, window, documents): the loop visits only their tiles.
-  int64_t k_begin = 0, k_end = 0;
+  int64_t k_begin = 0, k_end = 0, a_min, a_max, d_min, d_max;
+  tile_range<BQ>(q_index, q_doc, &a_min, &a_max, &d_min, &d_max);
   {
-    int64_t a_min, a_max, d_min, d_max, lo, hi;
-    tile_range<BQ>(q_index, q_doc, &a_min, &a_max, &d_min, &d_max);
+    int64_t lo, hi;
     if (d_max >= 0) {
       key_index_range(a_min, a_max, d_min, d_max, ks.cu, p.causal, EXTRA ? p.window_left : -1,
                       EXTRA ? p.window_right : -1, &lo, &hi);
@@ -441,123 +454,165 @@ __global__ void __launch_bounds__(128, 1)
   // Dropout's counter takes global indices (not aligned ones): this thread's two query rows'.
   const int64_t q_global0 = qs.start + qs.stride * (q0 + r_lo), q_global1 = q_global0 + 8 * qs.stride;
 
-  // K and V rows of key tile k0 (and their index and document) into stage `st`: one cp.async group
-  // per tile, committed by the caller. K arrives rotated (launch_forward's rotate_rows pass).
-  const bool vec = rows_vectorizable(p.k, D) && rows_vectorizable(p.v, D);
-  auto issue_tile = [&](int64_t k0, int st) {
+  // This thread's query rows' index and document (registers for the whole sweep).
+  const int64_t qa[2] = {q_index[r_lo], q_index[r_lo + 8]}, qd[2] = {q_doc[r_lo], q_doc[r_lo + 8]};
+
+  // Mask-free key tiles [f_begin, f_end): every query row of this tile (all inside S and inside one
+  // document) sees every key of the tile (inside S, the document, the causal bound and the window).
+  // Each condition holds for a prefix or a suffix of the key rows, so these tiles are contiguous.
+  int64_t k0 = k_begin / BK * BK, f_begin = k0, f_end = k0;
+  {
+    if (q0 + BQ <= p.seqlen_q && d_max >= 0 && d_min == d_max && q_doc[0] == d_min && q_doc[BQ - 1] == d_min) {
+      int64_t lo = kIndexMin, hi = kIndexMax, rb, re;
+      if (p.causal) hi = a_min;
+      if (EXTRA && p.window_right >= 0) hi = imin(hi, a_min + p.window_right);
+      if (EXTRA && p.window_left >= 0) lo = a_max - p.window_left;
+      if (ks.cu != nullptr) {
+        lo = imax(lo, ks.cu[d_min]);
+        hi = imin(hi, ks.cu[d_min + 1] - 1);
+      }
+      span_rows(lo, hi, ks.start, ks.stride, p.seqlen_k, &rb, &re);
+      const int64_t fb = imax(k0, (rb + BK - 1) / BK * BK), fe = imin(k_end, re) / BK * BK;
+      if (fb < fe) f_begin = fb, f_end = fe;
+    }
+  }
+
+  // K and V rows of key tile k0 into stage `st`: one cp.async group per tile, committed by the
+  // caller. K arrives rotated (launch_forward's rotate_rows pass).
+  auto issue_tile = [&](int64_t k0, int st, auto vec) {
     uint16_t* k_dst = kv_s + st * 2 * BK * LD;
-    issue_rows<DMAX>(k_dst, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, vec);
-    issue_rows<DMAX>(k_dst + BK * LD, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, vec);
-    load_row_meta(k_index + st * BK, k_doc + st * BK, k0, BK, p.seqlen_k, ks, p);
+    issue_rows<DMAX, BK, Tiles::kWarps * 32, decltype(vec)::value>(k_dst, LD, p.k, b, hk, k0, p.seqlen_k, D);
+    issue_rows<DMAX, BK, Tiles::kWarps * 32, decltype(vec)::value>(k_dst + BK * LD, LD, p.v, b, hk, k0, p.seqlen_k, D);
   };
-  int64_t k0 = k_begin / BK * BK;
+  // Key tiles from k0 up to `until` (the pipeline continues across calls: tile k0 is in flight in
+  // stage st on entry and exit). MASK: the tile's index and document (shared k_index, k_doc, written
+  // here after the loop's barriers) mask each pair; else the tile is mask-free (no per-pair test,
+  // key indices affine in the row for ALiBi and dropout).
+  int st = 0;
+  auto sweep = [&](int64_t until, auto mask, auto vec) {
+    constexpr bool MASK = decltype(mask)::value;
+    for (; k0 < until; k0 += BK, st ^= 1) {
+      static_assert(STAGES == 2, "one tile in flight while one is read");
+      __syncthreads();  // every warp is done with stage st ^ 1 (read in the previous step) and k_index
+      if (k0 + BK < k_end) issue_tile(k0 + BK, st ^ 1, vec);
+      cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group flying
+      if constexpr (MASK) load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
+      cp_async_wait<1>();  // this thread's copies of tile k0 landed
+      __syncthreads();     // and everyone's (and the plain stores of the fallback and the row data)
+      const uint16_t* k_s = kv_s + st * 2 * BK * LD;
+      const uint16_t* v_s = k_s + BK * LD;
+      // Global index of this thread's key columns 2 t (+ 8 nt + 1): dropout's counter, ALiBi's distance.
+      [[maybe_unused]] const int64_t k_glob = ks.start + ks.stride * (k0 + 2 * t);
+
+      float s[NT][4] = {};
+      if constexpr (Tiles::kQInRegs) {
+#pragma unroll
+        for (int kk = 0; kk < DMAX / 16; ++kk) {
+#pragma unroll
+          for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t bf[4];
+            load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
+            mma16816<DT>(s[nt], qf[kk], bf);
+            mma16816<DT>(s[nt + 1], qf[kk], bf + 2);
+          }
+        }
+      } else {
+        // Not unrolled over kk (no register array is indexed by it): unrolled, ptxas hoists the
+        // ldmatrix of later steps and spills at head dim 256.
+#pragma unroll 1
+        for (int kk = 0; kk < DMAX / 16; ++kk) {
+          uint32_t a[4];
+          load_a(a, q_s, LD, warp * 16, kk * 16);
+#pragma unroll
+          for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t bf[4];
+            load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
+            mma16816<DT>(s[nt], a, bf);
+            mma16816<DT>(s[nt + 1], a, bf + 2);
+          }
+        }
+      }
+      float row_max[2] = {-RA_INF, -RA_INF};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1, c = nt * 8 + 2 * t + (e & 1);
+          float score = s[nt][e] * p.softmax_scale;
+          bool ok = true;
+          if constexpr (MASK) ok = visible(qa[i], k_index[c], qd[i], k_doc[c], p.causal);
+          if constexpr (EXTRA) {
+            const int64_t kg = k_glob + ks.stride * (nt * 8 + (e & 1));
+            if constexpr (MASK) ok = ok && in_window(qa[i], kg, p.window_left, p.window_right);
+            float unused;
+            score = score_mod(score, p.softcap, inv_softcap, slope, qa[i], kg, &unused);
+          }
+          s[nt][e] = ok ? score : -RA_INF;
+          row_max[i] = max_nan(row_max[i], s[nt][e]);  // fmaxf would drop a NaN score
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
+        row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
+      }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float m_new = max_nan(m[i], row_max[i]);
+        alpha[i] = online_rescale(m[i], m_new);
+        m[i] = m_new;
+        l[i] *= alpha[i];
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mi = m[e >> 1];
+          s[nt][e] = mi == -RA_INF ? 0.0f : softmax_weight(s[nt][e], mi);  // masked: 0
+          l[e >> 1] += s[nt][e];
+          if constexpr (DROPOUT) {  // after the sum: lse is of the probabilities before dropout
+            const int64_t qg = e >> 1 ? q_global1 : q_global0;
+            const int64_t kg = k_glob + ks.stride * (nt * 8 + (e & 1));
+            if (!dropout_keep(drop, kg, qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
+          }
+        }
+      }
+#pragma unroll
+      for (int dt = 0; dt < DT8; ++dt) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t a[4];
+        acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < DT8; dt += 2) {
+          uint32_t bf[4];
+          load_b_kn2(bf, v_s, LD, kk * 16, dt * 8);
+          mma16816<DT>(o[dt], a, bf);
+          mma16816<DT>(o[dt + 1], a, bf + 2);
+        }
+      }
+    }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
   // Q's tile (staged in the K/V buffers when its fragments live in registers) is read by now.
   if constexpr (Tiles::kQInRegs) __syncthreads();
-  if (k0 < k_end) issue_tile(k0, 0);
-  cp_async_commit();
-  for (int st = 0; k0 < k_end; k0 += BK, st = (st + 1) % STAGES) {
-    static_assert(STAGES == 2, "one tile in flight while one is read");
-    __syncthreads();  // every warp is done with stage st + 1 (read in the previous step)
-    if (k0 + BK < k_end) issue_tile(k0 + BK, (st + 1) % STAGES);
-    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group flying
-    cp_async_wait<1>();  // this thread's copies of tile k0 landed
-    __syncthreads();     // and everyone's (and the plain stores of the fallback and the row data)
-    const uint16_t* k_s = kv_s + st * 2 * BK * LD;
-    const uint16_t* v_s = k_s + BK * LD;
-    const int64_t* k_idx = k_index + st * BK;
-    const int64_t* k_dc = k_doc + st * BK;
-
-    float s[NT][4] = {};
-    if constexpr (Tiles::kQInRegs) {
-#pragma unroll
-      for (int kk = 0; kk < DMAX / 16; ++kk) {
-#pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-          uint32_t bf[4];
-          load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
-          mma16816<DT>(s[nt], qf[kk], bf);
-          mma16816<DT>(s[nt + 1], qf[kk], bf + 2);
-        }
-      }
-    } else {
-      // Not unrolled over kk (no register array is indexed by it): unrolled, ptxas hoists the
-      // ldmatrix of later steps and spills at head dim 256.
-#pragma unroll 1
-      for (int kk = 0; kk < DMAX / 16; ++kk) {
-        uint32_t a[4];
-        load_a(a, q_s, LD, warp * 16, kk * 16);
-#pragma unroll
-        for (int nt = 0; nt < NT; nt += 2) {
-          uint32_t bf[4];
-          load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
-          mma16816<DT>(s[nt], a, bf);
-          mma16816<DT>(s[nt + 1], a, bf + 2);
-        }
-      }
-    }
-    float row_max[2] = {-RA_INF, -RA_INF};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = r_lo + (e >> 1) * 8, c = nt * 8 + 2 * t + (e & 1);
-        bool ok = visible(q_index[r], k_idx[c], q_doc[r], k_dc[c], p.causal);
-        float score = s[nt][e] * p.softmax_scale;
-        if constexpr (EXTRA) {
-          ok = ok && in_window(q_index[r], k_idx[c], p.window_left, p.window_right);
-          float unused;
-          score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], k_idx[c], &unused);
-        }
-        s[nt][e] = ok ? score : -RA_INF;
-        row_max[e >> 1] = max_nan(row_max[e >> 1], s[nt][e]);  // fmaxf would drop a NaN score
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
-      row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float m_new = max_nan(m[i], row_max[i]);
-      alpha[i] = online_rescale(m[i], m_new);
-      m[i] = m_new;
-      l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float mi = m[e >> 1];
-        s[nt][e] = mi == -RA_INF ? 0.0f : softmax_weight(s[nt][e], mi);  // masked: 0
-        l[e >> 1] += s[nt][e];
-        if constexpr (DROPOUT) {  // after the sum: lse is of the probabilities before dropout
-          const int c = nt * 8 + 2 * t + (e & 1);
-          const int64_t qg = e >> 1 ? q_global1 : q_global0;
-          if (!dropout_keep(drop, k_idx[c], qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
-        }
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < DT8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dt = 0; dt < DT8; dt += 2) {
-        uint32_t bf[4];
-        load_b_kn2(bf, v_s, LD, kk * 16, dt * 8);
-        mma16816<DT>(o[dt], a, bf);
-        mma16816<DT>(o[dt + 1], a, bf + 2);
-      }
-    }
+  if (rows_vectorizable(p.k, D) && rows_vectorizable(p.v, D)) {
+    if (k0 < k_end) issue_tile(k0, 0, Yes{});
+    cp_async_commit();
+    sweep(f_begin, Yes{}, Yes{});  // masked tiles before the mask-free ones (window, document start)
+    sweep(f_end, No{}, Yes{});     // the long middle: no mask
+    sweep(k_end, Yes{}, Yes{});    // the causal diagonal, the window's or document's end
+  } else {  // element-wise copies (unaligned rows): every tile masked, one loop
+    if (k0 < k_end) issue_tile(k0, 0, No{});
+    cp_async_commit();
+    sweep(k_end, Yes{}, No{});
   }
 
 #pragma unroll
@@ -678,11 +733,11 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
     *q0 += BQ;
     if (*q0 >= q_end) *q0 = q_first, ++*hq;
   };
-  const bool vec = rows_vectorizable(p.q, D) && rows_vectorizable(p.dout, D);
-  auto issue_step = [&](int64_t hq, int64_t q0, int st) {
+  auto issue_step = [&](int64_t hq, int64_t q0, int st, auto vec) {
+    constexpr int THREADS = Tiles::kWarps * 32;
     uint16_t* q_dst = qo_s + st * 2 * BQ * LD;
-    issue_rows<DMAX>(q_dst, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, vec);
-    issue_rows<DMAX>(q_dst + BQ * LD, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, vec);
+    issue_rows<DMAX, BQ, THREADS, decltype(vec)::value>(q_dst, LD, p.q, b, hq, q0, p.seqlen_q, D);
+    issue_rows<DMAX, BQ, THREADS, decltype(vec)::value>(q_dst + BQ * LD, LD, p.dout, b, hq, q0, p.seqlen_q, D);
     load_row_meta(q_index + st * BQ, q_doc + st * BQ, q0, BQ, p.seqlen_q, qs, p);
     const int64_t bh = b * p.heads_q + hq;
     for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
@@ -691,144 +746,152 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
       delta_s[st * BQ + r] = row < p.seqlen_q ? delta_in[bh * p.seqlen_q + row] : 0.0f;
     }
   };
-  if constexpr (STAGES == 2) {
-    if (hk * G < h_end) issue_step(hk * G, q_first, 0);
-  }
-  cp_async_commit();
-  int st = 0;
-  for (int64_t hq = hk * G, q0 = q_first; hq < h_end; next_step(&hq, &q0), st = (st + 1) % STAGES) {
-    static_assert(STAGES == 1 || STAGES == 2, "at most one step in flight while one is read");
-    // No barrier first: the stage written next was last read before the previous step's dS^T
-    // barrier (its dQ part reads only dS^T and K), and dS^T is rewritten only after the one below.
-    if constexpr (STAGES == 1) {
-      issue_step(hq, q0, 0);
-    } else {
-      int64_t hn = hq, qn = q0;
-      next_step(&hn, &qn);
-      if (hn < h_end) issue_step(hn, qn, (st + 1) % STAGES);
+  // The sweep, with 16-byte copies (VEC) or element-wise ones (unaligned rows), picked once.
+  auto sweep = [&](auto vec) {
+    if constexpr (STAGES == 2) {
+      if (hk * G < h_end) issue_step(hk * G, q_first, 0, vec);
     }
     cp_async_commit();
-    cp_async_wait<STAGES - 1>();  // this thread's copies of step (hq, q0) landed
-    __syncthreads();              // and everyone's (and the fallback's stores and the row data)
-    const int64_t bh = b * p.heads_q + hq;
-    float slope = 0.0f;
-    if constexpr (EXTRA) {
-      if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + hq];
-    }
-    const uint16_t* q_s = qo_s + st * 2 * BQ * LD;
-    const uint16_t* do_s = q_s + BQ * LD;
-    const int64_t* q_idx = q_index + st * BQ;
-    const int64_t* q_dc = q_doc + st * BQ;
-    const float* lse_t = lse_s + st * BQ;
-    const float* delta_t = delta_s + st * BQ;
+    int st = 0;
+    for (int64_t hq = hk * G, q0 = q_first; hq < h_end; next_step(&hq, &q0), st = (st + 1) % STAGES) {
+      static_assert(STAGES == 1 || STAGES == 2, "at most one step in flight while one is read");
+      // No barrier first: the stage written next was last read before the previous step's dS^T
+      // barrier (its dQ part reads only dS^T and K), and dS^T is rewritten only after the one below.
+      if constexpr (STAGES == 1) {
+        issue_step(hq, q0, 0, vec);
+      } else {
+        int64_t hn = hq, qn = q0;
+        next_step(&hn, &qn);
+        if (hn < h_end) issue_step(hn, qn, (st + 1) % STAGES, vec);
+      }
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();  // this thread's copies of step (hq, q0) landed
+      __syncthreads();              // and everyone's (and the fallback's stores and the row data)
+      const int64_t bh = b * p.heads_q + hq;
+      float slope = 0.0f;
+      if constexpr (EXTRA) {
+        if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + hq];
+      }
+      const uint16_t* q_s = qo_s + st * 2 * BQ * LD;
+      const uint16_t* do_s = q_s + BQ * LD;
+      const int64_t* q_idx = q_index + st * BQ;
+      const int64_t* q_dc = q_doc + st * BQ;
+      const float* lse_t = lse_s + st * BQ;
+      const float* delta_t = delta_s + st * BQ;
 
-    // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn
-    // before S^T and dP^T are live and one Philox stream at a time: registers stay below 255.
-    uint32_t keep_bits = 0;
-    static_assert(NT * 4 <= 32, "one bit per element of a thread's S^T fragments");
-    if constexpr (DROPOUT) {
+      // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn
+      // before S^T and dP^T are live and one Philox stream at a time: registers stay below 255.
+      uint32_t keep_bits = 0;
+      static_assert(NT * 4 <= 32, "one bit per element of a thread's S^T fragments");
+      if constexpr (DROPOUT) {
 #pragma unroll 1
-      for (int i = 0; i < NT * 4; ++i) {
-        const int key = key_lo + ((i >> 1) & 1) * 8, qr = (i >> 2) * 8 + 2 * t + (i & 1);
-        const int64_t q_global = qs.start + qs.stride * (q0 + qr);
-        keep_bits |= static_cast<uint32_t>(dropout_keep(drop, k_index[key], q_global, static_cast<uint32_t>(bh)))
-                     << i;
+        for (int i = 0; i < NT * 4; ++i) {
+          const int key = key_lo + ((i >> 1) & 1) * 8, qr = (i >> 2) * 8 + 2 * t + (i & 1);
+          const int64_t q_global = qs.start + qs.stride * (q0 + qr);
+          keep_bits |= static_cast<uint32_t>(dropout_keep(drop, k_index[key], q_global, static_cast<uint32_t>(bh)))
+                       << i;
+        }
       }
-    }
-    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
-    float pt[NT][4] = {}, dpt[NT][4] = {};
-    // Not unrolled over kk, as the forward's S loop (ptxas would spill).
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
+      float pt[NT][4] = {}, dpt[NT][4] = {};
+      // Not unrolled over kk, as the forward's S loop (ptxas would spill).
 #pragma unroll 1
-    for (int kk = 0; kk < DMAX / 16; ++kk) {
-      uint32_t ak[4], av[4];
-      load_a(ak, k_s, LD, warp * 16, kk * 16);
-      load_a(av, v_s, LD, warp * 16, kk * 16);
+      for (int kk = 0; kk < DMAX / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        load_a(ak, k_s, LD, warp * 16, kk * 16);
+        load_a(av, v_s, LD, warp * 16, kk * 16);
 #pragma unroll
-      for (int nt = 0; nt < NT; nt += 2) {
-        uint32_t bq[4], bo[4];
-        load_b_nk2(bq, q_s, LD, kk * 16, nt * 8);
-        load_b_nk2(bo, do_s, LD, kk * 16, nt * 8);
-        mma16816<DT>(pt[nt], ak, bq);
-        mma16816<DT>(pt[nt + 1], ak, bq + 2);
-        mma16816<DT>(dpt[nt], av, bo);
-        mma16816<DT>(dpt[nt + 1], av, bo + 2);
-      }
-    }
-    // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
-        bool ok = visible(q_idx[qr], k_index[key], q_dc[qr], k_doc[key], p.causal);
-        float score = pt[nt][e] * scale, dscore = scale;
-        if constexpr (EXTRA) {
-          ok = ok && in_window(q_idx[qr], k_index[key], p.window_left, p.window_right);
-          float grad;
-          score = score_mod(score, p.softcap, inv_softcap, slope, q_idx[qr], k_index[key], &grad);
-          dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t bq[4], bo[4];
+          load_b_nk2(bq, q_s, LD, kk * 16, nt * 8);
+          load_b_nk2(bo, do_s, LD, kk * 16, nt * 8);
+          mma16816<DT>(pt[nt], ak, bq);
+          mma16816<DT>(pt[nt + 1], ak, bq + 2);
+          mma16816<DT>(dpt[nt], av, bo);
+          mma16816<DT>(dpt[nt + 1], av, bo + 2);
         }
-        const float pv = ok ? softmax_weight(score, lse_t[qr]) : 0.0f;
-        float dp = dpt[nt][e];
-        if constexpr (DROPOUT) {  // dV takes P Z / (1 - p), dS the product dO V^T Z / (1 - p)
-          const float z = (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;
-          pt[nt][e] = pv * z;
-          dp *= z;
-        } else {
-          pt[nt][e] = pv;
+      }
+      // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
+          bool ok = visible(q_idx[qr], k_index[key], q_dc[qr], k_doc[key], p.causal);
+          float score = pt[nt][e] * scale, dscore = scale;
+          if constexpr (EXTRA) {
+            ok = ok && in_window(q_idx[qr], k_index[key], p.window_left, p.window_right);
+            float grad;
+            score = score_mod(score, p.softcap, inv_softcap, slope, q_idx[qr], k_index[key], &grad);
+            dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
+          }
+          const float pv = ok ? softmax_weight(score, lse_t[qr]) : 0.0f;
+          float dp = dpt[nt][e];
+          if constexpr (DROPOUT) {  // dV takes P Z / (1 - p), dS the product dO V^T Z / (1 - p)
+            const float z = (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;
+            pt[nt][e] = pv * z;
+            dp *= z;
+          } else {
+            pt[nt][e] = pv;
+          }
+          dpt[nt][e] = pv * (dp - delta_t[qr]) * dscore;
         }
-        dpt[nt][e] = pv * (dp - delta_t[qr]) * dscore;
+      }
+      // dV += P^T dO and dK += dS^T Q over this CTA's columns.
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        uint32_t ap[4], ads[4];
+        acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
+        acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+        for (int ct = 0; ct < CT8; ct += 2) {
+          uint32_t bo[4], bq[4];
+          load_b_kn2(bo, do_s, LD, kk * 16, col0 + ct * 8);
+          load_b_kn2(bq, q_s, LD, kk * 16, col0 + ct * 8);
+          mma16816<DT>(dv[ct], ap, bo);
+          mma16816<DT>(dv[ct + 1], ap, bo + 2);
+          mma16816<DT>(dk[ct], ads, bq);
+          mma16816<DT>(dk[ct + 1], ads, bq + 2);
+        }
+      }
+      // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
+      // items and adds its 16x8 result to the fp32 workspace.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int qr = nt * 8 + 2 * t;
+        ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
+        ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
+        ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
+        ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
+      }
+      __syncthreads();
+      for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
+        const int rb = item / CT8, ct = item % CT8;
+        const int c = col0 + ct * 8 + 2 * t;
+        if (col0 + ct * 8 >= D) continue;
+        float acc[4] = {};
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          uint32_t a[4], bk[2];
+          load_a_t(a, ds_s, LDS, rb * 16, kk * 16);
+          load_b_kn(bk, k_s, LD, kk * 16, col0 + ct * 8);
+          mma16816<DT>(acc, a, bk);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int64_t row = q0 + rb * 16 + g + 8 * i;
+          if (row >= p.seqlen_q || c >= D) continue;
+          float* dst = dq_accum + ((b * p.seqlen_q + row) * p.heads_q + hq) * D + c;
+          atomicAdd(dst, acc[2 * i]);
+          atomicAdd(dst + 1, acc[2 * i + 1]);
+        }
       }
     }
-    // dV += P^T dO and dK += dS^T Q over this CTA's columns.
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      uint32_t ap[4], ads[4];
-      acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
-      acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-      for (int ct = 0; ct < CT8; ct += 2) {
-        uint32_t bo[4], bq[4];
-        load_b_kn2(bo, do_s, LD, kk * 16, col0 + ct * 8);
-        load_b_kn2(bq, q_s, LD, kk * 16, col0 + ct * 8);
-        mma16816<DT>(dv[ct], ap, bo);
-        mma16816<DT>(dv[ct + 1], ap, bo + 2);
-        mma16816<DT>(dk[ct], ads, bq);
-        mma16816<DT>(dk[ct + 1], ads, bq + 2);
-      }
-    }
-    // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
-    // items and adds its 16x8 result to the fp32 workspace.
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int qr = nt * 8 + 2 * t;
-      ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
-      ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
-      ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
-      ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
-    }
-    __syncthreads();
-    for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
-      const int rb = item / CT8, ct = item % CT8;
-      const int c = col0 + ct * 8 + 2 * t;
-      if (col0 + ct * 8 >= D) continue;
-      float acc[4] = {};
-#pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
-        uint32_t a[4], bk[2];
-        load_a_t(a, ds_s, LDS, rb * 16, kk * 16);
-        load_b_kn(bk, k_s, LD, kk * 16, col0 + ct * 8);
-        mma16816<DT>(acc, a, bk);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t row = q0 + rb * 16 + g + 8 * i;
-        if (row >= p.seqlen_q || c >= D) continue;
-        float* dst = dq_accum + ((b * p.seqlen_q + row) * p.heads_q + hq) * D + c;
-        atomicAdd(dst, acc[2 * i]);
-        atomicAdd(dst + 1, acc[2 * i + 1]);
-      }
-    }
+  };
+  if (rows_vectorizable(p.q, D) && rows_vectorizable(p.dout, D)) {
+    sweep(std::true_type{});
+  } else {
+    sweep(std::false_type{});
   }
 
   float* dk_accum = reinterpret_cast<float*>(p.dk_accum);

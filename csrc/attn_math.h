@@ -330,13 +330,30 @@ RA_HOST_DEVICE void span_rows(int64_t lo, int64_t hi, int64_t start, int64_t str
 
 // max(a, b) that propagates NaN (std::max and fmaxf drop it): a NaN score or query must make its row
 // NaN, as in the fp64 reference, not look like a masked (empty) row.
-RA_HOST_DEVICE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+// On the GPU one max.NaN (sm_80+) instead of two compares and a select per score.
+RA_HOST_DEVICE float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && !defined(RINGATTN_CUDA_EMULATION)
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return (b > a || b != b) ? b : a;
+#endif
+}
 
 // Softmax weight exp(s - m) of a score given the row's running max (natural units). The difference
 // is taken first, so a score equal to the max gives exactly 1; s = -inf (masked) gives 0.
+// On the GPU one ex2.approx.ftz (exp2f adds a rescale of arguments below -126 to every score: a
+// compare and two predicated multiplies): a weight below 2^-126 (of the row max's 1) flushes to 0,
+// which the CPU emulation of the kernels reproduces.
 RA_HOST_DEVICE float softmax_weight(float s, float m) {
-#if defined(__CUDA_ARCH__)
-  return exp2f((s - m) * kLog2e);
+#if defined(__CUDA_ARCH__) && !defined(RINGATTN_CUDA_EMULATION)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"((s - m) * kLog2e));
+  return y;
+#elif defined(__CUDA_ARCH__)
+  const float y = exp2f((s - m) * kLog2e);
+  return y < 1.17549435e-38f ? 0.0f : y;  // ftz: no subnormal result
 #else
   return std::exp2((s - m) * kLog2e);
 #endif

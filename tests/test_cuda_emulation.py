@@ -40,6 +40,7 @@ from cuda_emulator import (
 from ringattn import RoPEConfig
 from ringattn.backends.compiled import DTYPE_CODES
 from ringattn.block import Span
+from ringattn.reference import visible_mask
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -461,6 +462,96 @@ def test_launch_configuration_errors(emu):
     assert rc == 9 and set(report["counts"]) == {"launch_error"}
 
 
+# -------------------------------------------------------------------------- mask-free key tiles
+
+FWD_BQ, FWD_BK = 64, 32  # attn_cuda.cu FwdTiles<64>: query and key rows per tile
+# Whole query tiles inside one document whose key sweeps have mask-free tiles next to masked ones:
+# a document's start and end inside key tiles, the causal diagonal, a window's two ends, and ALiBi's
+# distance from strided key indices (the mask-free tiles' key index is affine in the row).
+MASK_FREE_CASES = {
+    "causal-document-start-inside-a-tile": (
+        Case(160, Hq=2, Hkv=1, D=64, causal=True, cu_seqlens=(0, 20, 150)),
+        BF16,
+    ),
+    "document-both-ends-inside-tiles": (Case(160, Hq=2, Hkv=1, D=64, cu_seqlens=(0, 20, 150)), FP16),
+    "window-alibi-strided-keys": (
+        Case(192, 100, Hq=2, Hkv=1, D=64, window=(150, 60), alibi="head", k_span=Span(0, 2)),
+        FP16,
+    ),
+}
+
+
+def check_mask_free_tiles(emu: Emulator, case: Case, dtype) -> None:
+    """The case against the fp64 reference, then once per whole query tile that has both fully
+    visible key tiles (the kernel's mask-free ones) and keys it never sees: those keys' K set to NaN
+    must leave the tile's output rows bit for bit as they were (a masked score is replaced by -inf,
+    so only a key tile wrongly taken as mask-free lets the NaN in)."""
+    run = check_case(emu, case, dtype)
+    spec = case.spec_kwargs()
+    visible = visible_mask(
+        spec["q_index"], spec["k_index"], case.causal, spec["cu_seqlens"],
+        k_cu_seqlens=spec["k_cu_seqlens"], window=case.window,
+    )  # fmt: skip
+    q, k, v, dout = make_inputs(case, dtype)
+    poisoned_tiles = 0
+    for q0 in range(0, case.Sq - FWD_BQ + 1, FWD_BQ):
+        rows = visible[q0 : q0 + FWD_BQ]
+        tiles = [rows[:, k0 : k0 + FWD_BK] for k0 in range(0, case.sk - FWD_BK + 1, FWD_BK)]
+        hidden = ~rows.any(0)
+        if not any(t.all() for t in tiles) or not hidden.any():
+            continue
+        assert any(t.any() and not t.all() for t in tiles), "no masked tile next to the mask-free ones"
+        k_nan = k.clone()
+        k_nan[:, hidden] = float("nan")
+        out = run_case(emu, case, dtype, inputs=(q, k_nan, v, dout)).out[:, q0 : q0 + FWD_BQ]
+        assert torch.equal(out, run.out[:, q0 : q0 + FWD_BQ]), (
+            f"query tile {q0}: NaN keys it never sees got in"
+        )
+        poisoned_tiles += 1
+    assert poisoned_tiles, "the case has no query tile with mask-free key tiles and hidden keys"
+
+
+@pytest.mark.parametrize("name", MASK_FREE_CASES)
+def test_mask_free_tiles_only_where_every_pair_is_visible(emu, name):
+    check_mask_free_tiles(emu, *MASK_FREE_CASES[name])
+
+
+MASK_FREE_MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, the case that must fail)
+    "mask-free-tiles-past-the-causal-bound": (
+        "      if (p.causal) hi = a_min;",
+        "      if (p.causal) hi = a_max;",
+        "causal-document-start-inside-a-tile",
+    ),
+    "mask-free-tiles-rounded-out-at-the-start": (
+        "fb = imax(k0, (rb + BK - 1) / BK * BK)",
+        "fb = imax(k0, rb / BK * BK)",
+        "document-both-ends-inside-tiles",
+    ),
+    "mask-free-tiles-rounded-out-at-the-end": (
+        "fe = imin(k_end, re) / BK * BK",
+        "fe = (imin(k_end, re) + BK - 1) / BK * BK",
+        "document-both-ends-inside-tiles",
+    ),
+    "mask-free-tiles-past-the-window-end": (
+        "hi = imin(hi, a_min + p.window_right)",
+        "hi = imin(hi, a_max + p.window_right)",
+        "window-alibi-strided-keys",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MASK_FREE_MUTATIONS)
+def test_mask_free_mutations_are_caught(name):
+    """Each planted error in the mask-free tile bounds fails check_mask_free_tiles."""
+    original, planted, case_name = MASK_FREE_MUTATIONS[name]
+    text = KERNEL_SOURCE.read_text()
+    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
+    mutant = Emulator(build_library(text.replace(original, planted)))
+    with pytest.raises(AssertionError):
+        check_mask_free_tiles(mutant, *MASK_FREE_CASES[case_name])
+
+
 # ------------------------------------------------------------------------------------- mutations
 
 MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case must fail)
@@ -480,33 +571,33 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
         "misaligned_access",
     ),
     "removed-barrier-after-q-wait": (  # backward: other threads' Q/dO copies read before they are visible
-        "    __syncthreads();              // and everyone's",
-        "    // and everyone's",
+        "      __syncthreads();              // and everyone's",
+        "      // and everyone's",
         "shared_race",
     ),
     "waited-for-too-few-q-copies": (  # backward: step (hq, q0)'s group may still be in flight when read
-        "    cp_async_wait<STAGES - 1>();",
-        "    cp_async_wait<STAGES>();",
+        "      cp_async_wait<STAGES - 1>();",
+        "      cp_async_wait<STAGES>();",
         "cp_async_in_flight",
     ),
     "removed-barrier-before-ds-reads": (  # backward: dS^T read by other warps before it is written
-        "    }\n    __syncthreads();\n    for (int item = warp;",
-        "    }\n    for (int item = warp;",
+        "      }\n      __syncthreads();\n      for (int item = warp;",
+        "      }\n      for (int item = warp;",
         "shared_race",
     ),
     "removed-barrier-before-tile-reload": (  # forward: the next K/V copy lands in a stage being read
-        "    __syncthreads();  // every warp is done with stage st + 1",
-        "    // every warp is done with stage st + 1",
+        "      __syncthreads();  // every warp is done with stage st ^ 1",
+        "      // every warp is done with stage st ^ 1",
         "shared_race",
     ),
     "waited-for-too-few-copies": (  # forward: tile k0's group may still be in flight when read
-        "    cp_async_wait<1>();",
-        "    cp_async_wait<2>();",
+        "      cp_async_wait<1>();",
+        "      cp_async_wait<2>();",
         "cp_async_in_flight",
     ),
     "removed-barrier-after-wait": (  # forward: other threads' copies read before they are visible
-        "    __syncthreads();     // and everyone's",
-        "    // and everyone's",
+        "      __syncthreads();     // and everyone's",
+        "      // and everyone's",
         "shared_race",
     ),
 }
