@@ -454,9 +454,6 @@ __global__ void __launch_bounds__(128, 1)
   // Dropout's counter takes global indices (not aligned ones): this thread's two query rows'.
   const int64_t q_global0 = qs.start + qs.stride * (q0 + r_lo), q_global1 = q_global0 + 8 * qs.stride;
 
-  // This thread's query rows' index and document (registers for the whole sweep).
-  const int64_t qa[2] = {q_index[r_lo], q_index[r_lo + 8]}, qd[2] = {q_doc[r_lo], q_doc[r_lo + 8]};
-
   // Mask-free key tiles [f_begin, f_end): every query row of this tile (all inside S and inside one
   // document) sees every key of the tile (inside S, the document, the causal bound and the window).
   // Each condition holds for a prefix or a suffix of the key rows, so these tiles are contiguous.
@@ -537,15 +534,16 @@ __global__ void __launch_bounds__(128, 1)
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, c = nt * 8 + 2 * t + (e & 1);
+          // Query rows' index and document from shared memory: only masked tiles read them.
+          const int i = e >> 1, r = r_lo + 8 * i, c = nt * 8 + 2 * t + (e & 1);
           float score = s[nt][e] * p.softmax_scale;
           bool ok = true;
-          if constexpr (MASK) ok = visible(qa[i], k_index[c], qd[i], k_doc[c], p.causal);
+          if constexpr (MASK) ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
           if constexpr (EXTRA) {
             const int64_t kg = k_glob + ks.stride * (nt * 8 + (e & 1));
-            if constexpr (MASK) ok = ok && in_window(qa[i], kg, p.window_left, p.window_right);
+            if constexpr (MASK) ok = ok && in_window(q_index[r], kg, p.window_left, p.window_right);
             float unused;
-            score = score_mod(score, p.softcap, inv_softcap, slope, qa[i], kg, &unused);
+            score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], kg, &unused);
           }
           s[nt][e] = ok ? score : -RA_INF;
           row_max[i] = max_nan(row_max[i], s[nt][e]);  // fmaxf would drop a NaN score
