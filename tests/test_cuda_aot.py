@@ -98,6 +98,17 @@ def test_loop_trips_reads_only_the_forms_it_knows():
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "IADD3 R2, R2, c[0x0][0x0], RZ")) == 1
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "VIADD R2, R2, 0x10")) == 4  # sm_90's add
     assert trips(loop("ISETP.GE.AND P0, PT, R2, 0x40, PT", "@!P0", "@P1 IADD3 R2, R2, 0x8, RZ")) is None
+    # The step written to a new register that the loop copies back into its counter.
+    assert (
+        trips(
+            loop(
+                "ISETP.GE.AND P0, PT, R3, 0x180, PT",
+                "@!P0",
+                "IADD3 R3, R2, 0x80, RZ ;\n        /*0008*/                   IMAD.MOV.U32 R2, RZ, RZ, R3",
+            )
+        )
+        == 3
+    )
     # sm_90 keeps blockDim.x in a register loaded before the loop.
     assert (
         trips(

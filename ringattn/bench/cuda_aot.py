@@ -60,7 +60,8 @@ def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int 
     Recognised: the back branch's predicate set by ``ISETP.GE`` (taken on ``!P``) or ``ISETP.LT`` /
     ``ISETP.NE`` (taken on ``P``) of a register against an immediate N, the register advanced in the
     loop by ``IADD3 R, R, stride, RZ`` (sm_90: ``VIADD`` or ``IMAD.IADD R, R, 0x1, stride``) with an
-    immediate stride or blockDim.x (= ``threads``), directly or through a register set before the loop.
+    immediate stride or blockDim.x (= ``threads``), directly or through a register set before the loop;
+    also ``R = i + stride`` where the loop later copies R back into i.
     """
     begin, end = span
     guard = instrs[end].guard
@@ -91,12 +92,23 @@ def loop_trips(instrs: list[aot.SassInstr], span: tuple[int, int], threads: int 
             terms = [ops[1], ops[3]]
         else:
             continue
-        if reg in terms:
-            terms.remove(reg)
+        carried = [t for t in terms if t == reg or _copies(instrs[begin:end], t, reg)]
+        if carried:  # reg += stride, or reg = i + stride with i = reg later in the loop
+            terms.remove(carried[0])
             stride = _value(instrs[:begin], terms[0], threads)
     if not stride or stride <= 0:
         return None
     return math.ceil(bound / stride)
+
+
+def _copies(body: list[aot.SassInstr], dst: str, src: str) -> bool:
+    """Whether ``body`` copies register ``src`` into ``dst`` (``MOV`` / ``IMAD.MOV.U32 dst, RZ, RZ, src``)."""
+    for instr in body:
+        ops = [o.strip() for o in instr.operands.split(",")]
+        if not instr.guard and ops[0] == dst and ops[-1] == src:
+            if instr.opcode == "MOV" or instr.mnemonic == "IMAD.MOV.U32" and ops[1:3] == ["RZ", "RZ"]:
+                return True
+    return False
 
 
 def _value(before: list[aot.SassInstr], operand: str, threads: int | None) -> int | None:
