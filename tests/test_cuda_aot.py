@@ -192,3 +192,22 @@ def test_real_kernels_on_sm89(tmp_path):
         text.startswith("MODELED")
         and len([x for x in text.splitlines() if x.startswith("| ")]) == len(rows) + 1
     )
+
+
+def test_other_sweeps_with_as_many_mmas_are_listed():
+    # A masked sweep (an extra select) and a mask-free one, two MMAs each: the hot loop is the
+    # shorter, the other is listed with its own count.
+    sass = """
+.L_x_0:
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   FSEL R5, R5, -INF , P1 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R16, R8, R14, R16 ;
+        /*0030*/              @!P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0050*/                   HMMA.16816.F32.BF16 R16, R8, R14, R16 ;
+        /*0060*/              @!P2 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+    mix = cuda_aot.weighted_hot_loop(sass, threads=128)
+    assert mix["iter_instructions"] == 3 and mix["other_sweeps"] == [4]

@@ -126,22 +126,19 @@ def _value(before: list[aot.SassInstr], operand: str, threads: int | None) -> in
     return None
 
 
-def weighted_hot_loop(sass: str, threads: int | None) -> dict:
-    """The hot loop of one kernel's SASS (``aot.hot_loop``): its static mix (as ``aot.hot_loop_mix``)
-    and the counts per iteration with each loop directly inside it weighted by ``loop_trips``."""
-    instrs, loops = aot.parse_sass(sass)
-    begin, end = aot.hot_loop(instrs, loops)
-    inside = [s for s in loops if begin <= s[0] and s[1] < end and s != (begin, end)]
+def _weighted_loop(instrs: list[aot.SassInstr], loops: list[tuple[int, int]], span, threads) -> dict:
+    begin, end = span
+    inside = [s for s in loops if begin <= s[0] and s[1] < end and s != span]
     children = sorted(
         {s for s in inside if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in inside)}
     )
     weight = [1] * (end + 1 - begin)
     inner = []
-    for span in children:
-        trips = loop_trips(instrs, span, threads)
-        for i in range(span[0], span[1] + 1):
+    for child in children:
+        trips = loop_trips(instrs, child, threads)
+        for i in range(child[0], child[1] + 1):
             weight[i - begin] = trips or 1
-        size = sum(x.opcode != "NOP" for x in instrs[span[0] : span[1] + 1])
+        size = sum(x.opcode != "NOP" for x in instrs[child[0] : child[1] + 1])
         inner.append(dict(instructions=size, trips=trips))
     static: dict[str, int] = {}
     weighted: dict[str, int] = {}
@@ -167,6 +164,31 @@ def weighted_hot_loop(sass: str, threads: int | None) -> dict:
         iter_local=local(weighted),
         iter_top_opcodes=aot.top_opcodes(weighted, 8),
     )
+
+
+def weighted_hot_loop(sass: str, threads: int | None) -> dict:
+    """The hot loop of one kernel's SASS (``aot.hot_loop``): its static mix (as ``aot.hot_loop_mix``)
+    and the counts per iteration with each loop directly inside it weighted by ``loop_trips``.
+    ``other_sweeps``: instructions per iteration of the other loops with as many MMAs, outside the
+    hot one (e.g. a masked sweep beside a mask-free one: the hot loop is the shortest)."""
+    instrs, loops = aot.parse_sass(sass)
+    hot = aot.hot_loop(instrs, loops)
+    result = _weighted_loop(instrs, loops, hot, threads)
+
+    def disjoint(a, b):
+        return a[1] < b[0] or b[1] < a[0]
+
+    peers = [
+        s
+        for s in loops
+        if s != hot
+        and disjoint(s, hot)
+        and sum(i.opcode in aot.MMA_OPCODES for i in instrs[s[0] : s[1] + 1]) == result["loop_mma"]
+    ]
+    # a peer nested in another peer is the same sweep's inner loop: keep the outermost
+    peers = [s for s in peers if not any(o != s and o[0] <= s[0] and s[1] <= o[1] for o in peers)]
+    result["other_sweeps"] = [_weighted_loop(instrs, loops, s, threads)["iter_instructions"] for s in peers]
+    return result
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_\w+'")
@@ -360,6 +382,7 @@ COLUMNS = {
     "loop": "hot loop's static instructions / MMAs (each instruction once, as the Triton --mix)",
     "inner loops": "loops directly inside the hot loop, instructions x trips per iteration (? = unknown, once)",
     "instr/iter": "instructions one warp issues per hot-loop iteration, inner loops weighted by trips",
+    "other sweeps": "instr/iter of other loops with as many MMAs (e.g. masked tiles beside the mask-free hot loop)",
     "MMA/iter": "m16n8k16 MMAs per warp per iteration",
     "MMA cyc": "MMA/iter x MMA_CYCLES_SM89 (tensor-core cycles of the warp's sub-partition)",
     "bound": "tensor when MMA cycles >= issue cycles (= instr/iter), else issue",
@@ -388,6 +411,7 @@ def report(rows: list[dict], header: str) -> str:
             f"{r['loop_instructions']}/{r['loop_mma']}" if "loop_mma" in r else "-",
             inner or "-",
             r.get("iter_instructions", "-"),
+            " ".join(str(n) for n in r.get("other_sweeps", [])) or "-",
             r.get("iter_mma", "-"),
             r.get("mma_cycles", "-"),
             r.get("bound", "-"),
