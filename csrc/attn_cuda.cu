@@ -20,7 +20,7 @@
 // with or without the dropout variant (ptxas: same registers, no spills).
 //
 // Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts): forward
-// (FwdTiles) 20,480 / 36,864 / 69,120 B at head dim 64 / 128 / 256 (at least two CTAs per sm_89 SM
+// (FwdTiles) 19,968 / 36,352 / 68,864 B at head dim 64 / 128 / 256 (at least two CTAs per sm_89 SM
 // up to 128); backward (BwdTiles) 44,544 / 77,312 / 88,960 B: within sm_89's 101,376 B.
 #if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
@@ -379,9 +379,9 @@ bool needs_dropout(const AttnParams& p) { return p.dropout_p > 0.0; }
 // K/V tiles go through kStages shared buffers (cp.async: the next tile's copy is in flight during
 // the current tile's math). Up to head dim 128, Q's A fragments stay in registers for the whole
 // sweep and its tile is staged in the K/V buffers (before the first K/V copy), so that several CTAs
-// fit an sm_89 SM (100 KB): D 64: 20,480 B (4 by shared memory), D 128: 36,864 B (2, 8 warps).
-// Head dim 256 keeps Q in shared memory (its fragments would need 64 more registers) with 16-key
-// tiles: 69,120 B.
+// fit an sm_89 SM (100 KB): D 64: 19,968 B (4 by shared memory, 3 by its 142 registers), D 128:
+// 36,352 B (2, 8 warps). Head dim 256 keeps Q in shared memory (its fragments would need 64 more
+// registers) with 16-key tiles: 68,864 B. One key tile's index and document (masked tiles only).
 template <int DMAX>
 struct FwdTiles {
   static constexpr int kBlockQ = 64, kWarps = 4, kStages = 2;
