@@ -1,10 +1,16 @@
 // CUDA block attention on tensor cores (mma.sync m16n8k16, bf16/fp16 in, fp32 accumulate).
 //
 // Forward: one CTA per (64 query rows, batch * query head); each warp owns 16 query rows and keeps
-// its output tile and online-softmax state in registers. K and V tiles are loaded (K rotated) into
-// shared memory per step; Q is rotated once at load. Backward: one CTA per (key tile, batch * kv
+// its output tile, online-softmax state and (head dim <= 128) Q's fragments in registers. K and V
+// tiles stream through two shared-memory stages by cp.async (the next tile's copy in flight during
+// the current tile's math); Q is rotated once at load, K once for the whole call by a rotate_rows
+// pass into the rope_work workspace (no rotation per query tile). Fragments come from the padded
+// (conflict-free) shared rows by ldmatrix. Backward: one CTA per (key tile, batch * kv
 // head, column split); each warp owns 16 keys and keeps their dK, dV columns in registers while it
-// walks every query tile of every head of its group (GQA reduced in the kernel). dQ goes to an fp32
+// walks every query tile of every head of its group (GQA reduced in the kernel), their Q and dO
+// tiles streaming through cp.async stages; K is rotated as it loads (once per CTA), Q once for the
+// call by rotate_rows (no rotation per key tile). RoPE's angles
+// are integer turns (attn_math.h: rope_turns, sincos_turns; no sincosf stack frame). dQ goes to an fp32
 // workspace with atomics, dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
 // and writes the gradients in the caller's dtype and strides.
 //
@@ -13,9 +19,9 @@
 // backward). The plain and EXTRA kernels never read the Dropout argument: their code is the same
 // with or without the dropout variant (ptxas: same registers, no spills).
 //
-// Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts), worst case
-// head dim 256: forward (64 + 2 * 32) * 264 * 2 = 67,584 B; backward (2 * 32 + 2 * 32) * 264 * 2 +
-// 32 * 40 * 2 + row data = 71,424 B: within sm_89's 101,376 B.
+// Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts): forward
+// (FwdTiles) 19,968 / 36,352 / 68,864 B at head dim 64 / 128 / 256 (at least two CTAs per sm_89 SM
+// up to 128); backward (BwdTiles) 44,544 / 77,312 / 88,960 B: within sm_89's 101,376 B.
 #if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +33,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -71,12 +78,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
-__device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 // ---- tensor-core fragments (PTX ISA, mma.m16n8k16 layouts) -----------------------------------
 // g = lane / 4, t = lane % 4. A 16x16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..).
 // B 16x8: b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g). C 16x8: c0,c1 (g, 2t..), c2,c3 (g+8, 2t..).
@@ -106,40 +107,74 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], const 
   }
 }
 
-// A tile at (m0, k0) of a row-major [m][k] shared matrix.
+// ---- fragment loads: ldmatrix from padded shared rows ------------------------------------------
+// ldmatrix.m8n8 (PTX ISA): lane 8 j + r addresses row r of 8x8 matrix j (16 bytes); register j of lane
+// (g, t) receives that matrix's row g, elements 2t and 2t + 1 (.trans: column g, rows 2t and 2t + 1).
+// Rows are padded by 8 elements (kPad): a row pitch of an odd number of 16-byte units puts the 8 rows
+// of a matrix in 8 distinct 4-bank groups, so each matrix is one conflict-free shared access.
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const uint16_t* row) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.shared.b16", r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const uint16_t* row) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const uint16_t* row) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16", r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+// A tile at (m0, k0) of a row-major [m][k] shared matrix: a0..a3 are the 8x8 blocks at (m0, k0),
+// (m0 + 8, k0), (m0, k0 + 8), (m0 + 8, k0 + 8).
 __device__ __forceinline__ void load_a(uint32_t a[4], const uint16_t* s, int ld, int m0, int k0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (m0 + g) * ld + k0 + 2 * t;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * ld);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * ld + 8);
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4(a, s + (m0 + r + 8 * (j & 1)) * ld + k0 + 8 * (j >> 1));
 }
 
-// A tile at (m0, k0) of a matrix stored transposed, [k][m].
+// A tile at (m0, k0) of a matrix stored transposed, [k][m]: the same blocks, each transposed.
 __device__ __forceinline__ void load_a_t(uint32_t a[4], const uint16_t* s, int ld, int m0, int k0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (k0 + 2 * t) * ld + m0 + g;
-  a[0] = pack_bits(p[0], p[ld]);
-  a[1] = pack_bits(p[8], p[ld + 8]);
-  a[2] = pack_bits(p[8 * ld], p[9 * ld]);
-  a[3] = pack_bits(p[8 * ld + 8], p[9 * ld + 8]);
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4_t(a, s + (k0 + r + 8 * (j >> 1)) * ld + m0 + 8 * (j & 1));
 }
 
-// B tile at (k0, n0) of a matrix stored as [n][k] (e.g. K rows for S = Q K^T).
-__device__ __forceinline__ void load_b_nk(uint32_t b[2], const uint16_t* s, int ld, int k0, int n0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (n0 + g) * ld + k0 + 2 * t;
-  b[0] = ld32(p);
-  b[1] = ld32(p + 8);
+// Two B tiles, columns n0 .. n0 + 7 (b[0], b[1]) and n0 + 8 .. n0 + 15 (b[2], b[3]), at k0 of a
+// matrix stored as [n][k] (e.g. K rows for S = Q K^T): blocks (n0, k0), (n0, k0 + 8), (n0 + 8, ...).
+__device__ __forceinline__ void load_b_nk2(uint32_t b[4], const uint16_t* s, int ld, int k0, int n0) {
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));
 }
 
-// B tile at (k0, n0) of a matrix stored as [k][n] (e.g. V rows for O = P V).
+// Two B tiles (as load_b_nk2) of a matrix stored as [k][n] (e.g. V rows for O = P V): the blocks at
+// (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8), transposed.
+__device__ __forceinline__ void load_b_kn2(uint32_t b[4], const uint16_t* s, int ld, int k0, int n0) {
+  const int j = (threadIdx.x & 31) >> 3, r = threadIdx.x & 7;
+  ldsm_x4_t(b, s + (k0 + r + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));
+}
+
+// One B tile at (k0, n0) of a [k][n] matrix: blocks (k0, n0), (k0 + 8, n0), transposed (lanes
+// 16..31 give addresses ldmatrix .x2 does not use; theirs repeat lanes 0..15's).
 __device__ __forceinline__ void load_b_kn(uint32_t b[2], const uint16_t* s, int ld, int k0, int n0) {
-  const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-  const uint16_t* p = s + (k0 + 2 * t) * ld + n0 + g;
-  b[0] = pack_bits(p[0], p[ld]);
-  b[1] = pack_bits(p[8 * ld], p[9 * ld]);
+  const int j = (threadIdx.x & 15) >> 3, r = threadIdx.x & 7;
+  ldsm_x2_t(b, s + (k0 + r + 8 * j) * ld + n0);
 }
 
 // Accumulator pair of 16x8 tiles (keys 2kk*8 .. 2kk*8+15) repacked as the A operand of the next mma.
@@ -162,6 +197,28 @@ struct RowSide {  // one operand's rows: global index and RoPE position of row i
   const int64_t* align_cu;  // queries: the keys' own boundaries, to align by (null: no shift)
 };
 
+// Features (*ea, *eb) of pair i of a row: RoPE's pair (attn_math.h) for i < half_rot, else the
+// next two pass-through features.
+__device__ __forceinline__ void pair_features(int i, int half_rot, const AttnParams& p, int* ea, int* eb) {
+  if (i < half_rot) {
+    rope_pair(i, p.rotary_dim, p.interleaved, ea, eb);
+  } else {
+    *ea = 2 * half_rot + 2 * (i - half_rot);
+    *eb = *ea + 1;
+  }
+}
+
+// RoPE of rotary pair i of row `row` of batch b (its position from `side`), scaled by the attention
+// factor; sign -1 applies the transpose (the gradients' way back). Angles as integer turns
+// (attn_math.h: rope_turns, sincos_turns): no sincosf, whose large-argument path needs a stack frame.
+__device__ __forceinline__ void rope_pair_apply(float* xa, float* xb, int i, int64_t b, int64_t row,
+                                                const AttnParams& p, const RowSide& side, float sign) {
+  const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + row]);
+  float sn, cs;
+  sincos_turns(rope_turns(p.rope_mode, pos, side.freqs, i), p.attention_factor, &sn, &cs);
+  rope_rotate(*xa, *xb, cs, sign * sn, xa, xb);
+}
+
 // Rows [row0, row0 + rows) of (b, h) from a (B, S, H, D) view into shared [rows][ld], rotated when
 // `rotate`, zero-filled past S and past D (up to DMAX). Work item = one feature pair of one row.
 template <int DT, int DMAX>
@@ -173,27 +230,86 @@ __device__ void load_rows(uint16_t* s, int ld, const View& view, int64_t b, int6
     const int r = item / (DMAX / 2), i = item % (DMAX / 2);
     const int64_t row = row0 + r;
     int ea, eb;
-    const bool rot = i < half_rot;
-    if (rot) {
-      rope_pair(i, p.rotary_dim, p.interleaved, &ea, &eb);
-    } else {
-      ea = 2 * half_rot + 2 * (i - half_rot);
-      eb = ea + 1;
-    }
+    pair_features(i, half_rot, p, &ea, &eb);
     float xa = 0.0f, xb = 0.0f;
     if (row < S && eb < D) {
       const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh;
       xa = to_float<DT>(src[ea]);
       xb = to_float<DT>(src[eb]);
-      if (rot) {
-        const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + row]);
-        float sn, cs;
-        sincosf(rope_angle(p.rope_mode, pos, side.freqs, i), &sn, &cs);
-        rope_rotate(xa, xb, cs * p.attention_factor, sn * p.attention_factor, &xa, &xb);
-      }
+      if (i < half_rot) rope_pair_apply(&xa, &xb, i, b, row, p, side, 1.0f);
     }
     s[r * ld + ea] = to_bits<DT>(xa);
     s[r * ld + eb] = to_bits<DT>(xb);
+  }
+}
+
+// ---- asynchronous tile copies (cp.async, 16 bytes, L2 only) ----------------------------------------
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", dst, src, src_bytes);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are in flight (the older ones landed).
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(RINGATTN_CUDA_EMULATION)
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Whether rows of a (B, S, H, D) view can be copied in 16-byte pieces: 8-element aligned address,
+// strides and head dim (otherwise issue_rows copies element by element).
+__device__ __forceinline__ bool rows_vectorizable(const View& v, int D) {
+  return v.ptr % 16 == 0 && v.sb % 8 == 0 && v.ss % 8 == 0 && v.sh % 8 == 0 && D % 8 == 0;
+}
+
+// ROWS rows from row0 of (b, h), as they are (no RoPE), into shared [ROWS][ld], zero past S and past
+// D (up to DMAX), by THREADS threads: by cp.async when VEC (the bytes land at the wait_group that
+// completes the group the caller commits), else by plain loads and stores (visible at the next
+// barrier). The sweeps pick VEC once per launch (rows_vectorizable), outside their loops, so the
+// aligned sweep carries no element-wise code. A thread's 16-byte pieces share one column and step
+// THREADS / (DMAX / 8) rows: one base address, then constant offsets.
+template <int DMAX, int ROWS, int THREADS, bool VEC>
+__device__ __forceinline__ void issue_rows(uint16_t* s, int ld, const View& view, int64_t b, int64_t h, int64_t row0,
+                                           int64_t S, int D) {
+  constexpr int PIECES = DMAX / 8, ITEMS = ROWS * PIECES;
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(view.ptr);
+  if constexpr (VEC) {
+    static_assert(THREADS % PIECES == 0 && ITEMS % THREADS == 0, "whole rows per pass, whole passes");
+    constexpr int STEP = THREADS / PIECES;
+    const int r = static_cast<int>(threadIdx.x) / PIECES, c = static_cast<int>(threadIdx.x) % PIECES * 8;
+    const uint16_t* src = base + b * view.sb + (row0 + r) * view.ss + h * view.sh + c;
+    uint16_t* dst = s + r * ld + c;
+    const int64_t rows_in = c < D ? S - row0 - r : 0;  // D % 8 == 0: a piece is wholly inside or outside
+#pragma unroll
+    for (int j = 0; j < ITEMS / THREADS; ++j) {
+      const bool in = j * STEP < rows_in;
+      cp_async16(dst + j * STEP * ld, in ? src + j * STEP * view.ss : base, in ? 16 : 0);
+    }
+  } else {
+#pragma unroll 1
+    for (int item = threadIdx.x; item < ITEMS; item += THREADS) {
+      const int r = item / PIECES, c = item % PIECES * 8;
+      const int64_t row = row0 + r;
+      const uint16_t* src = base + b * view.sb + row * view.ss + h * view.sh + c;
+      for (int e = 0; e < 8; ++e) s[r * ld + c + e] = row < S && c + e < D ? src[e] : uint16_t{0};
+    }
   }
 }
 
@@ -260,13 +376,22 @@ bool needs_dropout(const AttnParams& p) { return p.dropout_p > 0.0; }
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// K/V tiles go through kStages shared buffers (cp.async: the next tile's copy is in flight during
+// the current tile's math). Up to head dim 128, Q's A fragments stay in registers for the whole
+// sweep and its tile is staged in the K/V buffers (before the first K/V copy), so that several CTAs
+// fit an sm_89 SM (100 KB): D 64: 19,968 B (4 by shared memory, 3 by its 142 registers), D 128:
+// 36,352 B (2, 8 warps). Head dim 256 keeps Q in shared memory (its fragments would need 64 more
+// registers) with 16-key tiles: 68,864 B. One key tile's index and document (masked tiles only).
 template <int DMAX>
 struct FwdTiles {
-  static constexpr int kBlockQ = 64, kWarps = 4;
-  static constexpr int kBlockK = DMAX > 128 ? 32 : 64;  // keeps head dim 256 within 99 KB
+  static constexpr int kBlockQ = 64, kWarps = 4, kStages = 2;
+  static constexpr int kBlockK = DMAX <= 128 ? 32 : 16;
+  static constexpr bool kQInRegs = DMAX <= 128;
   static constexpr int kLd = DMAX + kPad;
-  static constexpr size_t kSmem =
-      (kBlockQ + 2 * kBlockK) * kLd * sizeof(uint16_t) + 2 * (kBlockQ + kBlockK) * sizeof(int64_t);
+  static constexpr int kQRows = kQInRegs ? 0 : kBlockQ;  // Q's own shared rows
+  static constexpr size_t kMeta = 2 * (kBlockQ + kBlockK) * sizeof(int64_t);  // index, document: Q, a key tile
+  static constexpr size_t kSmem = kMeta + (kQRows + kStages * 2 * kBlockK) * kLd * sizeof(uint16_t);
+  static_assert(kQInRegs ? kStages * 2 * kBlockK >= kBlockQ : true, "Q's tile is staged in the K/V buffers");
   static_assert(kSmem <= kMaxSmemSm89, "forward tiles exceed sm_89's shared memory per block");
 };
 
@@ -279,14 +404,15 @@ __global__ void __launch_bounds__(128, 1)
   static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
   using Tiles = FwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
+  static_assert(NT % 2 == 0 && DT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
+  constexpr int STAGES = Tiles::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* k_s = q_s + BQ * LD;
-  uint16_t* v_s = k_s + BK * LD;
-  int64_t* q_index = reinterpret_cast<int64_t*>(v_s + BK * LD);
+  int64_t* q_index = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* q_doc = q_index + BQ;
-  int64_t* k_index = q_doc + BQ;
+  int64_t* k_index = q_doc + BQ;  // [BK]: the current masked tile's
   int64_t* k_doc = k_index + BK;
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(k_doc + BK);
+  uint16_t* kv_s = q_s + Tiles::kQRows * LD;  // stage i: K rows at kv_s + 2 i BK LD, then V rows
 
   const int D = static_cast<int>(p.head_dim);
   // grid.x enumerates (batch * head, query tile) with tiles fastest: a head's tiles share its K/V in L2
@@ -300,11 +426,16 @@ __global__ void __launch_bounds__(128, 1)
   load_rows<DT, DMAX>(q_s, LD, p.q, b, h, q0, BQ, p.seqlen_q, D, p, qs, rope);
   load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
   __syncthreads();
+  uint32_t qf[Tiles::kQInRegs ? DMAX / 16 : 1][4];
+  if constexpr (Tiles::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < DMAX / 16; ++kk) load_a(qf[kk], q_s, LD, warp * 16, kk * 16);
+  }
   // Keys this tile may see (causal, window, documents): the loop visits only their tiles.
-  int64_t k_begin = 0, k_end = 0;
+  int64_t k_begin = 0, k_end = 0, a_min, a_max, d_min, d_max;
+  tile_range<BQ>(q_index, q_doc, &a_min, &a_max, &d_min, &d_max);
   {
-    int64_t a_min, a_max, d_min, d_max, lo, hi;
-    tile_range<BQ>(q_index, q_doc, &a_min, &a_max, &d_min, &d_max);
+    int64_t lo, hi;
     if (d_max >= 0) {
       key_index_range(a_min, a_max, d_min, d_max, ks.cu, p.causal, EXTRA ? p.window_left : -1,
                       EXTRA ? p.window_right : -1, &lo, &hi);
@@ -323,87 +454,163 @@ __global__ void __launch_bounds__(128, 1)
   // Dropout's counter takes global indices (not aligned ones): this thread's two query rows'.
   const int64_t q_global0 = qs.start + qs.stride * (q0 + r_lo), q_global1 = q_global0 + 8 * qs.stride;
 
-  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {
-    __syncthreads();
-    load_rows<DT, DMAX>(k_s, LD, p.k, b, hk, k0, BK, p.seqlen_k, D, p, ks, rope);
-    load_rows<DT, DMAX>(v_s, LD, p.v, b, hk, k0, BK, p.seqlen_k, D, p, ks, false);
-    load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
-    __syncthreads();
+  // Mask-free key tiles [f_begin, f_end): every query row of this tile (all inside S and inside one
+  // document) sees every key of the tile (inside S, the document, the causal bound and the window).
+  // Each condition holds for a prefix or a suffix of the key rows, so these tiles are contiguous.
+  int64_t k0 = k_begin / BK * BK, f_begin = k0, f_end = k0;
+  {
+    if (q0 + BQ <= p.seqlen_q && d_max >= 0 && d_min == d_max && q_doc[0] == d_min && q_doc[BQ - 1] == d_min) {
+      int64_t lo = kIndexMin, hi = kIndexMax, rb, re;
+      if (p.causal) hi = a_min;
+      if (EXTRA && p.window_right >= 0) hi = imin(hi, a_min + p.window_right);
+      if (EXTRA && p.window_left >= 0) lo = a_max - p.window_left;
+      if (ks.cu != nullptr) {
+        lo = imax(lo, ks.cu[d_min]);
+        hi = imin(hi, ks.cu[d_min + 1] - 1);
+      }
+      span_rows(lo, hi, ks.start, ks.stride, p.seqlen_k, &rb, &re);
+      const int64_t fb = imax(k0, (rb + BK - 1) / BK * BK), fe = imin(k_end, re) / BK * BK;
+      if (fb < fe) f_begin = fb, f_end = fe;
+    }
+  }
 
-    float s[NT][4] = {};
+  // K and V rows of key tile k0 into stage `st`: one cp.async group per tile, committed by the
+  // caller. K arrives rotated (launch_forward's rotate_rows pass).
+  auto issue_tile = [&](int64_t k0, int st, auto vec) {
+    uint16_t* k_dst = kv_s + st * 2 * BK * LD;
+    issue_rows<DMAX, BK, Tiles::kWarps * 32, decltype(vec)::value>(k_dst, LD, p.k, b, hk, k0, p.seqlen_k, D);
+    issue_rows<DMAX, BK, Tiles::kWarps * 32, decltype(vec)::value>(k_dst + BK * LD, LD, p.v, b, hk, k0, p.seqlen_k, D);
+  };
+  // Key tiles from k0 up to `until` (the pipeline continues across calls: tile k0 is in flight in
+  // stage st on entry and exit). MASK: the tile's index and document (shared k_index, k_doc, written
+  // here after the loop's barriers) mask each pair; else the tile is mask-free (no per-pair test,
+  // key indices affine in the row for ALiBi and dropout).
+  int st = 0;
+  auto sweep = [&](int64_t until, auto mask, auto vec) {
+    constexpr bool MASK = decltype(mask)::value;
+    for (; k0 < until; k0 += BK, st ^= 1) {
+      static_assert(STAGES == 2, "one tile in flight while one is read");
+      __syncthreads();  // every warp is done with stage st ^ 1 (read in the previous step) and k_index
+      if (k0 + BK < k_end) issue_tile(k0 + BK, st ^ 1, vec);
+      cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group flying
+      if constexpr (MASK) load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
+      cp_async_wait<1>();  // this thread's copies of tile k0 landed
+      __syncthreads();     // and everyone's (and the plain stores of the fallback and the row data)
+      const uint16_t* k_s = kv_s + st * 2 * BK * LD;
+      const uint16_t* v_s = k_s + BK * LD;
+      // Global index of this thread's key columns 2 t (+ 8 nt + 1): dropout's counter, ALiBi's distance.
+      [[maybe_unused]] const int64_t k_glob = ks.start + ks.stride * (k0 + 2 * t);
+
+      float s[NT][4] = {};
+      if constexpr (Tiles::kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < DMAX / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, q_s, LD, warp * 16, kk * 16);
+        for (int kk = 0; kk < DMAX / 16; ++kk) {
+#pragma unroll
+          for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t bf[4];
+            load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
+            mma16816<DT>(s[nt], qf[kk], bf);
+            mma16816<DT>(s[nt + 1], qf[kk], bf + 2);
+          }
+        }
+      } else {
+        // Not unrolled over kk (no register array is indexed by it): unrolled, ptxas hoists the
+        // ldmatrix of later steps and spills at head dim 256.
+#pragma unroll 1
+        for (int kk = 0; kk < DMAX / 16; ++kk) {
+          uint32_t a[4];
+          load_a(a, q_s, LD, warp * 16, kk * 16);
+#pragma unroll
+          for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t bf[4];
+            load_b_nk2(bf, k_s, LD, kk * 16, nt * 8);
+            mma16816<DT>(s[nt], a, bf);
+            mma16816<DT>(s[nt + 1], a, bf + 2);
+          }
+        }
+      }
+      float row_max[2] = {-RA_INF, -RA_INF};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint32_t bf[2];
-        load_b_nk(bf, k_s, LD, kk * 16, nt * 8);
-        mma16816<DT>(s[nt], a, bf);
-      }
-    }
-    float row_max[2] = {-RA_INF, -RA_INF};
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = r_lo + (e >> 1) * 8, c = nt * 8 + 2 * t + (e & 1);
-        bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
-        float score = s[nt][e] * p.softmax_scale;
-        if constexpr (EXTRA) {
-          ok = ok && in_window(q_index[r], k_index[c], p.window_left, p.window_right);
-          float unused;
-          score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], k_index[c], &unused);
-        }
-        s[nt][e] = ok ? score : -RA_INF;
-        row_max[e >> 1] = max_nan(row_max[e >> 1], s[nt][e]);  // fmaxf would drop a NaN score
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
-      row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float m_new = max_nan(m[i], row_max[i]);
-      alpha[i] = online_rescale(m[i], m_new);
-      m[i] = m_new;
-      l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float mi = m[e >> 1];
-        s[nt][e] = mi == -RA_INF ? 0.0f : softmax_weight(s[nt][e], mi);  // masked: 0
-        l[e >> 1] += s[nt][e];
-        if constexpr (DROPOUT) {  // after the sum: lse is of the probabilities before dropout
-          const int c = nt * 8 + 2 * t + (e & 1);
-          const int64_t qg = e >> 1 ? q_global1 : q_global0;
-          if (!dropout_keep(drop, k_index[c], qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) {
+          // Query rows' index and document from shared memory: only masked tiles read them.
+          const int i = e >> 1, r = r_lo + 8 * i, c = nt * 8 + 2 * t + (e & 1);
+          float score = s[nt][e] * p.softmax_scale;
+          bool ok = true;
+          if constexpr (MASK) ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
+          if constexpr (EXTRA) {
+            const int64_t kg = k_glob + ks.stride * (nt * 8 + (e & 1));
+            if constexpr (MASK) ok = ok && in_window(q_index[r], kg, p.window_left, p.window_right);
+            float unused;
+            score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], kg, &unused);
+          }
+          s[nt][e] = ok ? score : -RA_INF;
+          row_max[i] = max_nan(row_max[i], s[nt][e]);  // fmaxf would drop a NaN score
         }
       }
-    }
 #pragma unroll
-    for (int dt = 0; dt < DT8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
+      for (int i = 0; i < 2; ++i) {
+        row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 1));
+        row_max[i] = max_nan(row_max[i], __shfl_xor_sync(0xffffffffu, row_max[i], 2));
+      }
+      float alpha[2];
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
+      for (int i = 0; i < 2; ++i) {
+        const float m_new = max_nan(m[i], row_max[i]);
+        alpha[i] = online_rescale(m[i], m_new);
+        m[i] = m_new;
+        l[i] *= alpha[i];
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mi = m[e >> 1];
+          s[nt][e] = mi == -RA_INF ? 0.0f : softmax_weight(s[nt][e], mi);  // masked: 0
+          l[e >> 1] += s[nt][e];
+          if constexpr (DROPOUT) {  // after the sum: lse is of the probabilities before dropout
+            const int64_t qg = e >> 1 ? q_global1 : q_global0;
+            const int64_t kg = k_glob + ks.stride * (nt * 8 + (e & 1));
+            if (!dropout_keep(drop, kg, qg, static_cast<uint32_t>(bh))) s[nt][e] = 0.0f;
+          }
+        }
+      }
 #pragma unroll
       for (int dt = 0; dt < DT8; ++dt) {
-        uint32_t bf[2];
-        load_b_kn(bf, v_s, LD, kk * 16, dt * 8);
-        mma16816<DT>(o[dt], a, bf);
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t a[4];
+        acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < DT8; dt += 2) {
+          uint32_t bf[4];
+          load_b_kn2(bf, v_s, LD, kk * 16, dt * 8);
+          mma16816<DT>(o[dt], a, bf);
+          mma16816<DT>(o[dt + 1], a, bf + 2);
+        }
       }
     }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  // Q's tile (staged in the K/V buffers when its fragments live in registers) is read by now.
+  if constexpr (Tiles::kQInRegs) __syncthreads();
+  if (rows_vectorizable(p.k, D) && rows_vectorizable(p.v, D)) {
+    if (k0 < k_end) issue_tile(k0, 0, Yes{});
+    cp_async_commit();
+    sweep(f_begin, Yes{}, Yes{});  // masked tiles before the mask-free ones (window, document start)
+    sweep(f_end, No{}, Yes{});     // the long middle: no mask
+    sweep(k_end, Yes{}, Yes{});    // the causal diagonal, the window's or document's end
+  } else {  // element-wise copies (unaligned rows): every tile masked, one loop
+    if (k0 < k_end) issue_tile(k0, 0, No{});
+    cp_async_commit();
+    sweep(k_end, Yes{}, No{});
   }
 
 #pragma unroll
@@ -440,17 +647,23 @@ __global__ void __launch_bounds__(128, 1)
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// Q and dO tiles (with their lse, delta, index and document) stream through kStages shared buffers
+// by cp.async, as the forward's K/V. 64 keys (4 warps) per CTA at every head dim; head dim 256 takes
+// 16-query tiles and one stage (two would pass 99 KB): D 64: 44,544 B (two CTAs, 8 warps per sm_89
+// SM), D 128: 77,312 B, D 256: 88,960 B (4 warps).
 template <int DMAX>
 struct BwdTiles {
-  static constexpr int kBlockQ = 32;
-  static constexpr int kBlockK = DMAX > 128 ? 32 : 64;
+  static constexpr int kBlockQ = DMAX > 128 ? 16 : 32;
+  static constexpr int kBlockK = 64;
   static constexpr int kWarps = kBlockK / 16;  // each warp owns 16 keys
   static constexpr int kSplit = DMAX > 128 ? 2 : 1;  // dK/dV/dQ columns split over CTAs (registers)
+  static constexpr int kStages = DMAX > 128 ? 1 : 2;
   static constexpr int kCols = DMAX / kSplit;
   static constexpr int kLd = DMAX + kPad, kLdS = kBlockQ + kPad;
-  static constexpr size_t kSmem = (2 * kBlockK + 2 * kBlockQ) * kLd * sizeof(uint16_t) +
-                                  kBlockK * kLdS * sizeof(uint16_t) + 2 * kBlockQ * sizeof(float) +
-                                  2 * (kBlockQ + kBlockK) * sizeof(int64_t);
+  static constexpr size_t kSmem = 2 * (kStages * kBlockQ + kBlockK) * sizeof(int64_t) +
+                                  kStages * 2 * kBlockQ * sizeof(float) +
+                                  (2 * kBlockK + kStages * 2 * kBlockQ) * kLd * sizeof(uint16_t) +
+                                  kBlockK * kLdS * sizeof(uint16_t);
   static_assert(kSmem <= kMaxSmemSm89, "backward tiles exceed sm_89's shared memory per block");
 };
 
@@ -462,18 +675,19 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   using Tiles = BwdTiles<DMAX>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, LDS = Tiles::kLdS;
   constexpr int COLS = Tiles::kCols, CT8 = COLS / 8, NT = BQ / 8;
+  static_assert(NT % 2 == 0 && CT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
+  constexpr int STAGES = Tiles::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* v_s = k_s + BK * LD;
-  uint16_t* q_s = v_s + BK * LD;
-  uint16_t* do_s = q_s + BQ * LD;
-  uint16_t* ds_s = do_s + BQ * LD;  // dS^T: [key][query]
-  float* lse_s = reinterpret_cast<float*>(ds_s + BK * LDS);
-  float* delta_s = lse_s + BQ;
-  int64_t* q_index = reinterpret_cast<int64_t*>(delta_s + BQ);
-  int64_t* q_doc = q_index + BQ;
-  int64_t* k_index = q_doc + BQ;
+  int64_t* k_index = reinterpret_cast<int64_t*>(smem_raw);
   int64_t* k_doc = k_index + BK;
+  int64_t* q_index = k_doc + BK;  // [STAGES][BQ], as q_doc, lse_s, delta_s
+  int64_t* q_doc = q_index + STAGES * BQ;
+  float* lse_s = reinterpret_cast<float*>(q_doc + STAGES * BQ);
+  float* delta_s = lse_s + STAGES * BQ;
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(delta_s + STAGES * BQ);
+  uint16_t* v_s = k_s + BK * LD;
+  uint16_t* qo_s = v_s + BK * LD;  // stage i: Q rows at qo_s + 2 i BQ LD, then dO rows
+  uint16_t* ds_s = qo_s + STAGES * 2 * BQ * LD;  // dS^T: [key][query]
 
   const int D = static_cast<int>(p.head_dim);
   // grid: x = batch * KV head (up to 2^31 - 1), y = key tile; no division (this kernel is at 255 registers)
@@ -508,24 +722,60 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
   float dk[CT8][4] = {}, dv[CT8][4] = {};
   const int key_lo = warp * 16 + g;  // this thread's keys key_lo and key_lo + 8 of the tile
 
-  for (int64_t hq = hk * G; hq < (hk + 1) * G; ++hq) {
+  // The (head, query tile) steps of this CTA, in order: query tiles from q_first, head by head of
+  // the group. Step (hq, q0)'s Q (rotated by launch_backward's rotate_rows pass) and dO rows, lse,
+  // delta, index and document go to stage st; one cp.async group per step, committed by the caller.
+  const int64_t q_first = q_begin / BQ * BQ;
+  const int64_t h_end = q_first < q_end ? (hk + 1) * G : hk * G;  // no query tile: no step
+  auto next_step = [&](int64_t* hq, int64_t* q0) {
+    *q0 += BQ;
+    if (*q0 >= q_end) *q0 = q_first, ++*hq;
+  };
+  auto issue_step = [&](int64_t hq, int64_t q0, int st, auto vec) {
+    constexpr int THREADS = Tiles::kWarps * 32;
+    uint16_t* q_dst = qo_s + st * 2 * BQ * LD;
+    issue_rows<DMAX, BQ, THREADS, decltype(vec)::value>(q_dst, LD, p.q, b, hq, q0, p.seqlen_q, D);
+    issue_rows<DMAX, BQ, THREADS, decltype(vec)::value>(q_dst + BQ * LD, LD, p.dout, b, hq, q0, p.seqlen_q, D);
+    load_row_meta(q_index + st * BQ, q_doc + st * BQ, q0, BQ, p.seqlen_q, qs, p);
     const int64_t bh = b * p.heads_q + hq;
-    float slope = 0.0f;
-    if constexpr (EXTRA) {
-      if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + hq];
+    for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
+      const int64_t row = q0 + r;
+      lse_s[st * BQ + r] = backward_lse(row < p.seqlen_q ? lse_in[bh * p.seqlen_q + row] : -RA_INF);
+      delta_s[st * BQ + r] = row < p.seqlen_q ? delta_in[bh * p.seqlen_q + row] : 0.0f;
     }
-    for (int64_t q0 = q_begin / BQ * BQ; q0 < q_end; q0 += BQ) {
-      __syncthreads();
-      load_rows<DT, DMAX>(q_s, LD, p.q, b, hq, q0, BQ, p.seqlen_q, D, p, qs, rope);
-      load_rows<DT, DMAX>(do_s, LD, p.dout, b, hq, q0, BQ, p.seqlen_q, D, p, qs, false);
-      load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
-      for (int r = threadIdx.x; r < BQ; r += blockDim.x) {
-        const int64_t row = q0 + r;
-        const float lse = row < p.seqlen_q ? lse_in[bh * p.seqlen_q + row] : -RA_INF;
-        lse_s[r] = backward_lse(lse);
-        delta_s[r] = row < p.seqlen_q ? delta_in[bh * p.seqlen_q + row] : 0.0f;
+  };
+  // The sweep, with 16-byte copies (VEC) or element-wise ones (unaligned rows), picked once.
+  auto sweep = [&](auto vec) {
+    if constexpr (STAGES == 2) {
+      if (hk * G < h_end) issue_step(hk * G, q_first, 0, vec);
+    }
+    cp_async_commit();
+    int st = 0;
+    for (int64_t hq = hk * G, q0 = q_first; hq < h_end; next_step(&hq, &q0), st = (st + 1) % STAGES) {
+      static_assert(STAGES == 1 || STAGES == 2, "at most one step in flight while one is read");
+      // No barrier first: the stage written next was last read before the previous step's dS^T
+      // barrier (its dQ part reads only dS^T and K), and dS^T is rewritten only after the one below.
+      if constexpr (STAGES == 1) {
+        issue_step(hq, q0, 0, vec);
+      } else {
+        int64_t hn = hq, qn = q0;
+        next_step(&hn, &qn);
+        if (hn < h_end) issue_step(hn, qn, (st + 1) % STAGES, vec);
       }
-      __syncthreads();
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();  // this thread's copies of step (hq, q0) landed
+      __syncthreads();              // and everyone's (and the fallback's stores and the row data)
+      const int64_t bh = b * p.heads_q + hq;
+      float slope = 0.0f;
+      if constexpr (EXTRA) {
+        if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + hq];
+      }
+      const uint16_t* q_s = qo_s + st * 2 * BQ * LD;
+      const uint16_t* do_s = q_s + BQ * LD;
+      const int64_t* q_idx = q_index + st * BQ;
+      const int64_t* q_dc = q_doc + st * BQ;
+      const float* lse_t = lse_s + st * BQ;
+      const float* delta_t = delta_s + st * BQ;
 
       // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn
       // before S^T and dP^T are live and one Philox stream at a time: registers stay below 255.
@@ -542,18 +792,21 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
       }
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys, all BQ queries.
       float pt[NT][4] = {}, dpt[NT][4] = {};
-#pragma unroll
+      // Not unrolled over kk, as the forward's S loop (ptxas would spill).
+#pragma unroll 1
       for (int kk = 0; kk < DMAX / 16; ++kk) {
         uint32_t ak[4], av[4];
         load_a(ak, k_s, LD, warp * 16, kk * 16);
         load_a(av, v_s, LD, warp * 16, kk * 16);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          uint32_t bq[2], bo[2];
-          load_b_nk(bq, q_s, LD, kk * 16, nt * 8);
-          load_b_nk(bo, do_s, LD, kk * 16, nt * 8);
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t bq[4], bo[4];
+          load_b_nk2(bq, q_s, LD, kk * 16, nt * 8);
+          load_b_nk2(bo, do_s, LD, kk * 16, nt * 8);
           mma16816<DT>(pt[nt], ak, bq);
+          mma16816<DT>(pt[nt + 1], ak, bq + 2);
           mma16816<DT>(dpt[nt], av, bo);
+          mma16816<DT>(dpt[nt + 1], av, bo + 2);
         }
       }
       // P^T = exp(S^T scale - lse), dS^T = P^T (dP^T - delta) scale.
@@ -562,15 +815,15 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key_lo + (e >> 1) * 8, qr = nt * 8 + 2 * t + (e & 1);
-          bool ok = visible(q_index[qr], k_index[key], q_doc[qr], k_doc[key], p.causal);
+          bool ok = visible(q_idx[qr], k_index[key], q_dc[qr], k_doc[key], p.causal);
           float score = pt[nt][e] * scale, dscore = scale;
           if constexpr (EXTRA) {
-            ok = ok && in_window(q_index[qr], k_index[key], p.window_left, p.window_right);
+            ok = ok && in_window(q_idx[qr], k_index[key], p.window_left, p.window_right);
             float grad;
-            score = score_mod(score, p.softcap, inv_softcap, slope, q_index[qr], k_index[key], &grad);
+            score = score_mod(score, p.softcap, inv_softcap, slope, q_idx[qr], k_index[key], &grad);
             dscore = grad * scale;  // through softcap's tanh; ALiBi's bias has derivative 1
           }
-          const float pv = ok ? softmax_weight(score, lse_s[qr]) : 0.0f;
+          const float pv = ok ? softmax_weight(score, lse_t[qr]) : 0.0f;
           float dp = dpt[nt][e];
           if constexpr (DROPOUT) {  // dV takes P Z / (1 - p), dS the product dO V^T Z / (1 - p)
             const float z = (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;
@@ -579,7 +832,7 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
           } else {
             pt[nt][e] = pv;
           }
-          dpt[nt][e] = pv * (dp - delta_s[qr]) * dscore;
+          dpt[nt][e] = pv * (dp - delta_t[qr]) * dscore;
         }
       }
       // dV += P^T dO and dK += dS^T Q over this CTA's columns.
@@ -589,12 +842,14 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
         acc_to_a<DT>(ap, pt[2 * kk], pt[2 * kk + 1]);
         acc_to_a<DT>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
 #pragma unroll
-        for (int ct = 0; ct < CT8; ++ct) {
-          uint32_t bo[2], bq[2];
-          load_b_kn(bo, do_s, LD, kk * 16, col0 + ct * 8);
-          load_b_kn(bq, q_s, LD, kk * 16, col0 + ct * 8);
+        for (int ct = 0; ct < CT8; ct += 2) {
+          uint32_t bo[4], bq[4];
+          load_b_kn2(bo, do_s, LD, kk * 16, col0 + ct * 8);
+          load_b_kn2(bq, q_s, LD, kk * 16, col0 + ct * 8);
           mma16816<DT>(dv[ct], ap, bo);
+          mma16816<DT>(dv[ct + 1], ap, bo + 2);
           mma16816<DT>(dk[ct], ads, bq);
+          mma16816<DT>(dk[ct + 1], ads, bq + 2);
         }
       }
       // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
@@ -630,6 +885,11 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
         }
       }
     }
+  };
+  if (rows_vectorizable(p.q, D) && rows_vectorizable(p.dout, D)) {
+    sweep(std::true_type{});
+  } else {
+    sweep(std::false_type{});
   }
 
   float* dk_accum = reinterpret_cast<float*>(p.dk_accum);
@@ -669,20 +929,10 @@ __global__ void finish_grad_kernel(const float* __restrict__ accum, View out, in
     const int i = static_cast<int>(item % (D / 2));
     const int64_t bsh = item / (D / 2), h = bsh % H, bs = bsh / H, s = bs % S, b = bs / S;
     int ea, eb;
-    if (i < half_rot) {
-      rope_pair(i, p.rotary_dim, p.interleaved, &ea, &eb);
-    } else {
-      ea = 2 * half_rot + 2 * (i - half_rot);
-      eb = ea + 1;
-    }
+    pair_features(i, half_rot, p, &ea, &eb);
     const float* src = accum + bsh * D;
     float xa = src[ea], xb = src[eb];
-    if (i < half_rot) {
-      const uint32_t pos = static_cast<uint32_t>(side.positions[b * side.positions_sb + s]);
-      float sn, cs;
-      sincosf(rope_angle(p.rope_mode, pos, side.freqs, i), &sn, &cs);
-      rope_rotate(xa, xb, cs * p.attention_factor, -sn * p.attention_factor, &xa, &xb);
-    }
+    if (i < half_rot) rope_pair_apply(&xa, &xb, i, b, s, p, side, -1.0f);
     const int64_t offset = b * out.sb + s * out.ss + h * out.sh;
     if (out_dtype == kFloat32) {
       float* dst = reinterpret_cast<float*>(out.ptr) + offset;
@@ -693,6 +943,30 @@ __global__ void finish_grad_kernel(const float* __restrict__ accum, View out, in
       dst[ea] = to_bits<DT>(xa);
       dst[eb] = to_bits<DT>(xb);
     }
+  }
+}
+
+// RoPE once per row ahead of a sweep: rows of a (B, S, H, D) view rotated into a contiguous
+// (B, S, H, D) workspace in the input dtype, rounded once as load_rows rounds a rotated tile. The
+// sweeps load these rows as they are (the forward's K, the backward's Q) instead of rotating each
+// row again for every tile that visits it.
+template <int DT>
+__global__ void rotate_rows_kernel(View in, uint16_t* __restrict__ out, int64_t B, int64_t S, int64_t H, int D,
+                                   AttnParams p, RowSide side) {
+  const int64_t pairs = B * S * H * (D / 2);
+  const int half_rot = p.rotary_dim / 2;
+  const uint16_t* base = reinterpret_cast<const uint16_t*>(in.ptr);
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < pairs;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(item % (D / 2));
+    const int64_t bsh = item / (D / 2), h = bsh % H, bs = bsh / H, s = bs % S, b = bs / S;
+    int ea, eb;
+    pair_features(i, half_rot, p, &ea, &eb);
+    const uint16_t* src = base + b * in.sb + s * in.ss + h * in.sh;
+    float xa = to_float<DT>(src[ea]), xb = to_float<DT>(src[eb]);
+    if (i < half_rot) rope_pair_apply(&xa, &xb, i, b, s, p, side, 1.0f);
+    out[bsh * D + ea] = to_bits<DT>(xa);
+    out[bsh * D + eb] = to_bits<DT>(xb);
   }
 }
 
@@ -729,6 +1003,9 @@ void check_params(const AttnParams& p, bool backward) {
   if (backward) {
     require((p.dq_accum != 0 || !q_rows) && (p.dk_accum != 0 || !k_rows), "backward needs dq_accum and dk_accum");
   }
+  const bool rotated_rows = backward ? q_rows : k_rows;  // rotate_rows' input: the backward's Q, the forward's K
+  require(p.rope_mode == kRopeNone || p.rope_work != 0 || !rotated_rows,
+          std::string("RoPE needs rope_work (") + (backward ? "Q's" : "K's") + " shape, in dtype)");
 }
 
 template <class Kernel>
@@ -747,14 +1024,31 @@ unsigned grid_x(int64_t rows, int64_t block_rows, int64_t batch_heads) {
   return static_cast<unsigned>(blocks);
 }
 
+// Rows of `in` (S rows, H heads) rotated into p.rope_work (rotate_rows_kernel); returns p with
+// `*side_view` (its q or k) replaced by the workspace's contiguous view. Without RoPE: p itself.
+template <int DT>
+AttnParams with_rotated_rows(const AttnParams& p, View AttnParams::*side_view, int64_t S, int64_t H,
+                             const RowSide& side) {
+  AttnParams out = p;
+  const int64_t D = p.head_dim, pairs = p.batch * S * H * (D / 2);
+  if (p.rope_mode == kRopeNone || pairs == 0) return out;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65535));
+  RA_LAUNCH(rotate_rows_kernel<DT>, blocks, 256, 0, reinterpret_cast<cudaStream_t>(p.stream))(
+      p.*side_view, reinterpret_cast<uint16_t*>(p.rope_work), p.batch, S, H, static_cast<int>(D), p, side);
+  check(cudaGetLastError(), "rotate_rows_kernel launch");
+  out.*side_view = View{p.rope_work, S * H * D, H * D, D};
+  return out;
+}
+
 template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
 void launch_forward(const AttnParams& p) {
   using Tiles = FwdTiles<DMAX>;
   const dim3 grid(grid_x(p.seqlen_q, Tiles::kBlockQ, p.batch * p.heads_q));
   auto kernel = attn_forward_kernel<DT, DMAX, EXTRA, DROPOUT>;
   set_smem(kernel, Tiles::kSmem);
+  const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::k, p.seqlen_k, p.heads_kv, k_side(p));
   RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
-      p, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
+      run, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
   check(cudaGetLastError(), "attn_forward_kernel launch");
 }
 
@@ -772,8 +1066,9 @@ void launch_backward(const AttnParams& p) {
     const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(key_tiles), Tiles::kSplit);
     auto kernel = attn_backward_kernel<DT, DMAX, EXTRA, DROPOUT>;
     set_smem(kernel, Tiles::kSmem);
+    const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::q, p.seqlen_q, p.heads_q, q_side(p));
     RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(
-        p, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
+        run, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
     check(cudaGetLastError(), "attn_backward_kernel launch");
   }
   const int D = static_cast<int>(p.head_dim);

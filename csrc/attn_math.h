@@ -62,6 +62,62 @@ RA_HOST_DEVICE float rope_angle(int mode, uint32_t pos, const void* freqs, int i
   return static_cast<float>(pos) * static_cast<const float*>(freqs)[i];
 }
 
+// Turn fraction of frequency i at `pos`, centred, in units of 2^-32 turn (the CUDA kernels' form:
+// sincos_turns below needs no large-argument path). Exact: as rope_reduced_angle. hf: the fp32
+// angle a = pos * inv_freq (as rope_angle) is mant * 2^e with a 24-bit mant; its turns are
+// mant * 2^(64+e) / 2pi * 2^-64, so bits 32..63 of mant * W mod 2^64, W = floor(2^(64+e) / 2pi)
+// mod 2^64 (a 64-bit window of 1/2pi's binary fraction), exact to mant * 2^-64 < 2^-40 turn.
+RA_HOST_DEVICE int32_t rope_turns(int mode, uint32_t pos, const void* freqs, int i) {
+  if (mode == kRopeExact) {
+    const uint64_t turns = static_cast<uint64_t>(pos) * static_cast<const uint64_t*>(freqs)[i];
+    return static_cast<int32_t>(static_cast<uint32_t>(turns >> 32));
+  }
+  // 1/2pi = 0.b1 b2 b3 ... in binary: bits 1..192, most significant first.
+  constexpr uint64_t kInv2Pi[3] = {0x28be60db9391054aull, 0x7f09d5f47d4d3770ull, 0x36d8a5664f10e410ull};
+  const float angle = static_cast<float>(pos) * static_cast<const float*>(freqs)[i];
+  const uint32_t u = float_to_bits(angle);  // pos >= 0, inv_freq >= 0: no sign; inf/NaN: below
+  const int biased = static_cast<int>(u >> 23);
+  if (biased >= 255) return 0;  // inf / NaN inv_freq: undefined in transformers too
+  if (biased == 0) return 0;    // 0 or subnormal: under 2^-126 rad, 0 turns at 2^-32 resolution
+  const uint64_t mant = (u & 0x7fffffu) | 0x800000u;
+  const int e = biased - 150;  // in [-149, 104]
+  // W = bits e+1 .. e+64 of the fraction (bits at or before the point are 0).
+  uint64_t w;
+  if (e <= -64) {
+    w = 0;
+  } else if (e < 0) {
+    w = kInv2Pi[0] >> -e;
+  } else if (e == 0) {
+    w = kInv2Pi[0];
+  } else if (e < 64) {
+    w = (kInv2Pi[0] << e) | (kInv2Pi[1] >> (64 - e));
+  } else if (e == 64) {
+    w = kInv2Pi[1];
+  } else {
+    w = (kInv2Pi[1] << (e - 64)) | (kInv2Pi[2] >> (128 - e));
+  }
+  return static_cast<int32_t>(static_cast<uint32_t>((mant * w) >> 32));
+}
+
+// scale * sin and scale * cos of 2pi * turns / 2^32: reduced to the nearest quarter turn in integers
+// (wrapping, exact), then polynomials on [-pi/4, pi/4] (the Triton kernels' sincos_turns: error
+// 1.8e-9 / 1e-10 in exact arithmetic, below fp32 rounding); quarter q maps (s, c) to (s, c), (c, -s),
+// (-s, -c), (-c, s). No library range reduction, so no local-memory stack frame on the GPU.
+RA_HOST_DEVICE void sincos_turns(int32_t turns, float scale, float* sn, float* cs) {
+  const uint32_t u = static_cast<uint32_t>(turns);
+  const uint32_t quarter = (u + 0x20000000u) >> 30;
+  const int32_t rest = static_cast<int32_t>(u - (quarter << 30));  // [-2^29, 2^29)
+  const float a = static_cast<float>(rest) * kRadiansPerTurnUnit, a2 = a * a;
+  const float s = a * (scale + a2 * (scale * -0.16666650668891864f +
+                                     a2 * (scale * 0.008331978644987928f + a2 * (scale * -0.00019495634288856732f))));
+  const float c =
+      scale + a2 * (scale * -0.5f + a2 * (scale * 0.04166664686593338f +
+                                          a2 * (scale * -0.0013887367494029561f + a2 * (scale * 2.4438449363473717e-05f))));
+  const bool odd = quarter & 1u;
+  *sn = bits_to_float(float_to_bits(odd ? c : s) ^ ((quarter & 2u) << 30));
+  *cs = bits_to_float(float_to_bits(odd ? s : c) ^ (((quarter + 1u) & 2u) << 30));
+}
+
 // Feature indices of rotation pair i among the first `rotary_dim` features.
 RA_HOST_DEVICE void rope_pair(int i, int rotary_dim, bool interleaved, int* a, int* b) {
   if (interleaved) {
@@ -274,13 +330,30 @@ RA_HOST_DEVICE void span_rows(int64_t lo, int64_t hi, int64_t start, int64_t str
 
 // max(a, b) that propagates NaN (std::max and fmaxf drop it): a NaN score or query must make its row
 // NaN, as in the fp64 reference, not look like a masked (empty) row.
-RA_HOST_DEVICE float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+// On the GPU one max.NaN (sm_80+) instead of two compares and a select per score.
+RA_HOST_DEVICE float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && !defined(RINGATTN_CUDA_EMULATION)
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return (b > a || b != b) ? b : a;
+#endif
+}
 
 // Softmax weight exp(s - m) of a score given the row's running max (natural units). The difference
 // is taken first, so a score equal to the max gives exactly 1; s = -inf (masked) gives 0.
+// On the GPU one ex2.approx.ftz (exp2f adds a rescale of arguments below -126 to every score: a
+// compare and two predicated multiplies): a weight below 2^-126 (of the row max's 1) flushes to 0,
+// which the CPU emulation of the kernels reproduces.
 RA_HOST_DEVICE float softmax_weight(float s, float m) {
-#if defined(__CUDA_ARCH__)
-  return exp2f((s - m) * kLog2e);
+#if defined(__CUDA_ARCH__) && !defined(RINGATTN_CUDA_EMULATION)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"((s - m) * kLog2e));
+  return y;
+#elif defined(__CUDA_ARCH__)
+  const float y = exp2f((s - m) * kLog2e);
+  return y < 1.17549435e-38f ? 0.0f : y;  // ftz: no subnormal result
 #else
   return std::exp2((s - m) * kLog2e);
 #endif

@@ -52,6 +52,9 @@ struct AttnParams {
 
   // CUDA backward workspaces, fp32: dq_accum (B, Sq, Hq, D) zero-filled, dk_accum (B, Sk, Hkv, D)
   uintptr_t dq_accum = 0, dk_accum = 0;
+  // CUDA RoPE workspace in dtype, contiguous, when rope_mode != 0: the forward rotates K into it once
+  // (B, Sk, Hkv, D), the backward Q (B, Sq, Hq, D), so the kernels' sweeps never rotate a tile again.
+  uintptr_t rope_work = 0;
 
   int num_threads = 1;  // CPU only
   uintptr_t stream = 0;  // CUDA only

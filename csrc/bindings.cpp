@@ -143,6 +143,7 @@ void bind_params(py::module_& m) {
   RA_FIELD(k_positions_sb);
   RA_FIELD(dq_accum);
   RA_FIELD(dk_accum);
+  RA_FIELD(rope_work);
   RA_FIELD(num_threads);
   RA_FIELD(stream);
 #undef RA_FIELD

@@ -196,6 +196,7 @@ class AttnParams(ctypes.Structure):
         ("k_positions_sb", _I64),
         ("dq_accum", _U64),
         ("dk_accum", _U64),
+        ("rope_work", _U64),
         ("num_threads", _INT),
         ("stream", _U64),
     ]
@@ -327,7 +328,12 @@ def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, f
     inputs |= {"q_freqs": q_freqs, "k_freqs": k_freqs}
     inputs |= {"q_positions": q_pos, "k_positions": k_pos}
     reports, messages = {}, {}
-    rc, messages["forward"] = emu.call("ra_emu_attn_forward", p, inputs | {"out": out, "lse": lse})
+    # RoPE's workspaces, as the backend allocates them: K's rows rotated (forward), Q's (backward).
+    k_work, q_work = (_nan(*t.shape, dtype=dtype) if p.rope_mode else None for t in (k, q))
+    p.rope_work = k_work.data_ptr() if p.rope_mode else 0
+    rc, messages["forward"] = emu.call(
+        "ra_emu_attn_forward", p, inputs | {"out": out, "lse": lse, "rope_work": k_work}
+    )
     reports["forward"] = emu.report()
     assert rc == 0, f"forward: {messages['forward']}\n{_describe(reports['forward'])}"
     delta = rowsum_delta(dout, out)
@@ -339,7 +345,8 @@ def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, f
     p.dq, p.dk, p.dv, p.grad_dtype = _view(dq), _view(dk), _view(dv), DTYPE_CODES[grad_dtype]
     p.dq_accum, p.dk_accum = dq_accum.data_ptr(), dk_accum.data_ptr()
     grads = {"dout": dout, "lse": lse, "delta": delta, "dq": dq, "dk": dk, "dv": dv}
-    grads |= {"dq_accum": dq_accum, "dk_accum": dk_accum}
+    grads |= {"dq_accum": dq_accum, "dk_accum": dk_accum, "rope_work": q_work}
+    p.rope_work = q_work.data_ptr() if p.rope_mode else 0
     rc, messages["backward"] = emu.call("ra_emu_attn_backward", p, inputs | grads)
     reports["backward"] = emu.report()
     assert rc == 0, f"backward: {messages['backward']}\n{_describe(reports['backward'])}"

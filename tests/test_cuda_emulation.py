@@ -40,6 +40,7 @@ from cuda_emulator import (
 from ringattn import RoPEConfig
 from ringattn.backends.compiled import DTYPE_CODES
 from ringattn.block import Span
+from ringattn.reference import visible_mask
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -73,6 +74,12 @@ FAST_CASES = {
         Case(40, Hq=2, Hkv=1, D=80, causal=True, rope=RoPEConfig(80, theta=45.2e9), position_offset=FAR),
         BF16,
     ),
+    # hf angles up to ~4.2M rad: reduced in integer turns (attn_math.h rope_turns), not by sincosf
+    "d64-hf-rope-pos-4.19M": (
+        Case(20, Hq=2, Hkv=1, D=64, rope=RoPEConfig(64, precision="hf"), position_offset=FAR),
+        FP16,
+    ),
+    "d36-rows-copied-element-wise": (Case(20, 70, Hq=2, Hkv=1, D=36, causal=True), BF16),  # D % 8 != 0
     "d64-strided-spans": (
         Case(33, 40, Hq=4, Hkv=2, D=64, causal=True, q_span=Span(5, 2), k_span=Span(0, 3)),
         FP16,
@@ -133,16 +140,24 @@ def _dmax(D: int) -> int:
 def assert_whole_grids(run: Run, case: Case) -> None:
     """The launches are the ones attn_cuda.cu's dispatch makes for this shape, and every block ran."""
     dmax = _dmax(case.D)
-    fwd, *_ = run.reports["forward"]["launches"]
+    rope = case.rope is not None
+    # With RoPE, each entry first rotates one side's rows once (the forward's K, the backward's Q).
+    rotations = {}
+    for entry, S, H in (("forward", case.sk, case.Hkv), ("backward", case.Sq, case.Hq)):
+        launches = run.reports[entry]["launches"]
+        assert [("with_rotated_rows" in launch["site"]) for launch in launches][:1] == [rope], launches
+        if rope:
+            rotations[entry] = launches[0]
+            assert launches[0]["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
+    fwd, *_ = run.reports["forward"]["launches"][rope:]
     assert f"DMAX = {dmax}" in fwd["site"]
     assert fwd["grid"] == [math.ceil(case.Sq / 64) * case.B * case.Hq, 1, 1] and fwd["block"] == [128, 1, 1]
-    bwd, finish_dq, finish_dk = run.reports["backward"]["launches"]
-    block_k = 32 if dmax > 128 else 64
-    assert bwd["grid"] == [case.B * case.Hkv, math.ceil(case.sk / block_k), 2 if dmax > 128 else 1]
-    assert bwd["block"] == [block_k * 2, 1, 1]
+    bwd, finish_dq, finish_dk = run.reports["backward"]["launches"][rope:]
+    assert bwd["grid"] == [case.B * case.Hkv, math.ceil(case.sk / 64), 2 if dmax > 128 else 1]
+    assert bwd["block"] == [128, 1, 1]  # 64 keys, 16 per warp
     for launch, S, H in ((finish_dq, case.Sq, case.Hq), (finish_dk, case.sk, case.Hkv)):
         assert launch["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
-    for launch in (fwd, bwd, finish_dq, finish_dk):
+    for launch in (fwd, bwd, finish_dq, finish_dk, *rotations.values()):
         assert launch["blocks_run"] == math.prod(launch["grid"]), launch
 
 
@@ -241,8 +256,8 @@ def test_source_uses_only_what_the_emulator_emulates():
     array would become per-thread in the emulation)."""
     text = KERNEL_SOURCE.read_text()
     hooks = re.findall(
-        r'#if defined\(RINGATTN_CUDA_EMULATION\)\s*::ringattn_emu::mma_sync\("([^"]+)", c, a, b\);\s*'
-        r'#else\s*asm volatile\(\s*"([^ "]+) ',
+        r'#if defined\(RINGATTN_CUDA_EMULATION\)\s*::ringattn_emu::(?:mma_sync|ldmatrix|cp_async\w*)\("([^"]+)"[^;]*\);\s*'
+        r'#else\s*asm volatile\(\s*"([^ ";]+)[ ;]',
         text,
     )
     assert hooks and len(hooks) == text.count("asm volatile") == text.count("asm"), hooks
@@ -351,6 +366,11 @@ SELFTESTS = {  # kernel in csrc/emu/emu_selftest.cu: (the categories reported, t
     "shuffle_deadlock": ({"deadlock"}, 719),
     "global_oob": ({"global_out_of_bounds"}, 700),
     "global_race": ({"global_race"}, 0),  # plain writes race, the atomics beside them do not
+    "ldmatrix_race": ({"shared_race"}, 0),  # rows rewritten by another warp while ldmatrix reads them
+    "ldmatrix_misaligned": ({"misaligned_access"}, 716),
+    "cp_async_early_read": ({"cp_async_in_flight"}, 0),  # before any wait_group
+    "cp_async_wait_too_few": ({"cp_async_in_flight"}, 0),  # wait_group 1 leaves the newest group flying
+    "cp_async_no_barrier": ({"shared_race"}, 0),  # another thread's copy, read without a barrier
 }
 
 
@@ -365,7 +385,8 @@ def _selftest(emu: Emulator, name: str, smem=256, grid_y=1) -> tuple[int, dict, 
 @pytest.mark.parametrize("name", SELFTESTS)
 def test_checkers_report_planted_defects(emu, name):
     categories, error = SELFTESTS[name]
-    rc, report, _ = _selftest(emu, name)
+    # 64 floats (one per thread, shared_oob's bound); the ldmatrix / cp.async kernels use 2 KiB
+    rc, report, _ = _selftest(emu, name, smem=2048 if name.startswith(("ldmatrix", "cp_async")) else 256)
     assert rc == error and set(report["counts"]) == categories, _describe(report)
 
 
@@ -385,6 +406,54 @@ def test_clean_kernel_barriers_shuffles_atomics(emu):
     assert out[-1] == 128  # atomics from every thread of both blocks
 
 
+def test_ldmatrix_follows_the_ptx_table(emu):
+    """ldmatrix .x4, .x4.trans and .x2.trans by the PTX ISA ("Warp-level matrix load instruction:
+    ldmatrix"): lane 8 j + r addresses row r of matrix j; register j of lane l holds row l // 4,
+    elements 2 (l % 4) and 2 (l % 4) + 1 (.trans: column l // 4 of rows 2 (l % 4), 2 (l % 4) + 1).
+    The kernel's shared matrix is m[r][c] = 16 r + c, and lane l of warp w addresses m[l][8 w]."""
+    rc, report, out = _selftest(emu, "ldmatrix", smem=2048)
+    assert rc == 0 and not report["counts"], _describe(report)
+    words = out[:-1].view(torch.int32).view(2, 64, 8).numpy().astype(np.int64) & 0xFFFFFFFF
+    for block, forms in ((0, ((0, 4, False), (4, 4, True))), (1, ((0, 2, True),))):
+        for t in range(64):
+            lane, warp = t % 32, t // 32
+            g, tig = lane // 4, lane % 4
+            for first, matrices, trans in forms:
+                for j in range(matrices):
+                    # matrix j's element (row, col) is m[8 j + row][8 w + col]
+                    def element(row, col, j=j, warp=warp):
+                        return 16 * (8 * j + row) + 8 * warp + col
+
+                    lo, hi = (
+                        (element(2 * tig, g), element(2 * tig + 1, g))
+                        if trans
+                        else (element(g, 2 * tig), element(g, 2 * tig + 1))
+                    )
+                    assert words[block, t, first + j] == lo | (hi << 16), (block, t, first, j)
+
+
+def test_cp_async_completes_at_wait_group(emu):
+    """cp.async copies land at the wait_group that completes their group, src-size zero-fills the
+    rest, and after wait_group 0 and a barrier another thread reads them."""
+    rc, report, out = _selftest(emu, "cp_async", smem=2048)
+    assert rc == 0 and not report["counts"], _describe(report)
+    o = out[:-1].view(2, 64, 8)
+
+    def value(b, x, i):  # out[8 x + i] of block b, as the kernel wrote it before copying
+        return (1000 * b + 10 * x + i + 1).float()
+
+    for b in range(2):
+        t = torch.arange(64)
+        u = (t + 1) % 64
+        assert torch.equal(o[b, :, 4], value(b, t, 1))
+        assert torch.equal(o[b, :, 5], torch.where(t % 2 == 0, value(b, t, 3), 0.0))  # odd: 8 of 16 bytes
+        assert torch.equal(o[b, :, 6], value(b, u, 1))
+        assert torch.equal(o[b, :, 7], torch.where(u % 2 == 0, value(b, u, 3), 0.0))
+    # Read before its wait_group, a destination still holds its old bytes (-1 there), not the copy's 2.
+    rc, report, out = _selftest(emu, "cp_async_early_read", smem=2048)
+    assert (out[:-1].view(128, 8)[:, 4] == -1).all(), _describe(report)
+
+
 def test_launch_configuration_errors(emu):
     """Dynamic shared memory beyond the default 48 KiB without the opt-in, and grid.y > 65535."""
     rc, report, _ = _selftest(emu, "clean", smem=49 * 1024)
@@ -393,32 +462,142 @@ def test_launch_configuration_errors(emu):
     assert rc == 9 and set(report["counts"]) == {"launch_error"}
 
 
+# -------------------------------------------------------------------------- mask-free key tiles
+
+FWD_BQ, FWD_BK = 64, 32  # attn_cuda.cu FwdTiles<64>: query and key rows per tile
+# Whole query tiles inside one document whose key sweeps have mask-free tiles next to masked ones:
+# a document's start and end inside key tiles, the causal diagonal, a window's two ends, and ALiBi's
+# distance from strided key indices (the mask-free tiles' key index is affine in the row).
+MASK_FREE_CASES = {
+    "causal-document-start-inside-a-tile": (
+        Case(160, Hq=2, Hkv=1, D=64, causal=True, cu_seqlens=(0, 20, 150)),
+        BF16,
+    ),
+    "document-both-ends-inside-tiles": (Case(160, Hq=2, Hkv=1, D=64, cu_seqlens=(0, 20, 150)), FP16),
+    "window-alibi-strided-keys": (
+        Case(192, 100, Hq=2, Hkv=1, D=64, window=(150, 60), alibi="head", k_span=Span(0, 2)),
+        FP16,
+    ),
+}
+
+
+def check_mask_free_tiles(emu: Emulator, case: Case, dtype) -> None:
+    """The case against the fp64 reference, then once per whole query tile that has both fully
+    visible key tiles (the kernel's mask-free ones) and keys it never sees: those keys' K set to NaN
+    must leave the tile's output rows bit for bit as they were (a masked score is replaced by -inf,
+    so only a key tile wrongly taken as mask-free lets the NaN in)."""
+    run = check_case(emu, case, dtype)
+    spec = case.spec_kwargs()
+    visible = visible_mask(
+        spec["q_index"], spec["k_index"], case.causal, spec["cu_seqlens"],
+        k_cu_seqlens=spec["k_cu_seqlens"], window=case.window,
+    )  # fmt: skip
+    q, k, v, dout = make_inputs(case, dtype)
+    poisoned_tiles = 0
+    for q0 in range(0, case.Sq - FWD_BQ + 1, FWD_BQ):
+        rows = visible[q0 : q0 + FWD_BQ]
+        tiles = [rows[:, k0 : k0 + FWD_BK] for k0 in range(0, case.sk - FWD_BK + 1, FWD_BK)]
+        hidden = ~rows.any(0)
+        if not any(t.all() for t in tiles) or not hidden.any():
+            continue
+        assert any(t.any() and not t.all() for t in tiles), "no masked tile next to the mask-free ones"
+        k_nan = k.clone()
+        k_nan[:, hidden] = float("nan")
+        out = run_case(emu, case, dtype, inputs=(q, k_nan, v, dout)).out[:, q0 : q0 + FWD_BQ]
+        assert torch.equal(out, run.out[:, q0 : q0 + FWD_BQ]), (
+            f"query tile {q0}: NaN keys it never sees got in"
+        )
+        poisoned_tiles += 1
+    assert poisoned_tiles, "the case has no query tile with mask-free key tiles and hidden keys"
+
+
+@pytest.mark.parametrize("name", MASK_FREE_CASES)
+def test_mask_free_tiles_only_where_every_pair_is_visible(emu, name):
+    check_mask_free_tiles(emu, *MASK_FREE_CASES[name])
+
+
+MASK_FREE_MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, the case that must fail)
+    "mask-free-tiles-past-the-causal-bound": (
+        "      if (p.causal) hi = a_min;",
+        "      if (p.causal) hi = a_max;",
+        "causal-document-start-inside-a-tile",
+    ),
+    "mask-free-tiles-rounded-out-at-the-start": (
+        "fb = imax(k0, (rb + BK - 1) / BK * BK)",
+        "fb = imax(k0, rb / BK * BK)",
+        "document-both-ends-inside-tiles",
+    ),
+    "mask-free-tiles-rounded-out-at-the-end": (
+        "fe = imin(k_end, re) / BK * BK",
+        "fe = (imin(k_end, re) + BK - 1) / BK * BK",
+        "document-both-ends-inside-tiles",
+    ),
+    "mask-free-tiles-past-the-window-end": (
+        "hi = imin(hi, a_min + p.window_right)",
+        "hi = imin(hi, a_max + p.window_right)",
+        "window-alibi-strided-keys",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MASK_FREE_MUTATIONS)
+def test_mask_free_mutations_are_caught(name):
+    """Each planted error in the mask-free tile bounds fails check_mask_free_tiles."""
+    original, planted, case_name = MASK_FREE_MUTATIONS[name]
+    text = KERNEL_SOURCE.read_text()
+    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
+    mutant = Emulator(build_library(text.replace(original, planted)))
+    with pytest.raises(AssertionError):
+        check_mask_free_tiles(mutant, *MASK_FREE_CASES[case_name])
+
+
 # ------------------------------------------------------------------------------------- mutations
 
 MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case must fail)
-    "swapped-fragment-register": (  # A fragment registers a1 (rows g+8) and a2 (columns +8) exchanged
-        "  a[1] = ld32(p + 8 * ld);\n  a[2] = ld32(p + 8);\n",
-        "  a[1] = ld32(p + 8);\n  a[2] = ld32(p + 8 * ld);\n",
+    "swapped-ldmatrix-blocks": (  # A fragment registers a1 (rows +8) and a2 (columns +8) exchanged
+        "  ldsm_x4(a, s + (m0 + r + 8 * (j & 1)) * ld + k0 + 8 * (j >> 1));",
+        "  ldsm_x4(a, s + (m0 + r + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));",
         "out: max error",
     ),
-    "wrong-k-offset": (  # B fragment b2, b3 from k = 2t + 4 instead of 2t + 8
-        "  b[0] = ld32(p);\n  b[1] = ld32(p + 8);\n}",
-        "  b[0] = ld32(p);\n  b[1] = ld32(p + 4);\n}",
+    "untransposed-v-fragments": (  # V's B fragments without ldmatrix .trans
+        "  ldsm_x4_t(b, s + (k0 + r + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));",
+        "  ldsm_x4(b, s + (k0 + r + 8 * (j & 1)) * ld + n0 + 8 * (j >> 1));",
         "out: max error",
     ),
-    "misaligned-k-offset": (  # k = t instead of 2t: a 32-bit load from an odd element
-        "  const uint16_t* p = s + (n0 + g) * ld + k0 + 2 * t;\n  b[0] = ld32(p);",
-        "  const uint16_t* p = s + (n0 + g) * ld + k0 + t;\n  b[0] = ld32(p);",
+    "misaligned-ldmatrix-row": (  # K's second block 4 columns (8 bytes) in instead of 8
+        "  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 8 * (j & 1));",
+        "  ldsm_x4(b, s + (n0 + r + 8 * (j >> 1)) * ld + k0 + 4 * (j & 1));",
         "misaligned_access",
+    ),
+    "removed-barrier-after-q-wait": (  # backward: other threads' Q/dO copies read before they are visible
+        "      __syncthreads();              // and everyone's",
+        "      // and everyone's",
+        "shared_race",
+    ),
+    "waited-for-too-few-q-copies": (  # backward: step (hq, q0)'s group may still be in flight when read
+        "      cp_async_wait<STAGES - 1>();",
+        "      cp_async_wait<STAGES>();",
+        "cp_async_in_flight",
     ),
     "removed-barrier-before-ds-reads": (  # backward: dS^T read by other warps before it is written
         "      }\n      __syncthreads();\n      for (int item = warp;",
         "      }\n      for (int item = warp;",
         "shared_race",
     ),
-    "removed-barrier-before-tile-reload": (  # forward: the next K/V tile overwrites the one being read
-        "  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {\n    __syncthreads();\n",
-        "  for (int64_t k0 = k_begin / BK * BK; k0 < k_end; k0 += BK) {\n",
+    "removed-barrier-before-tile-reload": (  # forward: the next K/V copy lands in a stage being read
+        "      __syncthreads();  // every warp is done with stage st ^ 1",
+        "      // every warp is done with stage st ^ 1",
+        "shared_race",
+    ),
+    "waited-for-too-few-copies": (  # forward: tile k0's group may still be in flight when read
+        "      cp_async_wait<1>();",
+        "      cp_async_wait<2>();",
+        "cp_async_in_flight",
+    ),
+    "removed-barrier-after-wait": (  # forward: other threads' copies read before they are visible
+        "      __syncthreads();     // and everyone's",
+        "      // and everyone's",
         "shared_race",
     ),
 }

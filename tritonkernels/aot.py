@@ -21,10 +21,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 from .configs import AUX_KERNELS, CONFIGS, KERNELS, SHARED_LIMIT, KernelConfig
 
-__all__ = ["compile_kernel", "occupancy", "hot_loop_mix", "main"]
+__all__ = [
+    "compile_kernel",
+    "occupancy",
+    "hot_loop_mix",
+    "parse_sass",
+    "hot_loop",
+    "issue_model_sm89",
+    "nvidia_tool",
+    "main",
+]
 
 # L40S: 362e12 bf16 FLOP/s (the datasheet's dense bf16 tensor rate, fp32 accumulate) over 142 SMs x 4
 # sub-partitions at the 2.52 GHz boost clock = 126.5 MAC per cycle per sub-partition; one m16n8k16
@@ -159,9 +169,8 @@ def compile_kernel(
     if mix and kernel in KERNELS:  # the elementwise kernels have no loop
         loop = hot_loop_mix(_disassemble(compiled.asm["cubin"]))
         if arch == 89:
-            mma_cycles = loop["loop_mma"] * MMA_CYCLES_SM89
-            loop["modeled_cycles"] = round(max(mma_cycles, loop["loop_instructions"]))
-            loop["bound"] = "tensor" if mma_cycles >= loop["loop_instructions"] else "issue"
+            model = issue_model_sm89(loop["loop_mma"], loop["loop_instructions"])
+            loop.update(modeled_cycles=model["modeled_cycles"], bound=model["bound"])
     return dict(
         kernel=kernel,
         arch=arch,
@@ -181,7 +190,7 @@ def compile_kernel(
     )
 
 
-def _nvidia_tool(name: str) -> str:
+def nvidia_tool(name: str) -> str:
     """Triton's bundled CUDA tool ``name`` (it reads the PTX/cubin versions Triton emits), else PATH."""
     import triton
 
@@ -199,16 +208,66 @@ def _disassemble(cubin: bytes) -> str:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        res = subprocess.run([_nvidia_tool("nvdisasm"), path], capture_output=True, text=True, check=False)
+        res = subprocess.run([nvidia_tool("nvdisasm"), path], capture_output=True, text=True, check=False)
     if res.returncode:
         raise RuntimeError(f"nvdisasm failed: {res.stderr[-2000:]}")
     return res.stdout
 
 
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
-_SASS_INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_SASS_INSTR = re.compile(r"/\*[0-9a-f]+\*/\s+(?:(@!?U?P[0-9T]+)\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _SASS_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
-_MMA_OPCODES = ("HMMA", "HGMMA")
+MMA_OPCODES = ("HMMA", "HGMMA")
+
+
+class SassInstr(NamedTuple):
+    """One SASS instruction: opcode without modifiers, the full mnemonic, operands text, guard (``@!P0``)."""
+
+    opcode: str
+    mnemonic: str
+    operands: str
+    guard: str
+
+
+def parse_sass(sass: str) -> tuple[list[SassInstr], list[tuple[int, int]]]:
+    """Instructions of ``nvdisasm`` output and its loops: a loop is a backward branch and its target
+    label, as (index of the label's first instruction, index of the branch)."""
+    labels: dict[str, int] = {}
+    instrs: list[SassInstr] = []
+    loops: list[tuple[int, int]] = []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(instrs)
+            continue
+        instr = _SASS_INSTR.search(line)
+        if not instr:
+            continue
+        guard, mnemonic, operands = instr.group(1) or "", instr.group(2), instr.group(3).strip()
+        opcode = mnemonic.split(".")[0]
+        target = _SASS_TARGET.search(operands)
+        if opcode == "BRA" and target and target.group(1) in labels:
+            loops.append((labels[target.group(1)], len(instrs)))
+        instrs.append(SassInstr(opcode, mnemonic, operands, guard))
+    return instrs, loops
+
+
+def hot_loop(instrs: list[SassInstr], loops: list[tuple[int, int]]) -> tuple[int, int]:
+    """The loop with the most MMA instructions (then FFMAs, for fp32 kernels), the shortest
+    (innermost) among equals."""
+    if not loops:
+        raise ValueError("no loop (backward branch) in the SASS")
+
+    def count(span, opcodes):
+        return sum(i.opcode in opcodes for i in instrs[span[0] : span[1] + 1])
+
+    return max(
+        loops, key=lambda span: (count(span, MMA_OPCODES), count(span, ("FFMA",)), -(span[1] - span[0]))
+    )
+
+
+def top_opcodes(counts: dict[str, float], n: int = 10) -> dict[str, float]:
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:n])
 
 
 def hot_loop_mix(sass: str) -> dict:
@@ -218,42 +277,28 @@ def hot_loop_mix(sass: str) -> dict:
     fp32 kernels) wins, the shortest (innermost) among equals. Returns its instruction count (NOPs excluded), MMA count and the ten most
     frequent opcodes (without modifiers); ``loop_local`` counts its local-memory (spill) loads and stores.
     """
-    labels: dict[str, int] = {}
-    ops: list[str] = []
-    loops: list[tuple[int, int]] = []
-    for line in sass.splitlines():
-        label = _SASS_LABEL.match(line.strip())
-        if label:
-            labels[label.group(1)] = len(ops)
-            continue
-        instr = _SASS_INSTR.search(line)
-        if not instr:
-            continue
-        opcode = instr.group(1).split(".")[0]
-        target = _SASS_TARGET.search(instr.group(2))
-        if opcode == "BRA" and target and target.group(1) in labels:
-            loops.append((labels[target.group(1)], len(ops)))
-        ops.append(opcode)
-    if not loops:
-        raise ValueError("no loop (backward branch) in the SASS")
-
-    def mma(span):
-        return sum(op in _MMA_OPCODES for op in ops[span[0] : span[1] + 1])
-
-    def fma(span):  # fp32 inputs: the dots are FFMA chains
-        return sum(op == "FFMA" for op in ops[span[0] : span[1] + 1])
-
-    begin, end = max(loops, key=lambda span: (mma(span), fma(span), -(span[1] - span[0])))
-    body = [op for op in ops[begin : end + 1] if op != "NOP"]
+    instrs, loops = parse_sass(sass)
+    begin, end = hot_loop(instrs, loops)
+    body = [i.opcode for i in instrs[begin : end + 1] if i.opcode != "NOP"]
     counts: dict[str, int] = {}
     for op in body:
         counts[op] = counts.get(op, 0) + 1
-    top = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
     return dict(
         loop_instructions=len(body),
-        loop_mma=mma((begin, end)),
+        loop_mma=sum(op in MMA_OPCODES for op in body),
         loop_local=counts.get("LDL", 0) + counts.get("STL", 0),
-        loop_top_opcodes=top,
+        loop_top_opcodes=top_opcodes(counts),
+    )
+
+
+def issue_model_sm89(mma: float, instructions: float) -> dict:
+    """One loop iteration of one warp on sm_89 (see the module doc): MMA cycles on its
+    sub-partition's tensor core against one issued instruction per cycle. MODELED, a lower bound."""
+    mma_cycles = mma * MMA_CYCLES_SM89
+    return dict(
+        mma_cycles=mma_cycles,
+        modeled_cycles=round(max(mma_cycles, instructions)),
+        bound="tensor" if mma_cycles >= instructions else "issue",
     )
 
 
@@ -268,7 +313,7 @@ def _ptxas_usage(ptx: str, arch: int, ptxas: str | None):
         except Exception:  # noqa: BLE001 - any failure to locate it means: look further
             ptxas = None
         if not ptxas or not os.path.exists(ptxas):
-            ptxas = _nvidia_tool("ptxas")
+            ptxas = nvidia_tool("ptxas")
     target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
     gpu = target.group(1).rstrip(",") if target else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:

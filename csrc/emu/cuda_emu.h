@@ -13,7 +13,9 @@
 // - the runtime calls the host code makes (cudaFuncSetAttribute, cudaGetLastError, ...) and
 //   RA_LAUNCH(kernel, grid, block, smem, stream)(args...), the source's spelling of
 //   kernel<<<grid, block, smem, stream>>>(args...);
-// - ::ringattn_emu::mma_sync(ptx, c, a, b) for the source's PTX `asm` sites (its #if hooks);
+// - ::ringattn_emu::mma_sync(ptx, c, a, b), ldmatrix(ptx, regs, row), cp_async(ptx, dst, src, bytes),
+//   cp_async_commit(ptx) and cp_async_wait(ptx, n) for the source's PTX `asm` sites (its #if hooks;
+//   semantics and checks in cuda_emu_runtime.h/.cpp);
 // - the dynamic shared memory: `extern __shared__ ... smem_raw[]` inside namespace ringattn (in
 //   the unnamed namespace, where the kernels are) resolves to the static arena defined below, which
 //   the checkers watch. Only that one dynamic array is supported: a static `__shared__ T x[N]`

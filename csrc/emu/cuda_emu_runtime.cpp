@@ -12,7 +12,17 @@
 // Warp collectives. A lane deposits its operands in its warp's slot and waits; the lane completing
 // the set (same operation, line and mask for all) computes every lane's result, writes each into
 // that lane's output and makes the others ready. mma.sync gathers the 32 lanes' A, B, C fragments
-// by the PTX ISA's tables, computes D = A B + C in fp32 and scatters D the same way.
+// by the PTX ISA's tables, computes D = A B + C in fp32 and scatters D the same way. ldmatrix: each
+// lane reads the 16-byte row it addresses as it arrives (a checked shared read by that lane); the
+// completing lane hands every lane its registers by the ISA's table (with .trans, the transpose).
+//
+// Asynchronous copies (cp.async.cg.shared.global, 16 bytes). At issue the source is read and the
+// destination counts as written by the issuing thread in that barrier interval (a race with another
+// thread's access there is reported), and its bytes become "in flight": any access to them by any
+// thread before the copy completes is reported (cp_async_in_flight), and they keep their old bytes.
+// cp.async.commit_group closes the thread's open copies into a group; cp.async.wait_group n
+// completes all but the n most recent groups: only then are the bytes written, as a write by the
+// issuing thread in the waiting interval, so another thread still needs a barrier to read them.
 //
 // Memory checkers (the kernel translation unit is compiled with -fsanitize=thread, so GCC calls
 // __tsan_readN / __tsan_writeN(addr) before each of its loads and stores; those hooks are here):
@@ -35,6 +45,7 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -165,6 +176,11 @@ ra_emu_trampoline:
 
 enum class St : uint8_t { Ready, Barrier, Warp, Done };
 
+struct CpCopy {  // one cp.async: 16 bytes to `dst` (shared), its source's bytes read at issue
+  unsigned char* dst;
+  unsigned char data[16];
+};
+
 struct Fiber {
   void* sp = nullptr;
 #if defined(RA_EMU_USE_UCONTEXT)
@@ -182,9 +198,11 @@ struct Fiber {
   // library code such as std::string may be the instrumented copy from the kernel's translation
   // unit: the linker keeps one copy of each.)
   int in_emulator = 0;
+  std::vector<CpCopy> cp_open;                // issued, not yet committed
+  std::deque<std::vector<CpCopy>> cp_groups;  // committed, oldest first
 };
 
-constexpr int kShfl = 1, kMma = 2;
+constexpr int kShfl = 1, kMma = 2, kLdm = 3;
 
 struct MmaIn {
   uint32_t a[4], b[2];
@@ -194,9 +212,13 @@ struct ShflIn {
   uint64_t bits;
   int arg;
 };
+struct LdmIn {
+  uint16_t row[4][8];  // the rows this lane addressed, one per matrix it addresses (lane 8 m + r: matrix m)
+};
 union LaneIn {
   MmaIn mma;
   ShflIn shfl;
+  LdmIn ldm;
 };
 
 struct WarpSlot {
@@ -350,6 +372,8 @@ struct SharedCell {
   uint8_t r_multi = 0;
 };
 std::vector<SharedCell> g_shared_shadow;
+// Per shared byte: 1 + the thread whose cp.async into it has not completed, 0 when none.
+std::vector<uint16_t> g_in_flight;
 
 // ---- global buffers and their shadow -------------------------------------------------------------
 
@@ -390,6 +414,15 @@ void shared_access(uintptr_t a, size_t n, int kind) {
   }
   const uint16_t tid = static_cast<uint16_t>(g_cur->tid);
   const size_t off = a - base;
+  for (size_t i = 0; i < n; ++i) {
+    if (g_in_flight[off + i] == 0) continue;
+    report("cp_async_in_flight",
+           format("%s of %zu bytes at shared offset %zu while thread %u's cp.async into it is in flight (not "
+                  "completed by a cp.async.wait_group)",
+                  kind_name(kind), n, off, g_in_flight[off + i] - 1u) +
+               " [" + where() + "]");
+    break;
+  }
   bool race = false, uninit = false;
   uint16_t other = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -611,6 +644,30 @@ void complete_mma(WarpSlot& w) {
   }
 }
 
+// PTX ISA, "Warp-level matrix load instruction: ldmatrix" (m8n8, .b16): lane 8 m + r addresses row r
+// of matrix m; register m of lane l holds row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 (low half
+// first). .trans loads each matrix transposed: register m of lane l holds elements l / 4 of rows
+// 2 (l % 4) and 2 (l % 4) + 1. w.mode = matrices * 2 + trans.
+void complete_ldmatrix(WarpSlot& w) {
+  const int matrices = w.mode / 2;
+  const bool trans = w.mode & 1;
+  for (int lane = 0; lane < 32; ++lane) {
+    uint32_t* regs = static_cast<uint32_t*>(w.out[lane]);
+    const int g = lane / 4, t = lane % 4;
+    for (int m = 0; m < matrices; ++m) {
+      uint16_t lo, hi;
+      if (trans) {
+        lo = w.in[8 * m + 2 * t].ldm.row[m][g];
+        hi = w.in[8 * m + 2 * t + 1].ldm.row[m][g];
+      } else {
+        lo = w.in[8 * m + g].ldm.row[m][2 * t];
+        hi = w.in[8 * m + g].ldm.row[m][2 * t + 1];
+      }
+      regs[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
 void complete_shfl(const Run& r, WarpSlot& w, unsigned warp) {
   const int width = w.width;
   for (int lane = 0; lane < 32; ++lane) {
@@ -652,15 +709,16 @@ void collective(int op, unsigned mask, const LaneIn& in, void* out, const char* 
   Fiber& f = *g_cur;
   const unsigned warp = f.tid / 32, lane = f.tid % 32;
   const uint32_t lanes = warp_lanes(r, warp);
-  const char* name = op == kMma ? "mma.sync" : "__shfl_*_sync";
+  auto op_name = [](int o) { return o == kMma ? "mma.sync" : o == kLdm ? "ldmatrix" : "__shfl_*_sync"; };
+  const char* name = op_name(op);
   if (!((mask >> lane) & 1u) || (mask & ~lanes) != 0) {
     fatal("warp_divergence",
           format("%s at line %d: mask %#x must include the calling lane %u and only lanes of the block", name, line,
                  mask, lane),
           kLaunchFailure);
   }
-  if (op == kMma && mask != 0xffffffffu) {
-    fatal("warp_divergence", "mma.sync.aligned needs all 32 lanes of a full warp", kLaunchFailure);
+  if ((op == kMma || op == kLdm) && mask != 0xffffffffu) {
+    fatal("warp_divergence", format("%s.aligned needs all 32 lanes of a full warp", name), kLaunchFailure);
   }
   if (op == kShfl && (width < 1 || width > 32 || (width & (width - 1)) != 0)) {
     fatal("warp_divergence", format("shuffle width %d is not a power of two <= 32", width), kLaunchFailure);
@@ -677,7 +735,7 @@ void collective(int op, unsigned mask, const LaneIn& in, void* out, const char* 
              std::strcmp(w.ptx, ptx) != 0) {
     fatal("warp_divergence",
           format("lane %u reached %s at %s:%d (mask %#x) while lanes %#x wait in %s at line %d (mask %#x)", lane,
-                 name, file_name(file), line, mask, w.arrived, w.op == kMma ? "mma.sync" : "__shfl_*_sync", w.line,
+                 name, file_name(file), line, mask, w.arrived, op_name(w.op), w.line,
                  w.mask),
           kLaunchFailure);
   }
@@ -693,6 +751,8 @@ void collective(int op, unsigned mask, const LaneIn& in, void* out, const char* 
   }
   if (op == kMma) {
     complete_mma(w);
+  } else if (op == kLdm) {
+    complete_ldmatrix(w);
   } else {
     complete_shfl(r, w, warp);
   }
@@ -740,6 +800,7 @@ void run_block(Run& r) {
   ++g_epoch;
   g_block_epoch0 = g_epoch;
   std::memset(r.cfg.arena, 0xff, r.cfg.smem_bytes);  // NaN in every float format
+  std::fill(g_in_flight.begin(), g_in_flight.end(), 0);  // copies a previous block never waited for
   unsigned char* pool = stack_pool();
   for (unsigned t = 0; t < r.threads; ++t) {
     Fiber& f = r.fibers[t];
@@ -855,6 +916,7 @@ int run_grid(const LaunchConfig& cfg, void (*thread_main)(void*), void* ctx) {
   r.fibers.resize(r.threads);
   r.warps.resize((r.threads + 31) / 32);
   if (g_shared_shadow.size() < cfg.arena_bytes) g_shared_shadow.resize(cfg.arena_bytes);
+  if (g_in_flight.size() < cfg.arena_bytes) g_in_flight.resize(cfg.arena_bytes);
   ++g_launch_id;
   g_run = &r;
   uint64_t n = 0;
@@ -954,6 +1016,101 @@ void mma_sync(const char* ptx, float c[4], const uint32_t a[4], const uint32_t b
   float d[4];
   collective(kMma, 0xffffffffu, in, d, file, line, 0, 0, ptx);
   std::memcpy(c, d, sizeof d);
+}
+
+void ldmatrix(const char* ptx, uint32_t* regs, const void* row, const char* file, int line) {
+  if (g_cur == nullptr) return;
+  EmulatorScope scope;
+  int matrices = 0;
+  for (int n : {1, 2, 4}) {
+    for (bool trans : {false, true}) {
+      if (format("ldmatrix.sync.aligned.m8n8.x%d%s.shared.b16", n, trans ? ".trans" : "") == ptx) {
+        matrices = n * 2 + trans;
+      }
+    }
+  }
+  if (matrices == 0) fatal("emulator_error", std::string("unsupported instruction ") + ptx, kLaunchFailure);
+  const unsigned lane = g_cur->tid % 32;
+  LaneIn in;
+  std::memset(&in, 0, sizeof in);
+  // Lanes 0 .. 8 n - 1 address the rows of the n matrices; other lanes' addresses are not used.
+  if (static_cast<int>(lane) < 8 * (matrices / 2)) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(row);
+    const uintptr_t arena = reinterpret_cast<uintptr_t>(g_run->cfg.arena);
+    if (a % 16 != 0) {
+      fatal("misaligned_access", format("ldmatrix row address %#" PRIxPTR " is not 16-byte aligned", a),
+            kMisalignedAddress);
+    }
+    if (a < arena || a >= arena + g_run->cfg.arena_bytes) {
+      fatal("shared_out_of_bounds", "ldmatrix row address is not in shared memory", kIllegalAddress);
+    }
+    check_access(a, 16, kRead);
+    std::memcpy(in.ldm.row[lane / 8], row, 16);
+  }
+  uint32_t out[4] = {};
+  collective(kLdm, 0xffffffffu, in, out, file, line, matrices, 0, ptx);
+  std::memcpy(regs, out, sizeof(uint32_t) * (matrices / 2));
+}
+
+// The PTX text of each asynchronous-copy hook (attn_cuda.cu's asm names the same).
+void require_ptx(const char* ptx, const char* expected) {
+  if (std::strcmp(ptx, expected) != 0) {
+    fatal("emulator_error", std::string("unsupported instruction ") + ptx + " (emulated: " + expected + ")",
+          kLaunchFailure);
+  }
+}
+
+void cp_async(const char* ptx, void* dst, const void* src, int src_bytes, const char* file, int line) {
+  if (g_cur == nullptr) return;
+  EmulatorScope scope;
+  require_ptx(ptx, "cp.async.cg.shared.global");
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  const uintptr_t arena = reinterpret_cast<uintptr_t>(g_run->cfg.arena);
+  if (d % 16 != 0 || (src_bytes > 0 && s % 16 != 0)) {
+    fatal("misaligned_access", format("cp.async of 16 bytes %#" PRIxPTR " <- %#" PRIxPTR " is not 16-byte aligned "
+                                      "(%s:%d)", d, s, file_name(file), line),
+          kMisalignedAddress);
+  }
+  if (src_bytes < 0 || src_bytes > 16) {
+    fatal("emulator_error", format("cp.async src-size %d is not in [0, 16]", src_bytes), kLaunchFailure);
+  }
+  if (d < arena || d >= arena + g_run->cfg.arena_bytes) {
+    fatal("shared_out_of_bounds", "cp.async destination is not in shared memory", kIllegalAddress);
+  }
+  CpCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  std::memset(c.data, 0, sizeof c.data);  // bytes past src-size are zero-filled
+  if (src_bytes > 0) {
+    check_access(s, static_cast<size_t>(src_bytes), kRead);
+    std::memcpy(c.data, src, static_cast<size_t>(src_bytes));
+  }
+  check_access(d, 16, kWrite);  // a write some time in this interval (or until the wait)
+  for (size_t i = 0; i < 16; ++i) g_in_flight[d - arena + i] = static_cast<uint16_t>(g_cur->tid + 1);
+  g_cur->cp_open.push_back(c);
+}
+
+void cp_async_commit(const char* ptx) {
+  if (g_cur == nullptr) return;
+  EmulatorScope scope;
+  require_ptx(ptx, "cp.async.commit_group");
+  g_cur->cp_groups.push_back(std::move(g_cur->cp_open));
+  g_cur->cp_open.clear();
+}
+
+void cp_async_wait(const char* ptx, int pending) {
+  if (g_cur == nullptr) return;
+  EmulatorScope scope;
+  require_ptx(ptx, "cp.async.wait_group");
+  const uintptr_t arena = reinterpret_cast<uintptr_t>(g_run->cfg.arena);
+  while (g_cur->cp_groups.size() > static_cast<size_t>(pending)) {
+    for (const CpCopy& c : g_cur->cp_groups.front()) {
+      const uintptr_t d = reinterpret_cast<uintptr_t>(c.dst);
+      for (size_t i = 0; i < 16; ++i) g_in_flight[d - arena + i] = 0;
+      check_access(d, 16, kWrite);
+      std::memcpy(c.dst, c.data, 16);
+    }
+    g_cur->cp_groups.pop_front();
+  }
 }
 
 void note_atomic(const void* addr, size_t bytes) {

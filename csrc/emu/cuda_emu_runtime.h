@@ -63,6 +63,20 @@ uint64_t shfl_sync(int mode, unsigned mask, uint64_t bits, int arg, int width, c
 void mma_sync(const char* ptx, float c[4], const uint32_t a[4], const uint32_t b[2],
               const char* file = __builtin_FILE(), int line = __builtin_LINE());
 
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16, named by its PTX text: `row` is this lane's
+// row address (lane 8 m + r: row r of matrix m, 16 bytes, 16-byte aligned); regs[m] receives the
+// lane's part of matrix m by the ISA's table (runtime: complete_ldmatrix).
+void ldmatrix(const char* ptx, uint32_t* regs, const void* row, const char* file = __builtin_FILE(),
+              int line = __builtin_LINE());
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes (the rest zero-filled), cp.async.commit_group
+// and cp.async.wait_group n, each named by its PTX text: a copy's bytes land in `dst` only at the
+// wait that completes its group (the runtime's overview says what the checkers report).
+void cp_async(const char* ptx, void* dst, const void* src, int src_bytes, const char* file = __builtin_FILE(),
+              int line = __builtin_LINE());
+void cp_async_commit(const char* ptx);
+void cp_async_wait(const char* ptx, int pending);
+
 // Atomic read-modify-write of `bytes` at addr by the running thread (bounds-checked, recorded as
 // atomic: atomics never race with each other).
 void note_atomic(const void* addr, size_t bytes);

@@ -115,6 +115,7 @@ RA_EMU_API size_t ra_emu_params_layout(char* buf, size_t len) {
   RA_F(AttnParams, k_positions_sb);
   RA_F(AttnParams, dq_accum);
   RA_F(AttnParams, dk_accum);
+  RA_F(AttnParams, rope_work);
   RA_F(AttnParams, num_threads);
   RA_F(AttnParams, stream);
 #undef RA_F

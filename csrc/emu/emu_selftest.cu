@@ -103,6 +103,124 @@ __global__ void global_race_kernel(float* out, int) {
   atomicAdd(out + 1, 1.0f);
 }
 
+// ---- ldmatrix and cp.async (the forms attn_cuda.cu uses) ----------------------------------------
+
+// Shared [32][16] uint16 matrix m[r][c] = 16 r + c (written by all, then a barrier). Lane l of warp w
+// addresses row l % 8 of matrix l / 8 at m[l][8 w]. Block 0: out[8 t + 0..3] = ldmatrix .x4,
+// out[8 t + 4..7] = .x4.trans; block 1: out[8 t + 0..1] = .x2.trans (register bits as stored).
+__global__ void ldmatrix_kernel(float* out, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* m = reinterpret_cast<uint16_t*>(smem_raw);
+  for (int i = 0; i < 8; ++i) m[threadIdx.x * 8 + i] = static_cast<uint16_t>(threadIdx.x * 8 + i);
+  __syncthreads();
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint16_t* row = m + lane * 16 + 8 * warp;
+  uint32_t* o = reinterpret_cast<uint32_t*>(out) + 8 * (threadIdx.x + blockIdx.x * blockDim.x);
+  uint32_t r[4];
+  if (blockIdx.x == 0) {
+    ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.shared.b16", r, row);
+    for (int i = 0; i < 4; ++i) o[i] = r[i];
+    ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", r, row);
+    for (int i = 0; i < 4; ++i) o[4 + i] = r[i];
+  } else {
+    ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16", r, row);
+    o[0] = r[0];
+    o[1] = r[1];
+  }
+}
+
+// Warp 1 rewrites its rows while warp 0's ldmatrix reads them, no barrier between.
+__global__ void ldmatrix_race_kernel(float*, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* m = reinterpret_cast<uint16_t*>(smem_raw);
+  for (int i = 0; i < 8; ++i) m[threadIdx.x * 8 + i] = 0;
+  __syncthreads();
+  uint32_t r[4];
+  if (threadIdx.x < 32) {
+    ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.shared.b16", r, m + 256 + (threadIdx.x % 16) * 16);
+  } else {
+    for (int i = 0; i < 8; ++i) m[threadIdx.x * 8 + i] = 1;
+  }
+}
+
+// A row address 4 bytes off the 16-byte grid.
+__global__ void ldmatrix_misaligned_kernel(float*, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* m = reinterpret_cast<uint16_t*>(smem_raw);
+  for (int i = 0; i < 8; ++i) m[threadIdx.x * 8 + i] = 0;
+  __syncthreads();
+  uint32_t r[4];
+  ::ringattn_emu::ldmatrix("ldmatrix.sync.aligned.m8n8.x4.shared.b16", r, m + (threadIdx.x % 32) * 16 + 2);
+}
+
+// Thread t copies out[8 t .. 8 t + 3] (which it wrote) to shared bytes 16 t .. 16 t + 15 in group 1
+// (odd threads: src-size 8, the rest zero-filled) and the same again to 16 (64 + t) in group 2.
+// After wait_group 1 (group 1 complete, group 2 may still fly) it reads its own group-1 copy into
+// out[8 t + 4..5]; after wait_group 0 and a barrier, its neighbour's group-2 copy into out[8 t + 6..7].
+__global__ void cp_async_kernel(float* out, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  float* o = out + 8 * (t + blockIdx.x * n);
+  for (int i = 0; i < 4; ++i) o[i] = static_cast<float>(1000 * blockIdx.x + 10 * t + i + 1);
+  const int bytes = t % 2 ? 8 : 16;
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", s + 4 * t, o, bytes);
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", s + 4 * (n + t), o, bytes);
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", 1);
+  o[4] = s[4 * t + 1];
+  o[5] = s[4 * t + 3];
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", 0);
+  __syncthreads();
+  const unsigned u = (t + 1) % n;
+  o[6] = s[4 * (n + u) + 1];
+  o[7] = s[4 * (n + u) + 3];
+}
+
+// Reads its own copy's destination before any wait_group: in flight (and still the old bytes).
+__global__ void cp_async_early_read_kernel(float* out, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const unsigned t = threadIdx.x;
+  float* o = out + 8 * (t + blockIdx.x * blockDim.x);
+  for (int i = 0; i < 4; ++i) s[4 * t + i] = -1.0f, o[i] = 2.0f;
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", s + 4 * t, o, 16);
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+  o[4] = s[4 * t];
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", 0);
+}
+
+// wait_group 1 with two groups committed: the second group's destination is read while in flight.
+__global__ void cp_async_wait_too_few_kernel(float* out, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  float* o = out + 8 * (t + blockIdx.x * n);
+  for (int i = 0; i < 4; ++i) o[i] = 2.0f;
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", s + 4 * t, o, 16);
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", s + 4 * (n + t), o, 16);
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", 1);
+  o[4] = s[4 * t] + s[4 * (n + t)];
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", 0);
+}
+
+// Every thread waits for its own copy, then reads its neighbour's with no barrier in between.
+__global__ void cp_async_no_barrier_kernel(float* out, int) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  float* o = out + 8 * (t + blockIdx.x * n);
+  for (int i = 0; i < 4; ++i) s[4 * t + i] = 0.0f, o[i] = 2.0f;
+  __syncthreads();
+  ::ringattn_emu::cp_async("cp.async.cg.shared.global", s + 4 * t, o, 16);
+  ::ringattn_emu::cp_async_commit("cp.async.commit_group");
+  ::ringattn_emu::cp_async_wait("cp.async.wait_group", 0);
+  o[4] = s[4 * ((t + 1) % n)];
+}
+
 struct Entry {
   const char* name;
   void (*kernel)(float*, int);
@@ -119,6 +237,13 @@ const Entry kEntries[] = {
     {"shuffle_deadlock", shuffle_deadlock_kernel},
     {"global_oob", global_oob_kernel},
     {"global_race", global_race_kernel},
+    {"ldmatrix", ldmatrix_kernel},
+    {"ldmatrix_race", ldmatrix_race_kernel},
+    {"ldmatrix_misaligned", ldmatrix_misaligned_kernel},
+    {"cp_async", cp_async_kernel},
+    {"cp_async_early_read", cp_async_early_read_kernel},
+    {"cp_async_wait_too_few", cp_async_wait_too_few_kernel},
+    {"cp_async_no_barrier", cp_async_no_barrier_kernel},
 };
 
 }  // namespace

@@ -152,7 +152,17 @@ def _device_support(index: int) -> tuple[bool, str]:
         return _support[index]
 
 
+def _rope_work(params, shape, q):
+    """RoPE's workspace (attn_params.h rope_work): the rows the kernels' sweeps read rotated, each
+    rotated once ahead of the sweep; None (address 0) without RoPE."""
+    work = torch.empty(shape, dtype=q.dtype, device=q.device) if params.rope_mode else None
+    params.rope_work = work.data_ptr() if work is not None else 0
+    return work
+
+
 def _run_forward(module, params, q):
+    k_shape = (params.batch, params.seqlen_k, params.heads_kv, params.head_dim)
+    work = _rope_work(params, k_shape, q)  # noqa: F841 (alive until the launches are queued)
     with torch.cuda.device(q.device):
         params.stream = torch.cuda.current_stream(q.device).cuda_stream
         module.attn_forward_cuda(params)
@@ -163,6 +173,7 @@ def _run_backward(module, params, q, k):
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk_accum = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     params.dq_accum, params.dk_accum = dq_accum.data_ptr(), dk_accum.data_ptr()
+    work = _rope_work(params, q.shape, q)  # noqa: F841 (alive until the launches are queued)
     with torch.cuda.device(q.device):
         params.stream = torch.cuda.current_stream(q.device).cuda_stream
         module.attn_backward_cuda(params)

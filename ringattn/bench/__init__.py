@@ -5,6 +5,8 @@ and plots' dependencies (transformers, matplotlib). In the repository, ``python 
 
 Layout: ``common.py`` (environment record, timing, ``Results`` and plots), one module per suite
 (``kernels``, ``rope``, ``ring``, ``gpu_check``), and ``suites.py``, the registry the command line reads.
+``cuda_aot`` is no suite: ``python -m ringattn.bench.cuda_aot --mix`` prints the CUDA kernels' static
+SASS issue model on sm_89 (MODELED; ``docs/cuda_kernels.md``).
 
 Adding rows to a suite: in the suite's module, call ``results.add(column=value, ...)`` once per
 measurement (the environment is added to every row), and if the row brings a new column, add it to
