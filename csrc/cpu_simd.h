@@ -1,6 +1,6 @@
 // Explicit SIMD micro-kernels of the CPU attention (attn_cpu.cpp), one set per ISA level, picked at
 // compile time by the compiler's predefined macros: AVX-512 (__AVX512F__, 32 zmm), AVX2 + FMA (16 ymm)
-// and a portable fallback (GCC/Clang vector extension, 8 lanes). Register blocks per level were chosen
+// and a portable fallback (GCC/Clang vector extension, 4 lanes). Register blocks per level were chosen
 // from a profile of the real tile shapes (64 query rows x 64 keys x head dim 128; see docs/design.md).
 //
 // fp32 math only: every product accumulates in fp32, in the order documented per kernel.

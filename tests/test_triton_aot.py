@@ -83,11 +83,11 @@ def _shipped(archs, head_dims, dtypes, variants=("causal-docs-exact",)) -> int:
 
 
 def test_sm89_head_dim_128_configs_compile_within_budget():
-    # every autotuning candidate of the tuning target (bf16), in every variant
-    from tritonkernels.aot import VARIANTS
-
-    results = _compile(["--arch", "89", "--head-dim", "128", "--variant", *VARIANTS])
-    _check(results, _shipped([89], [128], ["bf16"], tuple(VARIANTS)))
+    # every autotuning candidate of the tuning target (bf16) in the heaviest plain variant; every
+    # variant at every head dim: test_every_shipped_sm89_config_compiles_in_every_variant (slow)
+    variant = "causal-docs-exact"
+    results = _compile(["--arch", "89", "--head-dim", "128", "--variant", variant])
+    _check(results, _shipped([89], [128], ["bf16"], (variant,)))
 
 
 def test_feature_variant_compiles_on_sm89_head_dim_128():

@@ -109,7 +109,14 @@ def _shipped_tiles():
     return sorted(tiles)
 
 
-@pytest.mark.parametrize("tile", _shipped_tiles(), ids=lambda t: f"{t[0]}x{t[1]}")
+def _tile_params():
+    # the smallest and the largest tile in the default tier, the others in the slow tier
+    tiles = _shipped_tiles()
+    extremes = {min(tiles, key=lambda t: t[0] * t[1]), max(tiles, key=lambda t: t[0] * t[1])}
+    return [pytest.param(t, marks=() if t in extremes else pytest.mark.slow) for t in tiles]
+
+
+@pytest.mark.parametrize("tile", _tile_params(), ids=lambda t: f"{t[0]}x{t[1]}")
 def test_every_shipped_tile_shape_is_correct(tile):
     # Documents (one empty), causal, RoPE, GQA, a length no tile divides: every masking path.
     m, n = tile

@@ -412,7 +412,6 @@ def _cases() -> list[Case]:
     err("fa-mixed-dtypes", fa(k=k.bfloat16()), "dtype")
     err("fa-complex", fa(q=q.to(torch.complex64), k=k.to(torch.complex64), v=v.to(torch.complex64)), "q", "dtype")
     err("fa-fp64-on-cpu-backend", fa(q=q.double(), k=k.double(), v=v.double(), backend="cpu"), "dtype", "float64")
-    err("fa-fp16-on-cpu-backend", fa(q=q.half(), k=k.half(), v=v.half(), backend="cpu"), "dtype", "float16")
     err("fa-fp64-on-triton", fa(q=q.double(), k=k.double(), v=v.double(), backend="triton"), "dtype", "float64")
     err("fa-positions-float", fa(rope=R(), positions=torch.arange(8.0)), "positions")
     err("fa-positions-int16", fa(rope=R(), positions=torch.arange(8, dtype=torch.int16)), "positions")
