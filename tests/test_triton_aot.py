@@ -90,6 +90,7 @@ def test_sm89_head_dim_128_configs_compile_within_budget():
     _check(results, _shipped([89], [128], ["bf16"], (variant,)))
 
 
+@pytest.mark.slow  # a subset of the every-arch sweep below, kept as the quick way to run one variant
 def test_feature_variant_compiles_on_sm89_head_dim_128():
     # The heaviest score-feature variant (window, softcap, ALiBi, key-side documents, exact RoPE,
     # causal) of each attention kernel, every bf16 candidate, on the tuning target.
@@ -112,6 +113,7 @@ def test_feature_variants_compile_within_budget_on_every_arch():
     _check(results, len(shipped_specs([80, 89, 90], [64, 128], KERNELS, dtypes, tuple(FEATURE_VARIANTS))))
 
 
+@pytest.mark.slow  # a subset of the every-arch sweep below, kept as the quick way to run one variant
 def test_dropout_variant_compiles_on_sm89_head_dim_128():
     # Attention dropout on top of every score feature (the heaviest variant), each attention
     # kernel's first bf16 dropout candidate on the tuning target: one quick compile per kernel.
