@@ -11,7 +11,8 @@
 // tiles streaming through cp.async stages; K is rotated as it loads (once per CTA), Q once for the
 // call by rotate_rows (no rotation per key tile). RoPE's angles
 // are integer turns (attn_math.h: rope_turns, sincos_turns; no sincosf stack frame). dQ goes to an fp32
-// workspace with atomics, dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
+// workspace with atomics (deterministic: from its own pass over each query tile's keys,
+// attn_backward_dq_kernel), dK to an fp32 workspace, and a finishing kernel applies RoPE's transpose
 // and writes the gradients in the caller's dtype and strides.
 //
 // Variants (template flags): plain; EXTRA (sliding window, softcap, ALiBi); EXTRA + DROPOUT
@@ -21,7 +22,8 @@
 //
 // Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts): forward
 // (FwdTiles) 19,968 / 36,352 / 68,864 B at head dim 64 / 128 / 256 (at least two CTAs per sm_89 SM
-// up to 128); backward (BwdTiles) 44,544 / 77,312 / 88,960 B: within sm_89's 101,376 B.
+// up to 128); backward (BwdTiles) 44,544 / 77,312 / 88,960 B; deterministic dQ pass (DqTiles) 19,968 /
+// 36,352 / 85,760 B: within sm_89's 101,376 B.
 #if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -721,6 +723,7 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
 
   float dk[CT8][4] = {}, dv[CT8][4] = {};
   const int key_lo = warp * 16 + g;  // this thread's keys key_lo and key_lo + 8 of the tile
+  const int dq_items = p.deterministic ? 0 : (BQ / 16) * CT8;  // (row block, column tile) items of dQ
 
   // The (head, query tile) steps of this CTA, in order: query tiles from q_first, head by head of
   // the group. Step (hq, q0)'s Q (rotated by launch_backward's rotate_rows pass) and dO rows, lse,
@@ -852,18 +855,22 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
           mma16816<DT>(dk[ct + 1], ads, bq + 2);
         }
       }
-      // dQ += dS K: share dS^T through shared memory, then each warp takes (row block, column tile)
-      // items and adds its 16x8 result to the fp32 workspace.
+      // dQ += dS K (dq_items 0 when deterministic: attn_backward_dq_kernel's pass sums dQ): share dS^T
+      // through shared memory, then each warp takes (row block, column tile) items and adds its 16x8
+      // result to the fp32 workspace. The barrier stays either way: the next step's copies overwrite
+      // a stage read above.
+      if (dq_items > 0) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int qr = nt * 8 + 2 * t;
-        ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
-        ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
-        ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
-        ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
+        for (int nt = 0; nt < NT; ++nt) {
+          const int qr = nt * 8 + 2 * t;
+          ds_s[key_lo * LDS + qr] = to_bits<DT>(dpt[nt][0]);
+          ds_s[key_lo * LDS + qr + 1] = to_bits<DT>(dpt[nt][1]);
+          ds_s[(key_lo + 8) * LDS + qr] = to_bits<DT>(dpt[nt][2]);
+          ds_s[(key_lo + 8) * LDS + qr + 1] = to_bits<DT>(dpt[nt][3]);
+        }
       }
       __syncthreads();
-      for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
+      for (int item = warp; item < dq_items; item += Tiles::kWarps) {
         const int rb = item / CT8, ct = item % CT8;
         const int c = col0 + ct * 8 + 2 * t;
         if (col0 + ct * 8 >= D) continue;
@@ -914,6 +921,220 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
         dvr[0] = to_bits<DT>(dv[ct][2 * i]);
         dvr[1] = to_bits<DT>(dv[ct][2 * i + 1]);
       }
+    }
+  }
+}
+
+// ---- deterministic dQ -------------------------------------------------------------------------
+
+// deterministic=True: dQ by its own pass that walks keys as the forward does. One CTA per (64 query
+// rows, batch * query head); each warp owns 16 query rows and keeps their dQ in registers while it
+// visits the key tiles those rows may see, recomputing P and dS there (S = Q K^T, dP = dO V^T). Every
+// dQ element is summed by one thread in key order and stored once: no atomics, the same bits on
+// every run. Q and K arrive rotated (rotate_rows passes), so dQ is in rotated coordinates, as the
+// atomic path's workspace. K/V tiles stream through cp.async stages; up to head dim 128 Q's and dO's
+// A fragments stay in registers (their tiles staged in the K/V buffers): D 64: 19,968 B, D 128:
+// 36,352 B; head dim 256 keeps both tiles in shared memory with one 16-key stage: 85,760 B.
+template <int DMAX>
+struct DqTiles {
+  static constexpr int kBlockQ = 64, kWarps = 4;
+  static constexpr int kBlockK = DMAX <= 128 ? 32 : 16;
+  static constexpr int kStages = DMAX <= 128 ? 2 : 1;
+  static constexpr bool kQInRegs = DMAX <= 128;  // Q's and dO's A fragments
+  static constexpr int kLd = DMAX + kPad;
+  static constexpr int kQRows = kQInRegs ? 0 : 2 * kBlockQ;  // Q's and dO's own shared rows
+  static constexpr size_t kMeta = 2 * (kBlockQ + kBlockK) * sizeof(int64_t);  // index, document: Q, a key tile
+  static constexpr size_t kSmem = kMeta + (kQRows + kStages * 2 * kBlockK) * kLd * sizeof(uint16_t);
+  static_assert(kQInRegs ? kStages * 2 * kBlockK >= 2 * kBlockQ : true, "Q and dO are staged in the K/V buffers");
+  static_assert(kSmem <= kMaxSmemSm89, "dQ tiles exceed sm_89's shared memory per block");
+};
+
+// EXTRA, DROPOUT: as the forward's; dS as attn_backward_kernel's.
+template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
+__global__ void __launch_bounds__(128, 1)
+    attn_backward_dq_kernel(const AttnParams p, RowSide qs, RowSide ks, Dropout drop) {
+  static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
+  using Tiles = DqTiles<DMAX>;
+  constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, LD = Tiles::kLd, NT = BK / 8, DT8 = DMAX / 8;
+  constexpr int STAGES = Tiles::kStages;
+  static_assert(NT % 2 == 0 && DT8 % 2 == 0, "B fragments load two 8-column tiles at a time");
+  static_assert(STAGES == 1 || STAGES == 2, "at most one tile in flight while one is read");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int64_t* q_index = reinterpret_cast<int64_t*>(smem_raw);
+  int64_t* q_doc = q_index + BQ;
+  int64_t* k_index = q_doc + BQ;  // [BK]: the current key tile's
+  int64_t* k_doc = k_index + BK;
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(k_doc + BK);  // Q rows, then dO rows
+  uint16_t* do_s = q_s + BQ * LD;
+  uint16_t* kv_s = q_s + Tiles::kQRows * LD;  // stage i: K rows at kv_s + 2 i BK LD, then V rows
+
+  const int D = static_cast<int>(p.head_dim);
+  const unsigned n_tiles = static_cast<unsigned>((p.seqlen_q + BQ - 1) / BQ);  // grid.x as the forward's
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x % n_tiles) * BQ;
+  const int64_t bh = blockIdx.x / n_tiles, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+
+  load_rows<DT, DMAX>(q_s, LD, p.q, b, h, q0, BQ, p.seqlen_q, D, p, qs, false);  // rotated already
+  load_rows<DT, DMAX>(do_s, LD, p.dout, b, h, q0, BQ, p.seqlen_q, D, p, qs, false);
+  load_row_meta(q_index, q_doc, q0, BQ, p.seqlen_q, qs, p);
+  __syncthreads();
+  uint32_t qf[Tiles::kQInRegs ? DMAX / 16 : 1][4], of[Tiles::kQInRegs ? DMAX / 16 : 1][4];
+  if constexpr (Tiles::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < DMAX / 16; ++kk) {
+      load_a(qf[kk], q_s, LD, warp * 16, kk * 16);
+      load_a(of[kk], do_s, LD, warp * 16, kk * 16);
+    }
+  }
+  // Keys this tile may see (causal, window, documents), as the forward's loop bounds.
+  int64_t k_begin = 0, k_end = 0;
+  {
+    int64_t a_min, a_max, d_min, d_max, lo, hi;
+    tile_range<BQ>(q_index, q_doc, &a_min, &a_max, &d_min, &d_max);
+    if (d_max >= 0) {
+      key_index_range(a_min, a_max, d_min, d_max, ks.cu, p.causal, EXTRA ? p.window_left : -1,
+                      EXTRA ? p.window_right : -1, &lo, &hi);
+      span_rows(lo, hi, ks.start, ks.stride, p.seqlen_k, &k_begin, &k_end);
+    }
+  }
+  float slope = 0.0f, inv_softcap = 0.0f;
+  if constexpr (EXTRA) {
+    if (p.alibi_slopes) slope = reinterpret_cast<const float*>(p.alibi_slopes)[b * p.alibi_sb + h];
+    if (p.softcap > 0.0f) inv_softcap = 1.0f / p.softcap;
+  }
+  const int r_lo = warp * 16 + g;  // this thread's rows r_lo and r_lo + 8 of the tile
+  float lse_r[2], delta_r[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = q0 + r_lo + 8 * i;
+    const bool in = row < p.seqlen_q;
+    lse_r[i] = backward_lse(in ? reinterpret_cast<const float*>(p.lse)[bh * p.seqlen_q + row] : -RA_INF);
+    delta_r[i] = in ? reinterpret_cast<const float*>(p.delta)[bh * p.seqlen_q + row] : 0.0f;
+  }
+  // Dropout's counter takes global indices (not aligned ones): this thread's two query rows'.
+  const int64_t q_global0 = qs.start + qs.stride * (q0 + r_lo), q_global1 = q_global0 + 8 * qs.stride;
+
+  float dq[DT8][4] = {};
+  int64_t k0 = k_begin / BK * BK;
+  auto issue_tile = [&](int64_t k0, int st, auto vec) {  // one cp.async group, committed by the caller
+    uint16_t* k_dst = kv_s + st * 2 * BK * LD;
+    issue_rows<DMAX, BK, Tiles::kWarps * 32, decltype(vec)::value>(k_dst, LD, p.k, b, hk, k0, p.seqlen_k, D);
+    issue_rows<DMAX, BK, Tiles::kWarps * 32, decltype(vec)::value>(k_dst + BK * LD, LD, p.v, b, hk, k0, p.seqlen_k, D);
+  };
+  auto sweep = [&](auto vec) {
+    if constexpr (STAGES == 2) {
+      if (k0 < k_end) issue_tile(k0, 0, vec);
+    }
+    cp_async_commit();
+    for (int st = 0; k0 < k_end; k0 += BK, st = (st + 1) % STAGES) {
+      __syncthreads();  // every warp is done with the stage written next (read in the previous step) and k_index
+      if constexpr (STAGES == 1) {
+        issue_tile(k0, 0, vec);
+      } else if (k0 + BK < k_end) {
+        issue_tile(k0 + BK, st ^ 1, vec);
+      }
+      cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group flying
+      load_row_meta(k_index, k_doc, k0, BK, p.seqlen_k, ks, p);
+      cp_async_wait<STAGES - 1>();  // tile k0's copies by this thread landed
+      __syncthreads();  // and everyone's (and the fallback's stores and the row data)
+      const uint16_t* k_s = kv_s + st * 2 * BK * LD;
+      const uint16_t* v_s = k_s + BK * LD;
+      // Dropout's mask of this thread's elements (bit nt * 4 + e of the fragments below), drawn before
+      // S and dP are live, as attn_backward_kernel's (in the element loop, the DROPOUT kernel spills).
+      uint32_t keep_bits = 0;
+      static_assert(NT * 4 <= 32, "one bit per element of a thread's S fragments");
+      if constexpr (DROPOUT) {
+#pragma unroll 1
+        for (int i = 0; i < NT * 4; ++i) {
+          const int c = (i >> 2) * 8 + 2 * t + (i & 1);
+          const int64_t q_global = (i >> 1) & 1 ? q_global1 : q_global0;  // no array: a runtime index is a stack slot
+          keep_bits |= static_cast<uint32_t>(dropout_keep(drop, k_index[c], q_global, static_cast<uint32_t>(bh))) << i;
+        }
+      }
+
+      // S = Q K^T and dP = dO V^T for this warp's 16 rows, the tile's BK keys.
+      float s[NT][4] = {}, dp[NT][4] = {};
+      auto products = [&](const uint32_t a[4], const uint32_t ao[4], int kk) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+          uint32_t bk[4], bv[4];
+          load_b_nk2(bk, k_s, LD, kk * 16, nt * 8);
+          load_b_nk2(bv, v_s, LD, kk * 16, nt * 8);
+          mma16816<DT>(s[nt], a, bk);
+          mma16816<DT>(s[nt + 1], a, bk + 2);
+          mma16816<DT>(dp[nt], ao, bv);
+          mma16816<DT>(dp[nt + 1], ao, bv + 2);
+        }
+      };
+      if constexpr (Tiles::kQInRegs) {
+#pragma unroll
+        for (int kk = 0; kk < DMAX / 16; ++kk) products(qf[kk], of[kk], kk);
+      } else {
+        // Not unrolled, as the forward's head dim 256 S loop (ptxas would spill).
+#pragma unroll 1
+        for (int kk = 0; kk < DMAX / 16; ++kk) {
+          uint32_t a[4], ao[4];
+          load_a(a, q_s, LD, warp * 16, kk * 16);
+          load_a(ao, do_s, LD, warp * 16, kk * 16);
+          products(a, ao, kk);
+        }
+      }
+      // P = exp(S scale - lse), dS = P (dP - delta) scale, into s.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1, r = r_lo + 8 * i, c = nt * 8 + 2 * t + (e & 1);
+          bool ok = visible(q_index[r], k_index[c], q_doc[r], k_doc[c], p.causal);
+          float score = s[nt][e] * p.softmax_scale, dscore = p.softmax_scale;
+          if constexpr (EXTRA) {
+            ok = ok && in_window(q_index[r], k_index[c], p.window_left, p.window_right);
+            float grad;
+            score = score_mod(score, p.softcap, inv_softcap, slope, q_index[r], k_index[c], &grad);
+            dscore = grad * p.softmax_scale;  // through softcap's tanh; ALiBi's bias has derivative 1
+          }
+          const float pv = ok ? softmax_weight(score, lse_r[i]) : 0.0f;
+          float dpv = dp[nt][e];
+          if constexpr (DROPOUT) dpv *= (keep_bits >> (nt * 4 + e)) & 1u ? drop.scale : 0.0f;  // dO V^T Z / (1 - p)
+          s[nt][e] = pv * (dpv - delta_r[i]) * dscore;
+        }
+      }
+      // dQ += dS K.
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t a[4];
+        acc_to_a<DT>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < DT8; dt += 2) {
+          uint32_t bf[4];
+          load_b_kn2(bf, k_s, LD, kk * 16, dt * 8);
+          mma16816<DT>(dq[dt], a, bf);
+          mma16816<DT>(dq[dt + 1], a, bf + 2);
+        }
+      }
+    }
+  };
+  // Q's and dO's tiles (staged in the K/V buffers when their fragments live in registers) are read by now.
+  if constexpr (Tiles::kQInRegs) __syncthreads();
+  if (rows_vectorizable(p.k, D) && rows_vectorizable(p.v, D)) {
+    sweep(std::true_type{});
+  } else {
+    sweep(std::false_type{});
+  }
+
+  float* dq_accum = reinterpret_cast<float*>(p.dq_accum);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = q0 + r_lo + 8 * i;
+    if (row >= p.seqlen_q) continue;
+    float* dst = dq_accum + ((b * p.seqlen_q + row) * p.heads_q + h) * D;
+#pragma unroll
+    for (int dt = 0; dt < DT8; ++dt) {
+      const int c = dt * 8 + 2 * t;
+      if (c >= D) continue;
+      dst[c] = dq[dt][2 * i];
+      dst[c + 1] = dq[dt][2 * i + 1];
     }
   }
 }
@@ -1024,19 +1245,19 @@ unsigned grid_x(int64_t rows, int64_t block_rows, int64_t batch_heads) {
   return static_cast<unsigned>(blocks);
 }
 
-// Rows of `in` (S rows, H heads) rotated into p.rope_work (rotate_rows_kernel); returns p with
-// `*side_view` (its q or k) replaced by the workspace's contiguous view. Without RoPE: p itself.
+// Rows of `in` (S rows, H heads) rotated into the workspace at `work` (rotate_rows_kernel); returns
+// p with `*side_view` (its q or k) replaced by the workspace's contiguous view. Without RoPE: p itself.
 template <int DT>
 AttnParams with_rotated_rows(const AttnParams& p, View AttnParams::*side_view, int64_t S, int64_t H,
-                             const RowSide& side) {
+                             const RowSide& side, uintptr_t work) {
   AttnParams out = p;
   const int64_t D = p.head_dim, pairs = p.batch * S * H * (D / 2);
   if (p.rope_mode == kRopeNone || pairs == 0) return out;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65535));
   RA_LAUNCH(rotate_rows_kernel<DT>, blocks, 256, 0, reinterpret_cast<cudaStream_t>(p.stream))(
-      p.*side_view, reinterpret_cast<uint16_t*>(p.rope_work), p.batch, S, H, static_cast<int>(D), p, side);
+      p.*side_view, reinterpret_cast<uint16_t*>(work), p.batch, S, H, static_cast<int>(D), p, side);
   check(cudaGetLastError(), "rotate_rows_kernel launch");
-  out.*side_view = View{p.rope_work, S * H * D, H * D, D};
+  out.*side_view = View{work, S * H * D, H * D, D};
   return out;
 }
 
@@ -1046,7 +1267,7 @@ void launch_forward(const AttnParams& p) {
   const dim3 grid(grid_x(p.seqlen_q, Tiles::kBlockQ, p.batch * p.heads_q));
   auto kernel = attn_forward_kernel<DT, DMAX, EXTRA, DROPOUT>;
   set_smem(kernel, Tiles::kSmem);
-  const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::k, p.seqlen_k, p.heads_kv, k_side(p));
+  const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::k, p.seqlen_k, p.heads_kv, k_side(p), p.rope_work);
   RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, reinterpret_cast<cudaStream_t>(p.stream))(
       run, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
   check(cudaGetLastError(), "attn_forward_kernel launch");
@@ -1056,7 +1277,19 @@ template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
 void launch_backward(const AttnParams& p) {
   using Tiles = BwdTiles<DMAX>;
   const auto stream = reinterpret_cast<cudaStream_t>(p.stream);
-  if (p.seqlen_k > 0 && p.batch * p.heads_kv > 0) {  // an empty grid is a launch error
+  const Dropout drop = make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset);
+  const bool key_sweep = p.seqlen_k > 0 && p.batch * p.heads_kv > 0;  // an empty grid is a launch error
+  const bool dq_pass = p.deterministic && p.batch * p.heads_q * p.seqlen_q > 0;
+  // Q rotated once for both sweeps; K too for the dQ pass (its key tiles arrive by cp.async, unrotated).
+  const AttnParams run =
+      key_sweep || dq_pass ? with_rotated_rows<DT>(p, &AttnParams::q, p.seqlen_q, p.heads_q, q_side(p), p.rope_work)
+                           : p;
+  AttnParams dq_run = run;
+  if (dq_pass) {
+    const uintptr_t k_work = p.rope_work + p.batch * p.seqlen_q * p.heads_q * p.head_dim * sizeof(uint16_t);
+    dq_run.k = with_rotated_rows<DT>(p, &AttnParams::k, p.seqlen_k, p.heads_kv, k_side(p), k_work).k;
+  }
+  if (key_sweep) {
     const int64_t key_tiles = (p.seqlen_k + Tiles::kBlockK - 1) / Tiles::kBlockK;
     if (key_tiles > 65535 || p.batch * p.heads_kv > 2147483647) {
       throw std::invalid_argument("ringattn cuda backward: " + std::to_string(p.seqlen_k) + " keys (" +
@@ -1066,10 +1299,16 @@ void launch_backward(const AttnParams& p) {
     const dim3 grid(static_cast<unsigned>(p.batch * p.heads_kv), static_cast<unsigned>(key_tiles), Tiles::kSplit);
     auto kernel = attn_backward_kernel<DT, DMAX, EXTRA, DROPOUT>;
     set_smem(kernel, Tiles::kSmem);
-    const AttnParams run = with_rotated_rows<DT>(p, &AttnParams::q, p.seqlen_q, p.heads_q, q_side(p));
-    RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(
-        run, q_side(p), k_side(p), make_dropout(p.dropout_p, p.dropout_seed, p.dropout_offset));
+    RA_LAUNCH(kernel, grid, Tiles::kWarps * 32, Tiles::kSmem, stream)(run, q_side(p), k_side(p), drop);
     check(cudaGetLastError(), "attn_backward_kernel launch");
+  }
+  if (dq_pass) {
+    using DqT = DqTiles<DMAX>;
+    auto kernel = attn_backward_dq_kernel<DT, DMAX, EXTRA, DROPOUT>;
+    set_smem(kernel, DqT::kSmem);
+    const dim3 grid(grid_x(p.seqlen_q, DqT::kBlockQ, p.batch * p.heads_q));
+    RA_LAUNCH(kernel, grid, DqT::kWarps * 32, DqT::kSmem, stream)(dq_run, q_side(p), k_side(p), drop);
+    check(cudaGetLastError(), "attn_backward_dq_kernel launch");
   }
   const int D = static_cast<int>(p.head_dim);
   auto finish = [&](const float* accum, const View& out, int64_t S, int64_t H, const RowSide& side) {
@@ -1116,7 +1355,9 @@ void backward_dtype(const AttnParams& p) {
 std::vector<std::pair<std::string, size_t>> attn_cuda_smem_bytes() {
   return {{"forward_d64", FwdTiles<64>::kSmem},   {"forward_d128", FwdTiles<128>::kSmem},
           {"forward_d256", FwdTiles<256>::kSmem}, {"backward_d64", BwdTiles<64>::kSmem},
-          {"backward_d128", BwdTiles<128>::kSmem}, {"backward_d256", BwdTiles<256>::kSmem}};
+          {"backward_d128", BwdTiles<128>::kSmem}, {"backward_d256", BwdTiles<256>::kSmem},
+          {"backward_dq_d64", DqTiles<64>::kSmem}, {"backward_dq_d128", DqTiles<128>::kSmem},
+          {"backward_dq_d256", DqTiles<256>::kSmem}};
 }
 
 void attn_forward_cuda(const AttnParams& p) {

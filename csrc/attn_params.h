@@ -50,10 +50,15 @@ struct AttnParams {
   uintptr_t q_positions = 0, k_positions = 0;  // int32, (S,) or (B, S) contiguous
   int64_t q_positions_sb = 0, k_positions_sb = 0;  // 0 for (S,), S for (B, S)
 
-  // CUDA backward workspaces, fp32: dq_accum (B, Sq, Hq, D) zero-filled, dk_accum (B, Sk, Hkv, D)
+  // CUDA backward: dQ by its own pass over each query tile's keys, every element summed by one
+  // thread in key order (bitwise repeatable), instead of fp32 atomics from every key tile.
+  bool deterministic = false;
+  // CUDA backward workspaces, fp32: dq_accum (B, Sq, Hq, D), zero-filled unless deterministic (then
+  // every row is written), dk_accum (B, Sk, Hkv, D)
   uintptr_t dq_accum = 0, dk_accum = 0;
   // CUDA RoPE workspace in dtype, contiguous, when rope_mode != 0: the forward rotates K into it once
-  // (B, Sk, Hkv, D), the backward Q (B, Sq, Hq, D), so the kernels' sweeps never rotate a tile again.
+  // (B, Sk, Hkv, D), the backward Q (B, Sq, Hq, D) and, when deterministic, K after Q's rows (its dQ
+  // pass streams rotated keys), so the kernels' sweeps never rotate a tile again.
   uintptr_t rope_work = 0;
 
   int num_threads = 1;  // CPU only

@@ -141,6 +141,7 @@ void bind_params(py::module_& m) {
   RA_FIELD(k_positions);
   RA_FIELD(q_positions_sb);
   RA_FIELD(k_positions_sb);
+  RA_FIELD(deterministic);
   RA_FIELD(dq_accum);
   RA_FIELD(dk_accum);
   RA_FIELD(rope_work);

@@ -194,6 +194,7 @@ class AttnParams(ctypes.Structure):
         *[(n, _U64) for n in ("rope_freqs", "k_rope_freqs", "q_positions", "k_positions")],
         ("q_positions_sb", _I64),
         ("k_positions_sb", _I64),
+        ("deterministic", _BOOL),
         ("dq_accum", _U64),
         ("dk_accum", _U64),
         ("rope_work", _U64),
@@ -289,16 +290,20 @@ def _nan(*shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
-def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, fp32_grads=False) -> Run:
+def run_case(
+    emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, fp32_grads=False, deterministic=False
+) -> Run:
     """Forward and backward of ``case`` through ``ra_emu_attn_*``, parameters filled as the cuda
     backend fills them (``op_inputs``: frequency tables, positions, spans, documents, window, softcap,
-    ALiBi, dropout; delta from our out), into NaN-filled outputs and dk workspace (dq's is zero-filled, as the
-    backend does)."""
+    ALiBi, dropout, deterministic; delta from our out), into NaN-filled outputs and dk workspace (dq's
+    is zero-filled for the atomics, as the backend does; NaN-filled when ``deterministic``: its dQ pass
+    writes every row)."""
     q, k, v, dout = make_inputs(case, dtype) if inputs is None else inputs
     qp, kp = case.positions()
     args = block_args(
-        q, k, v, case.mask(), rope=case.rope, q_positions=qp, k_positions=kp, **case.feature_kwargs()
-    )
+        q, k, v, case.mask(), rope=case.rope, q_positions=qp, k_positions=kp, deterministic=deterministic,
+        **case.feature_kwargs(),
+    )  # fmt: skip
     cu, k_cu, alibi, q_freqs, k_freqs, q_pos, k_pos, ints, floats = op_inputs(args, torch.device("cpu"))
     p = AttnParams()
     p.batch, p.seqlen_q, p.heads_q, p.head_dim = q.shape
@@ -328,8 +333,10 @@ def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, f
     inputs |= {"q_freqs": q_freqs, "k_freqs": k_freqs}
     inputs |= {"q_positions": q_pos, "k_positions": k_pos}
     reports, messages = {}, {}
-    # RoPE's workspaces, as the backend allocates them: K's rows rotated (forward), Q's (backward).
-    k_work, q_work = (_nan(*t.shape, dtype=dtype) if p.rope_mode else None for t in (k, q))
+    # RoPE's workspaces, as the backend allocates them: K's rows rotated (forward), Q's (backward; then
+    # K's for the deterministic dQ pass).
+    q_rows = q.numel() + (k.numel() if deterministic else 0)
+    k_work, q_work = (_nan(n, dtype=dtype) if p.rope_mode else None for n in (k.numel(), q_rows))
     p.rope_work = k_work.data_ptr() if p.rope_mode else 0
     rc, messages["forward"] = emu.call(
         "ra_emu_attn_forward", p, inputs | {"out": out, "lse": lse, "rope_work": k_work}
@@ -339,7 +346,9 @@ def run_case(emu: Emulator, case: Case, dtype, *, inputs=None, fp32_out=False, f
     delta = rowsum_delta(dout, out)
     grad_dtype = torch.float32 if fp32_grads else dtype
     dq, dk, dv = (_nan(*t.shape, dtype=grad_dtype) for t in (q, k, k))
-    dq_accum = torch.zeros(q.shape, dtype=torch.float32)
+    dq_accum = (
+        _nan(*q.shape, dtype=torch.float32) if deterministic else torch.zeros(q.shape, dtype=torch.float32)
+    )
     dk_accum = _nan(*k.shape, dtype=torch.float32)
     p.dout, p.delta = _view(dout), delta.data_ptr()
     p.dq, p.dk, p.dv, p.grad_dtype = _view(dq), _view(dk), _view(dv), DTYPE_CODES[grad_dtype]
@@ -364,11 +373,11 @@ def assert_clean(run: Run) -> None:
         assert all(launch["error"] == 0 for launch in report["launches"]), report["launches"]
 
 
-def check_case(emu: Emulator, case: Case, dtype) -> Run:
+def check_case(emu: Emulator, case: Case, dtype, *, deterministic=False) -> Run:
     """Forward, backward and dQ/dK finish vs the fp64 reference (the tolerance rule), report clean."""
     inputs = make_inputs(case, dtype)
     before = [t.clone() for t in inputs]
-    run = run_case(emu, case, dtype, inputs=inputs)
+    run = run_case(emu, case, dtype, inputs=inputs, deterministic=deterministic)
     assert_clean(run)
     q, k, v, dout = inputs
     ours = {"out": run.out, "lse": run.lse, "dq": run.dq, "dk": run.dk, "dv": run.dv}

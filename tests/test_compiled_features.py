@@ -227,7 +227,7 @@ def test_cpu_window_wider_than_any_distance_is_unbounded():
 def test_compiled_backends_declare_the_features():
     for name in ("cpu", "cuda"):
         assert FEATURES <= BACKENDS[name].features, name
-    assert "deterministic" in BACKENDS["cpu"].features and "deterministic" not in BACKENDS["cuda"].features
+        assert "deterministic" in BACKENDS[name].features, name  # cuda: its atomic-free dQ pass
 
 
 @needs_extension

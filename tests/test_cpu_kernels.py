@@ -169,7 +169,7 @@ def test_custom_ops_have_fake_implementations():
     with FakeTensorMode() as mode:
         fq, fk, fv, fd = (mode.from_tensor(t) for t in (q, k, v, dout))
         # INT_FIELDS and FLOAT_FIELDS of ringattn.backends.compiled, dropout (p 0.2, seed above 2^32) on
-        ints, floats = [1, 0, 1, 0, 1, 0, 0, 0, -1, -1, 2**40 + 9, 3], [0.125, 1.0, 0.0, 0.2]
+        ints, floats = [1, 0, 1, 0, 1, 0, 0, 0, -1, -1, 2**40 + 9, 3, 0], [0.125, 1.0, 0.0, 0.2]
         args = (None, None, None, None, None, None, None, ints, floats)
         out, lse = torch.ops.ringattn.cpu_block_forward(fq, fk, fv, *args, True)
         assert out.shape == (1, 12, 4, 64) and out.dtype == torch.float32 and lse.shape == (1, 4, 12)

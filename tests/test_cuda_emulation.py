@@ -137,28 +137,47 @@ def _dmax(D: int) -> int:
     return 64 if D <= 64 else 128 if D <= 128 else 256
 
 
-def assert_whole_grids(run: Run, case: Case) -> None:
-    """The launches are the ones attn_cuda.cu's dispatch makes for this shape, and every block ran."""
+def assert_whole_grids(run: Run, case: Case, deterministic: bool = False) -> None:
+    """The launches are the ones attn_cuda.cu's dispatch makes for this shape, and every block ran;
+    ``deterministic``: the backward adds its dQ pass and no launch adds atomically."""
     dmax = _dmax(case.D)
     rope = case.rope is not None
-    # With RoPE, each entry first rotates one side's rows once (the forward's K, the backward's Q).
-    rotations = {}
-    for entry, S, H in (("forward", case.sk, case.Hkv), ("backward", case.Sq, case.Hq)):
+
+    def rows_grid(S, H):  # rotate_rows and finish_grad: a thread per feature pair
+        return min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
+
+    # With RoPE, each entry first rotates rows once: the forward's K; the backward's Q, and K too for
+    # the deterministic dQ pass.
+    rotated = {"forward": [(case.sk, case.Hkv)], "backward": [(case.Sq, case.Hq), (case.sk, case.Hkv)]}
+    rotated["backward"] = rotated["backward"][: 1 + deterministic]
+    rotations, kernels = [], {}
+    for entry, sides in rotated.items():
         launches = run.reports[entry]["launches"]
-        assert [("with_rotated_rows" in launch["site"]) for launch in launches][:1] == [rope], launches
-        if rope:
-            rotations[entry] = launches[0]
-            assert launches[0]["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
-    fwd, *_ = run.reports["forward"]["launches"][rope:]
+        n = len(sides) if rope else 0
+        for launch, (S, H) in zip(launches[:n], sides[:n], strict=True):
+            assert "with_rotated_rows" in launch["site"] and launch["grid"][0] == rows_grid(S, H), launch
+        assert not any("with_rotated_rows" in launch["site"] for launch in launches[n:]), launches
+        rotations += launches[:n]
+        kernels[entry] = launches[n:]
+    fwd, *_ = kernels["forward"]
     assert f"DMAX = {dmax}" in fwd["site"]
     assert fwd["grid"] == [math.ceil(case.Sq / 64) * case.B * case.Hq, 1, 1] and fwd["block"] == [128, 1, 1]
-    bwd, finish_dq, finish_dk = run.reports["backward"]["launches"][rope:]
+    bwd, *dq_pass, finish_dq, finish_dk = kernels["backward"]
     assert bwd["grid"] == [case.B * case.Hkv, math.ceil(case.sk / 64), 2 if dmax > 128 else 1]
     assert bwd["block"] == [128, 1, 1]  # 64 keys, 16 per warp
+    assert len(dq_pass) == deterministic
+    for launch in dq_pass:  # the forward's grid: 64 query rows per block
+        assert launch["line"] > bwd["line"] and f"DMAX = {dmax}" in launch["site"]
+        assert launch["grid"] == fwd["grid"] and launch["block"] == [128, 1, 1]
     for launch, S, H in ((finish_dq, case.Sq, case.Hq), (finish_dk, case.sk, case.Hkv)):
-        assert launch["grid"][0] == min(math.ceil(case.B * S * H * case.D // 2 / 256), 65535)
-    for launch in (fwd, bwd, finish_dq, finish_dk, *rotations.values()):
+        assert launch["grid"][0] == rows_grid(S, H)
+    launches = [fwd, bwd, *dq_pass, finish_dq, finish_dk, *rotations]
+    for launch in launches:
         assert launch["blocks_run"] == math.prod(launch["grid"]), launch
+    if deterministic:
+        assert all(launch["atomics"] == 0 for launch in launches), launches
+    else:
+        assert bwd["atomics"] > 0  # dQ's adds (the count is real)
 
 
 @pytest.mark.parametrize("name", FAST_CASES)
@@ -182,6 +201,42 @@ def test_kernels_match_reference_slow(emu, name):
     assert_whole_grids(check_case(emu, case, dtype), case)
 
 
+# deterministic=True: the backward's dQ from attn_backward_dq_kernel (no atomics), every tile path:
+# Q/dO fragments in registers (D <= 128) or shared memory with one stage (D 256), aligned and
+# element-wise copies, RoPE (K rotated into the workspace after Q), documents, GQA.
+DETERMINISTIC_CASES = {
+    "d64-docs-rope-far-gqa": (Case(70, Hq=4, Hkv=2, D=64, causal=True, cu_seqlens=DOCS, rope=R64_FAR), BF16),
+    "d36-rows-copied-element-wise-sq37-sk53": (Case(37, 53, Hq=2, Hkv=1, D=36, causal=True), FP16),
+    "d256-causal-gqa-sq33": (Case(33, Hq=2, Hkv=1, D=256, causal=True), BF16),
+}
+SLOW_DETERMINISTIC_CASES = {
+    "d128-interleaved-partial-rope-strided": (
+        Case(
+            70, 45, Hq=4, Hkv=2, D=128, causal=True, q_span=Span(5, 2), k_span=Span(0, 3),
+            rope=RoPEConfig(128, theta=45.2e9, partial_rotary_factor=0.25, interleaved=True),
+        ),
+        FP16,
+    ),
+    "d80-hf-rope-batched-positions": (
+        Case(65, B=2, Hq=2, Hkv=1, D=80, causal=True, rope=RoPEConfig(80, precision="hf"), batched_positions=True),
+        BF16,
+    ),
+    "d256-docs-rope-sq65": (
+        Case(65, Hq=2, Hkv=1, D=256, causal=True, cu_seqlens=(0, 9, 9, 40, 60), rope=RoPEConfig(256, theta=45.2e9)),
+        FP16,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    [*DETERMINISTIC_CASES, *(pytest.param(n, marks=pytest.mark.slow) for n in SLOW_DETERMINISTIC_CASES)],
+)
+def test_deterministic_dq_pass_matches_reference_without_atomics(emu, name):
+    case, dtype = (DETERMINISTIC_CASES | SLOW_DETERMINISTIC_CASES)[name]
+    assert_whole_grids(check_case(emu, case, dtype, deterministic=True), case, deterministic=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_fp32_outputs_and_gradients(emu, dtype):
@@ -201,9 +256,13 @@ def test_empty_sides(emu):
     assert_clean(run)
     assert (run.out == 0).all() and torch.isneginf(run.lse).all() and (run.dq == 0).all()
     assert len(run.reports["backward"]["launches"]) == 1  # dq's finish only
-    run = run_case(emu, Case(0, 7, D=64), BF16)
+    run = run_case(emu, Case(5, 0, D=64), BF16, deterministic=True)  # dq's workspace NaN-filled
     assert_clean(run)
-    assert (run.dk == 0).all() and (run.dv == 0).all()
+    assert (run.dq == 0).all() and len(run.reports["backward"]["launches"]) == 2  # the dQ pass, dq's finish
+    for deterministic in (False, True):
+        run = run_case(emu, Case(0, 7, D=64), BF16, deterministic=deterministic)
+        assert_clean(run)
+        assert (run.dk == 0).all() and (run.dv == 0).all()
 
 
 @pytest.mark.parametrize("D", [33, 258, 264])
@@ -225,13 +284,14 @@ def test_unsupported_head_dims_raise_the_documented_error(emu, D):
 def test_dynamic_shared_memory_sizes(emu):
     """The tiles' byte counts, and the kernels' opt-in: each launch asks for exactly its tile size."""
     sizes = emu.smem_bytes()
-    assert set(sizes) == {f"{d}_d{n}" for d in ("forward", "backward") for n in (64, 128, 256)}
+    assert set(sizes) == {f"{d}_d{n}" for d in ("forward", "backward", "backward_dq") for n in (64, 128, 256)}
     assert max(sizes.values()) <= 101_376
     for D in (64, 128, 256):
-        run = run_case(emu, Case(3, D=D), BF16)
+        run = run_case(emu, Case(3, D=D), BF16, deterministic=True)
         assert_clean(run)
         assert run.reports["forward"]["launches"][0]["smem"] == sizes[f"forward_d{D}"]
-        assert run.reports["backward"]["launches"][0]["smem"] == sizes[f"backward_d{D}"]
+        backward, dq_pass, *_ = run.reports["backward"]["launches"]
+        assert backward["smem"] == sizes[f"backward_d{D}"] and dq_pass["smem"] == sizes[f"backward_dq_d{D}"]
 
 
 def test_more_than_65535_batch_heads_launch(emu):
@@ -576,8 +636,8 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
         "shared_race",
     ),
     "waited-for-too-few-q-copies": (  # backward: step (hq, q0)'s group may still be in flight when read
-        "      cp_async_wait<STAGES - 1>();",
-        "      cp_async_wait<STAGES>();",
+        "      cp_async_wait<STAGES - 1>();  // this thread's copies of step",
+        "      cp_async_wait<STAGES>();  // this thread's copies of step",
         "cp_async_in_flight",
     ),
     "removed-barrier-before-ds-reads": (  # backward: dS^T read by other warps before it is written
@@ -603,6 +663,19 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
 }
 # Several key tiles (forward reloads), several query tiles (backward dS reuse), causal, GQA.
 MUTATION_CASE = (Case(37, 150, Hq=4, Hkv=2, D=40, causal=True, q_span=Span(113)), BF16)
+DQ_PASS_MUTATIONS = {  # as MUTATIONS, in attn_backward_dq_kernel (run with deterministic=True)
+    "dq-pass-removed-barrier-before-tile-reload": (  # the next K/V copy lands in a stage being read
+        "      __syncthreads();  // every warp is done with the stage written next",
+        "      // every warp is done with the stage written next",
+        "shared_race",
+    ),
+    "dq-pass-waited-for-too-few-copies": (
+        "      cp_async_wait<STAGES - 1>();  // tile k0's copies",
+        "      cp_async_wait<STAGES>();  // tile k0's copies",
+        "cp_async_in_flight",
+    ),
+    "dq-pass-dS-without-delta": ("(dpv - delta_r[i])", "dpv", "dq: max error"),
+}
 
 
 @pytest.mark.slow
@@ -616,4 +689,17 @@ def test_mutations_are_caught(name):
     case, dtype = MUTATION_CASE
     with pytest.raises(AssertionError) as caught:
         check_case(mutant, case, dtype)
+    assert expected in str(caught.value), str(caught.value)[:3000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DQ_PASS_MUTATIONS)
+def test_dq_pass_mutations_are_caught(name):
+    original, planted, expected = DQ_PASS_MUTATIONS[name]
+    text = KERNEL_SOURCE.read_text()
+    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
+    mutant = Emulator(build_library(text.replace(original, planted)))
+    case, dtype = MUTATION_CASE
+    with pytest.raises(AssertionError) as caught:
+        check_case(mutant, case, dtype, deterministic=True)
     assert expected in str(caught.value), str(caught.value)[:3000]

@@ -67,14 +67,15 @@ def _kernels(report, name):
 
 
 def test_ptxas_sm89_no_spills_and_registers(ptxas_sm89):
-    forward, backward = (
+    forward, backward, dq_pass = (
         _kernels(ptxas_sm89, "attn_forward_kernel"),
         _kernels(ptxas_sm89, "attn_backward_kernel"),
+        _kernels(ptxas_sm89, "attn_backward_dq_kernel"),  # deterministic dQ
     )
     # bf16 and fp16, head-dim tiles 64 / 128 / 256; plain, EXTRA (window, softcap, ALiBi) and
     # EXTRA + DROPOUT (the mangled names end in the two flags: ...ELb1ELb1E for the dropout variant).
-    assert len(forward) == 18 and len(backward) == 18, sorted(ptxas_sm89)
-    assert len(_kernels(ptxas_sm89, "Lb1ELb1EEEv")) == 12
+    assert len(forward) == len(backward) == len(dq_pass) == 18, sorted(ptxas_sm89)
+    assert len(_kernels(ptxas_sm89, "Lb1ELb1EEEv")) == 18
     for name, info in ptxas_sm89.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
         assert info["registers"] is not None and info["registers"] <= 255, f"{name}: {info}"
@@ -86,10 +87,8 @@ def test_ptxas_other_archs_no_spills(arch, tmp_path):
     """The build's other archs (CMakeLists.txt RINGATTN_CUDA_ARCHS): every kernel, plain, EXTRA and
     DROPOUT, without spills (sm_89's shared-memory limit is the smallest of them, checked above)."""
     report = ptxas_report(arch, tmp_path)
-    assert (
-        len(_kernels(report, "attn_forward_kernel")) == 18
-        and len(_kernels(report, "attn_backward_kernel")) == 18
-    )
+    for name in ("attn_forward_kernel", "attn_backward_kernel", "attn_backward_dq_kernel"):
+        assert len(_kernels(report, name)) == 18, name
     for name, info in report.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{arch} {name} spills: {info}"
         assert info["registers"] is not None and info["registers"] <= 255, f"{arch} {name}: {info}"
@@ -103,7 +102,9 @@ def test_ptxas_sm89_shared_memory_within_99kb(ptxas_sm89):
     if not STATUS["cuda"]:
         pytest.skip("ringattn._C built without CUDA: dynamic sizes not reported")
     dynamic = dict(compiled().attn_cuda_smem_bytes())
-    assert set(dynamic) == {f"{d}_d{n}" for d in ("forward", "backward") for n in (64, 128, 256)}
+    assert set(dynamic) == {
+        f"{d}_d{n}" for d in ("forward", "backward", "backward_dq") for n in (64, 128, 256)
+    }
     static = max(info["smem"] for info in ptxas_sm89.values())
     for name, size in dynamic.items():
         assert 0 < size and static + size <= SM89_SMEM_LIMIT, f"{name}: {static} + {size} B"
@@ -130,7 +131,10 @@ def test_cuda_custom_ops_have_fake_implementations():
     # Shapes and dtypes come from the fake implementations on meta tensors: no GPU needed.
     q = torch.empty(1, 12, 4, 64, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, 9, 2, 64, dtype=torch.bfloat16, device="meta")
-    ints, floats = [1, 0, 1, 0, 1, 0, 0, 0, -1, -1, 0, 0], [0.125, 1.0, 0.0, 0.0]  # INT_FIELDS, FLOAT_FIELDS
+    ints, floats = (
+        [1, 0, 1, 0, 1, 0, 0, 0, -1, -1, 0, 0, 1],
+        [0.125, 1.0, 0.0, 0.0],
+    )  # INT_FIELDS, FLOAT_FIELDS
     args = (None, None, None, None, None, None, None, ints, floats)
     out, lse = torch.ops.ringattn.cuda_block_forward(q, k, k, *args, False)
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (1, 4, 12)

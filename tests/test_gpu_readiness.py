@@ -11,7 +11,8 @@ import torch
 import ringattn
 from ringattn import RoPEConfig, rope
 from ringattn._extension import compiled
-from ringattn.backends.compiled import op_inputs
+from ringattn.backends import BACKENDS
+from ringattn.backends.compiled import INT_FIELDS, op_inputs
 from ringattn.block import BlockMask, Span, block_args, select_backend
 
 
@@ -22,12 +23,15 @@ def test_auto_prefers_triton_on_cuda_until_cuda_kernels_are_measured():
     assert "reference" not in _AUTO_ORDER["cuda"]  # never a silent fp64 run on a GPU
 
 
-def test_deterministic_declines_the_atomic_backend_and_names_the_argument():
+def test_deterministic_reaches_the_cuda_kernels_as_their_dq_pass():
+    # The cuda backend runs deterministic blocks (attn_backward_dq_kernel instead of dQ atomics): the
+    # flag travels in the ops' ints to AttnParams.deterministic, off unless asked for.
     q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
-    args = block_args(q, q, q, deterministic=True)
-    with pytest.raises(NotImplementedError, match="deterministic"):
-        select_backend("cuda", q, q, q, args)
-    assert select_backend("auto", q, q, q, args).name == "cpu"
+    for deterministic in (False, True):
+        args = block_args(q, q, q, deterministic=deterministic)
+        assert args.unsupported(BACKENDS["cuda"].features) == ""
+        assert op_inputs(args, q.device)[-2][INT_FIELDS.index("deterministic")] == deterministic
+    assert select_backend("auto", q, q, q, block_args(q, q, q, deterministic=True)).name == "cpu"
 
 
 def test_deterministic_flash_attn_repeats_bit_for_bit():

@@ -245,6 +245,7 @@ struct Run {
 #endif
   bool abort = false;
   int abort_error = kOk;
+  uint64_t atomics = 0;  // atomic accesses of the whole grid (the launch record's "atomics")
 };
 
 Run* g_run = nullptr;
@@ -930,7 +931,7 @@ int run_grid(const LaunchConfig& cfg, void (*thread_main)(void*), void* ctx) {
     }
   }
   g_run = nullptr;
-  launch += format(", \"blocks_run\": %" PRIu64, n);
+  launch += format(", \"blocks_run\": %" PRIu64 ", \"atomics\": %" PRIu64, n, r.atomics);
   return finish(r.abort ? r.abort_error : kOk, "");
 }
 
@@ -1115,6 +1116,7 @@ void cp_async_wait(const char* ptx, int pending) {
 
 void note_atomic(const void* addr, size_t bytes) {
   if (g_cur == nullptr) return;
+  ++g_run->atomics;
   check_access(reinterpret_cast<uintptr_t>(addr), bytes, kAtomic);
 }
 

@@ -113,6 +113,7 @@ RA_EMU_API size_t ra_emu_params_layout(char* buf, size_t len) {
   RA_F(AttnParams, k_positions);
   RA_F(AttnParams, q_positions_sb);
   RA_F(AttnParams, k_positions_sb);
+  RA_F(AttnParams, deterministic);
   RA_F(AttnParams, dq_accum);
   RA_F(AttnParams, dk_accum);
   RA_F(AttnParams, rope_work);

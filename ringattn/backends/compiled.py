@@ -12,7 +12,8 @@ Each device gets a forward and a backward ``torch.library`` custom op from one d
 ``FLOAT_FIELDS``; ``op_inputs`` builds all of them from a block's ``BlockArgs``. ``k_cu_seqlens``
 (int64, the keys' own document boundaries, only with ``cu_seqlens``) and ``alibi_slopes`` (fp32 (Hq,)
 or (B, Hq) contiguous) may be None. Dropout travels as ``dropout_seed``/``dropout_offset`` (ints) and
-``dropout_p`` (a float, 0: off); the backward regenerates the forward's mask from them. The kernels read any (B, S, H) strides directly (transformers'
+``dropout_p`` (a float, 0: off); the backward regenerates the forward's mask from them. ``deterministic``
+(an int, 0/1) asks the CUDA backward for its atomic-free dQ pass; the CPU kernels are deterministic anyway. The kernels read any (B, S, H) strides directly (transformers'
 transposed views need no copy); a tensor whose last dimension is not unit-stride is copied with
 ``.contiguous()`` first.
 """
@@ -48,6 +49,7 @@ INT_FIELDS = (
     "window_right",
     "dropout_seed",
     "dropout_offset",
+    "deterministic",
 )
 FLOAT_FIELDS = ("softmax_scale", "attention_factor", "softcap", "dropout_p")
 # Window sides beyond any index distance mean "unbounded" already; clamped so the kernels' int64
@@ -70,7 +72,7 @@ def op_inputs(args, device: torch.device) -> tuple:
     window = [min(int(w), MAX_WINDOW) for w in args.window]
     dropout = [int(args.dropout_seed), int(args.dropout_offset)] if args.dropout_p else [0, 0]
     if rope is None:
-        ints = [int(mask.causal), *spans, 0, 0, 0, *window, *dropout]
+        ints = [int(mask.causal), *spans, 0, 0, 0, *window, *dropout, int(args.deterministic)]
         floats = [args.scale, 1.0, float(args.softcap), float(args.dropout_p)]
         return cu, k_cu, alibi, None, None, None, None, ints, floats
     q_freqs = kernel_frequencies(rope, args.q_rope.seq_len, str(device))
@@ -83,6 +85,7 @@ def op_inputs(args, device: torch.device) -> tuple:
         int(rope.interleaved),
         *window,
         *dropout,
+        int(args.deterministic),
     ]
     floats = [args.scale, float(rope.attention_factor), float(args.softcap), float(args.dropout_p)]
     return cu, k_cu, alibi, q_freqs, k_freqs, args.q_rope.positions, args.k_rope.positions, ints, floats

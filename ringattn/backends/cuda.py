@@ -1,8 +1,10 @@
 """The compiled CUDA backend: ``ringattn._C`` block attention on tensor cores (bf16 and fp16 inputs).
 
 Kernels run on the tensors' device, on torch's current stream. Head dims: any even D up to 256
-(tiles are padded to 64, 128 or 256 columns). The backward accumulates dQ with fp32 atomics, so its
-dq is not bitwise reproducible across runs. Direct calls: ``torch.ops.ringattn.cuda_block_forward`` /
+(tiles are padded to 64, 128 or 256 columns). The backward accumulates dQ with fp32 atomics, whose
+order varies from run to run; ``deterministic=True`` runs a separate dQ pass instead (each element
+summed by one thread in key order: the same bits every run, for about 40% more backward MMA work:
+S and dP are recomputed per query tile). Direct calls: ``torch.ops.ringattn.cuda_block_forward`` /
 ``cuda_block_backward`` (signatures in ``ringattn.backends.compiled``).
 
 ``ringattn._C`` links the CUDA runtime statically, so it needs a driver that supports the CUDA
@@ -152,28 +154,31 @@ def _device_support(index: int) -> tuple[bool, str]:
         return _support[index]
 
 
-def _rope_work(params, shape, q):
-    """RoPE's workspace (attn_params.h rope_work): the rows the kernels' sweeps read rotated, each
-    rotated once ahead of the sweep; None (address 0) without RoPE."""
-    work = torch.empty(shape, dtype=q.dtype, device=q.device) if params.rope_mode else None
+def _rope_work(params, numel, q):
+    """RoPE's workspace (attn_params.h rope_work) of ``numel`` elements: the rows the kernels' sweeps
+    read rotated, each rotated once ahead of the sweep; None (address 0) without RoPE."""
+    work = torch.empty(numel, dtype=q.dtype, device=q.device) if params.rope_mode else None
     params.rope_work = work.data_ptr() if work is not None else 0
     return work
 
 
 def _run_forward(module, params, q):
-    k_shape = (params.batch, params.seqlen_k, params.heads_kv, params.head_dim)
-    work = _rope_work(params, k_shape, q)  # noqa: F841 (alive until the launches are queued)
+    work = _rope_work(params, params.batch * params.seqlen_k * params.heads_kv * params.head_dim, q)  # noqa: F841 (alive until the launches are queued)
     with torch.cuda.device(q.device):
         params.stream = torch.cuda.current_stream(q.device).cuda_stream
         module.attn_forward_cuda(params)
 
 
 def _run_backward(module, params, q, k):
-    # fp32 workspaces in rotated coordinates: dq gathers atomics from every key tile.
-    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    # fp32 workspaces in rotated coordinates: dq gathers atomics from every key tile, or (deterministic)
+    # its pass writes every row.
+    dq_accum = (torch.empty if params.deterministic else torch.zeros)(
+        q.shape, dtype=torch.float32, device=q.device
+    )
     dk_accum = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     params.dq_accum, params.dk_accum = dq_accum.data_ptr(), dk_accum.data_ptr()
-    work = _rope_work(params, q.shape, q)  # noqa: F841 (alive until the launches are queued)
+    rows = q.numel() + (k.numel() if params.deterministic else 0)  # Q's rows, then K's for the dQ pass
+    work = _rope_work(params, rows, q)  # noqa: F841 (alive until the launches are queued)
     with torch.cuda.device(q.device):
         params.stream = torch.cuda.current_stream(q.device).cuda_stream
         module.attn_backward_cuda(params)
@@ -188,6 +193,7 @@ class CudaBackend(CompiledBackend):
     name = "cuda"
     device_type = "cuda"
     dtypes = (torch.bfloat16, torch.float16)
+    features = CompiledBackend.features | {"deterministic"}  # the atomic-free dQ pass
     forward_op = cuda_block_forward
     backward_op = cuda_block_backward
 
