@@ -498,8 +498,8 @@ def block_forward(
     when ``mask.cu_seqlens`` is given). ``window_size``, ``softcap`` and ``alibi_slopes`` ((Hq,) or
     (B, Hq)) change the scores as flash-attn's arguments of those names do, and ``dropout_p`` drops
     probabilities by the mask ``ringattn.dropout`` draws from (``dropout_seed``, ``dropout_offset``)
-    (``ringattn.reference`` is their definition). ``deterministic`` selects only a backend whose results repeat
-    bit for bit (not ``cuda``, whose backward sums dQ with atomics). Inputs are never modified.
+    (``ringattn.reference`` is their definition). ``deterministic`` makes results repeat bit for bit (``cuda``'s
+    backward then sums dQ in its own pass instead of with atomics). Inputs are never modified.
     """
     args = block_args(
         q,

@@ -173,9 +173,9 @@ def flash_attn_func(
     the probabilities before dropout, negative where dropped (computed in fp64; for tests). ``rope`` rotates q
     and k inside the kernel at ``positions`` ((Sk,) or (B, Sk), default 0..Sk-1; queries use the
     last Sq). With ``group`` set, q/k/v are this rank's shard in ``layout`` and the call runs ring
-    attention over the group. ``deterministic=True`` runs only backends whose results repeat bit for
-    bit: "reference", "cpu" (for a fixed thread count) and "triton" (for a fixed tile choice), not
-    "cuda", whose backward accumulates dQ with atomicAdd. "auto" tries "triton" first on a GPU.
+    attention over the group. ``deterministic=True`` makes results repeat bit for bit: "reference",
+    "cpu" (for a fixed thread count) and "triton" (for a fixed tile choice) always do; "cuda" then
+    computes dQ in its own pass instead of with atomicAdd. "auto" tries "triton" first on a GPU.
     """
     check_tensors(q=q, k=k, v=v)
     _check_options(

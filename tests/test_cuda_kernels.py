@@ -140,3 +140,31 @@ def test_cuda_custom_ops_have_fake_implementations():
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and lse.shape == (1, 4, 12)
     dq, dk, dv = torch.ops.ringattn.cuda_block_backward(q, q, k, k, lse, lse, *args, True)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape and dk.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or not STATUS["cuda"], reason="needs a GPU and ringattn._C with CUDA kernels")
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_deterministic_backward_repeats_bit_for_bit_on_gpu(D):
+    """deterministic=True on the cuda backend: the dQ pass (no atomics) matches the fp64 reference and
+    two runs give the same bits (the atomic path's dq need not)."""
+    from attention_checks import Case, assert_matches_reference, make_inputs
+
+    from ringattn import RoPEConfig
+    from ringattn.block import block_backward, block_forward
+
+    case = Case(
+        300, Hq=4, Hkv=2, D=D, causal=True, cu_seqlens=(0, 100, 300), rope=RoPEConfig(D, theta=45.2e9)
+    )
+    q, k, v, dout = make_inputs(case, torch.bfloat16, 0, "cuda")
+    qp, kp = case.positions("cuda")
+    kw = dict(rope=case.rope, q_positions=qp, k_positions=kp, deterministic=True, backend="cuda")
+    mask = case.mask("cuda")
+    runs = []
+    for _ in range(2):
+        out, lse = block_forward(q, k, v, mask, **kw)
+        runs.append((out, lse, *block_backward(dout, q, k, v, out, lse, mask, **kw)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    ours = dict(zip(("out", "lse", "dq", "dk", "dv"), runs[0], strict=True))
+    assert_matches_reference(ours, q, k, v, dout, case.spec_kwargs("cuda"))

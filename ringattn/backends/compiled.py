@@ -12,8 +12,9 @@ Each device gets a forward and a backward ``torch.library`` custom op from one d
 ``FLOAT_FIELDS``; ``op_inputs`` builds all of them from a block's ``BlockArgs``. ``k_cu_seqlens``
 (int64, the keys' own document boundaries, only with ``cu_seqlens``) and ``alibi_slopes`` (fp32 (Hq,)
 or (B, Hq) contiguous) may be None. Dropout travels as ``dropout_seed``/``dropout_offset`` (ints) and
-``dropout_p`` (a float, 0: off); the backward regenerates the forward's mask from them. ``deterministic``
-(an int, 0/1) asks the CUDA backward for its atomic-free dQ pass; the CPU kernels are deterministic anyway. The kernels read any (B, S, H) strides directly (transformers'
+``dropout_p`` (a float, 0: off); the backward regenerates the forward's mask from them.
+``deterministic`` (an int, 0/1) asks the CUDA backward for its atomic-free dQ pass (the CPU kernels
+are deterministic anyway). The kernels read any (B, S, H) strides directly (transformers'
 transposed views need no copy); a tensor whose last dimension is not unit-stride is copied with
 ``.contiguous()`` first.
 """
