@@ -192,6 +192,18 @@ def test_real_kernels_on_sm89(tmp_path):
         text.startswith("MODELED")
         and len([x for x in text.splitlines() if x.startswith("| ")]) == len(rows) + 1
     )
+    # The real RoPE loops (--rope's cross-check): no stack frame, the polynomial sincos inside, and
+    # more static instructions than the hf probe's loop (both modes' turns and the index math).
+    loops = {r["kernel"]: r for r in cuda_aot.real_rope_loops(compiled)}
+    assert set(loops) == {"rotate_rows_kernel<1>", "finish_grad_kernel<1>"}
+    probe = cuda_aot.compile_rope_probe("sm_89", tmp_path)
+    hf = next(
+        r for r in cuda_aot.rope_costs(probe["sass"], probe["ptxas"]) if r["kernel"] == "rope_probe_hf_bf16"
+    )
+    for r in loops.values():
+        assert r["stack"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r["kernel"]
+        assert r["opcodes"].get("FFMA", 0) >= 7 and "LDL" not in r["opcodes"], r["kernel"]
+        assert r["instructions"] > hf["instructions"], r["kernel"]
 
 
 def test_other_sweeps_with_as_many_mmas_are_listed():
@@ -211,3 +223,168 @@ def test_other_sweeps_with_as_many_mmas_are_listed():
 """
     mix = cuda_aot.weighted_hot_loop(sass, threads=128)
     assert mix["iter_instructions"] == 3 and mix["other_sweeps"] == [4]
+
+
+def test_pass_order_puts_the_dq_pass_after_the_backward(tmp_path):
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt not found")
+    body = """
+.L_x_0:
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/              @!P0 BRA `(.L_x_0) ;
+        /*0020*/                   EXIT ;
+"""
+    names = {
+        p: f"_Z{len(p) + 12}attn_{p}_kernelILi1ELi128ELb0ELb0EEvv"
+        for p in ("backward_dq", "forward", "backward")
+    }
+    sass = "".join(
+        f"//--------------------- .text.{m} --------------------------\n{body}" for m in names.values()
+    )
+    ptxas = "".join(
+        f"ptxas info    : Compiling entry function '{m}' for 'sm_80'\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 64 registers, used 1 barriers, 360 bytes cmem[0]\n"
+        for m in names.values()
+    )
+    rows = cuda_aot.analyze(dict(ptxas=ptxas, sass=sass, dynamic_smem=None), "sm_80", mix=False)
+    assert [r["pass"] for r in rows] == ["forward", "backward", "backward_dq"]
+
+
+# One loop trip (.L_x_1 .. the back branch) with a diamond: a guarded branch over 2 instructions
+# (taken: 5 issued, fall through: 7), a NOP (not issued), a guarded branch out of the loop and a CALL.
+PATHS_SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0010*/                   LDG.E R2, [R4.64] ;
+        /*0020*/                   ISETP.GE.AND P1, PT, R2, RZ, PT ;
+        /*0030*/               @P1 BRA `(.L_x_2) ;
+        /*0040*/                   FMUL R2, R2, R2 ;
+        /*0050*/                   CALL.REL.NOINC `(.L_x_9) ;
+.L_x_2:
+        /*0060*/                   NOP ;
+        /*0070*/               @P2 BRA `(.L_x_9) ;
+        /*0080*/                   IADD3 R0, R0, 0x80, RZ ;
+        /*0090*/              @!P0 BRA `(.L_x_1) ;
+        /*00a0*/                   EXIT ;
+.L_x_9:
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_trip_paths_follow_the_branches_inside_a_trip():
+    loop = cuda_aot.loop_summary(PATHS_SASS)
+    assert loop["instructions"] == 8  # every arm once, the NOP left out
+    assert loop["opcodes"] == dict(LDG=1, ISETP=1, BRA=3, FMUL=1, CALL=1, IADD3=1)
+    assert (loop["shortest"], loop["longest"], loop["paths"]) == (6, 8, [6, 8])
+    assert loop["leaves"] == 1 and loop["calls"] == 1 and loop["inner_loops"] == 0
+    # An unguarded EXIT inside the trip ends that path: only the branch around it goes on.
+    exiting = PATHS_SASS.replace("FMUL R2, R2, R2", "EXIT")
+    assert cuda_aot.loop_summary(exiting)["paths"] == [6]
+
+
+def _probe_sass(bodies: dict[str, list[str]]) -> tuple[str, str]:
+    """nvdisasm and ptxas text of probe kernels, each one loop over the given instructions (short
+    kernel names: nvdisasm pads their section headers)."""
+    sass = ptxas = ""
+    for n, (name, body) in enumerate(bodies.items()):
+        lines = [f".L_x_{n}:", *body, f"@!P0 BRA `(.L_x_{n})", "EXIT"]
+        sass += f"//--------------------- .text.{name}  --------------------------\n"
+        sass += "".join(x + "\n" if x.startswith(".L") else f"        /*0000*/  {x} ;\n" for x in lines)
+        ptxas += f"ptxas info    : Compiling entry function '{name}' for 'sm_89'\n"
+        ptxas += "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        ptxas += "ptxas info    : Used 20 registers, used 0 barriers, 392 bytes cmem[0]\n"
+    return sass, ptxas
+
+
+def test_rope_costs_subtract_the_baseline_of_the_same_io():
+    base = [
+        "LDG.E.U16 R2, [R4.64]",
+        "LDG.E.U16 R3, [R4.64+0x80]",
+        "STG.E.U16 [R6.64], R2",
+        "IADD3 R0, R0, 0x80, RZ",
+    ]
+    exact = [*base[:2], "LDG.E R8, [R10.64]", "I2FP.F32.S32 R9, R8", "FFMA R2, R9, R2, R3", *base[2:]]
+    # hf: an if (1 instruction) / else (2 and a branch over the if arm): its trips take 10 or 12
+    # instructions, its static count is 13 (every arm once)
+    hf = [
+        *exact[:3],
+        "@P1 BRA `(.L_x_90)",
+        "SHF.R.U32.HI R8, RZ, 0x1, R8",
+        "LOP3.LUT R8, R8, 0x7, RZ, 0xc0, !PT",
+        "BRA `(.L_x_91)",
+        ".L_x_90:",
+        "IMAD.MOV.U32 R8, RZ, RZ, RZ",
+        ".L_x_91:",
+        *exact[3:],
+    ]
+    bodies = {}
+    for io, extra in (("bf16", []), ("fp32", ["FMUL R2, R2, -1"])):
+        bodies[f"rope_probe_none_{io}"] = base
+        bodies[f"rope_probe_exact_{io}"] = exact + extra
+        bodies[f"rope_probe_hf_{io}"] = hf + extra
+    sass, ptxas = _probe_sass(bodies)
+    rows = {(r["mode"], r["io"]): r for r in cuda_aot.rope_costs(sass, ptxas)}
+    assert len(rows) == 6 and rows[("none", "bf16")]["paths"] == [len(base) + 1]  # + the back branch
+    exact_bf16, hf_bf16, exact_fp32 = rows[("exact", "bf16")], rows[("hf", "bf16")], rows[("exact", "fp32")]
+    assert (exact_bf16["pair"], exact_bf16["element"], exact_bf16["pair_static"]) == (3, 1.5, 3)
+    assert exact_bf16["difference"] == dict(FFMA=1, I2FP=1, LDG=1)
+    assert hf_bf16["paths"] == [10, 12] and hf_bf16["instructions"] == 13
+    assert (hf_bf16["pair"], hf_bf16["pair_static"]) == (12 - 5, 13 - 5)  # the longest path; every arm once
+    assert exact_fp32["pair"] == 4 and exact_fp32["difference"]["FMUL"] == 1
+    assert all(r["stack"] == 0 and r["spill_stores"] == 0 for r in rows.values())
+    # A probe the compiler split into more than one trip per pair is refused, not counted.
+    nested = dict(
+        bodies, rope_probe_exact_fp32=[".L_x_92:", "IADD3 R1, R1, 0x1, RZ", "@P3 BRA `(.L_x_92)", *base]
+    )
+    with pytest.raises(RuntimeError, match="rope_probe_exact_fp32"):
+        cuda_aot.rope_costs(*_probe_sass(nested))
+
+
+def test_rope_share_counts_the_causal_tiles_and_the_rotated_rows():
+    # S = 100: forward query tiles of 64 rows see keys up to 64 and 100 (2 + 4 key tiles of 32);
+    # backward key tiles of 64 keys see queries from 0 and 64 (4 + 2 query steps of 32, per head).
+    c, c_t, c_pass, fwd, bwd = 10, 12, 50, 1000.0, 2000.0
+    r = cuda_aot.rope_share(100, fwd, bwd, c, c_t, c_pass)
+    warps, q_rows, k_rows, pairs = 4, 100 * 32, 100 * 8, 64
+    assert r["attn_fwd_cycles"] == 32 * warps * (2 + 4) * fwd
+    assert r["attn_bwd_cycles"] == 8 * warps * 4 * (4 + 2) * bwd
+    rot_fwd = (q_rows + k_rows) * pairs * c / 32
+    rot_bwd = (q_rows * c + k_rows * c + (q_rows + k_rows) * c_t) * pairs / 32
+    assert r["rot_fwd_cycles"] == rot_fwd and r["rot_bwd_cycles"] == rot_bwd
+    assert r["share_fwd"] == pytest.approx(rot_fwd / (r["attn_fwd_cycles"] + rot_fwd))
+    total = r["attn_fwd_cycles"] + r["attn_bwd_cycles"] + rot_fwd + rot_bwd
+    assert r["share_fwd_bwd"] == pytest.approx((rot_fwd + rot_bwd) / total)
+    assert r["pass_fwd_bytes"] == 2 * k_rows * 128 * 2 and r["pass_bwd_bytes"] == 2 * q_rows * 128 * 2
+    # Attention grows as S^2 and the rotation as S: the share falls with the length.
+    long = cuda_aot.rope_share(8192, fwd, bwd, c, c_t, c_pass)
+    assert long["share_fwd"] < r["share_fwd"] and long["whole_share_fwd_bwd"] < r["whole_share_fwd_bwd"]
+
+
+def test_bad_seqlen_is_rejected_by_name(capsys):
+    with pytest.raises(SystemExit):
+        cuda_aot.main(["--rope", "--seqlen", "0"])
+    assert "--seqlen" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_rope_probe_compiles_the_real_rotation(tmp_path):
+    probe = cuda_aot.compile_rope_probe("sm_89", tmp_path)
+    rows = {(r["mode"], r["io"]): r for r in cuda_aot.rope_costs(probe["sass"], probe["ptxas"])}
+    for io in cuda_aot.ROPE_IO:
+        base, exact, hf = (rows[(m, io)] for m in ("none", "exact", "hf"))
+        assert base["longest"] < exact["longest"] and base["longest"] < hf["longest"]
+        for r in (base, exact, hf):
+            assert r["stack"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r["kernel"]
+        for r in (exact, hf):
+            diff = r["difference"]
+            # Position and frequency loaded for every pair (nothing hoisted out of the loop), the
+            # turns converted to a float, the two sincos polynomials and the rotation as FMAs; no
+            # library sincosf (MUFU, local memory).
+            assert diff.get("LDG") == 2, (r["kernel"], diff)
+            assert diff.get("I2FP", 0) + diff.get("I2F", 0) >= 1, (r["kernel"], diff)
+            assert diff.get("FFMA", 0) >= 7, (r["kernel"], diff)
+            assert "MUFU" not in r["opcodes"] and "LDL" not in r["opcodes"], r["kernel"]
+        # Exact turns are one 32 x 64-bit product: no branches; hf reduces by the angle's exponent.
+        assert len(exact["paths"]) == 1 and len(hf["paths"]) > 1
+        assert exact["pair"] < hf["pair"]
