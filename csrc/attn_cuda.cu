@@ -1206,7 +1206,11 @@ void check_params(const AttnParams& p, bool backward) {
   require(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0, "sizes must be >= 0");
   require(p.heads_kv > 0 && p.heads_q % p.heads_kv == 0, "heads_q must be a multiple of heads_kv > 0");
   require(p.head_dim > 0 && p.head_dim % 2 == 0 && p.head_dim <= 256, "head_dim must be even and <= 256");
+#if defined(RINGATTN_CUDA_BF16_ONLY)
+  require(p.dtype == kBFloat16, "dtype must be bf16 (built with RINGATTN_CUDA_BF16_ONLY)");
+#else
   require(p.dtype == kBFloat16 || p.dtype == kFloat16, "dtype must be bf16 or fp16");
+#endif
   const int out = backward ? p.grad_dtype : p.out_dtype;
   require(out == p.dtype || out == kFloat32, "output dtype must be the input dtype or fp32");
   require(p.q_stride >= 1 && p.k_stride >= 1, "span strides must be >= 1");
@@ -1360,17 +1364,24 @@ std::vector<std::pair<std::string, size_t>> attn_cuda_smem_bytes() {
           {"backward_dq_d256", DqTiles<256>::kSmem}};
 }
 
+// RINGATTN_CUDA_BF16_ONLY (a compile definition, not used by the package build) instantiates only the
+// bf16 kernels: half the compile, for tests/test_cuda_kernels.py's default-tier ptxas check (the slow
+// tier compiles everything); fp16 calls then raise.
 void attn_forward_cuda(const AttnParams& p) {
   check_params(p, false);
   if (p.batch * p.heads_q * p.seqlen_q == 0) return;
   if (p.dtype == kBFloat16) return forward_dtype<kBFloat16>(p);
+#if !defined(RINGATTN_CUDA_BF16_ONLY)
   forward_dtype<kFloat16>(p);
+#endif
 }
 
 void attn_backward_cuda(const AttnParams& p) {
   check_params(p, true);
   if (p.dtype == kBFloat16) return backward_dtype<kBFloat16>(p);
+#if !defined(RINGATTN_CUDA_BF16_ONLY)
   backward_dtype<kFloat16>(p);
+#endif
 }
 
 }  // namespace ringattn
