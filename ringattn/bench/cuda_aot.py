@@ -527,9 +527,9 @@ def trip_paths(instrs: list[aot.SassInstr], span: tuple[int, int], labels: dict[
     ``span``, from its label to its back branch, over the forward branches inside it (a guarded branch
     may fall through; an unguarded ``EXIT`` ends a path), and ``paths``: every distinct length. The
     static count runs every arm of every branch once; one trip runs one path, so it issues at most
-    ``longest``. ``leaves``: branches to
-    code outside the span, ``calls``: ``CALL`` instructions (their targets are not counted); backward
-    branches inside the span (nested loops) are taken as not taken, i.e. inner loops count once."""
+    ``longest``. ``leaves``: branches to code outside the span, ``calls``: ``CALL`` instructions (their
+    targets are not counted); backward branches inside the span (nested loops) count as not taken,
+    i.e. inner loops once."""
     begin, end = span
     lengths: list[set[int]] = [set() for _ in range(end + 1 - begin)]  # path lengths from each instruction
     leaves = calls = 0
