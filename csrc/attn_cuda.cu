@@ -723,7 +723,7 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
 
   float dk[CT8][4] = {}, dv[CT8][4] = {};
   const int key_lo = warp * 16 + g;  // this thread's keys key_lo and key_lo + 8 of the tile
-  const int dq_items = p.deterministic ? 0 : (BQ / 16) * CT8;  // (row block, column tile) items of dQ
+  const bool atomic_dq = !p.deterministic;  // else attn_backward_dq_kernel sums dQ
 
   // The (head, query tile) steps of this CTA, in order: query tiles from q_first, head by head of
   // the group. Step (hq, q0)'s Q (rotated by launch_backward's rotate_rows pass) and dO rows, lse,
@@ -855,11 +855,10 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
           mma16816<DT>(dk[ct + 1], ads, bq + 2);
         }
       }
-      // dQ += dS K (dq_items 0 when deterministic: attn_backward_dq_kernel's pass sums dQ): share dS^T
-      // through shared memory, then each warp takes (row block, column tile) items and adds its 16x8
-      // result to the fp32 workspace. The barrier stays either way: the next step's copies overwrite
-      // a stage read above.
-      if (dq_items > 0) {
+      // dQ += dS K (unless deterministic: attn_backward_dq_kernel's pass sums dQ): share dS^T through
+      // shared memory, then each warp takes (row block, column tile) items and adds its 16x8 result to
+      // the fp32 workspace. The barrier stays either way: the next step's copies overwrite a stage read above.
+      if (atomic_dq) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           const int qr = nt * 8 + 2 * t;
@@ -870,7 +869,8 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
         }
       }
       __syncthreads();
-      for (int item = warp; item < dq_items; item += Tiles::kWarps) {
+      if (!atomic_dq) continue;
+      for (int item = warp; item < (BQ / 16) * CT8; item += Tiles::kWarps) {
         const int rb = item / CT8, ct = item % CT8;
         const int c = col0 + ct * 8 + 2 * t;
         if (col0 + ct * 8 >= D) continue;

@@ -641,8 +641,8 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
         "cp_async_in_flight",
     ),
     "removed-barrier-before-ds-reads": (  # backward: dS^T read by other warps before it is written
-        "      }\n      __syncthreads();\n      for (int item = warp;",
-        "      }\n      for (int item = warp;",
+        "      }\n      __syncthreads();\n      if (!atomic_dq) continue;",
+        "      }\n      if (!atomic_dq) continue;",
         "shared_race",
     ),
     "removed-barrier-before-tile-reload": (  # forward: the next K/V copy lands in a stage being read
