@@ -84,7 +84,11 @@ FAST_CASES = {
         Case(33, 40, Hq=4, Hkv=2, D=64, causal=True, q_span=Span(5, 2), k_span=Span(0, 3)),
         FP16,
     ),
-    "d96-causal-sq70": (Case(70, Hq=2, Hkv=1, D=96, causal=True), BF16),
+    # the 96-column tile (D 66..96): documents (one empty, tokens past the last) and a window
+    "d96-causal-docs-window-sq70": (
+        Case(70, Hq=2, Hkv=1, D=96, causal=True, cu_seqlens=(0, 30, 30, 66), window=(20, 0)),
+        BF16,
+    ),
     "d136-sq33-sk47": (Case(33, 47, Hq=2, Hkv=1, D=136), FP16),
     "d256-causal-gqa": (Case(33, Hq=2, Hkv=1, D=256, causal=True), BF16),
     "sq1-sk1": (Case(1, 1, Hq=2, Hkv=1, D=64), BF16),
@@ -134,7 +138,7 @@ KNOWN_FAILURES = {
 
 
 def _dmax(D: int) -> int:
-    return 64 if D <= 64 else 128 if D <= 128 else 256
+    return 64 if D <= 64 else 96 if D <= 96 else 128 if D <= 128 else 256
 
 
 def assert_whole_grids(run: Run, case: Case) -> None:
@@ -225,9 +229,9 @@ def test_unsupported_head_dims_raise_the_documented_error(emu, D):
 def test_dynamic_shared_memory_sizes(emu):
     """The tiles' byte counts, and the kernels' opt-in: each launch asks for exactly its tile size."""
     sizes = emu.smem_bytes()
-    assert set(sizes) == {f"{d}_d{n}" for d in ("forward", "backward") for n in (64, 128, 256)}
+    assert set(sizes) == {f"{d}_d{n}" for d in ("forward", "backward") for n in (64, 96, 128, 256)}
     assert max(sizes.values()) <= 101_376
-    for D in (64, 128, 256):
+    for D in (64, 96, 128, 256):
         run = run_case(emu, Case(3, D=D), BF16)
         assert_clean(run)
         assert run.reports["forward"]["launches"][0]["smem"] == sizes[f"forward_d{D}"]

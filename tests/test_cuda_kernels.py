@@ -71,10 +71,10 @@ def test_ptxas_sm89_no_spills_and_registers(ptxas_sm89):
         _kernels(ptxas_sm89, "attn_forward_kernel"),
         _kernels(ptxas_sm89, "attn_backward_kernel"),
     )
-    # bf16 and fp16, head-dim tiles 64 / 128 / 256; plain, EXTRA (window, softcap, ALiBi) and
+    # bf16 and fp16, head-dim tiles 64 / 96 / 128 / 256; plain, EXTRA (window, softcap, ALiBi) and
     # EXTRA + DROPOUT (the mangled names end in the two flags: ...ELb1ELb1E for the dropout variant).
-    assert len(forward) == 18 and len(backward) == 18, sorted(ptxas_sm89)
-    assert len(_kernels(ptxas_sm89, "Lb1ELb1EEEv")) == 12
+    assert len(forward) == 24 and len(backward) == 24, sorted(ptxas_sm89)
+    assert len(_kernels(ptxas_sm89, "Lb1ELb1EEEv")) == 16
     for name, info in ptxas_sm89.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} spills: {info}"
         assert info["registers"] is not None and info["registers"] <= 255, f"{name}: {info}"
@@ -87,8 +87,8 @@ def test_ptxas_other_archs_no_spills(arch, tmp_path):
     DROPOUT, without spills (sm_89's shared-memory limit is the smallest of them, checked above)."""
     report = ptxas_report(arch, tmp_path)
     assert (
-        len(_kernels(report, "attn_forward_kernel")) == 18
-        and len(_kernels(report, "attn_backward_kernel")) == 18
+        len(_kernels(report, "attn_forward_kernel")) == 24
+        and len(_kernels(report, "attn_backward_kernel")) == 24
     )
     for name, info in report.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{arch} {name} spills: {info}"
@@ -103,7 +103,7 @@ def test_ptxas_sm89_shared_memory_within_99kb(ptxas_sm89):
     if not STATUS["cuda"]:
         pytest.skip("ringattn._C built without CUDA: dynamic sizes not reported")
     dynamic = dict(compiled().attn_cuda_smem_bytes())
-    assert set(dynamic) == {f"{d}_d{n}" for d in ("forward", "backward") for n in (64, 128, 256)}
+    assert set(dynamic) == {f"{d}_d{n}" for d in ("forward", "backward") for n in (64, 96, 128, 256)}
     static = max(info["smem"] for info in ptxas_sm89.values())
     for name, size in dynamic.items():
         assert 0 < size and static + size <= SM89_SMEM_LIMIT, f"{name}: {static} + {size} B"
