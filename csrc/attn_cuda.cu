@@ -392,15 +392,16 @@ bool needs_dropout(const AttnParams& p) { return p.dropout_p > 0.0; }
 // the current tile's math). Up to head dim 128, Q's A fragments stay in registers for the whole
 // sweep and its tile is staged in the K/V buffers (before the first K/V copy), so that several CTAs
 // fit an sm_89 SM (100 KB): D 64: 19,968 B (4 by shared memory, 3 by its 142 registers), D 96:
-// 28,160 B (3, 12 warps: kMinBlocks), D 128: 36,352 B (2, 8 warps). Head dim 256 keeps Q in shared
+// 28,160 B (3 for the plain kernel, 12 warps: kMinBlocks), D 128: 36,352 B (2, 8 warps). Head dim 256 keeps Q in shared
 // memory (its fragments would need 64 more registers) with 16-key tiles: 68,864 B. One key tile's
 // index and document (masked tiles only).
 template <int DMAX>
 struct FwdTiles {
   static constexpr int kBlockQ = 64, kWarps = 4, kStages = 2;
   static constexpr int kBlockK = DMAX <= 128 ? 32 : 16;
-  // CTAs per SM the plain and EXTRA kernels' registers must allow (__launch_bounds__; the DROPOUT one
-  // takes 1): at D 96, 3 holds them to 168 registers without spills (unbounded: 178 / 183, 2 CTAs).
+  // CTAs per SM the plain kernel's registers must allow (__launch_bounds__): at D 96, 3 holds it to
+  // 168 registers (unbounded: 178, 2 CTAs) with no spill and no added instruction. EXTRA stays at 1:
+  // held to 168 it issues 5 % more per key tile (MODELED, docs/cuda_kernels.md), and it is issue-bound.
   static constexpr int kMinBlocks = DMAX == 96 ? 3 : 1;
   static constexpr bool kQInRegs = DMAX <= 128;
   static constexpr int kLd = DMAX + kPad;
@@ -415,7 +416,7 @@ struct FwdTiles {
 // DROPOUT (only with EXTRA): attention dropout by `drop` (attn_math.h: dropout_keep), which the
 // other variants never read. The lse sums the probabilities before dropout; P V only the kept ones.
 template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
-__global__ void __launch_bounds__(128, DROPOUT ? 1 : FwdTiles<DMAX>::kMinBlocks)
+__global__ void __launch_bounds__(128, EXTRA ? 1 : FwdTiles<DMAX>::kMinBlocks)
     attn_forward_kernel(const AttnParams p, RowSide qs, RowSide ks, Dropout drop) {
   static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
   using Tiles = FwdTiles<DMAX>;
