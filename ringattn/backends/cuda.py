@@ -1,7 +1,7 @@
 """The compiled CUDA backend: ``ringattn._C`` block attention on tensor cores (bf16 and fp16 inputs).
 
 Kernels run on the tensors' device, on torch's current stream. Head dims: any even D up to 256
-(tiles are padded to 64, 128 or 256 columns). The backward accumulates dQ with fp32 atomics, so its
+(tiles are padded to 64, 96, 128 or 256 columns). The backward accumulates dQ with fp32 atomics, so its
 dq is not bitwise reproducible across runs. Direct calls: ``torch.ops.ringattn.cuda_block_forward`` /
 ``cuda_block_backward`` (signatures in ``ringattn.backends.compiled``).
 
