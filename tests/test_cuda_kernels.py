@@ -39,9 +39,9 @@ def ptxas_report(arch: str, out_dir: Path) -> dict:
         "--split-compile=0",
         f"-I{ROOT / 'csrc'}",
     ]
+    # -cubin: device code only, the same ptxas report without the host compile (the extension's
+    # build and the CPU emulation compile the host side)
     result = subprocess.run(
-        # -cubin: device code only, the same ptxas report without the host compile (the extension's
-        # build and the CPU emulation compile the host side)
         [*cmd, "-cubin", str(ROOT / "csrc" / "attn_cuda.cu"), "-o", str(out)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
