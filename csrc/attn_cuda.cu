@@ -21,9 +21,10 @@
 // with or without the dropout variant (ptxas: same registers, no spills).
 //
 // Shared memory per CTA (bf16/fp16, rows padded by 8 elements against bank conflicts): forward
-// (FwdTiles) 19,968 / 36,352 / 68,864 B at head dim 64 / 128 / 256 (at least two CTAs per sm_89 SM
-// up to 128); backward (BwdTiles) 44,544 / 77,312 / 88,960 B; deterministic dQ pass (DqTiles) 19,968 /
-// 36,352 / 85,760 B: within sm_89's 101,376 B.
+// (FwdTiles) 19,968 / 28,160 / 36,352 / 68,864 B at head-dim tiles 64 / 96 / 128 / 256 (at least two
+// CTAs per sm_89 SM up to 128); backward (BwdTiles) 44,544 / 46,848 / 77,312 / 88,960 B; deterministic
+// dQ pass (DqTiles) 19,968 / 28,160 / 36,352 / 85,760 B: within sm_89's 101,376 B. Head dims 66..96
+// run in the 96-column tile, not padded to 128.
 #if !defined(RINGATTN_CUDA_EMULATION)  // the CPU emulation (csrc/emu/cuda_emu.h) supplies these
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -285,15 +286,26 @@ __device__ __forceinline__ bool rows_vectorizable(const View& v, int D) {
 // D (up to DMAX), by THREADS threads: by cp.async when VEC (the bytes land at the wait_group that
 // completes the group the caller commits), else by plain loads and stores (visible at the next
 // barrier). The sweeps pick VEC once per launch (rows_vectorizable), outside their loops, so the
-// aligned sweep carries no element-wise code. A thread's 16-byte pieces share one column and step
-// THREADS / (DMAX / 8) rows: one base address, then constant offsets.
+// aligned sweep carries no element-wise code. Where a pass of THREADS pieces is whole rows (DMAX 64,
+// 128, 256), a thread's 16-byte pieces share one column and step THREADS / (DMAX / 8) rows: one base
+// address, then constant offsets. Otherwise (DMAX 96: 12 pieces a row, 128 threads) piece j of a
+// thread is item threadIdx.x + j THREADS of the row-major tile, with its own row and column.
 template <int DMAX, int ROWS, int THREADS, bool VEC>
 __device__ __forceinline__ void issue_rows(uint16_t* s, int ld, const View& view, int64_t b, int64_t h, int64_t row0,
                                            int64_t S, int D) {
   constexpr int PIECES = DMAX / 8, ITEMS = ROWS * PIECES;
+  static_assert(ITEMS % THREADS == 0, "whole passes: every thread copies ITEMS / THREADS pieces");
   const uint16_t* base = reinterpret_cast<const uint16_t*>(view.ptr);
-  if constexpr (VEC) {
-    static_assert(THREADS % PIECES == 0 && ITEMS % THREADS == 0, "whole rows per pass, whole passes");
+  if constexpr (VEC && THREADS % PIECES != 0) {
+    const uint16_t* src = base + b * view.sb + row0 * view.ss + h * view.sh;
+    const int64_t rows_in = S - row0;
+#pragma unroll
+    for (int j = 0; j < ITEMS / THREADS; ++j) {
+      const int item = static_cast<int>(threadIdx.x) + j * THREADS, r = item / PIECES, c = item % PIECES * 8;
+      const bool in = r < rows_in && c < D;  // D % 8 == 0: a piece is wholly inside or outside
+      cp_async16(s + r * ld + c, in ? src + r * view.ss + c : base, in ? 16 : 0);
+    }
+  } else if constexpr (VEC) {
     constexpr int STEP = THREADS / PIECES;
     const int r = static_cast<int>(threadIdx.x) / PIECES, c = static_cast<int>(threadIdx.x) % PIECES * 8;
     const uint16_t* src = base + b * view.sb + (row0 + r) * view.ss + h * view.sh + c;
@@ -381,13 +393,18 @@ bool needs_dropout(const AttnParams& p) { return p.dropout_p > 0.0; }
 // K/V tiles go through kStages shared buffers (cp.async: the next tile's copy is in flight during
 // the current tile's math). Up to head dim 128, Q's A fragments stay in registers for the whole
 // sweep and its tile is staged in the K/V buffers (before the first K/V copy), so that several CTAs
-// fit an sm_89 SM (100 KB): D 64: 19,968 B (4 by shared memory, 3 by its 142 registers), D 128:
-// 36,352 B (2, 8 warps). Head dim 256 keeps Q in shared memory (its fragments would need 64 more
-// registers) with 16-key tiles: 68,864 B. One key tile's index and document (masked tiles only).
+// fit an sm_89 SM (100 KB): D 64: 19,968 B (4 by shared memory, 3 by its 142 registers), D 96:
+// 28,160 B (3 for the plain kernel, 12 warps: kMinBlocks), D 128: 36,352 B (2, 8 warps). Head dim 256 keeps Q in shared
+// memory (its fragments would need 64 more registers) with 16-key tiles: 68,864 B. One key tile's
+// index and document (masked tiles only).
 template <int DMAX>
 struct FwdTiles {
   static constexpr int kBlockQ = 64, kWarps = 4, kStages = 2;
   static constexpr int kBlockK = DMAX <= 128 ? 32 : 16;
+  // CTAs per SM the plain kernel's registers must allow (__launch_bounds__): at D 96, 3 holds it to
+  // 168 registers (unbounded: 178, 2 CTAs) with no spill and no added instruction. EXTRA stays at 1:
+  // held to 168 it issues 5 % more per key tile (MODELED, docs/cuda_kernels.md), and it is issue-bound.
+  static constexpr int kMinBlocks = DMAX == 96 ? 3 : 1;
   static constexpr bool kQInRegs = DMAX <= 128;
   static constexpr int kLd = DMAX + kPad;
   static constexpr int kQRows = kQInRegs ? 0 : kBlockQ;  // Q's own shared rows
@@ -401,7 +418,7 @@ struct FwdTiles {
 // DROPOUT (only with EXTRA): attention dropout by `drop` (attn_math.h: dropout_keep), which the
 // other variants never read. The lse sums the probabilities before dropout; P V only the kept ones.
 template <int DT, int DMAX, bool EXTRA, bool DROPOUT>
-__global__ void __launch_bounds__(128, 1)
+__global__ void __launch_bounds__(128, EXTRA ? 1 : FwdTiles<DMAX>::kMinBlocks)
     attn_forward_kernel(const AttnParams p, RowSide qs, RowSide ks, Dropout drop) {
   static_assert(EXTRA || !DROPOUT, "the DROPOUT variant is an EXTRA one");
   using Tiles = FwdTiles<DMAX>;
@@ -652,14 +669,15 @@ __global__ void __launch_bounds__(128, 1)
 // Q and dO tiles (with their lse, delta, index and document) stream through kStages shared buffers
 // by cp.async, as the forward's K/V. 64 keys (4 warps) per CTA at every head dim; head dim 256 takes
 // 16-query tiles and one stage (two would pass 99 KB): D 64: 44,544 B (two CTAs, 8 warps per sm_89
-// SM), D 128: 77,312 B, D 256: 88,960 B (4 warps).
+// SM), D 128: 77,312 B, D 256: 88,960 B (4 warps). D 96 takes one stage too: 46,848 B, two CTAs (8
+// warps), each CTA's copies overlapping the other's math; two stages (60,928 B) would fit one CTA.
 template <int DMAX>
 struct BwdTiles {
   static constexpr int kBlockQ = DMAX > 128 ? 16 : 32;
   static constexpr int kBlockK = 64;
   static constexpr int kWarps = kBlockK / 16;  // each warp owns 16 keys
   static constexpr int kSplit = DMAX > 128 ? 2 : 1;  // dK/dV/dQ columns split over CTAs (registers)
-  static constexpr int kStages = DMAX > 128 ? 1 : 2;
+  static constexpr int kStages = DMAX > 128 || DMAX == 96 ? 1 : 2;
   static constexpr int kCols = DMAX / kSplit;
   static constexpr int kLd = DMAX + kPad, kLdS = kBlockQ + kPad;
   static constexpr size_t kSmem = 2 * (kStages * kBlockQ + kBlockK) * sizeof(int64_t) +
@@ -933,8 +951,8 @@ __global__ void __launch_bounds__(BwdTiles<DMAX>::kWarps * 32, 1)
 // dQ element is summed by one thread in key order and stored once: no atomics, the same bits on
 // every run. Q and K arrive rotated (rotate_rows passes), so dQ is in rotated coordinates, as the
 // atomic path's workspace. K/V tiles stream through cp.async stages; up to head dim 128 Q's and dO's
-// A fragments stay in registers (their tiles staged in the K/V buffers): D 64: 19,968 B, D 128:
-// 36,352 B; head dim 256 keeps both tiles in shared memory with one 16-key stage: 85,760 B.
+// A fragments stay in registers (their tiles staged in the K/V buffers): D 64: 19,968 B, D 96: 28,160 B,
+// D 128: 36,352 B; head dim 256 keeps both tiles in shared memory with one 16-key stage: 85,760 B.
 template <int DMAX>
 struct DqTiles {
   static constexpr int kBlockQ = 64, kWarps = 4;
@@ -1326,9 +1344,12 @@ void launch_backward(const AttnParams& p) {
   finish(reinterpret_cast<const float*>(p.dk_accum), p.dk, p.seqlen_k, p.heads_kv, k_side(p));
 }
 
+// Head-dim tiles 64, 96, 128, 256: D 66..96 in 96 columns (a 128 tile spends 25 % of its MMAs on padding
+// at D = 96, 37.5 % at D = 80).
 template <int DT, bool EXTRA, bool DROPOUT>
 void forward_variant(const AttnParams& p) {
   if (p.head_dim <= 64) return launch_forward<DT, 64, EXTRA, DROPOUT>(p);
+  if (p.head_dim <= 96) return launch_forward<DT, 96, EXTRA, DROPOUT>(p);
   if (p.head_dim <= 128) return launch_forward<DT, 128, EXTRA, DROPOUT>(p);
   return launch_forward<DT, 256, EXTRA, DROPOUT>(p);
 }
@@ -1343,6 +1364,7 @@ void forward_dtype(const AttnParams& p) {
 template <int DT, bool EXTRA, bool DROPOUT>
 void backward_variant(const AttnParams& p) {
   if (p.head_dim <= 64) return launch_backward<DT, 64, EXTRA, DROPOUT>(p);
+  if (p.head_dim <= 96) return launch_backward<DT, 96, EXTRA, DROPOUT>(p);
   if (p.head_dim <= 128) return launch_backward<DT, 128, EXTRA, DROPOUT>(p);
   return launch_backward<DT, 256, EXTRA, DROPOUT>(p);
 }
@@ -1357,11 +1379,12 @@ void backward_dtype(const AttnParams& p) {
 }  // namespace
 
 std::vector<std::pair<std::string, size_t>> attn_cuda_smem_bytes() {
-  return {{"forward_d64", FwdTiles<64>::kSmem},   {"forward_d128", FwdTiles<128>::kSmem},
-          {"forward_d256", FwdTiles<256>::kSmem}, {"backward_d64", BwdTiles<64>::kSmem},
-          {"backward_d128", BwdTiles<128>::kSmem}, {"backward_d256", BwdTiles<256>::kSmem},
-          {"backward_dq_d64", DqTiles<64>::kSmem}, {"backward_dq_d128", DqTiles<128>::kSmem},
-          {"backward_dq_d256", DqTiles<256>::kSmem}};
+  return {{"forward_d64", FwdTiles<64>::kSmem},      {"forward_d96", FwdTiles<96>::kSmem},
+          {"forward_d128", FwdTiles<128>::kSmem},    {"forward_d256", FwdTiles<256>::kSmem},
+          {"backward_d64", BwdTiles<64>::kSmem},     {"backward_d96", BwdTiles<96>::kSmem},
+          {"backward_d128", BwdTiles<128>::kSmem},   {"backward_d256", BwdTiles<256>::kSmem},
+          {"backward_dq_d64", DqTiles<64>::kSmem},   {"backward_dq_d96", DqTiles<96>::kSmem},
+          {"backward_dq_d128", DqTiles<128>::kSmem}, {"backward_dq_d256", DqTiles<256>::kSmem}};
 }
 
 // RINGATTN_CUDA_BF16_ONLY (a compile definition, not used by the package build) instantiates only the

@@ -12,7 +12,7 @@ namespace ringattn {
 // cores (mma.sync m16n8k16, fp32 accumulation), fused RoPE, GQA, causal by global index, documents
 // (the keys' own with k_cu_seqlens), sliding window, softcap, ALiBi and attention dropout, whose
 // mask the backward regenerates (attn_math.h).
-// Any even head dim up to 256 (tiles are zero padded to 64, 128 or 256 columns).
+// Any even head dim up to 256 (tiles are zero padded to 64, 96, 128 or 256 columns).
 // Throws std::invalid_argument for unsupported arguments and std::runtime_error on CUDA errors.
 void attn_forward_cuda(const AttnParams& p);
 

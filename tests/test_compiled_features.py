@@ -287,7 +287,8 @@ def emu() -> Emulator:
 
 
 # Smaller than the CPU cases (every CUDA thread is a fiber here), still over several tiles; head dims
-# 32-64 (64-key tiles), 80-128 and 136-256 (32-key backward tiles, columns split over two CTAs).
+# 32-64 (the 64-column tile), 80-96 (the 96-column one) and 136-256 (256: backward columns split over
+# two CTAs).
 EMU_CASES = {
     "window-causal-gqa-sq100": (Case(100, Hq=4, Hkv=2, D=32, causal=True, window=(21, 0)), BF16),
     "window-both-sides-sq40-sk110": (Case(40, 110, D=40, window=(9, 30), q_span=Span(50)), FP16),

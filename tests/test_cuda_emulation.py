@@ -84,7 +84,11 @@ FAST_CASES = {
         Case(33, 40, Hq=4, Hkv=2, D=64, causal=True, q_span=Span(5, 2), k_span=Span(0, 3)),
         FP16,
     ),
-    "d96-causal-sq70": (Case(70, Hq=2, Hkv=1, D=96, causal=True), BF16),
+    # the 96-column tile (D 66..96): documents (one empty, tokens past the last) and a window
+    "d96-causal-docs-window-sq70": (
+        Case(70, Hq=2, Hkv=1, D=96, causal=True, cu_seqlens=(0, 30, 30, 66), window=(20, 0)),
+        BF16,
+    ),
     "d136-sq33-sk47": (Case(33, 47, Hq=2, Hkv=1, D=136), FP16),
     "d256-causal-gqa": (Case(33, Hq=2, Hkv=1, D=256, causal=True), BF16),
     "sq1-sk1": (Case(1, 1, Hq=2, Hkv=1, D=64), BF16),
@@ -134,7 +138,7 @@ KNOWN_FAILURES = {
 
 
 def _dmax(D: int) -> int:
-    return 64 if D <= 64 else 128 if D <= 128 else 256
+    return 64 if D <= 64 else 96 if D <= 96 else 128 if D <= 128 else 256
 
 
 def assert_whole_grids(run: Run, case: Case, deterministic: bool = False) -> None:
@@ -202,13 +206,17 @@ def test_kernels_match_reference_slow(emu, name):
 
 
 # deterministic=True: the backward's dQ from attn_backward_dq_kernel (no atomics), every tile path:
-# Q/dO fragments in registers (D <= 128) or shared memory with one stage (D 256), aligned and
-# element-wise copies, RoPE (K rotated into the workspace after Q), documents, GQA.
+# Q/dO fragments in registers (D <= 128; D 80 in the 96 tile) or shared memory with one stage
+# (D 256), aligned and element-wise copies, RoPE (K rotated into the workspace after Q), documents, GQA.
 DETERMINISTIC_CASES = {
     "d64-docs-rope-far-gqa": (Case(70, Hq=4, Hkv=2, D=64, causal=True, cu_seqlens=DOCS, rope=R64_FAR), BF16),
     "d36-rows-copied-element-wise-sq37-sk53": (Case(37, 53, Hq=2, Hkv=1, D=36, causal=True), FP16),
     "d256-causal-gqa-sq33": (Case(33, Hq=2, Hkv=1, D=256, causal=True), BF16),
-}
+    "d80-hf-rope-batched-positions": (
+        Case(65, B=2, Hq=2, Hkv=1, D=80, causal=True, rope=RoPEConfig(80, precision="hf"), batched_positions=True),
+        BF16,
+    ),
+}  # fmt: skip
 SLOW_DETERMINISTIC_CASES = {
     "d128-interleaved-partial-rope-strided": (
         Case(
@@ -216,10 +224,6 @@ SLOW_DETERMINISTIC_CASES = {
             rope=RoPEConfig(128, theta=45.2e9, partial_rotary_factor=0.25, interleaved=True),
         ),
         FP16,
-    ),
-    "d80-hf-rope-batched-positions": (
-        Case(65, B=2, Hq=2, Hkv=1, D=80, causal=True, rope=RoPEConfig(80, precision="hf"), batched_positions=True),
-        BF16,
     ),
     "d256-docs-rope-sq65": (
         Case(65, Hq=2, Hkv=1, D=256, causal=True, cu_seqlens=(0, 9, 9, 40, 60), rope=RoPEConfig(256, theta=45.2e9)),
@@ -284,9 +288,11 @@ def test_unsupported_head_dims_raise_the_documented_error(emu, D):
 def test_dynamic_shared_memory_sizes(emu):
     """The tiles' byte counts, and the kernels' opt-in: each launch asks for exactly its tile size."""
     sizes = emu.smem_bytes()
-    assert set(sizes) == {f"{d}_d{n}" for d in ("forward", "backward", "backward_dq") for n in (64, 128, 256)}
+    assert set(sizes) == {
+        f"{d}_d{n}" for d in ("forward", "backward", "backward_dq") for n in (64, 96, 128, 256)
+    }
     assert max(sizes.values()) <= 101_376
-    for D in (64, 128, 256):
+    for D in (64, 96, 128, 256):
         run = run_case(emu, Case(3, D=D), BF16, deterministic=True)
         assert_clean(run)
         assert run.reports["forward"]["launches"][0]["smem"] == sizes[f"forward_d{D}"]

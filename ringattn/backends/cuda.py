@@ -1,7 +1,7 @@
 """The compiled CUDA backend: ``ringattn._C`` block attention on tensor cores (bf16 and fp16 inputs).
 
 Kernels run on the tensors' device, on torch's current stream. Head dims: any even D up to 256
-(tiles are padded to 64, 128 or 256 columns). The backward accumulates dQ with fp32 atomics, whose
+(tiles are padded to 64, 96, 128 or 256 columns). The backward accumulates dQ with fp32 atomics, whose
 order varies from run to run; ``deterministic=True`` runs a separate dQ pass instead (each element
 summed by one thread in key order: the same bits every run, for about 40% more backward MMA work:
 S and dP are recomputed per query tile). Direct calls: ``torch.ops.ringattn.cuda_block_forward`` /
