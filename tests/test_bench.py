@@ -152,6 +152,17 @@ def test_gpu_check_numerics_logic_passes_good_and_fails_bad_backends(monkeypatch
     assert verdicts[("broken", "out")] == "FAIL" and verdicts[("broken", "dv")] == "PASS"
 
 
+def test_gpu_check_determinism_rows(tmp_path):
+    from ringattn.bench import gpu_check
+
+    results = gpu_check.determinism("cpu", S=40, D=16, dtype=torch.float32, backends=["cpu", "cuda"])
+    rows = {r["backend"]: r for r in results.rows}
+    assert rows["cpu"]["bit_equal"] is True and rows["cpu"]["t_default"] > 0 and rows["cpu"]["ratio"] > 0
+    assert rows["cuda"]["bit_equal"].startswith("n/a: ")  # CPU tensors: the reason, no timing
+    results.save(tmp_path, gpu_check.DETERMINISM_COLUMNS)
+    assert "t_deterministic" in (tmp_path / "gpu-determinism.md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_gpu_check_without_gpu_says_so(tmp_path):
     from ringattn.bench import gpu_check

@@ -4,6 +4,8 @@
    numerics rule (ringattn.testing), over dtypes, causal on/off, GQA, RoPE at 4M positions, an odd length.
 2. The kernels suite on the GPU (TFLOP/s vs SDPA in the same run).
 3. A verdict table: one PASS/FAIL line per check.
+4. Determinism: each backend's backward with ``deterministic=True`` twice (bit-equal?) and its time
+   against the default backward (cuda: the dQ pass instead of dQ atomics).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ringattn.reference import attention_backward_ref, attention_ref
 from ringattn.testing import GRAD_FACTOR, OUTPUT_FACTOR, peer_error_check
 
 from . import kernels
-from .common import Results
+from .common import Results, timing
 
 COLUMNS = {
     "check": "what is checked (numerics: a backend's forward and gradients against the fp64 reference)",
@@ -110,6 +112,51 @@ def correctness(
                         )
 
 
+DETERMINISM_COLUMNS = {
+    "backend": "the ringattn backend under test",
+    "dtype": "dtype of q, k, v",
+    "S": "sequence length (B=1, 32 query heads, 8 KV heads, causal, exact RoPE)",
+    "head_dim": "head dim",
+    "t_default": "median s of one backward (deterministic=False: cuda adds dQ with fp32 atomics)",
+    "t_deterministic": "median s of one backward with deterministic=True (cuda: its separate dQ pass)",
+    "ratio": "t_deterministic / t_default",
+    "bit_equal": "two deterministic=True backwards gave the same dq, dk, dv bits",
+}
+
+
+def determinism(device: str, S: int = 4096, D: int = 128, dtype=torch.bfloat16, backends=None) -> Results:
+    """One row per backend that can run here: what ``deterministic=True`` costs in the backward and
+    whether it repeats bit for bit. A backend that cannot run gets its reason in ``bit_equal``."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, dout = (torch.randn(1, S, 32, D, device=dev, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, S, 8, D, device=dev, generator=gen).to(dtype) for _ in range(2))
+    mask, rope = BlockMask(causal=True), RoPEConfig(D, theta=45.2e9)
+    results = Results("gpu-determinism")
+    for name in backends or BACKENDS:
+        row = dict(backend=name, dtype=str(dtype)[6:], S=S, head_dim=D)
+        ok, reason = BACKENDS[name].can_implement(
+            q, k, v, block_args(q, k, v, mask, rope=rope, deterministic=True)
+        )
+        if not ok:
+            results.add(**row, bit_equal=f"n/a: {reason}")
+            continue
+        out, lse = block_forward(q, k, v, mask, rope=rope, backend=name)
+
+        def backward(deterministic, name=name, out=out, lse=lse):
+            return block_backward(
+                dout, q, k, v, out, lse, mask, rope=rope, deterministic=deterministic, backend=name
+            )
+
+        first, second = backward(True), backward(True)
+        t_default, t_det = timing(lambda: backward(False)).median, timing(lambda: backward(True)).median
+        results.add(
+            **row, t_default=t_default, t_deterministic=t_det, ratio=t_det / t_default,
+            bit_equal=all(torch.equal(a, b) for a, b in zip(first, second, strict=True)),
+        )  # fmt: skip
+    return results
+
+
 AUTOTUNE_COLUMNS = {
     "kernel": "Triton kernel tuned (fwd, dq, dkdv)",
     "dtype": "dtype of q, k, v",
@@ -166,9 +213,11 @@ def run(quick: bool, out_dir) -> Results:
         suite="gpu-kernels",
     )
     autotune_results().save(out_dir, AUTOTUNE_COLUMNS)
+    determinism("cuda", S=2048 if quick else 8192).save(out_dir, DETERMINISM_COLUMNS)
     failed = [r for r in results.rows if r["verdict"] == "FAIL"]
     print(
         f"\ngpu-check: {len(results.rows) - len(failed)} checks passed or n/a, {len(failed)} failed; "
-        f"{len(speed.rows)} speed rows in {out_dir}/gpu-kernels.md; tuner timings in {out_dir}/gpu-autotune.md"
+        f"{len(speed.rows)} speed rows in {out_dir}/gpu-kernels.md; tuner timings in {out_dir}/gpu-autotune.md; "
+        f"deterministic backwards in {out_dir}/gpu-determinism.md"
     )
     return results
