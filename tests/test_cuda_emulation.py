@@ -669,6 +669,21 @@ MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, how check_case mu
 }
 # Several key tiles (forward reloads), several query tiles (backward dS reuse), causal, GQA.
 MUTATION_CASE = (Case(37, 150, Hq=4, Hkv=2, D=40, causal=True, q_span=Span(113)), BF16)
+# issue_rows' path for rows that are not whole passes (the 96-column tile: 12 pieces a row, 128
+# threads), run at D 80 (its columns 80..95 are padding) with several tiles on both sides.
+PARTIAL_ROW_CASE = (Case(37, 150, Hq=4, Hkv=2, D=80, causal=True, q_span=Span(113)), BF16)
+PARTIAL_ROW_MUTATIONS = {
+    "partial-rows-past-the-head-dim": (  # padding columns copied from past each row's end
+        "      const bool in = r < rows_in && c < D;",
+        "      const bool in = r < rows_in;",
+        "out_of_bounds",
+    ),
+    "partial-rows-one-row-off": (  # pieces land one shared row below their source row
+        "      cp_async16(s + r * ld + c, in ? src + r * view.ss + c : base, in ? 16 : 0);",
+        "      cp_async16(s + (r + 1) % ROWS * ld + c, in ? src + r * view.ss + c : base, in ? 16 : 0);",
+        "out: max error",
+    ),
+}
 DQ_PASS_MUTATIONS = {  # as MUTATIONS, in attn_backward_dq_kernel (run with deterministic=True)
     "dq-pass-removed-barrier-before-tile-reload": (  # the next K/V copy lands in a stage being read
         "      __syncthreads();  // every warp is done with the stage written next",
@@ -709,3 +724,21 @@ def test_dq_pass_mutations_are_caught(name):
     with pytest.raises(AssertionError) as caught:
         check_case(mutant, case, dtype, deterministic=True)
     assert expected in str(caught.value), str(caught.value)[:3000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PARTIAL_ROW_MUTATIONS)
+def test_partial_row_copy_mutations_are_caught(name):
+    original, planted, expected = PARTIAL_ROW_MUTATIONS[name]
+    text = KERNEL_SOURCE.read_text()
+    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
+    mutant = Emulator(build_library(text.replace(original, planted)))
+    with pytest.raises(AssertionError) as caught:
+        check_case(mutant, *PARTIAL_ROW_CASE)
+    assert expected in str(caught.value), str(caught.value)[:3000]
+
+
+@pytest.mark.slow
+def test_partial_row_copy_case_passes_unmutated(emu):
+    """The mutations' case itself meets the rule with the real source (so a mutant's failure is the mutation's)."""
+    assert_whole_grids(check_case(emu, *PARTIAL_ROW_CASE), PARTIAL_ROW_CASE[0])
