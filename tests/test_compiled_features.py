@@ -371,11 +371,12 @@ def test_cuda_source_dropout_mask_is_the_spec(emu, dtype):
     _assert_mask_is_the_spec(run.out, case, case.dropout_p, DROPOUT_SEED, DROPOUT_OFFSET)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-pass"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
-def test_cuda_source_skips_keys_outside_the_window(emu, dtype):
+def test_cuda_source_skips_keys_outside_the_window(emu, dtype, deterministic):
     case = SKIP_CASE
     clean, poisoned = _window_poisoned(case, dtype, POISONED_KEYS)
-    run = run_case(emu, case, dtype, inputs=poisoned)
+    run = run_case(emu, case, dtype, inputs=poisoned, deterministic=deterministic)
     assert_clean(run)
     ours = {"out": run.out, "lse": run.lse, "dq": run.dq, "dk": run.dk, "dv": run.dv}
     _assert_skip_result(ours, clean, case)
@@ -383,14 +384,22 @@ def test_cuda_source_skips_keys_outside_the_window(emu, dtype):
 
 # Planted in attn_cuda.cu: a loop bound that visits every tile again (masking alone would then meet
 # the NaN keys outside the window: 0 * NaN in P V and dP).
+# (original, planted, deterministic: run the backward's dQ pass)
 BOUND_MUTATIONS = {
     "forward-visits-every-key-tile": (
-        "  int64_t k0 = k_begin / BK * BK;\n",
-        "  int64_t k0 = 0;\n  k_end = p.seqlen_k;\n",
+        "  int64_t k0 = k_begin / BK * BK, f_begin = k0, f_end = k0;\n",
+        "  k_end = p.seqlen_k;\n  int64_t k0 = 0, f_begin = k0, f_end = k0;\n",
+        False,
     ),
     "backward-visits-every-query-tile": (
         "  const int64_t q_first = q_begin / BQ * BQ;\n",
         "  q_end = p.seqlen_q;\n  const int64_t q_first = 0;\n",
+        False,
+    ),
+    "dq-pass-visits-every-key-tile": (
+        "  int64_t k0 = k_begin / BK * BK;\n",
+        "  int64_t k0 = 0;\n  k_end = p.seqlen_k;\n",
+        True,
     ),
 }
 
@@ -398,12 +407,12 @@ BOUND_MUTATIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BOUND_MUTATIONS)
 def test_window_skip_test_catches_a_full_loop(name):
-    original, planted = BOUND_MUTATIONS[name]
+    original, planted, deterministic = BOUND_MUTATIONS[name]
     text = KERNEL_SOURCE.read_text()
     assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
     mutant = Emulator(build_library(text.replace(original, planted)))
     clean, poisoned = _window_poisoned(SKIP_CASE, BF16, POISONED_KEYS)
-    run = run_case(mutant, SKIP_CASE, BF16, inputs=poisoned)
+    run = run_case(mutant, SKIP_CASE, BF16, inputs=poisoned, deterministic=deterministic)
     ours = {"out": run.out, "lse": run.lse, "dq": run.dq, "dk": run.dk, "dv": run.dv}
     with pytest.raises(AssertionError, match="NaN from keys outside the window"):
         _assert_skip_result(ours, clean, SKIP_CASE)
@@ -418,7 +427,7 @@ DROPOUT_MUTATIONS = {
         "const int64_t q_global = q_index[qr];",
     ),
     "forward-lse-after-dropout": (
-        "        l[e >> 1] += s[nt][e];\n",
+        "          l[e >> 1] += s[nt][e];\n",
         "",
     ),
 }
@@ -432,9 +441,9 @@ def test_dropout_cases_catch_a_wrong_mask(name):
     assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
     text = text.replace(original, planted)
     if name == "forward-lse-after-dropout":  # the sum moves after the mask
-        mask_end = "s[nt][e] = 0.0f;\n        }\n"
+        mask_end = "s[nt][e] = 0.0f;\n          }\n"
         assert text.count(mask_end) == 1
-        text = text.replace(mask_end, mask_end + "        l[e >> 1] += s[nt][e];\n")
+        text = text.replace(mask_end, mask_end + "          l[e >> 1] += s[nt][e];\n")
     mutant = Emulator(build_library(text))
     case, dtype = EMU_DROPOUT_CASES["dropout-k-docs-window-rope-d64"]
     with pytest.raises(AssertionError, match="exceeds bound"):
