@@ -373,6 +373,25 @@ def assert_clean(run: Run) -> None:
         assert all(launch["error"] == 0 for launch in report["launches"]), report["launches"]
 
 
+def mutant(*edits: tuple[str, str]) -> Emulator:
+    """The emulation of attn_cuda.cu with each ``(original, planted)`` edit applied in turn (mutation
+    tests); each original must occur exactly once where it is applied, else the mutation went stale."""
+    text = KERNEL_SOURCE.read_text()
+    for original, planted in edits:
+        assert text.count(original) == 1, (
+            f"the mutated text is not in attn_cuda.cu exactly once: {original!r}"
+        )
+        text = text.replace(original, planted)
+    return Emulator(build_library(text))
+
+
+def assert_check_case_fails(emu: Emulator, case: Case, dtype, expected: str, **kwargs) -> None:
+    """``check_case`` fails, and its message names ``expected`` (a checker or a tensor's error)."""
+    with pytest.raises(AssertionError) as caught:
+        check_case(emu, case, dtype, **kwargs)
+    assert expected in str(caught.value), str(caught.value)[:3000]
+
+
 def check_case(emu: Emulator, case: Case, dtype, *, deterministic=False) -> Run:
     """Forward, backward and dQ/dK finish vs the fp64 reference (the tolerance rule), report clean."""
     inputs = make_inputs(case, dtype)

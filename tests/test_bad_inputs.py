@@ -1,4 +1,4 @@
-"""Bad, degenerate and non-finite inputs (issue 14, reliability; /work/shared/reviews/reliability.md).
+"""Bad, degenerate and non-finite inputs (issue 14, reliability).
 
 One section per defect, each case named after what it feeds in:
 

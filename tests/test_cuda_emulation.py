@@ -31,9 +31,11 @@ from cuda_emulator import (
     Run,
     _describe,
     _view,
+    assert_check_case_fails,
     assert_clean,
     build_library,
     check_case,
+    mutant,
     run_case,
 )
 
@@ -611,11 +613,9 @@ MASK_FREE_MUTATIONS = {  # name: (text of attn_cuda.cu, the planted bug, the cas
 def test_mask_free_mutations_are_caught(name):
     """Each planted error in the mask-free tile bounds fails check_mask_free_tiles."""
     original, planted, case_name = MASK_FREE_MUTATIONS[name]
-    text = KERNEL_SOURCE.read_text()
-    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
-    mutant = Emulator(build_library(text.replace(original, planted)))
+    emulator = mutant((original, planted))
     with pytest.raises(AssertionError):
-        check_mask_free_tiles(mutant, *MASK_FREE_CASES[case_name])
+        check_mask_free_tiles(emulator, *MASK_FREE_CASES[case_name])
 
 
 # ------------------------------------------------------------------------------------- mutations
@@ -704,38 +704,21 @@ DQ_PASS_MUTATIONS = {  # as MUTATIONS, in attn_backward_dq_kernel (run with dete
 def test_mutations_are_caught(name):
     """Each planted bug fails check_case the way it must: wrong numbers, a race, a fault."""
     original, planted, expected = MUTATIONS[name]
-    text = KERNEL_SOURCE.read_text()
-    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
-    mutant = Emulator(build_library(text.replace(original, planted)))
-    case, dtype = MUTATION_CASE
-    with pytest.raises(AssertionError) as caught:
-        check_case(mutant, case, dtype)
-    assert expected in str(caught.value), str(caught.value)[:3000]
+    assert_check_case_fails(mutant((original, planted)), *MUTATION_CASE, expected)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DQ_PASS_MUTATIONS)
 def test_dq_pass_mutations_are_caught(name):
     original, planted, expected = DQ_PASS_MUTATIONS[name]
-    text = KERNEL_SOURCE.read_text()
-    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
-    mutant = Emulator(build_library(text.replace(original, planted)))
-    case, dtype = MUTATION_CASE
-    with pytest.raises(AssertionError) as caught:
-        check_case(mutant, case, dtype, deterministic=True)
-    assert expected in str(caught.value), str(caught.value)[:3000]
+    assert_check_case_fails(mutant((original, planted)), *MUTATION_CASE, expected, deterministic=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PARTIAL_ROW_MUTATIONS)
 def test_partial_row_copy_mutations_are_caught(name):
     original, planted, expected = PARTIAL_ROW_MUTATIONS[name]
-    text = KERNEL_SOURCE.read_text()
-    assert text.count(original) == 1, f"{name}: the mutated text is no longer in attn_cuda.cu"
-    mutant = Emulator(build_library(text.replace(original, planted)))
-    with pytest.raises(AssertionError) as caught:
-        check_case(mutant, *PARTIAL_ROW_CASE)
-    assert expected in str(caught.value), str(caught.value)[:3000]
+    assert_check_case_fails(mutant((original, planted)), *PARTIAL_ROW_CASE, expected)
 
 
 @pytest.mark.slow
